@@ -1,0 +1,35 @@
+//! Deskline puts a PBX / call-tracking platform and one Zendesk account on speaking terms.
+//!
+//! Modules, each with one room of the house (see `../shared/DESIGN.md` for the contracts):
+//! - [`phone`]: any number to E.164 for a default region (libphonenumber port).
+//! - [`zendesk`]: the HTTP client: auth, the shared request budget, retries, serde models.
+//! - [`index`]: the in-memory read model (customers by phone, open tickets, agents, organizations)
+//!   and its snapshot on disk.
+//! - [`follow`]: follows Zendesk's incremental exports and feeds the index.
+//! - [`routing`]: the routing and caller-ID decisions, pure functions over the index.
+//! - [`sync`]: the durable post-call queue and the worker that writes calls into Zendesk.
+//! - [`grpc`]: the tonic service: validation, auth, proto ↔ domain conversion, status mapping.
+//! - [`config`], [`app`]: typed configuration; starting, supervising and stopping the tasks.
+//! - [`sim`]: the Zendesk simulator and its data generator (used by tests, benches and the demo).
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod config;
+pub mod follow;
+pub mod grpc;
+pub mod index;
+pub mod phone;
+pub mod routing;
+pub mod sim;
+pub mod sync;
+pub mod zendesk;
+
+/// Generated from `proto/deskline/v1/resolver.proto`.
+pub mod proto {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("deskline.v1");
+
+    /// The encoded descriptor set, served by gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/deskline_descriptor.bin"));
+}

@@ -1,0 +1,231 @@
+//! Serde models of the Zendesk objects Deskline reads and writes (ZENDESK.md §2–§5, §7).
+//!
+//! Parsing is tolerant on purpose: every field is optional or defaulted, unknown fields are ignored,
+//! and `null` is accepted wherever Zendesk may send it, so a new field or a sparse record never stops
+//! the export follower. Timestamps stay strings here; [`parse_time`] turns them into Unix seconds.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// Parses a Zendesk ISO-8601 timestamp (`2024-05-01T10:00:00Z`) to Unix seconds.
+pub fn parse_time(s: &str) -> Option<i64> {
+    s.parse::<jiff::Timestamp>().ok().map(|t| t.as_second())
+}
+
+/// Formats Unix seconds the way Zendesk does (`2024-05-01T10:00:00Z`).
+pub fn format_time(secs: i64) -> String {
+    jiff::Timestamp::from_second(secs)
+        .map(|t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
+        .unwrap_or_default()
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct User {
+    pub id: i64,
+    pub url: Option<String>,
+    pub name: Option<String>,
+    pub email: Option<String>,
+    pub phone: Option<String>,
+    pub shared_phone_number: Option<bool>,
+    /// `end-user`, `agent` or `admin`.
+    pub role: Option<String>,
+    pub organization_id: Option<i64>,
+    pub external_id: Option<String>,
+    /// `false` once the user is deleted.
+    pub active: Option<bool>,
+    pub suspended: Option<bool>,
+    pub permanently_deleted: Option<bool>,
+    pub created_at: Option<String>,
+    pub updated_at: Option<String>,
+    pub user_fields: Option<Map<String, Value>>,
+}
+
+impl User {
+    pub fn is_active(&self) -> bool {
+        self.active.unwrap_or(true) && !self.suspended.unwrap_or(false)
+    }
+    pub fn is_agent(&self) -> bool {
+        matches!(self.role.as_deref(), Some("agent") | Some("admin"))
+    }
+    pub fn is_end_user(&self) -> bool {
+        matches!(self.role.as_deref(), Some("end-user") | None)
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Identity {
+    pub id: i64,
+    pub user_id: i64,
+    /// `email`, `phone_number`, …
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub value: Option<String>,
+    pub verified: Option<bool>,
+    pub primary: Option<bool>,
+    pub updated_at: Option<String>,
+}
+
+impl Identity {
+    pub fn is_phone(&self) -> bool {
+        self.kind.as_deref() == Some("phone_number")
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CustomField {
+    pub id: i64,
+    #[serde(default)]
+    pub value: Value,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Ticket {
+    pub id: i64,
+    pub url: Option<String>,
+    pub subject: Option<String>,
+    /// `new|open|pending|hold|solved|closed`, and `deleted` in exports.
+    pub status: Option<String>,
+    pub priority: Option<String>,
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub requester_id: Option<i64>,
+    pub submitter_id: Option<i64>,
+    pub assignee_id: Option<i64>,
+    pub organization_id: Option<i64>,
+    pub created_at: Option<String>,
+    pub updated_at: Option<String>,
+    /// Export rows only: the clock the ticket export runs on.
+    pub generated_timestamp: Option<i64>,
+    pub custom_fields: Option<Vec<CustomField>>,
+    pub tags: Option<Vec<String>>,
+}
+
+impl Ticket {
+    /// `new`, `open`, `pending` and `hold` count as open (DESIGN §3 rule 3).
+    pub fn is_open(&self) -> bool {
+        matches!(
+            self.status.as_deref(),
+            Some("new" | "open" | "pending" | "hold")
+        )
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Organization {
+    pub id: i64,
+    pub url: Option<String>,
+    pub name: Option<String>,
+    pub external_id: Option<String>,
+    pub created_at: Option<String>,
+    pub updated_at: Option<String>,
+    /// Set on organizations deleted since (organizations export).
+    pub deleted_at: Option<String>,
+    pub organization_fields: Option<Map<String, Value>>,
+}
+
+/// A page of `GET /api/v2/incremental/users/cursor`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct UsersCursorPage {
+    pub users: Vec<User>,
+    /// Present only when the export honoured `include=identities` (unverified on real Zendesk).
+    pub identities: Option<Vec<Identity>>,
+    pub after_cursor: Option<String>,
+    pub after_url: Option<String>,
+    pub end_of_stream: bool,
+}
+
+/// A page of `GET /api/v2/incremental/tickets/cursor`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct TicketsCursorPage {
+    pub tickets: Vec<Ticket>,
+    pub after_cursor: Option<String>,
+    pub after_url: Option<String>,
+    pub end_of_stream: bool,
+}
+
+/// A page of the time-based `GET /api/v2/incremental/organizations`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct OrganizationsPage {
+    pub organizations: Vec<Organization>,
+    pub count: Option<i64>,
+    pub next_page: Option<String>,
+    pub end_time: Option<i64>,
+    pub end_of_stream: bool,
+}
+
+/// `users/show_many?ids=…&include=identities`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct UsersWithIdentities {
+    pub users: Vec<User>,
+    pub identities: Vec<Identity>,
+}
+
+/// A ticket comment (`GET /api/v2/tickets/{id}/comments`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Comment {
+    pub id: i64,
+    pub body: Option<String>,
+    pub html_body: Option<String>,
+    pub plain_body: Option<String>,
+    pub public: Option<bool>,
+    pub author_id: Option<i64>,
+    pub created_at: Option<String>,
+}
+
+/// A custom field definition (`ticket_fields`, `user_fields`, `organization_fields`).
+/// Ticket fields are addressed by `id`; user and organization fields by `key`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FieldDef {
+    pub id: i64,
+    pub key: Option<String>,
+    pub title: Option<String>,
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub active: Option<bool>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tolerant_user_parsing() {
+        let u: User = serde_json::from_str(
+            r#"{"id":611,"active":false,"permanently_deleted":false,"phone":null,"email":null,
+                "name":null,"brand_new_field":{"x":1},"suspended":null}"#,
+        )
+        .unwrap();
+        assert_eq!(u.id, 611);
+        assert!(!u.is_active());
+        assert!(u.is_end_user());
+    }
+
+    #[test]
+    fn times_round_trip() {
+        assert_eq!(parse_time("2024-05-01T10:00:00Z"), Some(1_714_557_600));
+        assert_eq!(format_time(1_714_557_600), "2024-05-01T10:00:00Z");
+        assert_eq!(parse_time("garbage"), None);
+    }
+
+    #[test]
+    fn export_page_with_unknown_keys() {
+        let p: UsersCursorPage = serde_json::from_str(
+            r#"{"users":[{"id":1,"role":"agent"}],"after_url":null,"before_url":null,
+                "after_cursor":"MTY5","before_cursor":null,"end_of_stream":true}"#,
+        )
+        .unwrap();
+        assert!(p.end_of_stream && p.identities.is_none());
+        assert_eq!(p.after_cursor.as_deref(), Some("MTY5"));
+        assert!(p.users[0].is_agent());
+    }
+}
