@@ -45,6 +45,12 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Validate the config and the Zendesk credentials; compare the directory and field mappings
+    /// with Zendesk. Exit status 1 when something would break routing or sync, 2 for a bad config.
+    Check {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
 }
 
 /// `main` in a few lines: parse, log to stderr, run.
@@ -64,6 +70,7 @@ pub fn main() -> ExitCode {
     runtime.block_on(async {
         match cli.command {
             Command::Serve { config } => serve_command(config).await,
+            Command::Check { config } => check_command(config).await,
         }
     })
 }
@@ -83,6 +90,43 @@ fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
         eprintln!("deskline: config error: {e}");
         ExitCode::from(2)
     })
+}
+
+async fn check_command(config_path: PathBuf) -> ExitCode {
+    let config = match load_config(&config_path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    println!("ok: config {} is valid", config_path.display());
+    match crate::check::run(&config).await {
+        Err(e) => {
+            println!("problem: {e}");
+            ExitCode::FAILURE
+        }
+        Ok(findings) => {
+            println!(
+                "ok: Zendesk at {} accepted the credentials",
+                config.zendesk.url
+            );
+            for f in &findings {
+                println!("{f}");
+            }
+            let problems = findings
+                .iter()
+                .filter(|f| f.severity == crate::check::Severity::Problem)
+                .count();
+            let warnings = findings
+                .iter()
+                .filter(|f| f.severity == crate::check::Severity::Warning)
+                .count();
+            println!("{problems} problem(s), {warnings} warning(s)");
+            if problems > 0 {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+    }
 }
 
 async fn serve_command(config_path: PathBuf) -> ExitCode {
