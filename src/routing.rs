@@ -211,8 +211,7 @@ fn find(index: &Index, phone: E164) -> Findings<'_> {
         owned: None,
     };
     for c in index.customers_by_phone(phone) {
-        if f
-            .latest_customer
+        if f.latest_customer
             .is_none_or(|l| (c.updated_at, c.id) > (l.updated_at, l.id))
         {
             f.latest_customer = Some(c);
@@ -269,10 +268,7 @@ fn passed_over(index: &Index, t: &TicketRef<'_>) -> String {
             Some(ag) if ag.suspended => {
                 format!("ticket {}'s assignee {} is suspended", t.id, ag.name)
             }
-            _ => format!(
-                "ticket {}'s assignee (user {a}) is not a known agent",
-                t.id
-            ),
+            _ => format!("ticket {}'s assignee (user {a}) is not a known agent", t.id),
         },
     }
 }
@@ -299,7 +295,12 @@ pub fn route(index: &Index, directory: &Directory, phone: E164) -> RouteAnswer {
         let customer = Some(customer_view(index, &cust, phone));
         return match f.latest_open {
             None => default("no open ticket".into(), customer, None, None),
-            Some(t) => default(passed_over(index, &t), customer, Some(ticket_view(&t)), None),
+            Some(t) => default(
+                passed_over(index, &t),
+                customer,
+                Some(ticket_view(&t)),
+                None,
+            ),
         };
     };
     let customer = index

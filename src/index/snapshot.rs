@@ -31,7 +31,7 @@ use serde::{
     ser::{SerializeSeq, SerializeTuple},
 };
 
-use super::{AgentRec, CustomerRec, Cursors, Index, OpenStatus, TicketRec, name_key, store::Store};
+use super::{AgentRec, Cursors, CustomerRec, Index, OpenStatus, TicketRec, name_key, store::Store};
 
 const MAGIC: &[u8; 8] = b"DESKLIDX";
 const VERSION: u32 = 1;
@@ -48,9 +48,12 @@ pub enum SnapshotError {
 
 /// Writes atomically (temp file, fsync, rename, fsync of the directory).
 pub fn save(index: &Index, path: &Path) -> Result<(), SnapshotError> {
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "snapshot path has no file name"))?;
+    let file_name = path.file_name().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "snapshot path has no file name",
+        )
+    })?;
     let mut tmp_name = file_name.to_os_string();
     tmp_name.push(".tmp");
     let tmp = path.with_file_name(tmp_name);
@@ -210,13 +213,15 @@ impl Serialize for Body<'_> {
             ix.identities.iter().map(|(id, p)| (*id, &**p))
         }))?;
         t.serialize_element(&Seq(ix.agents.len(), || {
-            ix.agents.iter().map(|(&id, a): (&i64, &AgentRec)| AgentRow {
-                id,
-                name: &a.name,
-                email: &a.email,
-                active: a.active,
-                suspended: a.suspended,
-            })
+            ix.agents
+                .iter()
+                .map(|(&id, a): (&i64, &AgentRec)| AgentRow {
+                    id,
+                    name: &a.name,
+                    email: &a.email,
+                    active: a.active,
+                    suspended: a.suspended,
+                })
         }))?;
         t.serialize_element(&Rows(&ix.tickets, ticket_row))?;
         t.serialize_element(&Seq(ix.orgs.len(), || {
@@ -290,7 +295,11 @@ where
 fn build(body: BodyIn<'_>) -> Result<Index, String> {
     let mut ix = Index::new();
     for (id, phones) in body.identities {
-        if ix.identities.insert(id, phones.into_boxed_slice()).is_some() {
+        if ix
+            .identities
+            .insert(id, phones.into_boxed_slice())
+            .is_some()
+        {
             return Err(format!("identities of user {id} appear twice"));
         }
     }
