@@ -901,7 +901,7 @@ fn parse_retry_after(value: Option<&str>) -> Duration {
 /// `GET /api/v2/users/{id}`: the method and the path with every id-like segment (any segment with a
 /// digit, except the `v2` version) replaced, query and `.json` dropped. Low cardinality for metrics
 /// and logs; never an id or a phone number.
-pub fn endpoint_template(method: &Method, path: &str) -> String {
+pub(crate) fn endpoint_template(method: &Method, path: &str) -> String {
     let path = path.split(['?', '#']).next().unwrap_or("");
     let path = path.strip_suffix(".json").unwrap_or(path);
     let mut out = String::with_capacity(path.len() + 8);
