@@ -179,6 +179,10 @@ impl Client {
             .user_agent(concat!("deskline/", env!("CARGO_PKG_VERSION")))
             .timeout(opts.timeout)
             .connect_timeout(opts.timeout.min(Duration::from_secs(10)))
+            // Drop idle connections before the server is likely to: a request written onto a
+            // connection the server just closed fails "maybe sent", which a `Retry::Once` write
+            // must then hand back to its caller.
+            .pool_idle_timeout(Duration::from_secs(30))
             // Zendesk's API does not redirect; following one could carry the request elsewhere.
             .redirect(reqwest::redirect::Policy::none())
             .build()
