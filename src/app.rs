@@ -203,18 +203,19 @@ impl Service {
 
         let stop_rpc = CancellationToken::new();
         let stop_background = CancellationToken::new();
-        let mut background = Vec::new();
-        background.push((
-            "follower",
-            spawn_named("follower", follower.run(stop_background.clone())),
-        ));
-        background.push((
-            "health",
-            spawn_named(
-                "health",
-                follow_health(reporter, loaded.clone(), stop_background.clone()),
+        let mut background = vec![
+            (
+                "follower",
+                spawn_named("follower", follower.run(stop_background.clone())),
             ),
-        ));
+            (
+                "health",
+                spawn_named(
+                    "health",
+                    follow_health(reporter, loaded.clone(), stop_background.clone()),
+                ),
+            ),
+        ];
 
         let state = Arc::new(ServiceState {
             index: index.clone(),

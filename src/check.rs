@@ -253,7 +253,7 @@ pub fn compare(config: &Config, facts: &Facts) -> Vec<Finding> {
             ));
         }
     }
-    out.sort_by(|a, b| b.severity.cmp(&a.severity));
+    out.sort_by_key(|f| std::cmp::Reverse(f.severity));
     out
 }
 

@@ -26,7 +26,9 @@ impl E164 {
 
     /// Builds an E.164 from its digits; `None` for 0 or more than 15 digits.
     pub fn from_digits(digits: u64) -> Option<Self> {
-        (digits >= 10 && digits < 1_000_000_000_000_000).then_some(Self(digits))
+        (10..1_000_000_000_000_000)
+            .contains(&digits)
+            .then_some(Self(digits))
     }
 
     /// The cheap path for numbers that already look canonical: `+` followed by digits, with the

@@ -1,0 +1,87 @@
+//! Shared wiring for the end-to-end tests: the simulator and the real service in this process, each
+//! on its own 127.0.0.1 port, and a real tonic client. Waiting is always on a condition with a
+//! deadline, never a bare sleep.
+#![allow(dead_code)]
+
+use std::{future::Future, time::Duration};
+
+use deskline::{
+    app::Service,
+    config::Config,
+    proto::resolver_client::ResolverClient,
+    sim::{self, SimConfig, SimHandle, Store},
+};
+use tonic::transport::Channel;
+
+/// Long enough for a slow CI machine, short enough to fail a hung test.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Starts the simulator on 127.0.0.1:0. Tests shorten the one-minute rule through this explicit
+/// test setting; the real-Zendesk path never touches it.
+pub async fn start_sim(store: Store, tweak: impl FnOnce(&mut SimConfig)) -> SimHandle {
+    let mut cfg = SimConfig {
+        one_minute_rule: Duration::ZERO,
+        ..SimConfig::default()
+    };
+    tweak(&mut cfg);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    sim::start(listener, cfg, store).await
+}
+
+/// A config pointing at the simulator, with `extra` TOML appended (later tables win by section).
+pub fn config_text(sim: &SimHandle, data_dir: &std::path::Path, extra: &str) -> String {
+    format!(
+        "[zendesk]\nurl = \"{}\"\nemail = \"{}\"\ntoken = \"{}\"\nrequests_per_minute = 100000\nexport_requests_per_minute = 100000\ntimeout_seconds = 5\n\
+         [storage]\ndata_dir = \"{}\"\n{extra}",
+        sim.url(),
+        sim.email(),
+        sim.token(),
+        data_dir.display()
+    )
+}
+
+pub fn parse_config(text: &str) -> Config {
+    Config::from_toml_and_env(text, std::path::Path::new("test.toml"), std::iter::empty()).unwrap()
+}
+
+pub async fn start_service(text: &str) -> Service {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    Service::start(parse_config(text), listener).await.unwrap()
+}
+
+pub async fn channel(addr: std::net::SocketAddr) -> Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+pub async fn client(addr: std::net::SocketAddr) -> ResolverClient<Channel> {
+    ResolverClient::new(channel(addr).await)
+}
+
+/// Polls `f` until it yields `Some`, or panics after `deadline` naming `what`.
+pub async fn eventually<T, F, Fut>(what: &str, deadline: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let started = tokio::time::Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            started.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+pub async fn wait_loaded(service: &Service) {
+    tokio::time::timeout(DEADLINE, service.wait_loaded())
+        .await
+        .expect("the index did not load in time");
+}
