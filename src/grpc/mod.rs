@@ -1,1 +1,374 @@
-//! (being written)
+//! The tonic service: input validation, bearer-token auth, proto ↔ domain conversion and the one
+//! mapping from domain errors to `tonic::Status`. Handlers stay thin (STYLE.md practice 1): they
+//! validate, call one function of [`crate::routing`] or [`crate::sync`], and convert the result.
+//!
+//! The routing and caller-ID handlers take the index's read lock for one lookup and never await
+//! while holding it, so they cannot wait on Zendesk or on the follower for longer than one apply.
+
+use std::{sync::Arc, time::SystemTime};
+
+use secrecy::{ExposeSecret, SecretString};
+use subtle::ConstantTimeEq;
+use tonic::{Request, Response, Status, service::Interceptor};
+
+use crate::{
+    index::SharedIndex,
+    phone::{PhoneError, PhoneParser, mask},
+    proto::{self, resolver_server::Resolver},
+    routing::{self, AgentView, CustomerView, Decision, Directory, OrgView, TicketView},
+};
+
+/// Longest number or id we accept in a request field.
+const MAX_NUMBER_LEN: usize = 64;
+const MAX_CALL_ID_LEN: usize = 128;
+
+/// What a request did wrong, or why it cannot be answered now.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{field}: {message}")]
+    InvalidArgument {
+        field: &'static str,
+        message: String,
+    },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Self {
+        match &e {
+            ApiError::InvalidArgument { .. } => Status::invalid_argument(e.to_string()),
+            ApiError::NotFound(_) => Status::not_found(e.to_string()),
+            ApiError::Unavailable(_) => Status::unavailable(e.to_string()),
+            ApiError::Internal(_) => Status::internal(e.to_string()),
+        }
+    }
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError::InvalidArgument {
+        field,
+        message: message.into(),
+    }
+}
+
+/// Everything the handlers read.
+pub struct ServiceState {
+    pub index: SharedIndex,
+    pub directory: Directory,
+    pub parser: PhoneParser,
+    /// Zendesk account URL without trailing slash, for agent-interface links.
+    pub zendesk_url: String,
+}
+
+#[derive(Clone)]
+pub struct ResolverService {
+    state: Arc<ServiceState>,
+}
+
+impl ResolverService {
+    pub fn new(state: Arc<ServiceState>) -> Self {
+        Self { state }
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn check_len(field: &'static str, value: &str, max: usize) -> Result<(), ApiError> {
+    if value.len() > max {
+        return Err(invalid(
+            field,
+            format!("too long ({} bytes, at most {max})", value.len()),
+        ));
+    }
+    Ok(())
+}
+
+fn phone_error(field: &'static str, e: PhoneError) -> ApiError {
+    invalid(field, e.to_string())
+}
+
+/// Validates a number field and resolves it against the index. The index lock is held only for the
+/// lookup that follows, by the caller.
+fn required_number<'a>(field: &'static str, raw: &'a str) -> Result<&'a str, ApiError> {
+    if raw.trim().is_empty() {
+        return Err(invalid(field, "required"));
+    }
+    check_len(field, raw, MAX_NUMBER_LEN)?;
+    Ok(raw)
+}
+
+#[tonic::async_trait]
+impl Resolver for ResolverService {
+    async fn route_call(
+        &self,
+        request: Request<proto::RouteCallRequest>,
+    ) -> Result<Response<proto::RouteCallResponse>, Status> {
+        let req = request.into_inner();
+        let caller = required_number("caller", &req.caller)?;
+        check_len("called", &req.called, MAX_NUMBER_LEN)?;
+        check_len("call_id", &req.call_id, MAX_CALL_ID_LEN)?;
+        let st = &self.state;
+        let (answer, age) = {
+            let index = st.index.read();
+            if !index.is_loaded() {
+                return Err(
+                    ApiError::Unavailable("the index has not been loaded yet".into()).into(),
+                );
+            }
+            let phone = routing::resolve_number(&index, &st.parser, caller)
+                .map_err(|e| phone_error("caller", e))?;
+            (
+                routing::route(&index, &st.directory, phone),
+                index.age_ms(now_ms()).unwrap_or(0),
+            )
+        };
+        tracing::debug!(call_id = %req.call_id, caller = %mask(caller), decision = ?answer.decision, "route");
+        Ok(Response::new(route_to_proto(&st.zendesk_url, answer, age)))
+    }
+
+    async fn lookup_caller(
+        &self,
+        request: Request<proto::LookupCallerRequest>,
+    ) -> Result<Response<proto::LookupCallerResponse>, Status> {
+        let req = request.into_inner();
+        let number = required_number("number", &req.number)?;
+        let st = &self.state;
+        let (answer, age) = {
+            let index = st.index.read();
+            if !index.is_loaded() {
+                return Err(
+                    ApiError::Unavailable("the index has not been loaded yet".into()).into(),
+                );
+            }
+            let phone = routing::resolve_number(&index, &st.parser, number)
+                .map_err(|e| phone_error("number", e))?;
+            (
+                routing::lookup_caller(&index, phone),
+                index.age_ms(now_ms()).unwrap_or(0),
+            )
+        };
+        Ok(Response::new(caller_to_proto(&st.zendesk_url, answer, age)))
+    }
+
+    async fn report_call(
+        &self,
+        _request: Request<proto::ReportCallRequest>,
+    ) -> Result<Response<proto::ReportCallResponse>, Status> {
+        Err(Status::unimplemented(
+            "ReportCall arrives with the post-call sync",
+        ))
+    }
+
+    async fn get_call_status(
+        &self,
+        _request: Request<proto::GetCallStatusRequest>,
+    ) -> Result<Response<proto::GetCallStatusResponse>, Status> {
+        Err(Status::unimplemented(
+            "GetCallStatus arrives with the post-call sync",
+        ))
+    }
+}
+
+fn url(base: &str, kind: &str, id: i64) -> String {
+    format!("{base}/agent/{kind}/{id}")
+}
+
+fn timestamp(secs: i64) -> Option<prost_types::Timestamp> {
+    (secs > 0).then_some(prost_types::Timestamp {
+        seconds: secs,
+        nanos: 0,
+    })
+}
+
+fn agent_to_proto(a: AgentView) -> proto::Agent {
+    proto::Agent {
+        zendesk_id: a.id,
+        name: a.name,
+        email: a.email,
+        extension: a.extension.unwrap_or_default(),
+    }
+}
+
+fn ticket_to_proto(base: &str, t: TicketView) -> proto::Ticket {
+    proto::Ticket {
+        id: t.id,
+        status: t.status.to_owned(),
+        subject: t.subject,
+        url: url(base, "tickets", t.id),
+        assignee_id: t.assignee_id,
+        updated_at: timestamp(t.updated_at),
+    }
+}
+
+fn org_to_proto(base: &str, o: OrgView) -> proto::Organization {
+    proto::Organization {
+        zendesk_id: o.id,
+        url: url(base, "organizations", o.id),
+        name: o.name,
+    }
+}
+
+fn customer_to_proto(base: &str, c: CustomerView) -> proto::Customer {
+    proto::Customer {
+        zendesk_id: c.id,
+        url: url(base, "users", c.id),
+        name: c.name,
+        phone: c.phone.to_string(),
+        organization: c.organization.map(|o| org_to_proto(base, o)),
+    }
+}
+
+/// Converts a routing answer to its proto form.
+pub fn route_to_proto(
+    base: &str,
+    a: routing::RouteAnswer,
+    index_age_ms: i64,
+) -> proto::RouteCallResponse {
+    let decision = match a.decision {
+        Decision::RouteToAgent => proto::Decision::RouteToAgent,
+        Decision::DefaultRouting => proto::Decision::DefaultRouting,
+    };
+    proto::RouteCallResponse {
+        decision: decision as i32,
+        agent: a.agent.map(agent_to_proto),
+        ticket: a.ticket.map(|t| ticket_to_proto(base, t)),
+        customer: a.customer.map(|c| customer_to_proto(base, c)),
+        reason: a.reason,
+        index_age_ms,
+    }
+}
+
+/// Converts a caller-ID answer to its proto form.
+pub fn caller_to_proto(
+    base: &str,
+    a: routing::CallerAnswer,
+    index_age_ms: i64,
+) -> proto::LookupCallerResponse {
+    let contact_url = a
+        .customer
+        .as_ref()
+        .map(|c| url(base, "users", c.id))
+        .unwrap_or_default();
+    let lead_url = a
+        .open_ticket
+        .as_ref()
+        .map(|t| url(base, "tickets", t.id))
+        .unwrap_or_default();
+    proto::LookupCallerResponse {
+        found: a.found,
+        display_name: a.display_name,
+        contact_url,
+        lead_url,
+        customer: a.customer.map(|c| customer_to_proto(base, c)),
+        open_ticket: a.open_ticket.map(|t| ticket_to_proto(base, t)),
+        index_age_ms,
+    }
+}
+
+/// Bearer-token check for the Resolver service. With no tokens configured every request passes
+/// (config validation allows that only on a loopback listener).
+#[derive(Clone)]
+pub struct Auth {
+    tokens: Arc<[SecretString]>,
+}
+
+impl Auth {
+    pub fn new(tokens: Vec<SecretString>) -> Self {
+        Self {
+            tokens: tokens.into(),
+        }
+    }
+
+    /// Compares against every configured token in constant time, so timing reveals neither which
+    /// token nor how much of one matched.
+    fn accepts(&self, presented: &[u8]) -> bool {
+        let mut ok = subtle::Choice::from(0u8);
+        for t in self.tokens.iter() {
+            ok |= t.expose_secret().as_bytes().ct_eq(presented);
+        }
+        ok.into()
+    }
+}
+
+impl Interceptor for Auth {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        if self.tokens.is_empty() {
+            return Ok(request);
+        }
+        let header = request.metadata().get("authorization").ok_or_else(|| {
+            Status::unauthenticated(
+                "missing authorization metadata: send `authorization: Bearer <token>`",
+            )
+        })?;
+        let presented = header
+            .as_bytes()
+            .strip_prefix(b"Bearer ")
+            .ok_or_else(|| Status::unauthenticated("authorization must be `Bearer <token>`"))?;
+        if self.accepts(presented) {
+            Ok(request)
+        } else {
+            Err(Status::unauthenticated("invalid token"))
+        }
+    }
+}
+
+/// Largest request message accepted (a call report with its maps fits easily).
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
+/// Serves the Resolver (with auth), `grpc.health.v1` and reflection on `listener` until `shutdown`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<ServiceState>,
+    auth: Auth,
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the descriptor sets are compiled in and valid");
+    let resolver = proto::resolver_server::ResolverServer::new(ResolverService::new(state))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            resolver, auth,
+        ))
+        .add_service(health)
+        .add_service(reflection)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auth_accepts_only_configured_tokens() {
+        let auth = Auth::new(vec![SecretString::from("a-very-long-token-1".to_owned())]);
+        assert!(auth.accepts(b"a-very-long-token-1"));
+        assert!(!auth.accepts(b"a-very-long-token-2"));
+        assert!(!auth.accepts(b""));
+    }
+
+    #[test]
+    fn status_mapping_keeps_the_field() {
+        let s: Status = invalid("caller", "required").into();
+        assert_eq!(s.code(), tonic::Code::InvalidArgument);
+        assert_eq!(s.message(), "caller: required");
+    }
+}

@@ -1,0 +1,413 @@
+//! `deskline check --config FILE`: is this deployment going to work? Validates the configuration and
+//! the Zendesk credentials, then compares the PBX directory with Zendesk's agents and the mapped custom
+//! fields with Zendesk's field definitions (DESIGN §5).
+//!
+//! The comparison is a pure function ([`compare`]) so every finding is unit-tested; [`run`] only
+//! gathers the data. Findings are problems (routing or sync would break: exit status 1), warnings
+//! (worth a look) or notes.
+
+use std::collections::BTreeMap;
+
+use unicode_normalization::UnicodeNormalization;
+
+use crate::{
+    config::{Config, FieldEntity},
+    routing::name_key,
+    zendesk::{
+        Client, ClientOptions, ZendeskError,
+        models::{FieldDef, User},
+    },
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Severity {
+    Note,
+    Warning,
+    Problem,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    pub severity: Severity,
+    pub message: String,
+}
+
+impl std::fmt::Display for Finding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let tag = match self.severity {
+            Severity::Note => "note",
+            Severity::Warning => "warning",
+            Severity::Problem => "problem",
+        };
+        write!(f, "{tag}: {}", self.message)
+    }
+}
+
+/// What Zendesk told us, gathered by [`run`].
+pub struct Facts {
+    pub me: User,
+    pub agents: Vec<User>,
+    pub user_fields: Vec<FieldDef>,
+    pub organization_fields: Vec<FieldDef>,
+    pub ticket_fields: Vec<FieldDef>,
+}
+
+fn finding(severity: Severity, message: impl Into<String>) -> Finding {
+    Finding {
+        severity,
+        message: message.into(),
+    }
+}
+
+/// Latin letters that Cyrillic (and Greek) look-alikes are folded to, so "Оlena" (Cyrillic О)
+/// is recognised as a near miss of "Olena".
+fn fold_confusables(key: &str) -> String {
+    key.chars()
+        .map(|c| match c {
+            'а' => 'a',
+            'в' => 'b',
+            'е' | 'ё' => 'e',
+            'к' => 'k',
+            'м' => 'm',
+            'н' => 'h',
+            'о' | 'ο' => 'o',
+            'р' | 'ρ' => 'p',
+            'с' => 'c',
+            'т' => 't',
+            'у' => 'y',
+            'х' => 'x',
+            'і' | 'ι' => 'i',
+            'ј' => 'j',
+            'ѕ' => 's',
+            'α' => 'a',
+            'ε' => 'e',
+            'κ' => 'k',
+            'ν' => 'v',
+            other => other,
+        })
+        .collect()
+}
+
+fn has_mixed_scripts(name: &str) -> bool {
+    let latin = name.chars().any(|c| c.is_ascii_alphabetic());
+    let other = name.chars().any(|c| c.is_alphabetic() && !c.is_ascii());
+    latin && other
+}
+
+/// Explains how two names that share a key differ (case, spacing, Unicode form).
+fn how_they_differ(a: &str, b: &str) -> Vec<&'static str> {
+    let mut why = Vec::new();
+    let squash = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
+    if a.nfc().collect::<String>() != a || b.nfc().collect::<String>() != b {
+        why.push("Unicode form (NFD vs NFC)");
+    }
+    if squash(a) != a.trim() || squash(b) != b.trim() || a != a.trim() || b != b.trim() {
+        why.push("spacing");
+    }
+    if squash(a).to_lowercase() == squash(b).to_lowercase() && squash(a) != squash(b) {
+        why.push("letter case");
+    }
+    if why.is_empty() {
+        why.push("letter case");
+    }
+    why
+}
+
+/// Compares the configuration with what Zendesk has.
+pub fn compare(config: &Config, facts: &Facts) -> Vec<Finding> {
+    use Severity::*;
+    let mut out = Vec::new();
+    if facts.me.role.as_deref() != Some("admin") {
+        out.push(finding(
+            Problem,
+            format!(
+                "the API user {} is {:?}, not an admin: Zendesk's incremental exports are admin-only",
+                facts.me.email.as_deref().unwrap_or("?"),
+                facts.me.role.as_deref().unwrap_or("unknown")
+            ),
+        ));
+    }
+    let active: Vec<&User> = facts
+        .agents
+        .iter()
+        .filter(|a| a.is_agent() && a.is_active())
+        .collect();
+    let by_key: BTreeMap<String, &User> = active
+        .iter()
+        .map(|a| (name_key(a.name.as_deref().unwrap_or("")), *a))
+        .collect();
+    let by_folded: BTreeMap<String, &User> = by_key
+        .iter()
+        .map(|(k, a)| (fold_confusables(k), *a))
+        .collect();
+    let inactive: BTreeMap<String, &User> = facts
+        .agents
+        .iter()
+        .filter(|a| a.is_agent() && !a.is_active())
+        .map(|a| (name_key(a.name.as_deref().unwrap_or("")), a))
+        .collect();
+
+    let mut matched = std::collections::BTreeSet::new();
+    for (name, ext) in &config.routing.directory {
+        let key = name_key(name);
+        if let Some(agent) = by_key.get(&key) {
+            matched.insert(agent.id);
+            let zname = agent.name.as_deref().unwrap_or("");
+            if zname != name {
+                out.push(finding(
+                    Note,
+                    format!(
+                        "directory {name:?} (ext {ext}) matches agent {zname:?} despite {}",
+                        how_they_differ(name, zname).join(", ")
+                    ),
+                ));
+            }
+            continue;
+        }
+        if let Some(agent) = by_folded.get(&fold_confusables(&key)) {
+            out.push(finding(
+                Problem,
+                format!(
+                    "directory {name:?} (ext {ext}) matches no agent: agent {:?} differs only by look-alike Latin/Cyrillic letters{}",
+                    agent.name.as_deref().unwrap_or(""),
+                    if has_mixed_scripts(name) { " (the directory name mixes scripts)" } else { "" }
+                ),
+            ));
+            continue;
+        }
+        if let Some(agent) = inactive.get(&key) {
+            out.push(finding(
+                Problem,
+                format!("directory {name:?} (ext {ext}) is agent {} who is inactive or suspended in Zendesk", agent.id),
+            ));
+            continue;
+        }
+        out.push(finding(
+            Problem,
+            format!("directory {name:?} (ext {ext}) matches no active Zendesk agent"),
+        ));
+    }
+    for agent in &active {
+        if !matched.contains(&agent.id) {
+            out.push(finding(
+                Warning,
+                format!(
+                    "agent {:?} (id {}) has no directory entry: calls to their tickets take default routing",
+                    agent.name.as_deref().unwrap_or(""),
+                    agent.id
+                ),
+            ));
+        }
+    }
+    if let Some(manager) = &config.sync.senior_manager {
+        if !by_key.contains_key(&name_key(manager)) {
+            out.push(finding(
+                Problem,
+                format!("sync.senior_manager {manager:?} is not an active Zendesk agent"),
+            ));
+        }
+    }
+    for (i, f) in config.sync.fields.iter().enumerate() {
+        let (defs, what, found) = match f.entity {
+            FieldEntity::User => (
+                &facts.user_fields,
+                "user field key",
+                facts
+                    .user_fields
+                    .iter()
+                    .any(|d| d.key.as_deref() == Some(&f.field)),
+            ),
+            FieldEntity::Organization => (
+                &facts.organization_fields,
+                "organization field key",
+                facts
+                    .organization_fields
+                    .iter()
+                    .any(|d| d.key.as_deref() == Some(&f.field)),
+            ),
+            FieldEntity::Ticket => (
+                &facts.ticket_fields,
+                "ticket field id",
+                facts
+                    .ticket_fields
+                    .iter()
+                    .any(|d| d.id.to_string() == f.field),
+            ),
+        };
+        if !found {
+            let known: Vec<String> = defs
+                .iter()
+                .map(|d| match f.entity {
+                    FieldEntity::Ticket => d.id.to_string(),
+                    _ => d.key.clone().unwrap_or_default(),
+                })
+                .take(20)
+                .collect();
+            out.push(finding(
+                Problem,
+                format!(
+                    "sync.fields[{i}]: {what} {:?} does not exist in Zendesk (known: {})",
+                    f.field,
+                    known.join(", ")
+                ),
+            ));
+        }
+    }
+    out.sort_by(|a, b| b.severity.cmp(&a.severity));
+    out
+}
+
+/// Why the check could not even compare.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error("config error: {0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("Zendesk at {url}: {source}")]
+    Zendesk { url: String, source: ZendeskError },
+}
+
+/// Gathers the facts from Zendesk and compares.
+pub async fn run(config: &Config) -> Result<Vec<Finding>, CheckError> {
+    let mut opts = ClientOptions::from_config(config)?;
+    opts.max_retries = 1;
+    let url = opts.base_url.clone();
+    let zerr = |source| CheckError::Zendesk {
+        url: url.clone(),
+        source,
+    };
+    let client = Client::new(opts).map_err(&zerr)?;
+    let me = client.me().await.map_err(&zerr)?;
+    let agents = client.list_agents().await.map_err(&zerr)?;
+    let user_fields = client.user_fields().await.map_err(&zerr)?;
+    let organization_fields = client.organization_fields().await.map_err(&zerr)?;
+    let ticket_fields = client.ticket_fields().await.map_err(&zerr)?;
+    Ok(compare(
+        config,
+        &Facts {
+            me,
+            agents,
+            user_fields,
+            organization_fields,
+            ticket_fields,
+        },
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn agent(id: i64, name: &str, active: bool) -> User {
+        User {
+            id,
+            name: Some(name.into()),
+            role: Some("agent".into()),
+            active: Some(active),
+            suspended: Some(false),
+            ..Default::default()
+        }
+    }
+
+    fn config(extra: &str) -> Config {
+        let text = format!(
+            "[zendesk]\nurl = \"https://acme.zendesk.com\"\nemail = \"a@b.c\"\ntoken = \"t\"\n{extra}"
+        );
+        Config::from_toml_and_env(&text, Path::new("t.toml"), std::iter::empty()).unwrap()
+    }
+
+    fn facts(agents: Vec<User>) -> Facts {
+        Facts {
+            me: User {
+                id: 1,
+                role: Some("admin".into()),
+                ..Default::default()
+            },
+            agents,
+            user_fields: vec![FieldDef {
+                id: 5,
+                key: Some("utm_source".into()),
+                ..Default::default()
+            }],
+            organization_fields: vec![],
+            ticket_fields: vec![FieldDef {
+                id: 360001,
+                ..Default::default()
+            }],
+        }
+    }
+
+    #[test]
+    fn finds_each_kind_of_mismatch() {
+        let cfg = config(
+            "[routing.directory]\n\"olena  PETRENKO\" = \"101\"\n\"Іvan Kovalenko\" = \"102\"\n\"Nobody Here\" = \"103\"\n\"Old Timer\" = \"104\"\n\
+             [sync]\nsenior_manager = \"Big Boss\"\n\
+             [[sync.fields]]\nentity = \"user\"\nfield = \"utm_source\"\nsource = \"utm_source\"\n\
+             [[sync.fields]]\nentity = \"ticket\"\nfield = \"999\"\nsource = \"utm_medium\"\n\
+             [[sync.fields]]\nentity = \"organization\"\nfield = \"scheme\"\nsource = \"scheme_name\"\n",
+        );
+        let f = facts(vec![
+            agent(10, "Olena Petrenko", true),
+            agent(11, "Ivan Kovalenko", true),
+            agent(12, "Old Timer", false),
+            agent(13, "Unlisted Agent", true),
+        ]);
+        let out = compare(&cfg, &f);
+        let text: Vec<String> = out.iter().map(|f| f.to_string()).collect();
+        let has = |needle: &str| text.iter().any(|t| t.contains(needle));
+        assert!(has("note: directory \"olena  PETRENKO\""), "{text:#?}");
+        assert!(
+            has(
+                "problem: directory \"Іvan Kovalenko\" (ext 102) matches no agent: agent \"Ivan Kovalenko\" differs only by look-alike"
+            ),
+            "{text:#?}"
+        );
+        assert!(
+            has("problem: directory \"Nobody Here\" (ext 103) matches no active Zendesk agent"),
+            "{text:#?}"
+        );
+        assert!(
+            has("problem: directory \"Old Timer\" (ext 104) is agent 12 who is inactive"),
+            "{text:#?}"
+        );
+        assert!(has("warning: agent \"Unlisted Agent\""), "{text:#?}");
+        assert!(
+            has("problem: sync.senior_manager \"Big Boss\""),
+            "{text:#?}"
+        );
+        assert!(
+            has("problem: sync.fields[1]: ticket field id \"999\""),
+            "{text:#?}"
+        );
+        assert!(
+            has("problem: sync.fields[2]: organization field key \"scheme\""),
+            "{text:#?}"
+        );
+        assert!(!has("sync.fields[0]"), "{text:#?}");
+        assert_eq!(out[0].severity, Severity::Problem);
+    }
+
+    #[test]
+    fn clean_config_has_no_problem() {
+        let cfg = config(
+            "[routing.directory]\n\"Olena Petrenko\" = \"101\"\n[sync]\nsenior_manager = \"olena petrenko\"\n",
+        );
+        let out = compare(&cfg, &facts(vec![agent(10, "Olena Petrenko", true)]));
+        assert!(
+            out.iter().all(|f| f.severity != Severity::Problem),
+            "{out:#?}"
+        );
+    }
+
+    #[test]
+    fn non_admin_is_a_problem() {
+        let cfg = config("");
+        let mut f = facts(vec![]);
+        f.me.role = Some("agent".into());
+        assert!(
+            compare(&cfg, &f)
+                .iter()
+                .any(|f| f.severity == Severity::Problem && f.message.contains("admin-only"))
+        );
+    }
+}
