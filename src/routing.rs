@@ -1,30 +1,67 @@
-//! OWNER: index helper. The routing and caller-ID decisions (DESIGN §3), pure functions over the
-//! index. Stub signatures; bodies to be written.
+//! The routing and caller-ID decisions (DESIGN §3), pure functions over the [`Index`].
+//!
+//! Nothing here waits on anything: a decision reads the index under the caller's read lock and
+//! allocates only the few strings of its answer. The rules, in the order they are applied:
+//! - the number is resolved to E.164 ([`resolve_number`], or [`Resolver`] with its parse cache);
+//! - candidates are all active, unsuspended customers on that number (shared numbers included);
+//! - the owner is the assignee of the most recently updated open ticket (ties: higher ticket id)
+//!   among the candidates' tickets whose assignee is an active, unsuspended agent/admin;
+//! - the owner's name is looked up in the [`Directory`] by [`name_key`];
+//! - every answer carries a `reason` naming the rule that decided it (USERS.md point 9).
 
 use std::collections::BTreeMap;
 
+use rustc_hash::FxHashMap;
+
 use crate::{
-    index::Index,
+    index::{AgentRef, CustomerRef, Index, TicketRef},
     phone::{E164, PhoneError, PhoneParser},
 };
 
 /// The key names are compared by: NFC, trimmed, inner whitespace collapsed to one space, lowercased.
 pub fn name_key(name: &str) -> String {
-    let _ = name;
-    todo!()
+    crate::index::name_key(name)
 }
 
 /// `routing.directory`: full name → PBX extension, looked up by [`name_key`].
 #[derive(Debug, Clone, Default)]
-pub struct Directory {}
+pub struct Directory {
+    by_key: FxHashMap<String, String>,
+}
 
-#[allow(unused_variables)]
 impl Directory {
+    /// When two names share a key (a config mistake `deskline check` can report), the one that
+    /// sorts first in the table wins, so the choice is stable.
     pub fn new(entries: &BTreeMap<String, String>) -> Self {
-        todo!()
+        let mut by_key = FxHashMap::default();
+        for (name, ext) in entries {
+            by_key
+                .entry(name_key(name))
+                .or_insert_with(|| ext.trim().to_string());
+        }
+        Self { by_key }
     }
+
     pub fn extension(&self, full_name: &str) -> Option<&str> {
-        todo!()
+        self.extension_by_key(&name_key(full_name))
+    }
+
+    /// Lookup by an already computed [`name_key`] (the index keeps one per agent).
+    pub fn extension_by_key(&self, key: &str) -> Option<&str> {
+        self.by_key.get(key).map(String::as_str)
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+
+    /// The normalised names in the directory (for `deskline check`).
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.by_key.keys().map(String::as_str)
     }
 }
 
@@ -88,19 +125,243 @@ pub struct CallerAnswer {
 
 /// Normalises a query number: the canonical-form fast path when the index knows the number, else a
 /// full libphonenumber parse.
-#[allow(unused_variables)]
 pub fn resolve_number(index: &Index, parser: &PhoneParser, raw: &str) -> Result<E164, PhoneError> {
-    todo!()
+    match E164::candidate(raw) {
+        Some(c) if index.has_phone(c) => Ok(c),
+        _ => parser.parse(raw),
+    }
+}
+
+/// [`resolve_number`] with a bounded cache of full parses (raw string → result).
+///
+/// A PBX tends to send the same non-canonical format for the same callers again and again
+/// ("0441234567", "380441234567"); a full libphonenumber parse costs microseconds, a cache hit a
+/// fraction of that (see `benches/lookup.rs`). A bounded `moka` cache is the right tool here: the
+/// working set is "recent callers", losing an entry only costs a re-parse, and the parse result
+/// does not depend on the index, so entries never go stale. Canonical numbers the index knows take
+/// the fast path and never touch the cache.
+#[derive(Clone)]
+pub struct Resolver {
+    parser: PhoneParser,
+    cache: moka::sync::Cache<Box<str>, Result<E164, PhoneError>>,
+}
+
+impl std::fmt::Debug for Resolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Resolver")
+            .field("parser", &self.parser)
+            .field("cached", &self.cache.entry_count())
+            .finish()
+    }
+}
+
+impl Resolver {
+    /// Inputs longer than this are parsed (and rejected) without being cached.
+    const MAX_CACHED_LEN: usize = crate::phone::MAX_INPUT_LEN;
+
+    pub fn new(parser: PhoneParser, capacity: u64) -> Self {
+        Self {
+            parser,
+            cache: moka::sync::Cache::new(capacity),
+        }
+    }
+
+    pub fn parser(&self) -> &PhoneParser {
+        &self.parser
+    }
+
+    pub fn resolve(&self, index: &Index, raw: &str) -> Result<E164, PhoneError> {
+        if let Some(c) = E164::candidate(raw) {
+            if index.has_phone(c) {
+                return Ok(c);
+            }
+        }
+        let key = raw.trim();
+        if key.len() > Self::MAX_CACHED_LEN {
+            return self.parser.parse(key);
+        }
+        if let Some(hit) = self.cache.get(key) {
+            return hit;
+        }
+        let result = self.parser.parse(key);
+        self.cache.insert(key.into(), result.clone());
+        result
+    }
+}
+
+/// What the rules found for one number, before it is turned into an answer.
+struct Findings<'a> {
+    /// The candidate with the most recently updated customer record (caller-ID fallback).
+    latest_customer: Option<CustomerRef<'a>>,
+    /// The most recently updated open ticket among all candidates.
+    latest_open: Option<TicketRef<'a>>,
+    /// Rule 4's ticket and its owner.
+    owned: Option<(TicketRef<'a>, AgentRef<'a>)>,
+}
+
+/// Most recently updated first; ties go to the higher id.
+fn newer(a: &TicketRef<'_>, b: &TicketRef<'_>) -> bool {
+    (a.updated_at, a.id) > (b.updated_at, b.id)
+}
+
+fn find(index: &Index, phone: E164) -> Findings<'_> {
+    let mut f = Findings {
+        latest_customer: None,
+        latest_open: None,
+        owned: None,
+    };
+    for c in index.customers_by_phone(phone) {
+        if f.latest_customer
+            .is_none_or(|l| (c.updated_at, c.id) > (l.updated_at, l.id))
+        {
+            f.latest_customer = Some(c);
+        }
+        for t in index.open_tickets_of(c.id) {
+            if f.latest_open.is_none_or(|l| newer(&t, &l)) {
+                f.latest_open = Some(t);
+            }
+            if f.owned.is_some_and(|(o, _)| !newer(&t, &o)) {
+                continue;
+            }
+            let owner = t
+                .assignee_id
+                .and_then(|a| index.agent(a))
+                .filter(AgentRef::is_usable);
+            if let Some(agent) = owner {
+                f.owned = Some((t, agent));
+            }
+        }
+    }
+    f
+}
+
+fn ticket_view(t: &TicketRef<'_>) -> TicketView {
+    TicketView {
+        id: t.id,
+        status: t.status,
+        subject: t.subject.to_string(),
+        assignee_id: t.assignee_id.unwrap_or(0),
+        updated_at: t.updated_at,
+    }
+}
+
+fn customer_view(index: &Index, c: &CustomerRef<'_>, phone: E164) -> CustomerView {
+    CustomerView {
+        id: c.id,
+        name: c.name.to_string(),
+        phone,
+        organization: c.organization_id.and_then(|id| {
+            index.organization_name(id).map(|name| OrgView {
+                id,
+                name: name.to_string(),
+            })
+        }),
+    }
+}
+
+/// Why no open ticket could decide the route, naming the most recent one.
+fn passed_over(index: &Index, t: &TicketRef<'_>) -> String {
+    match t.assignee_id {
+        None => format!("ticket {} has no assignee", t.id),
+        Some(a) => match index.agent(a) {
+            Some(ag) if !ag.active => format!("ticket {}'s assignee {} is inactive", t.id, ag.name),
+            Some(ag) if ag.suspended => {
+                format!("ticket {}'s assignee {} is suspended", t.id, ag.name)
+            }
+            _ => format!("ticket {}'s assignee (user {a}) is not a known agent", t.id),
+        },
+    }
 }
 
 /// DESIGN §3 rules 2–5.
-#[allow(unused_variables)]
 pub fn route(index: &Index, directory: &Directory, phone: E164) -> RouteAnswer {
-    todo!()
+    let f = find(index, phone);
+    let default = |reason: String, customer: Option<CustomerView>, ticket, agent| RouteAnswer {
+        decision: Decision::DefaultRouting,
+        agent,
+        ticket,
+        customer,
+        reason,
+    };
+    let Some(latest_customer) = f.latest_customer else {
+        return default("no customer with this number".into(), None, None, None);
+    };
+    let Some((ticket, agent)) = f.owned else {
+        // The customer caller ID would show: the one with the latest open ticket, else the latest.
+        let cust = f
+            .latest_open
+            .and_then(|t| index.customer(t.requester_id))
+            .unwrap_or(latest_customer);
+        let customer = Some(customer_view(index, &cust, phone));
+        return match f.latest_open {
+            None => default("no open ticket".into(), customer, None, None),
+            Some(t) => default(
+                passed_over(index, &t),
+                customer,
+                Some(ticket_view(&t)),
+                None,
+            ),
+        };
+    };
+    let customer = index
+        .customer(ticket.requester_id)
+        .map(|c| customer_view(index, &c, phone));
+    let extension = directory.extension_by_key(agent.name_key);
+    let view = AgentView {
+        id: agent.id,
+        name: agent.name.to_string(),
+        email: agent.email.to_string(),
+        extension: extension.map(str::to_string),
+    };
+    match extension {
+        Some(_) => RouteAnswer {
+            decision: Decision::RouteToAgent,
+            reason: format!("ticket {} is assigned to {}", ticket.id, agent.name),
+            agent: Some(view),
+            ticket: Some(ticket_view(&ticket)),
+            customer,
+        },
+        None => default(
+            format!("assignee {} has no PBX extension", agent.name),
+            customer,
+            Some(ticket_view(&ticket)),
+            Some(view),
+        ),
+    }
 }
 
 /// DESIGN §3 rule 6.
-#[allow(unused_variables)]
 pub fn lookup_caller(index: &Index, phone: E164) -> CallerAnswer {
-    todo!()
+    let f = find(index, phone);
+    let lead = f.owned.map(|(t, _)| t).or(f.latest_open);
+    let cust = lead
+        .and_then(|t| index.customer(t.requester_id))
+        .or(f.latest_customer);
+    let Some(cust) = cust else {
+        return CallerAnswer {
+            found: false,
+            display_name: String::new(),
+            customer: None,
+            open_ticket: None,
+        };
+    };
+    let view = customer_view(index, &cust, phone);
+    let name = if view.name.trim().is_empty() {
+        phone.to_string()
+    } else {
+        view.name.clone()
+    };
+    let display_name = match &view.organization {
+        Some(org) if !org.name.is_empty() => format!("{name} ({})", org.name),
+        _ => name,
+    };
+    CallerAnswer {
+        found: true,
+        display_name,
+        customer: Some(view),
+        open_ticket: lead.as_ref().map(ticket_view),
+    }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,8 +1,42 @@
-//! OWNER: index helper. Snapshot to disk and back: stubs.
+//! The index on disk, so a restart answers at once and resumes the exports where they stood.
+//!
+//! # Format (one file, version 1)
+//! ```text
+//! "DESKLIDX"  magic, 8 bytes
+//! u32 LE      format version
+//! …           postcard body: customers, identities, agents, open tickets, organizations,
+//!             cursors, fresh times, loaded flag
+//! u64 LE      length of magic + version + body
+//! u32 LE      crc32 (crc32fast) of magic + version + body
+//! ```
+//! # Invariants
+//! - A snapshot is written whole or not at all: temp file beside the target, fsync, rename over
+//!   the target, fsync of the directory. A crash leaves the previous snapshot (or none).
+//! - [`load`] either returns a complete index or an error: the length and checksum are checked
+//!   before a byte is decoded, and decoding builds a fresh [`Index`] that is only returned once
+//!   every record is in. A bad magic, an unknown version, a short file, a checksum mismatch, a
+//!   decode error or a duplicate id are all [`SnapshotError::Corrupt`]; the caller then warms up
+//!   from the exports instead.
+//! - The cursors are saved with the records they produced, so resuming from them never skips a
+//!   change (at worst a page is applied twice, which is harmless: applying is idempotent).
 
-use std::path::Path;
+use std::{
+    fs::{self, File},
+    io::{self, BufWriter, Write},
+    path::Path,
+};
 
-use super::Index;
+use serde::{
+    Deserialize, Serialize,
+    ser::{SerializeSeq, SerializeTuple},
+};
+
+use super::{AgentRec, Cursors, CustomerRec, Index, OpenStatus, TicketRec, name_key, store::Store};
+
+const MAGIC: &[u8; 8] = b"DESKLIDX";
+const VERSION: u32 = 1;
+const HEADER_LEN: usize = 12;
+const TRAILER_LEN: usize = 12;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -13,13 +47,454 @@ pub enum SnapshotError {
 }
 
 /// Writes atomically (temp file, fsync, rename, fsync of the directory).
-#[allow(unused_variables)]
 pub fn save(index: &Index, path: &Path) -> Result<(), SnapshotError> {
-    todo!()
+    let file_name = path.file_name().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "snapshot path has no file name",
+        )
+    })?;
+    let mut tmp_name = file_name.to_os_string();
+    tmp_name.push(".tmp");
+    let tmp = path.with_file_name(tmp_name);
+    let result = write_file(index, &tmp).and_then(|()| {
+        fs::rename(&tmp, path)?;
+        sync_dir(path)
+    });
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.map_err(SnapshotError::Io)
+}
+
+fn write_file(index: &Index, tmp: &Path) -> io::Result<()> {
+    let file = File::create(tmp)?;
+    let mut w = CrcWriter {
+        inner: BufWriter::with_capacity(1 << 20, file),
+        crc: crc32fast::Hasher::new(),
+        len: 0,
+    };
+    w.write_all(MAGIC)?;
+    w.write_all(&VERSION.to_le_bytes())?;
+    let mut w = postcard::to_io(&Body(index), w).map_err(io::Error::other)?;
+    let (len, crc) = (w.len, w.crc.clone().finalize());
+    w.inner.write_all(&len.to_le_bytes())?;
+    w.inner.write_all(&crc.to_le_bytes())?;
+    let file = w.inner.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()
+}
+
+#[cfg(unix)]
+fn sync_dir(path: &Path) -> io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(not(unix))]
+fn sync_dir(_path: &Path) -> io::Result<()> {
+    // Directories cannot be opened for fsync here; the rename itself is the best we get.
+    Ok(())
 }
 
 /// `Ok(None)` when there is no snapshot; `Err(Corrupt)` when it is unreadable (never half-read).
-#[allow(unused_variables)]
 pub fn load(path: &Path) -> Result<Option<Index>, SnapshotError> {
-    todo!()
+    let bytes = match fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let corrupt = |why: String| SnapshotError::Corrupt(path.display().to_string(), why);
+    if bytes.len() < HEADER_LEN + TRAILER_LEN {
+        return Err(corrupt(format!("only {} bytes", bytes.len())));
+    }
+    if &bytes[..8] != MAGIC {
+        return Err(corrupt("not a Deskline index snapshot (bad magic)".into()));
+    }
+    let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+    if version != VERSION {
+        return Err(corrupt(format!(
+            "format version {version}, this build reads {VERSION}"
+        )));
+    }
+    let (content, trailer) = bytes.split_at(bytes.len() - TRAILER_LEN);
+    let len = u64::from_le_bytes(trailer[..8].try_into().expect("8 bytes"));
+    let crc = u32::from_le_bytes(trailer[8..].try_into().expect("4 bytes"));
+    if len != content.len() as u64 {
+        return Err(corrupt(format!(
+            "length {} does not match the recorded {len} (truncated?)",
+            content.len()
+        )));
+    }
+    if crc32fast::hash(content) != crc {
+        return Err(corrupt("checksum mismatch".into()));
+    }
+    let body: BodyIn<'_> = postcard::from_bytes(&content[HEADER_LEN..])
+        .map_err(|e| corrupt(format!("cannot decode: {e}")))?;
+    build(body).map(Some).map_err(corrupt)
+}
+
+struct CrcWriter<W> {
+    inner: W,
+    crc: crc32fast::Hasher,
+    len: u64,
+}
+
+impl<W: Write> Write for CrcWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.crc.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+// ---- body: written straight from the index (no intermediate copy), read into borrowed rows ----
+
+#[derive(Serialize, Deserialize)]
+struct CustomerRow<'a> {
+    id: i64,
+    name: &'a str,
+    phone: u64,
+    org: i64,
+    updated_at: i64,
+    suspended: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+struct AgentRow<'a> {
+    id: i64,
+    name: &'a str,
+    email: &'a str,
+    active: bool,
+    suspended: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+struct TicketRow<'a> {
+    id: i64,
+    requester: i64,
+    assignee: i64,
+    updated_at: i64,
+    subject: &'a str,
+    status: OpenStatus,
+}
+
+/// Field order must match [`BodyIn`]: postcard encodes a struct as the tuple of its fields.
+struct Body<'a>(&'a Index);
+
+#[derive(Deserialize)]
+struct BodyIn<'a> {
+    #[serde(borrow)]
+    customers: Vec<CustomerRow<'a>>,
+    identities: Vec<(i64, Vec<u64>)>,
+    #[serde(borrow)]
+    agents: Vec<AgentRow<'a>>,
+    #[serde(borrow)]
+    tickets: Vec<TicketRow<'a>>,
+    #[serde(borrow)]
+    orgs: Vec<(i64, &'a str)>,
+    cursors: Cursors,
+    fresh: [Option<i64>; 3],
+    loaded: bool,
+}
+
+impl Serialize for Body<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let ix = self.0;
+        let mut t = s.serialize_tuple(8)?;
+        t.serialize_element(&Rows(&ix.customers, customer_row))?;
+        t.serialize_element(&Seq(ix.identities.len(), || {
+            ix.identities.iter().map(|(id, p)| (*id, &**p))
+        }))?;
+        t.serialize_element(&Seq(ix.agents.len(), || {
+            ix.agents
+                .iter()
+                .map(|(&id, a): (&i64, &AgentRec)| AgentRow {
+                    id,
+                    name: &a.name,
+                    email: &a.email,
+                    active: a.active,
+                    suspended: a.suspended,
+                })
+        }))?;
+        t.serialize_element(&Rows(&ix.tickets, ticket_row))?;
+        t.serialize_element(&Seq(ix.orgs.len(), || {
+            ix.orgs.iter().map(|(id, n)| (*id, &**n))
+        }))?;
+        t.serialize_element(&ix.cursors)?;
+        t.serialize_element(&ix.fresh)?;
+        t.serialize_element(&ix.loaded)?;
+        t.end()
+    }
+}
+
+fn customer_row(c: &CustomerRec) -> CustomerRow<'_> {
+    CustomerRow {
+        id: c.id,
+        name: &c.name,
+        phone: c.phone,
+        org: c.org,
+        updated_at: c.updated_at,
+        suspended: c.suspended,
+    }
+}
+
+fn ticket_row(t: &TicketRec) -> TicketRow<'_> {
+    TicketRow {
+        id: t.id,
+        requester: t.requester,
+        assignee: t.assignee,
+        updated_at: t.updated_at,
+        subject: &t.subject,
+        status: t.status,
+    }
+}
+
+/// A sequence of known length produced by a closure (serde needs the length up front for postcard).
+struct Seq<F>(usize, F);
+
+impl<F, I> Serialize for Seq<F>
+where
+    F: Fn() -> I,
+    I: Iterator,
+    I::Item: Serialize,
+{
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(self.0))?;
+        for item in (self.1)() {
+            seq.serialize_element(&item)?;
+        }
+        seq.end()
+    }
+}
+
+/// The live records of a [`Store`], each mapped to its row.
+struct Rows<'a, T, F>(&'a Store<T>, F);
+
+impl<'a, T, F, R> Serialize for Rows<'a, T, F>
+where
+    T: super::store::Keyed,
+    F: Fn(&'a T) -> R,
+    R: Serialize,
+{
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(self.0.len()))?;
+        for (_, rec) in self.0.iter() {
+            seq.serialize_element(&(self.1)(rec))?;
+        }
+        seq.end()
+    }
+}
+
+fn build(body: BodyIn<'_>) -> Result<Index, String> {
+    let mut ix = Index::new();
+    for (id, phones) in body.identities {
+        if ix
+            .identities
+            .insert(id, phones.into_boxed_slice())
+            .is_some()
+        {
+            return Err(format!("identities of user {id} appear twice"));
+        }
+    }
+    ix.customers.reserve(body.customers.len());
+    for c in body.customers {
+        if ix.customers.slot(c.id).is_some() {
+            return Err(format!("customer {} appears twice", c.id));
+        }
+        let slot = ix.customers.insert_new(CustomerRec {
+            id: c.id,
+            name: c.name.into(),
+            phone: c.phone,
+            org: c.org,
+            updated_at: c.updated_at,
+            suspended: c.suspended,
+        });
+        ix.index_customer(slot);
+    }
+    for a in body.agents {
+        let key: Box<str> = name_key(a.name).into();
+        ix.agent_keys.entry(key.clone()).or_default().push(a.id);
+        let rec = AgentRec {
+            name: a.name.into(),
+            key,
+            email: a.email.into(),
+            active: a.active,
+            suspended: a.suspended,
+        };
+        if ix.agents.insert(a.id, rec).is_some() {
+            return Err(format!("agent {} appears twice", a.id));
+        }
+    }
+    ix.tickets.reserve(body.tickets.len());
+    for t in body.tickets {
+        if ix.tickets.slot(t.id).is_some() {
+            return Err(format!("ticket {} appears twice", t.id));
+        }
+        ix.insert_ticket(TicketRec {
+            id: t.id,
+            requester: t.requester,
+            assignee: t.assignee,
+            updated_at: t.updated_at,
+            subject: t.subject.into(),
+            status: t.status,
+        });
+    }
+    for (id, name) in body.orgs {
+        ix.orgs.insert(id, name.into());
+    }
+    ix.cursors = body.cursors;
+    ix.fresh = body.fresh;
+    ix.loaded = body.loaded;
+    Ok(ix)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        index::Export,
+        phone::PhoneParser,
+        zendesk::models::{Identity, Organization, Ticket, User},
+    };
+
+    fn sample() -> Index {
+        let p = PhoneParser::new("UA").unwrap();
+        let mut ix = Index::new();
+        ix.apply_user(
+            &User {
+                id: 1,
+                name: Some("Іван Франко".into()),
+                phone: Some("044 123 45 67".into()),
+                role: Some("end-user".into()),
+                organization_id: Some(9),
+                updated_at: Some("2024-05-01T10:00:00Z".into()),
+                ..Default::default()
+            },
+            &p,
+        );
+        ix.apply_identities(
+            1,
+            &[Identity {
+                id: 5,
+                user_id: 1,
+                kind: Some("phone_number".into()),
+                value: Some("+380501112233".into()),
+                ..Default::default()
+            }],
+            &p,
+        );
+        ix.apply_user(
+            &User {
+                id: 2,
+                name: Some("Olena Petrenko".into()),
+                email: Some("olena@example.com".into()),
+                role: Some("agent".into()),
+                ..Default::default()
+            },
+            &p,
+        );
+        ix.apply_ticket(&Ticket {
+            id: 77,
+            subject: Some("Call me".into()),
+            status: Some("pending".into()),
+            requester_id: Some(1),
+            assignee_id: Some(2),
+            updated_at: Some("2024-05-02T10:00:00Z".into()),
+            ..Default::default()
+        });
+        ix.apply_organization(&Organization {
+            id: 9,
+            name: Some("Acme".into()),
+            ..Default::default()
+        });
+        ix.cursors_mut().users = Some("MTY5".into());
+        ix.cursors_mut().organizations = Some(1_700_000_000);
+        ix.mark_fresh(Export::Users, 1_000);
+        ix.mark_fresh(Export::Tickets, 2_000);
+        ix.mark_fresh(Export::Organizations, 3_000);
+        ix.set_loaded();
+        ix
+    }
+
+    #[test]
+    fn round_trip_keeps_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.snapshot");
+        assert!(load(&path).unwrap().is_none());
+        let ix = sample();
+        save(&ix, &path).unwrap();
+        let back = load(&path).unwrap().expect("snapshot present");
+        assert_eq!(back.counts(), ix.counts());
+        assert_eq!(back.cursors(), ix.cursors());
+        assert_eq!(back.age_ms(5_000), Some(4_000));
+        assert!(back.is_loaded());
+        let p = PhoneParser::new("UA").unwrap();
+        for raw in ["+380441234567", "+380501112233"] {
+            let phone = p.parse(raw).unwrap();
+            assert_eq!(back.customer_ids_by_phone(phone), vec![1], "{raw}");
+        }
+        let t: Vec<_> = back.open_tickets_of(1).collect();
+        assert_eq!(t, ix.open_tickets_of(1).collect::<Vec<_>>());
+        assert_eq!(back.agent(2), ix.agent(2));
+        assert_eq!(back.agent_by_name("olena  petrenko"), Some(2));
+        assert_eq!(back.organization_name(9), Some("Acme"));
+        assert_eq!(back.customer(1), ix.customer(1));
+        // No temp file is left behind.
+        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(names.len(), 1);
+        // Saving again over an existing snapshot replaces it.
+        save(&back, &path).unwrap();
+        assert!(load(&path).unwrap().is_some());
+    }
+
+    #[test]
+    fn truncated_file_is_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.snapshot");
+        save(&sample(), &path).unwrap();
+        let bytes = fs::read(&path).unwrap();
+        for cut in [0, 5, HEADER_LEN, bytes.len() / 2, bytes.len() - 1] {
+            fs::write(&path, &bytes[..cut]).unwrap();
+            assert!(
+                matches!(load(&path), Err(SnapshotError::Corrupt(..))),
+                "cut at {cut}"
+            );
+        }
+    }
+
+    #[test]
+    fn any_flipped_byte_is_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.snapshot");
+        save(&sample(), &path).unwrap();
+        let bytes = fs::read(&path).unwrap();
+        for i in 0..bytes.len() {
+            let mut b = bytes.clone();
+            b[i] ^= 0x20;
+            fs::write(&path, &b).unwrap();
+            assert!(
+                matches!(load(&path), Err(SnapshotError::Corrupt(..))),
+                "byte {i}"
+            );
+        }
+    }
+
+    #[test]
+    fn other_version_is_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.snapshot");
+        save(&sample(), &path).unwrap();
+        let mut b = fs::read(&path).unwrap();
+        b[8] = 2;
+        fs::write(&path, &b).unwrap();
+        let err = load(&path).unwrap_err();
+        assert!(err.to_string().contains("version 2"), "{err}");
+    }
 }
