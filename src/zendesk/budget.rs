@@ -1,4 +1,438 @@
-//! OWNER: zendesk helper. The request budget: to be written.
+//! The request budget shared by everything that calls one Zendesk account (export follower, sync
+//! worker, `deskline check`).
+//!
+//! Invariants:
+//! - In any window of [`WINDOW`] no more than `requests_per_minute` requests are sent, and separately
+//!   no more than `export_requests_per_minute` incremental-export requests. It is a sliding log of send
+//!   times, not a token bucket: a bucket that starts full lets 2× the limit through across a minute
+//!   boundary, and Zendesk counts per minute, so that would earn 429s.
+//! - Each log entry stays for [`WINDOW`] plus [`SAFETY_MARGIN`]: a request arrives at Zendesk a little
+//!   after we record it, and arrivals can bunch up (a slow connection followed by a fast one), so a
+//!   window measured at the server could otherwise hold one request too many. Costs < 1% of the budget.
+//! - A 429's `Retry-After` pauses every request of the account until then ([`Budget::pause_until`]):
+//!   Zendesk's limit is account-wide, so one caller's 429 means everyone's next request would fail too.
+//! - Waiters are served first come, first served (tokio's `Mutex` is FIFO): a busy caller cannot starve
+//!   another. Export requests first queue among themselves for the export limit, then join the common
+//!   queue, so an export waiting for its (much smaller) limit never blocks ordinary requests.
+//! - Every wait uses `tokio::time`, so tests can run it under `tokio::time::pause()`.
+//! - `acquire` is cancel-safe: a dropped waiter records nothing and leaves its place in the queue.
+//!
+//! The budget also keeps the counters behind Deskline's metrics ([`BudgetStats`]): per (endpoint
+//! template, HTTP status) counts whose labels never carry an id or a phone number.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    time::Duration,
+};
+
+use parking_lot::Mutex;
+use tokio::time::Instant;
+
+/// The length of the rate-limit window Zendesk enforces.
+pub const WINDOW: Duration = Duration::from_secs(60);
+/// Extra time each send stays in the log; see the module docs.
+pub const SAFETY_MARGIN: Duration = Duration::from_millis(500);
+/// At most this many distinct (endpoint, status) labels are kept; later ones fold into `other`, so a
+/// caller passing an unexpected path cannot grow the metrics without bound.
+const MAX_LABELS: usize = 256;
+
+/// The status recorded for an attempt that got no HTTP response (timeout, connection error).
+pub const NO_RESPONSE: u16 = 0;
 
 /// The request budget shared by everything that calls one Zendesk account.
-pub struct Budget {}
+pub struct Budget {
+    limit: u32,
+    export_limit: u32,
+    state: Mutex<State>,
+    /// Queue for the account-wide limit (every request waits here).
+    turn: tokio::sync::Mutex<()>,
+    /// Queue for the export limit (export requests wait here first).
+    export_turn: tokio::sync::Mutex<()>,
+}
+
+#[derive(Default)]
+struct State {
+    sent: VecDeque<Instant>,
+    export_sent: VecDeque<Instant>,
+    paused_until: Option<Instant>,
+    total_sent: u64,
+    total_rate_limited: u64,
+    responses: BTreeMap<(String, u16), u64>,
+}
+
+impl State {
+    fn prune(&mut self, now: Instant) {
+        let keep = WINDOW + SAFETY_MARGIN;
+        for log in [&mut self.sent, &mut self.export_sent] {
+            while log.front().is_some_and(|&t| t + keep <= now) {
+                log.pop_front();
+            }
+        }
+    }
+
+    /// When a slot in `log` frees up (`None`: one is free now). Call after `prune`.
+    fn free_at(log: &VecDeque<Instant>, limit: u32) -> Option<Instant> {
+        if log.len() < limit as usize {
+            return None;
+        }
+        // The entry whose expiry brings the count below the limit.
+        let idx = log.len() - limit as usize;
+        log.get(idx).map(|&t| t + WINDOW + SAFETY_MARGIN)
+    }
+}
+
+/// A snapshot of the budget's counters, for metrics and `deskline check`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BudgetStats {
+    pub limit: u32,
+    pub export_limit: u32,
+    /// Requests sent in the last minute (all kinds, exports included).
+    pub used_last_minute: u32,
+    pub export_used_last_minute: u32,
+    /// Requests sent since start (every attempt, retries included).
+    pub total_sent: u64,
+    /// 429 responses received since start.
+    pub total_rate_limited: u64,
+    /// How long requests are still paused by a 429 (zero when not paused).
+    pub paused_for: Duration,
+    /// Response counts by (endpoint template such as `GET /api/v2/users/{id}`, HTTP status);
+    /// status [`NO_RESPONSE`] (0) counts attempts that got no response.
+    pub responses: BTreeMap<(String, u16), u64>,
+}
+
+impl Budget {
+    /// A budget of `requests_per_minute` requests, of which at most `export_requests_per_minute` may
+    /// be incremental-export requests. Zero limits are raised to 1 (a budget that never lets anything
+    /// through would hang every caller; config validation should refuse 0 anyway).
+    pub fn new(requests_per_minute: u32, export_requests_per_minute: u32) -> Self {
+        let limit = requests_per_minute.max(1);
+        Self {
+            limit,
+            export_limit: export_requests_per_minute.max(1).min(limit),
+            state: Mutex::new(State::default()),
+            turn: tokio::sync::Mutex::new(()),
+            export_turn: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The account-wide limit (requests per minute).
+    pub fn limit(&self) -> u32 {
+        self.limit
+    }
+
+    /// The incremental-export limit (requests per minute).
+    pub fn export_limit(&self) -> u32 {
+        self.export_limit
+    }
+
+    /// Waits until one more request may be sent, then records it as sent now. `export` marks an
+    /// incremental-export request, which also takes the export limit.
+    pub async fn acquire(&self, export: bool) {
+        let _export_turn = if export {
+            let guard = self.export_turn.lock().await;
+            // Wait for the export limit before joining the common queue, so an export held back
+            // by its own limit does not hold up everybody else. While we hold `export_turn` nobody
+            // else records an export, so the slot found here is still free below.
+            loop {
+                let wait = {
+                    let mut st = self.state.lock();
+                    st.prune(Instant::now());
+                    State::free_at(&st.export_sent, self.export_limit)
+                };
+                match wait {
+                    None => break,
+                    Some(at) => tokio::time::sleep_until(at).await,
+                }
+            }
+            Some(guard)
+        } else {
+            None
+        };
+
+        let _turn = self.turn.lock().await;
+        loop {
+            let wait = {
+                let now = Instant::now();
+                let mut st = self.state.lock();
+                st.prune(now);
+                let mut ready = st.paused_until.filter(|&p| p > now);
+                for at in [
+                    State::free_at(&st.sent, self.limit),
+                    export
+                        .then(|| State::free_at(&st.export_sent, self.export_limit))
+                        .flatten(),
+                ]
+                .into_iter()
+                .flatten()
+                {
+                    ready = Some(ready.map_or(at, |r| r.max(at)));
+                }
+                if ready.is_none() {
+                    st.sent.push_back(now);
+                    if export {
+                        st.export_sent.push_back(now);
+                    }
+                    st.total_sent += 1;
+                }
+                ready
+            };
+            match wait {
+                None => return,
+                // A pause set while we sleep only moves the time later; the loop re-checks.
+                Some(at) => tokio::time::sleep_until(at).await,
+            }
+        }
+    }
+
+    /// Holds back every request of the account until `until` (a 429's `Retry-After`). A pause never
+    /// shortens an existing one.
+    pub fn pause_until(&self, until: Instant) {
+        let mut st = self.state.lock();
+        if st.paused_until.is_none_or(|p| p < until) {
+            st.paused_until = Some(until);
+        }
+    }
+
+    /// Requests sent in the last minute (all kinds).
+    pub fn used_last_minute(&self) -> u32 {
+        let mut st = self.state.lock();
+        st.prune(Instant::now());
+        st.sent.len() as u32
+    }
+
+    /// Counts one response (or [`NO_RESPONSE`]) for an endpoint template such as
+    /// `GET /api/v2/users/{id}`. A 429 also counts towards `total_rate_limited`.
+    pub fn record_response(&self, endpoint: &str, status: u16) {
+        let mut st = self.state.lock();
+        if status == 429 {
+            st.total_rate_limited += 1;
+        }
+        let key = (endpoint.to_owned(), status);
+        let key = if st.responses.len() >= MAX_LABELS && !st.responses.contains_key(&key) {
+            ("other".to_owned(), status)
+        } else {
+            key
+        };
+        *st.responses.entry(key).or_insert(0) += 1;
+    }
+
+    /// A snapshot of every counter.
+    pub fn stats(&self) -> BudgetStats {
+        let now = Instant::now();
+        let mut st = self.state.lock();
+        st.prune(now);
+        BudgetStats {
+            limit: self.limit,
+            export_limit: self.export_limit,
+            used_last_minute: st.sent.len() as u32,
+            export_used_last_minute: st.export_sent.len() as u32,
+            total_sent: st.total_sent,
+            total_rate_limited: st.total_rate_limited,
+            paused_for: st
+                .paused_until
+                .map_or(Duration::ZERO, |p| p.saturating_duration_since(now)),
+            responses: st.responses.clone(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Budget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Budget")
+            .field("limit", &self.limit)
+            .field("export_limit", &self.export_limit)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    /// Checks that no window of `WINDOW` holds more than `limit` of `times`.
+    fn max_in_window(times: &[Instant]) -> usize {
+        let mut sorted = times.to_vec();
+        sorted.sort();
+        let mut best = 0;
+        let mut lo = 0;
+        for hi in 0..sorted.len() {
+            while sorted[hi] - sorted[lo] >= WINDOW {
+                lo += 1;
+            }
+            best = best.max(hi - lo + 1);
+        }
+        best
+    }
+
+    async fn run_callers(
+        budget: Arc<Budget>,
+        callers: usize,
+        each: usize,
+        export: impl Fn(usize) -> bool,
+    ) -> (Vec<Instant>, Vec<Instant>) {
+        let mut tasks = Vec::new();
+        for c in 0..callers {
+            let b = budget.clone();
+            let ex = export(c);
+            tasks.push(tokio::spawn(async move {
+                let mut times = Vec::new();
+                for _ in 0..each {
+                    b.acquire(ex).await;
+                    times.push(Instant::now());
+                }
+                (ex, times)
+            }));
+        }
+        let (mut all, mut exports) = (Vec::new(), Vec::new());
+        for t in tasks {
+            let (ex, times) = t.await.unwrap();
+            if ex {
+                exports.extend(&times);
+            }
+            all.extend(times);
+        }
+        (all, exports)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn never_more_than_the_limit_in_any_window() {
+        let budget = Arc::new(Budget::new(20, 5));
+        let start = Instant::now();
+        let (all, _) = run_callers(budget.clone(), 8, 25, |_| false).await;
+        assert_eq!(all.len(), 200);
+        assert_eq!(max_in_window(&all), 20);
+        // 200 requests at 20 per window: the first 20 at once, then 9 more windows.
+        let took = Instant::now() - start;
+        assert!(took >= 9 * WINDOW && took < 10 * WINDOW, "{took:?}");
+        assert_eq!(budget.stats().total_sent, 200);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_double_burst_across_a_minute_boundary() {
+        let budget = Budget::new(10, 10);
+        let t0 = Instant::now();
+        for _ in 0..10 {
+            budget.acquire(false).await;
+        }
+        assert_eq!(Instant::now(), t0, "the first ten go at once");
+        assert_eq!(budget.used_last_minute(), 10);
+        budget.acquire(false).await;
+        assert!(Instant::now() - t0 >= WINDOW, "the eleventh waits a full window");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn export_limit_is_separate_and_does_not_block_others() {
+        let budget = Arc::new(Budget::new(30, 3));
+        // Exports alone: 3 per window.
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            budget.acquire(true).await;
+        }
+        assert_eq!(Instant::now(), t0);
+        let b = budget.clone();
+        let waiting_export = tokio::spawn(async move {
+            b.acquire(true).await;
+            Instant::now()
+        });
+        tokio::task::yield_now().await;
+        // Ordinary requests go through while the fourth export waits for its limit.
+        for _ in 0..10 {
+            budget.acquire(false).await;
+        }
+        assert_eq!(Instant::now(), t0, "ordinary requests were not held up");
+        let export_at = waiting_export.await.unwrap();
+        assert!(export_at - t0 >= WINDOW);
+        let stats = budget.stats();
+        assert_eq!(stats.total_sent, 14);
+        assert!(stats.export_used_last_minute <= 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn exports_and_others_share_the_account_limit() {
+        let budget = Arc::new(Budget::new(12, 4));
+        let (all, exports) = run_callers(budget, 6, 10, |c| c < 2).await;
+        assert_eq!(all.len(), 60);
+        assert_eq!(exports.len(), 20);
+        assert!(max_in_window(&all) <= 12);
+        assert!(max_in_window(&exports) <= 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pause_holds_everyone_and_never_shortens() {
+        let budget = Budget::new(100, 10);
+        let t0 = Instant::now();
+        budget.pause_until(t0 + Duration::from_secs(30));
+        budget.pause_until(t0 + Duration::from_secs(5)); // ignored: shorter
+        assert_eq!(budget.stats().paused_for, Duration::from_secs(30));
+        budget.acquire(false).await;
+        assert_eq!(Instant::now() - t0, Duration::from_secs(30));
+        budget.acquire(true).await;
+        assert_eq!(Instant::now() - t0, Duration::from_secs(30), "pause is over");
+        assert_eq!(budget.stats().paused_for, Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pause_set_while_waiting_is_honoured() {
+        let budget = Arc::new(Budget::new(1, 1));
+        let t0 = Instant::now();
+        budget.acquire(false).await;
+        let b = budget.clone();
+        let waiter = tokio::spawn(async move {
+            b.acquire(false).await;
+            Instant::now()
+        });
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        budget.pause_until(t0 + Duration::from_secs(90));
+        let at = waiter.await.unwrap();
+        assert_eq!(at - t0, Duration::from_secs(90));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiters_are_served_in_arrival_order() {
+        let budget = Arc::new(Budget::new(1, 1));
+        budget.acquire(false).await;
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for i in 0..5 {
+            let (b, o) = (budget.clone(), order.clone());
+            tasks.push(tokio::spawn(async move {
+                b.acquire(false).await;
+                o.lock().push(i);
+            }));
+            // Let task i queue up before task i+1 starts.
+            tokio::task::yield_now().await;
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(*order.lock(), vec![0, 1, 2, 3, 4]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancelled_waiter_records_nothing() {
+        let budget = Budget::new(1, 1);
+        budget.acquire(false).await;
+        let res = tokio::time::timeout(Duration::from_secs(1), budget.acquire(false)).await;
+        assert!(res.is_err());
+        assert_eq!(budget.stats().total_sent, 1);
+    }
+
+    #[test]
+    fn response_counters() {
+        let budget = Budget::new(10, 1);
+        budget.record_response("GET /api/v2/users/{id}", 200);
+        budget.record_response("GET /api/v2/users/{id}", 200);
+        budget.record_response("PUT /api/v2/tickets/{id}", 429);
+        budget.record_response("PUT /api/v2/tickets/{id}", NO_RESPONSE);
+        let s = budget.stats();
+        assert_eq!(s.total_rate_limited, 1);
+        assert_eq!(s.responses[&("GET /api/v2/users/{id}".to_owned(), 200)], 2);
+        assert_eq!(s.responses.len(), 3);
+        for i in 0..400 {
+            budget.record_response(&format!("GET /x/{i}"), 200);
+        }
+        assert!(budget.stats().responses.len() <= MAX_LABELS + 1);
+    }
+}
