@@ -326,11 +326,15 @@ impl Inner {
             }
         }
         let found = self.client.search_users_by_phone(phone).await?;
+        // Search matches digit suffixes: prefer a user whose stored phone is exactly this number,
+        // then the most recently updated (shared numbers, identities).
+        let parser = &self.settings.parser;
         if let Some(u) = found
             .iter()
             .filter(|u| u.is_end_user() && u.is_active())
             .max_by_key(|u| {
                 (
+                    u.phone.as_deref().and_then(|p| parser.parse_stored(p)) == Some(phone),
                     u.updated_at
                         .as_deref()
                         .and_then(zendesk::models::parse_time),
@@ -338,7 +342,7 @@ impl Inner {
                 )
             })
         {
-            self.index.write().apply_user(u, &self.settings.parser);
+            self.index.write().apply_user(u, parser);
             return Ok(Some(user_info(u)));
         }
         if !self.settings.create_user {
@@ -374,12 +378,13 @@ impl Inner {
     /// The customer the index knows on this number (DESIGN §3 rule 6 picks among shared ones).
     fn index_customer(&self, phone: E164) -> Option<UserInfo> {
         let index = self.index.read();
-        let answer = routing::lookup_caller(&index, phone);
-        let c = answer.customer?;
+        let c = routing::lookup_caller(&index, phone).customer?;
         Some(UserInfo {
             id: c.id,
+            // From the user record, not the caller-ID view: that one omits an organization the
+            // index has no name for yet, and the user must not be moved to a new one.
+            organization_id: index.user_organization(c.id),
             name: c.name,
-            organization_id: c.organization.map(|o| o.id),
         })
     }
 
@@ -463,14 +468,8 @@ impl Inner {
     /// Zendesk. A user this job has just created has none.
     async fn open_ticket(&self, job: &Job) -> Result<Option<i64>, StepError> {
         let user_id = job.progress.user_id;
-        {
-            let index = self.index.read();
-            let answer = routing::lookup_caller(&index, job.report.client_e164);
-            if let (Some(c), Some(t)) = (&answer.customer, &answer.open_ticket)
-                && c.id == user_id
-            {
-                return Ok(Some(t.id));
-            }
+        if let Some(id) = self.index_open_ticket(user_id) {
+            return Ok(Some(id));
         }
         if job.progress.created_user {
             return Ok(None);
@@ -494,6 +493,22 @@ impl Inner {
             )
         });
         Ok(open.last().map(|t| t.id))
+    }
+
+    /// DESIGN §3 rule 4 for one requester: the most recently updated open ticket (ties: higher id)
+    /// with a usable assignee, else the most recently updated open one.
+    fn index_open_ticket(&self, user_id: i64) -> Option<i64> {
+        let index = self.index.read();
+        index
+            .open_tickets_of(user_id)
+            .max_by_key(|t| {
+                let usable = t
+                    .assignee_id
+                    .and_then(|a| index.agent(a))
+                    .is_some_and(|a| a.is_usable());
+                (usable, t.updated_at, t.id)
+            })
+            .map(|t| t.id)
     }
 
     /// Creates the ticket with the call comment as its first comment; `followup_of` makes it a
