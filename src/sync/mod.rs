@@ -38,6 +38,8 @@ mod comment;
 mod queue;
 mod settings;
 mod worker;
+#[cfg(test)]
+mod worker_tests;
 
 use std::collections::BTreeMap;
 
