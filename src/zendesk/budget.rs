@@ -319,7 +319,10 @@ mod tests {
         assert_eq!(Instant::now(), t0, "the first ten go at once");
         assert_eq!(budget.used_last_minute(), 10);
         budget.acquire(false).await;
-        assert!(Instant::now() - t0 >= WINDOW, "the eleventh waits a full window");
+        assert!(
+            Instant::now() - t0 >= WINDOW,
+            "the eleventh waits a full window"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -369,7 +372,11 @@ mod tests {
         budget.acquire(false).await;
         assert_eq!(Instant::now() - t0, Duration::from_secs(30));
         budget.acquire(true).await;
-        assert_eq!(Instant::now() - t0, Duration::from_secs(30), "pause is over");
+        assert_eq!(
+            Instant::now() - t0,
+            Duration::from_secs(30),
+            "pause is over"
+        );
         assert_eq!(budget.stats().paused_for, Duration::ZERO);
     }
 

@@ -1066,3 +1066,7 @@ fn truncate(s: &str, max_chars: usize) -> String {
         None => s.to_owned(),
     }
 }
+
+#[cfg(test)]
+#[path = "client_tests.rs"]
+mod tests;
