@@ -1,0 +1,771 @@
+//! The worker: claims jobs and walks each through DESIGN §4, recording every step's result in the
+//! job row before the next (see the module doc of [`crate::sync`] for why each step is safe to
+//! repeat).
+//!
+//! Concurrency: up to `concurrency` jobs at once, never two of one number (the claim guarantees
+//! it), so the index answers the second job of a new number with what the first one created.
+//! Budget: every request goes through the shared [`zendesk::Client`], which owns the account's
+//! request budget and honours `Retry-After`; what still fails retryably is rescheduled here with a
+//! jittered exponential backoff whose due time lives in the queue row (a restart keeps it).
+
+use std::{sync::Arc, time::Duration};
+
+use rand::Rng;
+use serde_json::{Map, Value, json};
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::Instrument;
+
+use super::{
+    CallReport, Direction, Outcome, SyncSettings, comment,
+    queue::{Job, Queue, QueueError, now_ms},
+};
+use crate::{
+    config::FieldEntity,
+    index::SharedIndex,
+    phone::{E164, mask},
+    routing,
+    zendesk::{
+        self, ZendeskError,
+        models::{Ticket, User, format_time},
+    },
+};
+
+/// Why a job stopped.
+#[derive(Debug, thiserror::Error)]
+enum StepError {
+    #[error(transparent)]
+    Zendesk(#[from] ZendeskError),
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    /// Not a Zendesk answer but just as final (e.g. no usable organization name).
+    #[error("{0}")]
+    Permanent(String),
+}
+
+/// Wakes the worker (e.g. after `ReportCall` stored a report) so it does not wait for its poll.
+#[derive(Clone, Debug)]
+pub struct WorkerHandle {
+    notify: Arc<Notify>,
+}
+
+impl WorkerHandle {
+    pub fn notify(&self) {
+        self.notify.notify_one();
+    }
+}
+
+pub struct Worker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    queue: Queue,
+    client: zendesk::Client,
+    index: SharedIndex,
+    settings: SyncSettings,
+    notify: Arc<Notify>,
+}
+
+/// The end-user a job writes for, as far as known.
+#[derive(Debug, Clone)]
+struct UserInfo {
+    id: i64,
+    name: String,
+    organization_id: Option<i64>,
+}
+
+impl Worker {
+    pub fn new(
+        queue: Queue,
+        client: zendesk::Client,
+        index: SharedIndex,
+        settings: SyncSettings,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                queue,
+                client,
+                index,
+                settings,
+                notify: Arc::new(Notify::new()),
+            }),
+        }
+    }
+
+    /// A handle that wakes the worker; take it before [`run`](Self::run) consumes the worker.
+    pub fn handle(&self) -> WorkerHandle {
+        WorkerHandle {
+            notify: self.inner.notify.clone(),
+        }
+    }
+
+    /// Wakes the worker at once.
+    pub fn notify(&self) {
+        self.inner.notify.notify_one();
+    }
+
+    /// Runs until `shutdown`: then it stops claiming, releases the jobs in flight back to `QUEUED`
+    /// (their recorded steps stay, so the next start resumes them) and returns. Returns an error
+    /// only when the queue itself fails (the process should then stop rather than limp on).
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let inner = self.inner;
+        let permits = Arc::new(Semaphore::new(inner.settings.concurrency.max(1)));
+        let tracker = TaskTracker::new();
+        let mut queue_failures = 0u32;
+        tracing::info!(
+            concurrency = inner.settings.concurrency,
+            "sync worker started"
+        );
+        let result = loop {
+            let permit = tokio::select! {
+                p = permits.clone().acquire_owned() => p?,
+                () = shutdown.cancelled() => break Ok(()),
+            };
+            // Created before the claim so a wake-up during the claim is not lost.
+            let woken = inner.notify.notified();
+            match inner.queue.claim().await {
+                Ok(Some(job)) => {
+                    queue_failures = 0;
+                    let inner = inner.clone();
+                    let shutdown = shutdown.clone();
+                    let span = tracing::info_span!(
+                        "sync_job",
+                        call_id = %job.report.call_id,
+                        attempt = job.attempts
+                    );
+                    tracker.spawn(
+                        async move {
+                            inner.process(job, shutdown).await;
+                            drop(permit);
+                            // A finished job may unblock another job of the same number.
+                            inner.notify.notify_one();
+                        }
+                        .instrument(span),
+                    );
+                }
+                Ok(None) => {
+                    drop(permit);
+                    let wait = match inner.queue.next_due_ms().await {
+                        Ok(Some(due)) => Duration::from_millis((due - now_ms()).max(0) as u64),
+                        _ => inner.settings.idle_poll,
+                    }
+                    .min(inner.settings.idle_poll);
+                    tokio::select! {
+                        () = woken => {}
+                        () = tokio::time::sleep(wait) => {}
+                        () = shutdown.cancelled() => break Ok(()),
+                    }
+                }
+                Err(QueueError::Corrupt { call_id, message }) => {
+                    // The row is marked FAILED by the claim; go on with the others.
+                    tracing::error!(%call_id, %message, "unreadable job failed");
+                }
+                Err(e) => {
+                    drop(permit);
+                    queue_failures += 1;
+                    tracing::error!(error = %e, failures = queue_failures, "cannot claim a job");
+                    if queue_failures >= 5 {
+                        break Err(anyhow::Error::new(e).context("the sync queue keeps failing"));
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        () = shutdown.cancelled() => break Ok(()),
+                    }
+                }
+            }
+        };
+        tracker.close();
+        tracker.wait().await;
+        tracing::info!("sync worker stopped");
+        result
+    }
+}
+
+impl Inner {
+    async fn process(&self, mut job: Job, shutdown: CancellationToken) {
+        let seq = job.seq;
+        let attempts = job.attempts;
+        let result = tokio::select! {
+            r = self.sync_job(&mut job) => r,
+            () = shutdown.cancelled() => {
+                // Every step is safe to repeat or checked before repeating, so a step cut short
+                // is simply done again by the next start.
+                if let Err(e) = self.queue.release(seq).await {
+                    tracing::error!(error = %e, "cannot release the job at shutdown");
+                }
+                return;
+            }
+        };
+        let recorded = match result {
+            Ok(()) => {
+                tracing::info!("call synced");
+                self.queue.finish(seq).await
+            }
+            Err(StepError::Zendesk(e)) if e.is_retryable() => {
+                let delay = self.backoff(attempts, &e);
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "call sync will retry");
+                self.queue
+                    .retry_at(seq, now_ms() + delay.as_millis() as i64, e.to_string())
+                    .await
+            }
+            Err(StepError::Queue(e)) => {
+                tracing::error!(error = %e, "queue error during the job; it will be retried");
+                let at = now_ms() + self.settings.retry_base.as_millis() as i64;
+                self.queue.retry_at(seq, at, e.to_string()).await
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "call sync failed permanently");
+                self.queue.fail(seq, e.to_string()).await
+            }
+        };
+        if let Err(e) = recorded {
+            tracing::error!(error = %e, "cannot record the job's state; it resumes after a restart");
+        }
+    }
+
+    /// `Retry-After` when Zendesk gave one, else `retry_base · 2^(attempt-1)` capped at `retry_max`,
+    /// each with ±50 % jitter so a burst of failed jobs does not come back as one burst.
+    fn backoff(&self, attempts: u32, e: &ZendeskError) -> Duration {
+        let s = &self.settings;
+        let base = match e {
+            ZendeskError::RateLimited { retry_after } => *retry_after,
+            _ => {
+                let exp = attempts.saturating_sub(1).min(20);
+                s.retry_base.saturating_mul(1u32 << exp).min(s.retry_max)
+            }
+        };
+        let jitter: f64 = rand::rng().random_range(0.5..1.5);
+        match e {
+            // Never earlier than Zendesk asked.
+            ZendeskError::RateLimited { .. } => base.mul_f64(jitter.max(1.0)),
+            _ => base.mul_f64(jitter),
+        }
+    }
+
+    async fn save(&self, job: &Job) -> Result<(), StepError> {
+        Ok(self.queue.save_progress(job.seq, &job.progress).await?)
+    }
+
+    async fn sync_job(&self, job: &mut Job) -> Result<(), StepError> {
+        // 1. User.
+        let mut user = None;
+        if job.progress.user_id == 0 {
+            match self.find_or_create_user(job).await? {
+                Some(u) => {
+                    job.progress.user_id = u.id;
+                    self.save(job).await?;
+                    user = Some(u);
+                }
+                None => {
+                    job.progress.note = "no Zendesk user has this number and sync.create does not include \"user\": nothing written".into();
+                    self.save(job).await?;
+                    return Ok(());
+                }
+            }
+        }
+
+        // 2. Organization.
+        if job.progress.organization_id == 0 {
+            let user = match user.take() {
+                Some(u) => u,
+                None => self.user_by_id(job.progress.user_id).await?,
+            };
+            if let Some(org) = self.organization_for(job, &user).await? {
+                job.progress.organization_id = org;
+                self.save(job).await?;
+            }
+        }
+
+        // 3. Ticket (with the call comment as its first comment), or 4. a comment on the open one.
+        if job.progress.ticket_id == 0 {
+            match self.open_ticket(job).await? {
+                Some(id) => {
+                    job.progress.ticket_id = id;
+                    self.save(job).await?;
+                }
+                None if self.settings.create_ticket => {
+                    self.create_ticket(job, None).await?;
+                }
+                None => {
+                    job.progress.note = "the user has no open ticket and sync.create does not include \"ticket\": the call comment was not written".into();
+                    self.save(job).await?;
+                }
+            }
+        }
+        if job.progress.ticket_id != 0 && !job.progress.comment_added {
+            self.add_comment(job).await?;
+        }
+
+        // 5. Call record.
+        if self.settings.create_call && job.progress.call_record_id == 0 {
+            self.create_call(job).await?;
+        }
+        Ok(())
+    }
+
+    // ---- step 1: the user ----
+
+    /// The index, this instance's own writes, then Zendesk search (which lags for new users); else
+    /// create one when allowed.
+    async fn find_or_create_user(&self, job: &mut Job) -> Result<Option<UserInfo>, StepError> {
+        let phone = job.report.client_e164;
+        if let Some(u) = self.index_customer(phone) {
+            return Ok(Some(u));
+        }
+        if let Some(id) = self.queue.own_user(phone).await? {
+            match self.client.show_user(id).await {
+                Ok(u) if u.is_active() => {
+                    self.index.write().apply_user(&u, &self.settings.parser);
+                    return Ok(Some(user_info(&u)));
+                }
+                // Deleted or suspended since: look further.
+                Ok(_) => {}
+                Err(ZendeskError::Permanent { status: 404, .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let found = self.client.search_users_by_phone(phone).await?;
+        // Search matches digit suffixes: prefer a user whose stored phone is exactly this number,
+        // then the most recently updated (shared numbers, identities).
+        let parser = &self.settings.parser;
+        if let Some(u) = found
+            .iter()
+            .filter(|u| u.is_end_user() && u.is_active())
+            .max_by_key(|u| {
+                (
+                    u.phone.as_deref().and_then(|p| parser.parse_stored(p)) == Some(phone),
+                    u.updated_at
+                        .as_deref()
+                        .and_then(zendesk::models::parse_time),
+                    u.id,
+                )
+            })
+        {
+            self.index.write().apply_user(u, parser);
+            return Ok(Some(user_info(u)));
+        }
+        if !self.settings.create_user {
+            return Ok(None);
+        }
+        let r = &job.report;
+        let name = if r.client_name.trim().is_empty() {
+            comment::international(phone)
+        } else {
+            r.client_name.trim().to_owned()
+        };
+        let mut body = json!({
+            "name": name,
+            "phone": phone.to_string(),
+            "role": "end-user",
+            // create_or_update matches on external_id, so a retry after a lost answer finds the
+            // user the first attempt created instead of making a second one.
+            "external_id": format!("deskline:{phone}"),
+            "skip_verify_email": true,
+        });
+        let fields = self.mapped_fields(r, FieldEntity::User);
+        if !fields.is_empty() {
+            body["user_fields"] = Value::Object(fields);
+        }
+        let u = self.client.create_or_update_user(body).await?;
+        self.queue.remember_user(phone, u.id).await?;
+        self.index.write().apply_user(&u, &self.settings.parser);
+        job.progress.created_user = true;
+        tracing::info!(user_id = u.id, phone = %mask(&phone.to_string()), "created the end-user");
+        Ok(Some(user_info(&u)))
+    }
+
+    /// The customer the index knows on this number (DESIGN §3 rule 6 picks among shared ones).
+    fn index_customer(&self, phone: E164) -> Option<UserInfo> {
+        let index = self.index.read();
+        let c = routing::lookup_caller(&index, phone).customer?;
+        Some(UserInfo {
+            id: c.id,
+            // From the user record, not the caller-ID view: that one omits an organization the
+            // index has no name for yet, and the user must not be moved to a new one.
+            organization_id: index.user_organization(c.id),
+            name: c.name,
+        })
+    }
+
+    async fn user_by_id(&self, id: i64) -> Result<UserInfo, StepError> {
+        Ok(user_info(&self.client.show_user(id).await?))
+    }
+
+    // ---- step 2: the organization ----
+
+    async fn organization_for(
+        &self,
+        job: &mut Job,
+        user: &UserInfo,
+    ) -> Result<Option<i64>, StepError> {
+        if let Some(org) = user.organization_id.filter(|&o| o != 0) {
+            return Ok(Some(org));
+        }
+        if !self.settings.create_organization {
+            return Ok(None);
+        }
+        let r = &job.report;
+        let phone = comment::international(r.client_e164);
+        let name = self
+            .settings
+            .organization_name
+            .replace("{name}", &user.name)
+            .replace("{phone}", &phone);
+        let name = if name.trim().is_empty() {
+            phone.clone()
+        } else {
+            name.trim().to_owned()
+        };
+        let mut body = json!({
+            "name": name,
+            // Keyed on the number, so a retry (or another job of the number) upserts the same one.
+            "external_id": format!("deskline-org:{}", r.client_e164),
+        });
+        let fields = self.mapped_fields(r, FieldEntity::Organization);
+        if !fields.is_empty() {
+            body["organization_fields"] = Value::Object(fields);
+        }
+        let org = match self
+            .client
+            .create_or_update_organization(body.clone())
+            .await
+        {
+            Ok(o) => o,
+            // Names are unique in Zendesk: another organization already has this one.
+            Err(e) if is_duplicate_name(&e) => {
+                body["name"] = json!(format!("{name} ({phone})"));
+                match self.client.create_or_update_organization(body).await {
+                    Ok(o) => o,
+                    Err(e2) if is_duplicate_name(&e2) => {
+                        return Err(StepError::Permanent(format!(
+                            "cannot create an organization: the names {name:?} and \"{name} ({phone})\" are taken ({e2})"
+                        )));
+                    }
+                    Err(e2) => return Err(e2.into()),
+                }
+            }
+            Err(e) => return Err(e.into()),
+        };
+        self.index.write().apply_organization(&org);
+        // Recorded only after the link below: the upsert above is safe to repeat, a missing link
+        // would not be repaired if the organization counted as done.
+        let linked = self
+            .client
+            .update_user(user.id, json!({ "organization_id": org.id }))
+            .await?;
+        self.index
+            .write()
+            .apply_user(&linked, &self.settings.parser);
+        job.progress.created_organization = true;
+        tracing::info!(organization_id = org.id, "created the organization");
+        Ok(Some(org.id))
+    }
+
+    // ---- step 3: the ticket ----
+
+    /// The user's open ticket: from the index when it knows the user, else (export lag) from
+    /// Zendesk. A user this job has just created has none.
+    async fn open_ticket(&self, job: &Job) -> Result<Option<i64>, StepError> {
+        let user_id = job.progress.user_id;
+        if let Some(id) = self.index_open_ticket(user_id) {
+            return Ok(Some(id));
+        }
+        if job.progress.created_user {
+            return Ok(None);
+        }
+        let tickets = self.client.requested_tickets(user_id).await?;
+        let mut open: Vec<&Ticket> = tickets.iter().filter(|t| t.is_open()).collect();
+        {
+            let mut index = self.index.write();
+            for t in &open {
+                index.apply_ticket(t);
+            }
+        }
+        // DESIGN §3 rule 4 as far as Zendesk's answer tells: assigned first, then the latest.
+        open.sort_by_key(|t| {
+            (
+                t.assignee_id.is_some_and(|a| a != 0),
+                t.updated_at
+                    .as_deref()
+                    .and_then(zendesk::models::parse_time),
+                t.id,
+            )
+        });
+        Ok(open.last().map(|t| t.id))
+    }
+
+    /// DESIGN §3 rule 4 for one requester: the most recently updated open ticket (ties: higher id)
+    /// with a usable assignee, else the most recently updated open one.
+    fn index_open_ticket(&self, user_id: i64) -> Option<i64> {
+        let index = self.index.read();
+        index
+            .open_tickets_of(user_id)
+            .max_by_key(|t| {
+                let usable = t
+                    .assignee_id
+                    .and_then(|a| index.agent(a))
+                    .is_some_and(|a| a.is_usable());
+                (usable, t.updated_at, t.id)
+            })
+            .map(|t| t.id)
+    }
+
+    /// Creates the ticket with the call comment as its first comment; `followup_of` makes it a
+    /// follow-up of a closed ticket.
+    async fn create_ticket(
+        &self,
+        job: &mut Job,
+        followup_of: Option<i64>,
+    ) -> Result<(), StepError> {
+        let body: Value = match &job.progress.ticket_request {
+            Some(saved) => serde_json::from_str(saved).map_err(|e| {
+                StepError::Permanent(format!("stored ticket request is unreadable: {e}"))
+            })?,
+            None => {
+                let body = self.ticket_body(job, followup_of);
+                job.progress.ticket_request = Some(body.to_string());
+                job.progress.ticket_first_sent_ms = Some(now_ms());
+                self.save(job).await?;
+                body
+            }
+        };
+        let key = comment::idempotency_key(&job.report.call_id);
+        let ticket = self.client.create_ticket(body, &key).await?;
+        self.index.write().apply_ticket(&ticket);
+        job.progress.ticket_id = ticket.id;
+        job.progress.created_ticket = true;
+        job.progress.comment_added = true;
+        job.progress.comment_uncertain = false;
+        self.save(job).await?;
+        tracing::info!(
+            ticket_id = ticket.id,
+            followup = followup_of.is_some(),
+            "created the ticket"
+        );
+        Ok(())
+    }
+
+    /// Deterministic for the job (no clock in it), and persisted before it is first sent.
+    fn ticket_body(&self, job: &Job, followup_of: Option<i64>) -> Value {
+        let r = &job.report;
+        let s = &self.settings;
+        let (assignee, author) = {
+            let index = self.index.read();
+            let employee = non_empty(&r.employee_name).and_then(|n| index.agent_by_name(n));
+            let senior = s
+                .senior_manager
+                .as_deref()
+                .and_then(|n| index.agent_by_name(n));
+            (employee.or(senior), employee)
+        };
+        let mut comment = json!({ "body": comment::body(r, s), "public": s.comment_public });
+        if let Some(a) = author {
+            comment["author_id"] = json!(a);
+        }
+        let mut t = json!({
+            "subject": comment::subject(r),
+            "comment": comment,
+            "requester_id": job.progress.user_id,
+            "priority": s.ticket_priority,
+            "type": s.ticket_type,
+        });
+        if job.progress.organization_id != 0 {
+            t["organization_id"] = json!(job.progress.organization_id);
+        }
+        if let Some(a) = assignee {
+            t["assignee_id"] = json!(a);
+        }
+        let fields: Vec<Value> = s
+            .fields_for(FieldEntity::Ticket)
+            .filter_map(|f| {
+                let id = f.field.parse::<i64>().ok()?;
+                let v = comment::field_value(r, &f.source)?;
+                Some(json!({ "id": id, "value": v }))
+            })
+            .collect();
+        if !fields.is_empty() {
+            t["custom_fields"] = Value::Array(fields);
+        }
+        if let Some(src) = followup_of {
+            t["via_followup_source_id"] = json!(src);
+        }
+        t
+    }
+
+    // ---- step 4: the comment on a reused ticket ----
+
+    async fn add_comment(&self, job: &mut Job) -> Result<(), StepError> {
+        let ticket_id = job.progress.ticket_id;
+        let marker = comment::call_marker(&job.report.call_id);
+        if job.progress.comment_uncertain {
+            let comments = self.client.ticket_comments(ticket_id).await?;
+            let landed = comments.iter().any(|c| {
+                [&c.body, &c.plain_body, &c.html_body]
+                    .into_iter()
+                    .flatten()
+                    .any(|b| b.lines().any(|l| l.trim() == marker))
+            });
+            if landed {
+                job.progress.comment_added = true;
+                job.progress.comment_uncertain = false;
+                self.save(job).await?;
+                return Ok(());
+            }
+        }
+        let r = &job.report;
+        let mut c = json!({ "body": comment::body(r, &self.settings), "public": self.settings.comment_public });
+        let author = non_empty(&r.employee_name).and_then(|n| self.index.read().agent_by_name(n));
+        if let Some(a) = author {
+            c["author_id"] = json!(a);
+        }
+        // An intent record: if the answer is lost (or we crash), the retry checks first.
+        job.progress.comment_uncertain = true;
+        self.save(job).await?;
+        match self
+            .client
+            .update_ticket(ticket_id, json!({ "comment": c }))
+            .await
+        {
+            Ok(t) => {
+                self.index.write().apply_ticket(&t);
+                job.progress.comment_added = true;
+                job.progress.comment_uncertain = false;
+                self.save(job).await?;
+                Ok(())
+            }
+            Err(e @ ZendeskError::Permanent { status: 422, .. }) if is_closed(&e) => {
+                tracing::info!(ticket_id, "ticket is closed: creating a follow-up");
+                self.forget_ticket(ticket_id);
+                job.progress.comment_uncertain = false;
+                job.progress.ticket_id = 0;
+                self.create_ticket(job, Some(ticket_id)).await
+            }
+            Err(ZendeskError::Permanent { status: 404, .. }) => {
+                tracing::info!(ticket_id, "ticket is gone: creating a new one");
+                self.forget_ticket(ticket_id);
+                job.progress.comment_uncertain = false;
+                job.progress.ticket_id = 0;
+                if self.settings.create_ticket {
+                    self.create_ticket(job, None).await
+                } else {
+                    job.progress.note = "the open ticket was deleted and sync.create does not include \"ticket\": the call comment was not written".into();
+                    self.save(job).await
+                }
+            }
+            Err(e) => {
+                if !e.is_retryable() {
+                    // A definite refusal: nothing landed.
+                    job.progress.comment_uncertain = false;
+                    self.save(job).await?;
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Drops a ticket the index still thinks is open (closed or deleted in Zendesk).
+    fn forget_ticket(&self, id: i64) {
+        self.index.write().apply_ticket(&Ticket {
+            id,
+            status: Some("closed".into()),
+            ..Ticket::default()
+        });
+    }
+
+    // ---- step 5: the call record ----
+
+    async fn create_call(&self, job: &mut Job) -> Result<(), StepError> {
+        let Some(app_id) = self.settings.talk_app_id else {
+            return Ok(());
+        };
+        let r = &job.report;
+        let client_line = r.client_e164.to_string();
+        let line = self
+            .settings
+            .parser
+            .parse_stored(&r.line_number)
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| r.line_number.clone());
+        let (from, to, direction) = match r.direction {
+            Direction::Incoming => (client_line, line, "inbound"),
+            Direction::Outgoing | Direction::Callback => (line, client_line, "outbound"),
+        };
+        let ended = r.started_at + i64::from(r.wait_seconds) + i64::from(r.duration_seconds);
+        let mut call = json!({
+            "app_id": app_id,
+            "from_line": from,
+            "to_line": to,
+            "call_started_at": format_time(r.started_at),
+            "call_ended_at": format_time(ended),
+            "direction": direction,
+            "duration": r.duration_seconds,
+            "talk_time": r.duration_seconds,
+            "wait_time": r.wait_seconds,
+            "end_user_id": job.progress.user_id,
+            "callback": r.direction == Direction::Callback,
+        });
+        if r.outcome == Outcome::Answered {
+            call["completion_status"] = json!("completed");
+        }
+        if job.progress.ticket_id != 0 {
+            call["ticket_id"] = json!(job.progress.ticket_id);
+        }
+        if !r.recording_url.is_empty() {
+            call["recording_url"] = json!(r.recording_url);
+        }
+        let agent = non_empty(&r.employee_name).and_then(|n| self.index.read().agent_by_name(n));
+        if let Some(a) = agent {
+            call["agent_id"] = json!(a);
+        }
+        let created = self.client.create_call(call).await?;
+        job.progress.call_record_id = created.get("id").and_then(Value::as_i64).unwrap_or(0);
+        if job.progress.call_record_id == 0 {
+            return Err(StepError::Permanent(
+                "Zendesk created the call record but returned no id".into(),
+            ));
+        }
+        self.save(job).await
+    }
+
+    // ---- helpers ----
+
+    fn mapped_fields(&self, r: &CallReport, entity: FieldEntity) -> Map<String, Value> {
+        self.settings
+            .fields_for(entity)
+            .filter_map(|f| comment::field_value(r, &f.source).map(|v| (f.field.clone(), json!(v))))
+            .collect()
+    }
+}
+
+fn user_info(u: &User) -> UserInfo {
+    UserInfo {
+        id: u.id,
+        name: u.name.clone().unwrap_or_default(),
+        organization_id: u.organization_id.filter(|&o| o != 0),
+    }
+}
+
+fn non_empty(s: &str) -> Option<&str> {
+    let s = s.trim();
+    (!s.is_empty()).then_some(s)
+}
+
+/// Zendesk's 422 for a name another organization has (`DuplicateValue`, "has already been taken").
+fn is_duplicate_name(e: &ZendeskError) -> bool {
+    match e {
+        ZendeskError::Permanent {
+            status: 422,
+            message,
+        } => {
+            let m = message.to_ascii_lowercase();
+            m.contains("duplicatevalue") || m.contains("already been taken") || m.contains("taken")
+        }
+        _ => false,
+    }
+}
+
+/// "Status closed prevents ticket update".
+fn is_closed(e: &ZendeskError) -> bool {
+    matches!(e, ZendeskError::Permanent { status: 422, message } if message.to_ascii_lowercase().contains("closed"))
+}
