@@ -201,12 +201,26 @@ impl Service {
         );
         set_health(&reporter, *loaded.borrow()).await;
 
+        let queue = crate::sync::Queue::open(&data_dir)
+            .context("cannot open the call queue in storage.data_dir")?;
+        let worker = crate::sync::Worker::new(
+            queue.clone(),
+            client.clone(),
+            index.clone(),
+            crate::sync::SyncSettings::from_config(&config)?,
+        );
+        let worker_handle = worker.handle();
+
         let stop_rpc = CancellationToken::new();
         let stop_background = CancellationToken::new();
-        let mut background = vec![
+        let background = vec![
             (
                 "follower",
                 spawn_named("follower", follower.run(stop_background.clone())),
+            ),
+            (
+                "sync",
+                spawn_named("sync", worker.run(stop_background.clone())),
             ),
             (
                 "health",
@@ -222,6 +236,10 @@ impl Service {
             directory: Directory::new(&config.routing.directory),
             parser,
             zendesk_url: config.zendesk.url.trim_end_matches('/').to_owned(),
+            sync: Some(grpc::SyncApi {
+                queue,
+                worker: worker_handle,
+            }),
         });
         let auth = Auth::new(config.server.tokens.clone());
         let stop = stop_rpc.clone();

@@ -5,6 +5,8 @@
 //! The routing and caller-ID handlers take the index's read lock for one lookup and never await
 //! while holding it, so they cannot wait on Zendesk or on the follower for longer than one apply.
 
+mod calls;
+
 use std::{sync::Arc, time::SystemTime};
 
 use secrecy::{ExposeSecret, SecretString};
@@ -63,6 +65,14 @@ pub struct ServiceState {
     pub parser: PhoneParser,
     /// Zendesk account URL without trailing slash, for agent-interface links.
     pub zendesk_url: String,
+    /// The post-call queue and a handle that wakes its worker.
+    pub sync: Option<SyncApi>,
+}
+
+/// What `ReportCall` and `GetCallStatus` need.
+pub struct SyncApi {
+    pub queue: crate::sync::Queue,
+    pub worker: crate::sync::WorkerHandle,
 }
 
 #[derive(Clone)]
@@ -161,20 +171,55 @@ impl Resolver for ResolverService {
 
     async fn report_call(
         &self,
-        _request: Request<proto::ReportCallRequest>,
+        request: Request<proto::ReportCallRequest>,
     ) -> Result<Response<proto::ReportCallResponse>, Status> {
-        Err(Status::unimplemented(
-            "ReportCall arrives with the post-call sync",
-        ))
+        let sync = self.sync()?;
+        let report = calls::report_from_proto(request.into_inner(), &self.state.parser)?;
+        // Acknowledged only once committed: an error here tells the PBX to report again.
+        let duplicate = sync.queue.enqueue(&report).await.map_err(|e| {
+            tracing::error!(error = %e, "a call report could not be stored");
+            ApiError::Unavailable(format!("the report could not be stored, try again: {e}"))
+        })?;
+        if !duplicate {
+            sync.worker.notify();
+        }
+        tracing::info!(call_id = %report.call_id, client = %mask(&report.client_number), duplicate, "call reported");
+        Ok(Response::new(proto::ReportCallResponse {
+            call_id: report.call_id,
+            duplicate,
+        }))
     }
 
     async fn get_call_status(
         &self,
-        _request: Request<proto::GetCallStatusRequest>,
+        request: Request<proto::GetCallStatusRequest>,
     ) -> Result<Response<proto::GetCallStatusResponse>, Status> {
-        Err(Status::unimplemented(
-            "GetCallStatus arrives with the post-call sync",
-        ))
+        let sync = self.sync()?;
+        let req = request.into_inner();
+        if req.call_id.trim().is_empty() {
+            return Err(invalid("call_id", "required").into());
+        }
+        check_len("call_id", &req.call_id, MAX_CALL_ID_LEN)?;
+        let status = sync
+            .queue
+            .status(&req.call_id)
+            .await
+            .map_err(|e| ApiError::Unavailable(format!("the queue could not be read: {e}")))?
+            .ok_or_else(|| {
+                ApiError::NotFound(format!(
+                    "no call with call_id {:?} was reported",
+                    req.call_id
+                ))
+            })?;
+        Ok(Response::new(calls::status_to_proto(status)))
+    }
+}
+
+impl ResolverService {
+    fn sync(&self) -> Result<&SyncApi, Status> {
+        self.state.sync.as_ref().ok_or_else(|| {
+            Status::unimplemented("the post-call sync is not enabled on this server")
+        })
     }
 }
 
