@@ -62,6 +62,9 @@ fn invalid(field: &'static str, message: impl Into<String>) -> ApiError {
 pub struct ServiceState {
     pub index: SharedIndex,
     pub directory: Directory,
+    /// Normalises query numbers (canonical fast path, then a cached full parse).
+    pub resolver: routing::Resolver,
+    /// For call reports (not cached: each report is parsed once).
     pub parser: PhoneParser,
     /// Zendesk account URL without trailing slash, for agent-interface links.
     pub zendesk_url: String,
@@ -134,7 +137,9 @@ impl Resolver for ResolverService {
                     ApiError::Unavailable("the index has not been loaded yet".into()).into(),
                 );
             }
-            let phone = routing::resolve_number(&index, &st.parser, caller)
+            let phone = st
+                .resolver
+                .resolve(&index, caller)
                 .map_err(|e| phone_error("caller", e))?;
             (
                 routing::route(&index, &st.directory, phone),
@@ -159,7 +164,9 @@ impl Resolver for ResolverService {
                     ApiError::Unavailable("the index has not been loaded yet".into()).into(),
                 );
             }
-            let phone = routing::resolve_number(&index, &st.parser, number)
+            let phone = st
+                .resolver
+                .resolve(&index, number)
                 .map_err(|e| phone_error("number", e))?;
             (
                 routing::lookup_caller(&index, phone),
