@@ -150,20 +150,24 @@ impl ChangeLog {
 pub(crate) struct KeyIndex<K: Ord + Copy> {
     sorted: Vec<(K, u32)>,
     tail: Vec<(K, u32)>,
+    /// Until the generator seals the store, inserts only append: sorting once at the end keeps
+    /// generating a million users linear instead of re-sorting the index every few thousand.
+    sealed: bool,
 }
 
 impl<K: Ord + Copy> KeyIndex<K> {
     fn insert(&mut self, k: K, idx: u32) {
         self.tail.push((k, idx));
-        // Keep the unsorted tail short so lookups stay fast after many writes.
-        if self.tail.len() > 4096 {
-            self.sorted.append(&mut self.tail);
-            self.sorted.sort_unstable();
+        // After sealing, keep the unsorted tail short so lookups stay fast after many writes;
+        // merging costs one sort of nearly sorted data per 4096 writes.
+        if self.sealed && self.tail.len() > 4096 {
+            self.seal();
         }
     }
     fn seal(&mut self) {
         self.sorted.append(&mut self.tail);
         self.sorted.sort_unstable();
+        self.sealed = true;
     }
     fn get(&self, k: K) -> impl Iterator<Item = u32> + '_ {
         let start = self.sorted.partition_point(|e| e.0 < k);

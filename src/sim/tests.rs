@@ -1081,3 +1081,81 @@ async fn talk_call_records() {
     );
     h.shutdown().await;
 }
+
+/// Scale check, run by hand with optimisations:
+/// `cargo test --release --lib sim::tests::scale -- --ignored --nocapture`.
+#[tokio::test]
+#[ignore]
+async fn scale() {
+    let t = std::time::Instant::now();
+    let store = generate(&GenConfig {
+        users: 1_000_000,
+        tickets: 1_000_000,
+        agents: 200,
+        organizations: 100_000,
+        seed: 1,
+    });
+    eprintln!("generated 1M users + 1M tickets in {:?}", t.elapsed());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let h = start(listener, unlimited(), store).await;
+    let c = reqwest::Client::new();
+    for path in [
+        "/api/v2/incremental/users/cursor?start_time=0&include=identities",
+        "/api/v2/incremental/tickets/cursor?start_time=0",
+        "/api/v2/search?query=role%3Aend-user%20phone%3A*441234567",
+    ] {
+        let mut best = Duration::MAX;
+        let mut len = 0;
+        for _ in 0..5 {
+            let t = std::time::Instant::now();
+            let r = c
+                .get(format!("{}{path}", h.url()))
+                .basic_auth("admin@deskline.test/token", Some("sim-token"))
+                .send()
+                .await
+                .unwrap();
+            len = r.bytes().await.unwrap().len();
+            best = best.min(t.elapsed());
+        }
+        eprintln!("{path}: {best:?} ({len} bytes)");
+    }
+    h.shutdown().await;
+}
+
+#[test]
+fn cli_args() {
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        sim: SimArgs,
+    }
+    let a = <Cli as clap::Parser>::try_parse_from([
+        "sim",
+        "--listen",
+        "127.0.0.1:0",
+        "--users",
+        "10",
+        "--tickets",
+        "5",
+        "--seed",
+        "9",
+        "--error-rate",
+        "0.5",
+        "--one-minute-rule-secs",
+        "2",
+        "--no-export-identities",
+    ])
+    .unwrap()
+    .sim;
+    let (c, g) = (a.sim_config(), a.gen_config());
+    assert_eq!(
+        (g.users, g.tickets, g.agents, g.organizations, g.seed),
+        (10, 5, 20, 1, 9)
+    );
+    assert_eq!(c.one_minute_rule, Duration::from_secs(2));
+    assert!(!c.export_identities && c.faults.error_rate == 0.5);
+    assert_eq!(
+        (c.email.as_str(), c.token.as_str()),
+        ("admin@deskline.test", "sim-token")
+    );
+}
