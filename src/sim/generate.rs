@@ -208,6 +208,10 @@ impl Num {
 pub fn generate(cfg: &GenConfig) -> Store {
     let mut r = Rng(cfg.seed ^ 0x5EED_DE5C_0000_0001);
     let mut store = Store::new();
+    // Exact sizes up front: doubling a million-record Vec would briefly hold two copies.
+    store.users.reserve_exact(cfg.agents + cfg.users);
+    store.tickets.reserve_exact(cfg.tickets);
+    store.orgs.reserve_exact(cfg.organizations);
     let now = super::store::now_ms() / 1000;
     const YEAR: u64 = 365 * 86_400;
     // Times are offsets into the past year; the last two minutes stay empty so a fresh account's
