@@ -1,0 +1,1164 @@
+//! HTTP tests of the simulator over 127.0.0.1 with reqwest.
+
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use super::*;
+
+async fn sim(cfg: SimConfig, g: GenConfig) -> SimHandle {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    start(listener, cfg, generate(&g)).await
+}
+
+fn small() -> GenConfig {
+    GenConfig {
+        users: 300,
+        tickets: 400,
+        agents: 8,
+        organizations: 30,
+        seed: 3,
+    }
+}
+
+struct Resp {
+    status: StatusCode,
+    headers: reqwest::header::HeaderMap,
+    text: String,
+}
+
+impl Resp {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text))
+    }
+    fn header(&self, k: &str) -> Option<&str> {
+        self.headers.get(k).and_then(|v| v.to_str().ok())
+    }
+}
+
+async fn call(
+    h: &SimHandle,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+    extra: &[(&str, &str)],
+) -> Resp {
+    let c = reqwest::Client::new();
+    let mut rb = c
+        .request(method, format!("{}{path}", h.url()))
+        .basic_auth(format!("{}/token", h.email()), Some(h.token()));
+    for (k, v) in extra {
+        rb = rb.header(*k, *v);
+    }
+    if let Some(b) = body {
+        rb = rb.json(&b);
+    }
+    let r = rb.send().await.unwrap();
+    let status = r.status();
+    let headers = r.headers().clone();
+    Resp {
+        status,
+        headers,
+        text: r.text().await.unwrap(),
+    }
+}
+
+async fn get(h: &SimHandle, path: &str) -> Resp {
+    call(h, Method::GET, path, None, &[]).await
+}
+
+fn now_secs() -> i64 {
+    store::now_ms() / 1000
+}
+
+/// Follows a cursor export to its end; returns the ids seen and the final cursor.
+async fn drain(h: &SimHandle, first: &str, key: &str) -> (Vec<i64>, String) {
+    let mut path = first.to_string();
+    let mut ids = Vec::new();
+    for _ in 0..1000 {
+        let r = get(h, &path).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        let v = r.json();
+        ids.extend(
+            v[key]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|u| u["id"].as_i64().unwrap()),
+        );
+        let cursor = v["after_cursor"].as_str().unwrap().to_string();
+        assert!(v["after_url"].as_str().unwrap().contains(&cursor));
+        if v["end_of_stream"] == true {
+            return (ids, cursor);
+        }
+        path = format!("/api/v2/incremental/{key}/cursor.json?cursor={cursor}&per_page=70");
+    }
+    panic!("export never ended");
+}
+
+fn unlimited() -> SimConfig {
+    SimConfig {
+        export_requests_per_minute: 10_000,
+        requests_per_minute: 100_000,
+        ..SimConfig::default()
+    }
+}
+
+#[tokio::test]
+async fn auth() {
+    let h = sim(
+        SimConfig {
+            oauth_token: Some("oauth-1".into()),
+            ..SimConfig::default()
+        },
+        small(),
+    )
+    .await;
+    let c = reqwest::Client::new();
+    let url = format!("{}/api/v2/users/me.json", h.url());
+    let r = c.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        r.headers()["www-authenticate"],
+        "Basic realm=\"Web Password\""
+    );
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({"error":"Couldn't authenticate you"})
+    );
+    let r = c
+        .get(&url)
+        .basic_auth("admin@deskline.test/token", Some("wrong"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = c
+        .get(&url)
+        .basic_auth("nobody@x.test/token", Some("sim-token"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = c.get(&url).bearer_auth("bad").send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "invalid_token");
+    let r = c.get(&url).bearer_auth("oauth-1").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let me = get(&h, "/api/v2/users/me").await;
+    assert_eq!(me.status, 200);
+    assert_eq!(me.json()["user"]["email"], "admin@deskline.test");
+    assert_eq!(me.json()["user"]["role"], "admin");
+    assert!(me.header("x-rate-limit").is_some() && me.header("x-rate-limit-remaining").is_some());
+    // Any active agent's email works with the account token.
+    let agent = h.with_store(|s| {
+        s.find_users(1, |u, _| {
+            u.role.as_deref() == Some("agent") && u.is_active()
+        })[0]
+            .0
+            .email
+            .clone()
+            .unwrap()
+    });
+    let r = c
+        .get(&url)
+        .basic_auth(format!("{agent}/token"), Some("sim-token"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["user"]["email"],
+        agent.as_str()
+    );
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn users_cursor_export_pages_to_the_end_and_resumes() {
+    let h = sim(unlimited(), small()).await;
+    let (ids, cursor) = drain(
+        &h,
+        "/api/v2/incremental/users/cursor?start_time=0&per_page=70",
+        "users",
+    )
+    .await;
+    let total = h.with_store(|s| s.user_count());
+    let mut uniq = ids.clone();
+    uniq.sort();
+    uniq.dedup();
+    assert_eq!((ids.len(), uniq.len()), (total, total));
+
+    // Shape: every field, nulls included; deleted users as recorded.
+    let page = get(
+        &h,
+        "/api/v2/incremental/users/cursor.json?start_time=0&per_page=1000",
+    )
+    .await
+    .json();
+    let users = page["users"].as_array().unwrap();
+    for k in [
+        "url",
+        "name",
+        "email",
+        "phone",
+        "shared_phone_number",
+        "role",
+        "organization_id",
+        "external_id",
+        "active",
+        "suspended",
+        "user_fields",
+        "time_zone",
+        "locale",
+        "tags",
+        "verified",
+    ] {
+        assert!(users.iter().all(|u| u.get(k).is_some()), "missing {k}");
+    }
+    assert_eq!(page["before_cursor"], Value::Null);
+    let deleted: Vec<&Value> = users.iter().filter(|u| u["active"] == false).collect();
+    assert!(!deleted.is_empty());
+    assert!(
+        deleted
+            .iter()
+            .all(|u| u["permanently_deleted"] == false && u["email"].is_null())
+    );
+    assert!(
+        users
+            .iter()
+            .filter(|u| u["active"] == true)
+            .all(|u| u.get("permanently_deleted").is_none())
+    );
+    // Ordered by change time.
+    let times: Vec<&str> = users
+        .iter()
+        .map(|u| u["updated_at"].as_str().unwrap())
+        .collect();
+    assert!(times.windows(2).all(|w| w[0] <= w[1]));
+
+    // A change now is hidden by the one-minute rule, then shows up on resume.
+    let id = h
+        .with_store(|s| {
+            s.create_user(NewUser {
+                name: "Нова Людина".into(),
+                phone: Some("+380501112233".into()),
+                ..Default::default()
+            })
+        })
+        .unwrap();
+    let r = get(
+        &h,
+        &format!("/api/v2/incremental/users/cursor?cursor={cursor}"),
+    )
+    .await
+    .json();
+    assert_eq!(r["users"].as_array().unwrap().len(), 0);
+    assert_eq!(r["end_of_stream"], true);
+    assert_eq!(r["after_cursor"], cursor.as_str());
+    h.set_config(|c| c.one_minute_rule = Duration::ZERO);
+    let r = get(
+        &h,
+        &format!("/api/v2/incremental/users/cursor?cursor={cursor}"),
+    )
+    .await
+    .json();
+    let got: Vec<i64> = r["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(got, vec![id]);
+    // An update moves the user past the new cursor, once.
+    let c2 = r["after_cursor"].as_str().unwrap().to_string();
+    h.with_store(|s| {
+        s.update_user(
+            id,
+            UserPatch {
+                name: Some("Renamed".into()),
+                ..Default::default()
+            },
+        )
+    })
+    .unwrap();
+    let r = get(&h, &format!("/api/v2/incremental/users/cursor?cursor={c2}"))
+        .await
+        .json();
+    assert_eq!(r["users"][0]["name"], "Renamed");
+    assert_eq!(r["users"].as_array().unwrap().len(), 1);
+    let bad = get(&h, "/api/v2/incremental/users/cursor?cursor=garbage!").await;
+    assert_eq!(bad.status, 400);
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn too_recent_start_time_is_refused() {
+    let h = sim(unlimited(), small()).await;
+    let r = get(
+        &h,
+        &format!(
+            "/api/v2/incremental/users/cursor.json?start_time={}",
+            now_secs() - 10
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 422);
+    assert_eq!(
+        r.json(),
+        json!({"error":"InvalidValue","description":"Too recent start_time. Use a start_time at least one minute in the past"})
+    );
+    let r = get(
+        &h,
+        &format!(
+            "/api/v2/incremental/tickets/cursor.json?start_time={}",
+            now_secs() - 120
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let r = get(&h, "/api/v2/incremental/users/cursor.json").await;
+    assert_eq!(r.status, 422);
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn identities_sideload_on_and_off() {
+    let h = sim(unlimited(), small()).await;
+    let with = get(
+        &h,
+        "/api/v2/incremental/users/cursor?start_time=0&include=identities",
+    )
+    .await
+    .json();
+    let ids = with["identities"].as_array().unwrap();
+    let page_users: Vec<i64> = with["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["id"].as_i64().unwrap())
+        .collect();
+    assert!(
+        ids.iter()
+            .all(|i| page_users.contains(&i["user_id"].as_i64().unwrap()))
+    );
+    // Second mobiles exist only as identities.
+    assert!(
+        ids.iter()
+            .any(|i| i["type"] == "phone_number" && i["primary"] == false)
+    );
+    let without = get(&h, "/api/v2/incremental/users/cursor?start_time=0")
+        .await
+        .json();
+    assert!(without.get("identities").is_none());
+    h.set_config(|c| c.export_identities = false);
+    let off = get(
+        &h,
+        "/api/v2/incremental/users/cursor?start_time=0&include=identities",
+    )
+    .await
+    .json();
+    assert!(off.get("identities").is_none());
+    // show_many always sideloads.
+    let some: Vec<String> = page_users.iter().take(100).map(|i| i.to_string()).collect();
+    let r = get(
+        &h,
+        &format!(
+            "/api/v2/users/show_many.json?ids={}&include=identities",
+            some.join(",")
+        ),
+    )
+    .await
+    .json();
+    assert_eq!(r["users"].as_array().unwrap().len(), 100);
+    assert!(!r["identities"].as_array().unwrap().is_empty());
+    let too_many: Vec<String> = (0..101).map(|i| i.to_string()).collect();
+    let r = get(
+        &h,
+        &format!("/api/v2/users/show_many?ids={}", too_many.join(",")),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"], "TooManyValues");
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn tickets_export_and_deleted() {
+    let h = sim(unlimited(), small()).await;
+    let (all, _) = drain(
+        &h,
+        "/api/v2/incremental/tickets/cursor?start_time=0&per_page=70",
+        "tickets",
+    )
+    .await;
+    assert_eq!(all.len(), 400);
+    let page = get(&h, "/api/v2/incremental/tickets/cursor?start_time=0")
+        .await
+        .json();
+    let t = &page["tickets"].as_array().unwrap();
+    assert!(t.iter().any(|t| t["status"] == "deleted"));
+    for k in [
+        "generated_timestamp",
+        "custom_fields",
+        "fields",
+        "via",
+        "assignee_id",
+        "requester_id",
+        "organization_id",
+        "description",
+        "tags",
+    ] {
+        assert!(t.iter().all(|x| x.get(k).is_some()), "missing {k}");
+    }
+    let gts: Vec<i64> = t
+        .iter()
+        .map(|x| x["generated_timestamp"].as_i64().unwrap())
+        .collect();
+    assert!(gts.windows(2).all(|w| w[0] <= w[1]));
+    let excl = get(
+        &h,
+        "/api/v2/incremental/tickets/cursor?start_time=0&exclude_deleted=true",
+    )
+    .await
+    .json();
+    assert!(
+        excl["tickets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["status"] != "deleted")
+    );
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn organizations_export_never_splits_a_second() {
+    let mut s = Store::new();
+    let t0 = now_secs() - 3600;
+    for (i, sec) in [0, 0, 0, 1, 1, 2, 2, 2].iter().enumerate() {
+        s.push_org(store::OrgRec {
+            id: 0,
+            name: format!("Org {i}").into(),
+            external_id: None,
+            created_at: t0 + sec,
+            updated_at: t0 + sec,
+            deleted_at: None,
+            fields: Vec::new(),
+            log_pos: 0,
+        });
+    }
+    s.seal();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let h = start(listener, unlimited(), s).await;
+    let page = |st: i64, n: usize| {
+        let h = &h;
+        async move {
+            get(
+                h,
+                &format!("/api/v2/incremental/organizations.json?start_time={st}&per_page={n}"),
+            )
+            .await
+            .json()
+        }
+    };
+    let p = page(t0, 4).await;
+    assert_eq!(
+        (
+            p["count"].as_i64(),
+            p["end_time"].as_i64(),
+            p["end_of_stream"].as_bool()
+        ),
+        (Some(5), Some(t0 + 1), Some(false))
+    );
+    assert!(
+        p["next_page"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("start_time={}", t0 + 1))
+    );
+    let p = page(t0 + 1, 4).await;
+    assert_eq!(
+        (p["count"].as_i64(), p["end_time"].as_i64()),
+        (Some(5), Some(t0 + 2))
+    );
+    let p = page(t0 + 2, 4).await;
+    assert_eq!(
+        (
+            p["count"].as_i64(),
+            p["end_time"].as_i64(),
+            p["end_of_stream"].as_bool()
+        ),
+        (Some(3), Some(t0 + 2), Some(true))
+    );
+    // A full page of one second moves on to the next second, so clients can't loop.
+    let p = page(t0, 2).await;
+    assert_eq!(
+        (p["count"].as_i64(), p["end_time"].as_i64()),
+        (Some(3), Some(t0 + 1))
+    );
+    let p = page(t0 + 3, 2).await;
+    assert_eq!(
+        (
+            p["count"].as_i64(),
+            p["end_of_stream"].as_bool(),
+            p["end_time"].as_i64()
+        ),
+        (Some(0), Some(true), Some(t0 + 3))
+    );
+    assert!(p["organizations"].is_array());
+    let r = get(
+        &h,
+        &format!(
+            "/api/v2/incremental/organizations?start_time={}",
+            now_secs()
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 422);
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn account_rate_limit_is_plain_text_and_recovers() {
+    let cfg = SimConfig {
+        requests_per_minute: 3,
+        // Long enough that three requests fit in it on a loaded machine, short enough to wait out.
+        rate_window: Duration::from_secs(2),
+        ..SimConfig::default()
+    };
+    let h = sim(cfg, small()).await;
+    for i in 0..3 {
+        let r = get(&h, "/api/v2/users/me").await;
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            r.header("x-rate-limit-remaining"),
+            Some((2 - i).to_string().as_str())
+        );
+    }
+    let r = get(&h, "/api/v2/users/me").await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.text, "Number of allowed API requests per minute exceeded");
+    assert!(r.header("content-type").unwrap().starts_with("text/plain"));
+    let secs: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=2).contains(&secs), "retry-after {secs}");
+    // Refused requests don't count (this loop keeps getting 429s without pushing the window
+    // out): once the window passes, requests are served again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if get(&h, "/api/v2/users/me").await.status == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "limit never recovered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn export_rate_limit_is_json() {
+    let cfg = SimConfig {
+        export_requests_per_minute: 2,
+        ..SimConfig::default()
+    };
+    let h = sim(cfg, small()).await;
+    for _ in 0..2 {
+        assert_eq!(
+            get(&h, "/api/v2/incremental/users/cursor?start_time=0")
+                .await
+                .status,
+            200
+        );
+    }
+    let r = get(&h, "/api/v2/incremental/tickets/cursor?start_time=0").await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.json()["error"], "APIRateLimitExceeded");
+    let secs: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=60).contains(&secs));
+    // Other endpoints still work.
+    assert_eq!(get(&h, "/api/v2/users/me").await.status, 200);
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn faults() {
+    let h = sim(SimConfig::default(), small()).await;
+    h.set_faults(Faults {
+        down: true,
+        ..Faults::default()
+    });
+    assert_eq!(get(&h, "/api/v2/users/me").await.status, 503);
+    h.set_faults(Faults {
+        error_rate: 1.0,
+        ..Faults::default()
+    });
+    let mut kinds = std::collections::HashSet::new();
+    for _ in 0..30 {
+        let r = get(&h, "/api/v2/users/me").await;
+        assert!([500, 502, 503].contains(&r.status.as_u16()));
+        kinds.insert(r.header("content-type").unwrap().starts_with("text/html"));
+    }
+    assert_eq!(kinds.len(), 2, "both HTML and JSON error bodies");
+    h.set_faults(Faults {
+        drop_rate: 1.0,
+        ..Faults::default()
+    });
+    let res = reqwest::Client::new()
+        .get(format!(
+            "{}/api/v2/incremental/users/cursor?start_time=0",
+            h.url()
+        ))
+        .basic_auth("admin@deskline.test/token", Some("sim-token"))
+        .send()
+        .await;
+    let failed = match res {
+        Err(_) => true,
+        Ok(r) => r.bytes().await.is_err(),
+    };
+    assert!(failed, "a dropped response must not read cleanly");
+    h.set_faults(Faults {
+        malformed_rate: 1.0,
+        ..Faults::default()
+    });
+    let r = get(&h, "/api/v2/users/me").await;
+    assert_eq!(r.status, 200);
+    assert!(serde_json::from_str::<Value>(&r.text).is_err());
+    h.set_faults(Faults {
+        latency_ms: 150,
+        ..Faults::default()
+    });
+    let t = std::time::Instant::now();
+    assert_eq!(get(&h, "/api/v2/users/me").await.status, 200);
+    assert!(t.elapsed() >= Duration::from_millis(150));
+    // Steering through the admin endpoint.
+    let c = reqwest::Client::new();
+    let r = c
+        .put(format!("{}/__sim/faults", h.url()))
+        .json(&json!({"down": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(get(&h, "/api/v2/users/me").await.status, 503);
+    let stats: Value = c
+        .get(format!("{}/__sim/stats", h.url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(stats["requests"].as_u64().unwrap() >= 35);
+    assert!(stats["faults_injected"]["drop"].as_u64().unwrap() >= 1);
+    let recs = h.requests();
+    assert!(recs.iter().any(|r| r.fault == Some("malformed")));
+    assert!(recs.iter().all(|r| !r.path.starts_with("/__sim")));
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn ticket_create_idempotency() {
+    let h = sim(unlimited(), small()).await;
+    let requester = h.with_store(|s| {
+        s.find_users(1, |u, _| u.is_end_user() && u.is_active())[0]
+            .0
+            .id
+    });
+    let body = json!({"ticket": {"subject": "Incoming call", "priority": "normal", "type": "question",
+        "requester_id": requester, "comment": {"body": "Call from +380441234567", "public": false},
+        "custom_fields": [{"id": 360_001_111, "value": "google"}]}});
+    let before = h.with_store(|s| s.ticket_count());
+    let a = call(
+        &h,
+        Method::POST,
+        "/api/v2/tickets.json",
+        Some(body.clone()),
+        &[("Idempotency-Key", "call-1")],
+    )
+    .await;
+    assert_eq!(a.status, 201, "{}", a.text);
+    assert_eq!(a.header("x-idempotency-lookup"), Some("miss"));
+    let id = a.json()["ticket"]["id"].as_i64().unwrap();
+    assert_eq!(
+        a.header("location").unwrap(),
+        format!("{}/api/v2/tickets/{id}.json", h.url())
+    );
+    assert!(
+        a.json()["audit"]["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["type"] == "Comment" && e["public"] == false)
+    );
+    let b = call(
+        &h,
+        Method::POST,
+        "/api/v2/tickets",
+        Some(body.clone()),
+        &[("Idempotency-Key", "call-1")],
+    )
+    .await;
+    assert_eq!(b.status, 201);
+    assert_eq!(b.header("x-idempotency-lookup"), Some("hit"));
+    assert_eq!(b.json()["ticket"]["id"], id);
+    assert_eq!(h.with_store(|s| s.ticket_count()), before + 1);
+    let mut other = body.clone();
+    other["ticket"]["subject"] = "Different".into();
+    let c = call(
+        &h,
+        Method::POST,
+        "/api/v2/tickets",
+        Some(other),
+        &[("Idempotency-Key", "call-1")],
+    )
+    .await;
+    assert_eq!(c.status, 400);
+    assert_eq!(c.json()["error"], "IdempotentRequestError");
+    // Without a key a retry makes a second ticket, as on the real Zendesk.
+    call(&h, Method::POST, "/api/v2/tickets", Some(body.clone()), &[]).await;
+    call(&h, Method::POST, "/api/v2/tickets", Some(body.clone()), &[]).await;
+    assert_eq!(h.with_store(|s| s.ticket_count()), before + 3);
+    // Validation.
+    let r = call(
+        &h,
+        Method::POST,
+        "/api/v2/tickets",
+        Some(json!({"ticket": {"subject": "x", "requester_id": requester}})),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 422);
+    let r = call(&h, Method::POST, "/api/v2/tickets", Some(json!({"ticket": {"comment": {"body": "x"}, "priority": "meh", "requester_id": requester}})), &[]).await;
+    assert_eq!(r.status, 422);
+    assert_eq!(r.json()["error"], "RecordInvalid");
+    let stored = h.with_store(|s| s.ticket(id)).unwrap();
+    assert_eq!(
+        stored
+            .custom_fields
+            .unwrap()
+            .iter()
+            .find(|f| f.id == 360_001_111)
+            .unwrap()
+            .value,
+        "google"
+    );
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn ticket_update_comments_and_closed() {
+    let h = sim(unlimited(), small()).await;
+    let (open, closed) = h.with_store(|s| {
+        (
+            s.find_tickets(1, |t| t.status.as_deref() == Some("open"))[0].id,
+            s.find_tickets(1, |t| t.status.as_deref() == Some("closed"))[0].id,
+        )
+    });
+    let r = call(
+        &h,
+        Method::PUT,
+        &format!("/api/v2/tickets/{closed}.json"),
+        Some(json!({"ticket": {"comment": {"body": "hi"}}})),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 422);
+    assert_eq!(
+        r.json()["details"]["status"][0]["description"],
+        "Status closed prevents ticket update"
+    );
+    let before = h.with_store(|s| s.comments(open).len());
+    let first_public = h.with_store(|s| s.comments(open)[0].public);
+    let r = call(
+        &h,
+        Method::PUT,
+        &format!("/api/v2/tickets/{open}"),
+        Some(json!({"ticket": {"comment": {"body": "Missed call"}, "status": "pending"}})),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let comments = h.with_store(|s| s.comments(open));
+    assert_eq!(comments.len(), before + 1);
+    assert_eq!(
+        comments.last().unwrap().public,
+        first_public,
+        "public defaults to the first comment's"
+    );
+    assert_eq!(
+        h.with_store(|s| s.ticket(open)).unwrap().status.as_deref(),
+        Some("pending")
+    );
+    let r = get(&h, &format!("/api/v2/tickets/{open}/comments.json")).await;
+    assert_eq!(r.json()["comments"].as_array().unwrap().len(), before + 1);
+    // A refused update leaves no comment behind.
+    let r = call(
+        &h,
+        Method::PUT,
+        &format!("/api/v2/tickets/{open}"),
+        Some(json!({"ticket": {"comment": {"body": "x"}, "priority": "bogus"}})),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 422);
+    assert_eq!(h.with_store(|s| s.comments(open).len()), before + 1);
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn users_create_update_and_search_delay() {
+    let h = sim(unlimited(), small()).await;
+    let r = call(
+        &h,
+        Method::POST,
+        "/api/v2/users",
+        Some(json!({"user": {"phone": "+380671234567"}})),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 422);
+    assert_eq!(r.json()["details"]["name"][0]["error"], "BlankValue");
+    let r = call(
+        &h,
+        Method::POST,
+        "/api/v2/users.json",
+        Some(
+            json!({"user": {"name": "Caller: 380671234567", "phone": "+380671234567",
+        "user_fields": {"utm_source": "google", "no_such_field": 1}}}),
+        ),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let id = r.json()["user"]["id"].as_i64().unwrap();
+    assert!(
+        r.header("location")
+            .unwrap()
+            .ends_with(&format!("/api/v2/users/{id}.json"))
+    );
+    assert_eq!(r.json()["user"]["user_fields"]["utm_source"], "google");
+    assert!(
+        r.json()["user"]["user_fields"]
+            .get("no_such_field")
+            .is_none()
+    );
+    // Not searchable yet…
+    let q = "/api/v2/search.json?query=role%3Aend-user%20phone%3A*671234567";
+    let r = get(&h, q).await.json();
+    assert_eq!(r["count"], 0);
+    // …until the indexing delay has passed.
+    h.set_config(|c| c.search_delay = Duration::ZERO);
+    let r = get(&h, q).await.json();
+    assert_eq!(r["results"][0]["id"], id);
+    assert_eq!(r["results"][0]["result_type"], "user");
+    assert_eq!(
+        get(&h, "/api/v2/search?query=phone%3A380671234567")
+            .await
+            .json()["count"],
+        1
+    );
+    assert_eq!(
+        get(&h, "/api/v2/search?query=phone%3A671234567")
+            .await
+            .json()["count"],
+        0
+    );
+    // Stored formats are found by digits.
+    let (digits, uid) = h.with_store(|s| {
+        let (u, _) = s.find_users(1, |u, _| {
+            u.is_active()
+                && !u.is_agent()
+                && u.phone.as_deref().is_some_and(|p| p.starts_with("(0"))
+        })[0]
+            .clone();
+        (store::phone_digits(u.phone.as_deref().unwrap()), u.id)
+    });
+    let r = get(&h, &format!("/api/v2/search?query=phone:*{}", &digits[1..]))
+        .await
+        .json();
+    assert!(
+        r["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["id"] == uid)
+    );
+    // Update: organization and user_fields merge.
+    let org = h.with_store(|s| s.org_ids().next().unwrap());
+    let r = call(
+        &h,
+        Method::PUT,
+        &format!("/api/v2/users/{id}"),
+        Some(json!({"user": {"organization_id": org, "user_fields": {"utm_campaign": "spring"}}})),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let u = r.json()["user"].clone();
+    assert_eq!(
+        (
+            u["organization_id"].as_i64(),
+            u["user_fields"]["utm_source"].as_str(),
+            u["user_fields"]["utm_campaign"].as_str()
+        ),
+        (Some(org), Some("google"), Some("spring"))
+    );
+    // create_or_update matches by email only.
+    let body =
+        json!({"user": {"name": "Eve", "email": "eve@example.org", "phone": "+380671234567"}});
+    let a = call(
+        &h,
+        Method::POST,
+        "/api/v2/users/create_or_update",
+        Some(body.clone()),
+        &[],
+    )
+    .await;
+    assert_eq!(a.status, 201);
+    let b = call(
+        &h,
+        Method::POST,
+        "/api/v2/users/create_or_update",
+        Some(body),
+        &[],
+    )
+    .await;
+    assert_eq!(b.status, 200);
+    assert_eq!(a.json()["user"]["id"], b.json()["user"]["id"]);
+    assert_ne!(a.json()["user"]["id"], id);
+    // Identities.
+    let r = call(
+        &h,
+        Method::POST,
+        &format!("/api/v2/users/{id}/identities"),
+        Some(json!({"identity": {"type": "phone_number", "value": "+380931112233"}})),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let r = get(&h, &format!("/api/v2/users/{id}/identities.json"))
+        .await
+        .json();
+    assert!(
+        r["identities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["value"] == "+380931112233")
+    );
+    assert_eq!(
+        h.with_store(|s| s.find_users_by_phone_digits("380931112233")),
+        vec![id]
+    );
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn organizations_and_lists() {
+    let h = sim(unlimited(), small()).await;
+    let r = call(&h, Method::POST, "/api/v2/organizations", Some(json!({"organization": {"name": "Acme Kyiv", "organization_fields": {"scheme": "main"}}})), &[]).await;
+    assert_eq!(r.status, 201);
+    let id = r.json()["organization"]["id"].as_i64().unwrap();
+    assert_eq!(
+        r.json()["organization"]["organization_fields"]["scheme"],
+        "main"
+    );
+    let r = call(
+        &h,
+        Method::POST,
+        "/api/v2/organizations",
+        Some(json!({"organization": {"name": "ACME kyiv"}})),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 422);
+    assert_eq!(r.json()["details"]["name"][0]["error"], "DuplicateValue");
+    // create_or_update never matches by name.
+    let r = call(
+        &h,
+        Method::POST,
+        "/api/v2/organizations/create_or_update",
+        Some(json!({"organization": {"name": "Acme Kyiv"}})),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 422);
+    let r = call(
+        &h,
+        Method::POST,
+        "/api/v2/organizations/create_or_update",
+        Some(json!({"organization": {"id": id, "name": "Acme Kyiv", "external_id": "x1"}})),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        get(&h, &format!("/api/v2/organizations/{id}.json"))
+            .await
+            .json()["organization"]["external_id"],
+        "x1"
+    );
+    // Agents list with offset pagination.
+    let r = get(
+        &h,
+        "/api/v2/users.json?role[]=agent&role[]=admin&per_page=5",
+    )
+    .await
+    .json();
+    assert_eq!(r["count"], 8);
+    assert_eq!(r["users"].as_array().unwrap().len(), 5);
+    let next = r["next_page"]
+        .as_str()
+        .unwrap()
+        .strip_prefix(&h.url())
+        .unwrap()
+        .to_string();
+    let r2 = get(&h, &next).await.json();
+    assert_eq!(r2["users"].as_array().unwrap().len(), 3);
+    assert!(r2["next_page"].is_null());
+    let f = get(&h, "/api/v2/user_fields").await.json();
+    assert!(
+        f["user_fields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["key"] == "utm_source")
+    );
+    let f = get(&h, "/api/v2/ticket_fields").await.json();
+    assert!(
+        f["ticket_fields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|x| x["id"].is_i64())
+    );
+    assert_eq!(
+        get(&h, "/api/v2/organization_fields").await.json()["organization_fields"][0]["key"],
+        "scheme"
+    );
+    assert_eq!(get(&h, "/api/v2/nothing/here").await.status, 404);
+    assert_eq!(
+        get(&h, "/api/v2/users/1").await.json()["error"],
+        "RecordNotFound"
+    );
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn talk_call_records() {
+    let h = sim(unlimited(), small()).await;
+    let r = call(
+        &h,
+        Method::POST,
+        "/api/v2/calls",
+        Some(json!({"call": {"from_line": "+380441234567"}})),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 422);
+    assert!(r.json()["details"].get("app_id").is_some());
+    let user = h.with_store(|s| {
+        s.find_users(1, |u, _| u.is_end_user() && u.is_active())[0]
+            .0
+            .id
+    });
+    let r = call(&h, Method::POST, "/api/v2/calls", Some(json!({
+        "call": {"app_id": 1003048, "from_line": "+380441234567", "to_line": "+380442000000",
+            "call_started_at": "2024-05-01T15:31:40+01:00", "direction": "inbound", "end_user_id": user, "duration": 250},
+        "comment": {"title": "Inbound call", "call_fields": ["from_line", "duration"]}})), &[]).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let c = r.json()["call"].clone();
+    assert_eq!(c["call_started_at"], "2024-05-01T14:31:40Z");
+    assert!(c["ticket_id"].is_i64());
+    assert!(c.get("wrap_up_time").is_some());
+    let calls = h.with_store(|s| s.calls().to_vec());
+    assert_eq!(calls.len(), 1);
+    assert_eq!(
+        get(&h, &format!("/api/v2/calls/{}", calls[0].id))
+            .await
+            .status,
+        200
+    );
+    h.shutdown().await;
+}
+
+/// Scale check, run by hand with optimisations:
+/// `cargo test --release --lib sim::tests::scale -- --ignored --nocapture`.
+#[tokio::test]
+#[ignore]
+async fn scale() {
+    let t = std::time::Instant::now();
+    let store = generate(&GenConfig {
+        users: 1_000_000,
+        tickets: 1_000_000,
+        agents: 200,
+        organizations: 100_000,
+        seed: 1,
+    });
+    eprintln!("generated 1M users + 1M tickets in {:?}", t.elapsed());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let h = start(listener, unlimited(), store).await;
+    let c = reqwest::Client::new();
+    for path in [
+        "/api/v2/incremental/users/cursor?start_time=0&include=identities",
+        "/api/v2/incremental/tickets/cursor?start_time=0",
+        "/api/v2/search?query=role%3Aend-user%20phone%3A*441234567",
+    ] {
+        let mut best = Duration::MAX;
+        let mut len = 0;
+        for _ in 0..5 {
+            let t = std::time::Instant::now();
+            let r = c
+                .get(format!("{}{path}", h.url()))
+                .basic_auth("admin@deskline.test/token", Some("sim-token"))
+                .send()
+                .await
+                .unwrap();
+            len = r.bytes().await.unwrap().len();
+            best = best.min(t.elapsed());
+        }
+        eprintln!("{path}: {best:?} ({len} bytes)");
+    }
+    h.shutdown().await;
+}
+
+#[test]
+fn cli_args() {
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        sim: SimArgs,
+    }
+    let a = <Cli as clap::Parser>::try_parse_from([
+        "sim",
+        "--listen",
+        "127.0.0.1:0",
+        "--users",
+        "10",
+        "--tickets",
+        "5",
+        "--seed",
+        "9",
+        "--error-rate",
+        "0.5",
+        "--one-minute-rule-secs",
+        "2",
+        "--no-export-identities",
+    ])
+    .unwrap()
+    .sim;
+    let (c, g) = (a.sim_config(), a.gen_config());
+    assert_eq!(
+        (g.users, g.tickets, g.agents, g.organizations, g.seed),
+        (10, 5, 20, 1, 9)
+    );
+    assert_eq!(c.one_minute_rule, Duration::from_secs(2));
+    assert!(!c.export_identities && c.faults.error_rate == 0.5);
+    assert_eq!(
+        (c.email.as_str(), c.token.as_str()),
+        ("admin@deskline.test", "sim-token")
+    );
+}
