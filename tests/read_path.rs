@@ -66,14 +66,17 @@ fn ticket(
             ..NewTicket::default()
         })
         .unwrap();
-    s.update_ticket(
-        id,
-        TicketPatch {
-            updated_at: Some(updated_at),
-            ..TicketPatch::default()
-        },
-    )
-    .unwrap();
+    // Closed and deleted tickets refuse updates, as in Zendesk: they keep their creation stamp.
+    if !matches!(status, Status::Closed | Status::Deleted) {
+        s.update_ticket(
+            id,
+            TicketPatch {
+                updated_at: Some(updated_at),
+                ..TicketPatch::default()
+            },
+        )
+        .unwrap();
+    }
     id
 }
 
@@ -86,23 +89,7 @@ fn rules_store() -> (Store, Rules) {
     let petro = user(&mut s, "Petro Unlisted", None, Some(Role::Agent));
     let zoe = user(&mut s, "Zoë Ångström", None, Some(Role::Agent));
     let inactive_agent = user(&mut s, "Gone Agent", None, Some(Role::Agent));
-    s.update_user(
-        inactive_agent,
-        UserPatch {
-            active: Some(false),
-            ..UserPatch::default()
-        },
-    )
-    .unwrap();
     let suspended_agent = user(&mut s, "Paused Agent", None, Some(Role::Agent));
-    s.update_user(
-        suspended_agent,
-        UserPatch {
-            suspended: Some(true),
-            ..UserPatch::default()
-        },
-    )
-    .unwrap();
 
     let org = s.create_organization("Acme Kyiv", None).unwrap();
     // 1. stored in a national format, queried in others; with an organization.
@@ -194,6 +181,22 @@ fn rules_store() -> (Store, Rules) {
     // 13. the directory has the owner's name in NFD.
     let c14 = user(&mut s, "Unicode Owner", Some("+380661000014"), None);
     ticket(&mut s, c14, Some(zoe), Status::Open, t0);
+    s.update_user(
+        inactive_agent,
+        UserPatch {
+            active: Some(false),
+            ..UserPatch::default()
+        },
+    )
+    .unwrap();
+    s.update_user(
+        suspended_agent,
+        UserPatch {
+            suspended: Some(true),
+            ..UserPatch::default()
+        },
+    )
+    .unwrap();
     let r = Rules {
         olena,
         ivan,
@@ -316,6 +319,7 @@ async fn every_routing_rule_end_to_end() {
         (a.decision(), a.ticket.as_ref().unwrap().id, agent_id(&a)),
         (Decision::RouteToAgent, r.c7_fallback, r.olena)
     );
+    assert_ne!(agent_id(&a), r.inactive_agent);
     // Only a suspended assignee: default routing, and the reason names the ticket.
     let a = route(&mut c, "+380661000008").await;
     assert_eq!(a.decision(), Decision::DefaultRouting, "{a:?}");
@@ -480,7 +484,7 @@ async fn tokens_are_required_when_configured() {
     let service = start_service(&config_text(
         &sim,
         dir.path(),
-        &format!("[server]\ntokens = [\"{token}\"]\n"),
+        &format!("[server]\ntokens = [\"{token}\"]\n{}", directory()),
     ))
     .await;
     wait_loaded(&service).await;
@@ -538,8 +542,13 @@ async fn changes_in_zendesk_reach_the_answers() {
     ))
     .await;
     wait_loaded(&service).await;
-    let mut c = client(service.addr()).await;
-    assert_eq!(agent_id(&route(&mut c, "+380441234567").await), r.olena);
+    let c = client(service.addr()).await;
+    // Records written within the (shortened) one-minute rule reach the index with the next poll.
+    eventually("the account to be visible", DEADLINE, || {
+        let mut c = c.clone();
+        async move { (agent_id(&route(&mut c, "+380441234567").await) == r.olena).then_some(()) }
+    })
+    .await;
 
     // Reassignment.
     sim.with_store(|s| {
@@ -744,7 +753,7 @@ async fn identities_without_the_export_sideload() {
     let dir = tempfile::tempdir().unwrap();
     let service = start_service(&config_text(&sim, dir.path(), &directory())).await;
     wait_loaded(&service).await;
-    let mut c = client(service.addr()).await;
+    let c = client(service.addr()).await;
     eventually(
         "the second identity to be fetched through show_many",
         DEADLINE,
@@ -835,7 +844,8 @@ async fn generated_account_matches_an_independent_oracle() {
         let e164 = format!("+{digits}");
         let caller = match i % 3 {
             0 => e164.clone(),
-            1 => digits.to_string(),
+            // Digits without the plus are unambiguous only with the default region's country code.
+            1 if e164.starts_with("+380") => digits.to_string(),
             _ if e164.starts_with("+380") => format!("0{}", &e164[4..]),
             _ => e164.clone(),
         };

@@ -19,8 +19,12 @@ pub const DEADLINE: Duration = Duration::from_secs(30);
 /// Starts the simulator on 127.0.0.1:0. Tests shorten the one-minute rule through this explicit
 /// test setting; the real-Zendesk path never touches it.
 pub async fn start_sim(store: Store, tweak: impl FnOnce(&mut SimConfig)) -> SimHandle {
+    // The limits are lifted here (the client's budget in `config_text` matches); tests of rate
+    // limiting set them back.
     let mut cfg = SimConfig {
         one_minute_rule: Duration::ZERO,
+        requests_per_minute: 100_000,
+        export_requests_per_minute: 100_000,
         ..SimConfig::default()
     };
     tweak(&mut cfg);
@@ -45,6 +49,13 @@ pub fn parse_config(text: &str) -> Config {
 }
 
 pub async fn start_service(text: &str) -> Service {
+    // `RUST_LOG=debug cargo test …` shows the service's logs for a failing test.
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     Service::start(parse_config(text), listener).await.unwrap()
 }
