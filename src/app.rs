@@ -45,6 +45,10 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// The Zendesk simulator with a generated account (for tests, benchmarks and trying Deskline).
+    Sim(crate::sim::SimArgs),
+    /// The simulator and the service together on loopback, with real answers; serves until Ctrl-C.
+    Demo(crate::demo::DemoArgs),
     /// Validate the config and the Zendesk credentials; compare the directory and field mappings
     /// with Zendesk. Exit status 1 when something would break routing or sync, 2 for a bad config.
     Check {
@@ -71,8 +75,20 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Serve { config } => serve_command(config).await,
             Command::Check { config } => check_command(config).await,
+            Command::Sim(args) => report(crate::sim::run_cli(args).await),
+            Command::Demo(args) => report(crate::demo::run(args).await),
         }
     })
+}
+
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("deskline: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn init_tracing() {

@@ -10,12 +10,14 @@
 //! - [`sync`]: the durable post-call queue and the worker that writes calls into Zendesk.
 //! - [`grpc`]: the tonic service: validation, auth, proto ↔ domain conversion, status mapping.
 //! - [`config`], [`app`]: typed configuration; starting, supervising and stopping the tasks.
+//! - [`check`], [`demo`]: the operator's `deskline check` and the newcomer's `deskline demo`.
 //! - [`sim`]: the Zendesk simulator and its data generator (used by tests, benches and the demo).
 #![forbid(unsafe_code)]
 
 pub mod app;
 pub mod check;
 pub mod config;
+pub mod demo;
 pub mod follow;
 pub mod grpc;
 pub mod index;
