@@ -1,0 +1,207 @@
+//! Warm-up, restart and memory of the real `deskline serve` process on a generated account
+//! (issue 2's benchmark; issue 5's scaling curve with `DESKLINE_BENCH_SIZES`).
+//!
+//! For each size N (customers; tickets = N): the simulator runs in this process on 127.0.0.1 with
+//! its export limits lifted, and
+//! 1. **baseline**: the simulator alone serves every export page (users with identities, tickets,
+//!    organizations) to a plain HTTP client that only reads the bytes;
+//! 2. **warm-up**: `deskline serve` (release binary, child process) starts with an empty data dir;
+//!    time until its gRPC health says SERVING, records/s, and the ratio against the baseline;
+//! 3. **restart**: SIGTERM (the snapshot is written), start again on the same data dir, time to SERVING;
+//! 4. **memory**: the child's RSS after warm-up minus the RSS of a child serving an empty account,
+//!    per customer (each with its tickets).
+//!
+//! Run: `cargo bench --bench warmup` (sizes default to 1000000; e.g. `DESKLINE_BENCH_SIZES=100000,1000000,5000000`).
+
+use std::{
+    io::Write,
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use deskline::sim::{self, GenConfig, SimConfig};
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+
+const BIN: &str = env!("CARGO_BIN_EXE_deskline");
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn write_config(dir: &Path, sim_url: &str, email: &str, token: &str, port: u16) -> std::path::PathBuf {
+    let path = dir.join("deskline.toml");
+    let mut f = std::fs::File::create(&path).unwrap();
+    write!(
+        f,
+        "[server]\nlisten = \"127.0.0.1:{port}\"\n\
+         [zendesk]\nurl = \"{sim_url}\"\nemail = \"{email}\"\ntoken = \"{token}\"\n\
+         requests_per_minute = 1000000\nexport_requests_per_minute = 1000000\n\
+         [storage]\ndata_dir = \"{}\"\n[index]\npoll_seconds = 3600\n",
+        dir.join("data").display()
+    )
+    .unwrap();
+    path
+}
+
+fn spawn_serve(config: &Path) -> Child {
+    Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start deskline serve")
+}
+
+/// Polls gRPC health until SERVING; returns the time it took.
+async fn wait_serving(port: u16, started: Instant, deadline: Duration) -> Duration {
+    loop {
+        if started.elapsed() > deadline {
+            panic!("deskline did not become SERVING within {deadline:?}");
+        }
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}")).unwrap();
+        if let Ok(ch) = endpoint.connect().await {
+            let mut c = HealthClient::new(ch);
+            if let Ok(r) = c.check(HealthCheckRequest { service: String::new() }).await {
+                if r.into_inner().status == ServingStatus::Serving as i32 {
+                    return started.elapsed();
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn stop(mut child: Child) {
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = child.wait();
+}
+
+/// Reads every export page the way the follower does, keeping only the byte count.
+async fn baseline(url: &str, email: &str, token: &str) -> (Duration, u64) {
+    let http = reqwest::Client::new();
+    let auth = (format!("{email}/token"), token.to_owned());
+    let started = Instant::now();
+    let mut bytes = 0u64;
+    for (path, extra) in [("users/cursor", "&include=identities"), ("tickets/cursor", "")] {
+        let mut next = format!("{url}/api/v2/incremental/{path}.json?start_time=0&per_page=1000{extra}");
+        loop {
+            let r = http.get(&next).basic_auth(&auth.0, Some(&auth.1)).send().await.unwrap();
+            assert!(r.status().is_success(), "baseline {next}: {}", r.status());
+            let body = r.bytes().await.unwrap();
+            bytes += body.len() as u64;
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            if v["end_of_stream"].as_bool().unwrap_or(true) {
+                break;
+            }
+            let cursor = v["after_cursor"].as_str().unwrap().to_owned();
+            next = format!("{url}/api/v2/incremental/{path}.json?cursor={cursor}&per_page=1000{extra}");
+        }
+    }
+    let mut start_time = 0i64;
+    loop {
+        let r = http
+            .get(format!("{url}/api/v2/incremental/organizations.json?start_time={start_time}"))
+            .basic_auth(&auth.0, Some(&auth.1))
+            .send()
+            .await
+            .unwrap();
+        let body = r.bytes().await.unwrap();
+        bytes += body.len() as u64;
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let end = v["end_time"].as_i64().unwrap_or(start_time);
+        if v["end_of_stream"].as_bool().unwrap_or(true) || end <= start_time {
+            break;
+        }
+        start_time = end;
+    }
+    (started.elapsed(), bytes)
+}
+
+async fn start_sim(users: usize) -> sim::SimHandle {
+    let store = sim::generate(&GenConfig { users, tickets: users, agents: 50, organizations: (users / 20).max(1), seed: 7 });
+    let cfg = SimConfig {
+        requests_per_minute: 10_000_000,
+        export_requests_per_minute: 10_000_000,
+        one_minute_rule: Duration::from_secs(0),
+        ..SimConfig::default()
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    sim::start(listener, cfg, store).await
+}
+
+#[tokio::main]
+async fn main() {
+    let sizes: Vec<usize> = std::env::var("DESKLINE_BENCH_SIZES")
+        .unwrap_or_else(|_| "1000000".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+
+    // The empty process, for the memory baseline.
+    let empty_rss = {
+        let sim = start_sim(0).await;
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let cfg = write_config(dir.path(), &sim.url(), sim.email(), sim.token(), port);
+        let child = spawn_serve(&cfg);
+        wait_serving(port, Instant::now(), Duration::from_secs(60)).await;
+        let rss = rss_kib(child.id());
+        stop(child);
+        sim.shutdown().await;
+        rss
+    };
+    println!("empty deskline serve: RSS {empty_rss} KiB");
+    println!("| customers | records | sim alone (baseline) | warm-up | records/s | warm-up / baseline | restart to SERVING | snapshot | RSS above empty | bytes per customer |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for n in sizes {
+        let gen_started = Instant::now();
+        let sim = start_sim(n).await;
+        let records = sim.with_store(|s| s.user_ids().count() + s.ticket_ids().count() + s.org_ids().count());
+        eprintln!("generated {n} customers in {:?}", gen_started.elapsed());
+        let (base, bytes) = baseline(&sim.url(), sim.email(), sim.token()).await;
+        eprintln!("baseline: {base:?} for {} MiB", bytes / (1 << 20));
+
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let cfg = write_config(dir.path(), &sim.url(), sim.email(), sim.token(), port);
+        let started = Instant::now();
+        let child = spawn_serve(&cfg);
+        let warm = wait_serving(port, started, Duration::from_secs(1800)).await;
+        let rss = rss_kib(child.id());
+        stop(child);
+        let snap = std::fs::metadata(dir.path().join("data/index.snapshot")).map(|m| m.len()).unwrap_or(0);
+
+        // Restart: the simulator goes down so nothing can come from the export.
+        sim.set_faults(sim::Faults { down: true, ..Default::default() });
+        let started = Instant::now();
+        let child = spawn_serve(&cfg);
+        let restart = wait_serving(port, started, Duration::from_secs(300)).await;
+        stop(child);
+        sim.shutdown().await;
+
+        let above = rss.saturating_sub(empty_rss) * 1024;
+        println!(
+            "| {n} | {records} | {:.2} s | {:.2} s | {:.0} | {:.2} | {:.2} s | {} MiB | {} MiB | {} |",
+            base.as_secs_f64(),
+            warm.as_secs_f64(),
+            records as f64 / warm.as_secs_f64(),
+            warm.as_secs_f64() / base.as_secs_f64(),
+            restart.as_secs_f64(),
+            snap >> 20,
+            above >> 20,
+            above / n.max(1) as u64
+        );
+    }
+}
