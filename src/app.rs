@@ -179,6 +179,9 @@ async fn serve_command(config_path: PathBuf) -> ExitCode {
 /// A running Deskline for one Zendesk account.
 pub struct Service {
     addr: SocketAddr,
+    /// Where `/metrics` and `/healthz` are served (`server.metrics_listen`), if anywhere.
+    metrics_addr: Option<SocketAddr>,
+    metrics: Arc<crate::metrics::Metrics>,
     index: SharedIndex,
     snapshot_path: PathBuf,
     loaded: watch::Receiver<bool>,
@@ -227,9 +230,23 @@ impl Service {
         );
         let worker_handle = worker.handle();
 
+        let metrics = Arc::new(crate::metrics::Metrics::new(
+            index.clone(),
+            Some(client.clone()),
+            Some(queue.clone()),
+        ));
+        let metrics_listener = match config.server.metrics_listen {
+            Some(addr) => Some(crate::metrics::bind(addr).await?),
+            None => None,
+        };
+        let metrics_addr = match &metrics_listener {
+            Some(l) => Some(l.local_addr()?),
+            None => None,
+        };
+
         let stop_rpc = CancellationToken::new();
         let stop_background = CancellationToken::new();
-        let background = vec![
+        let mut background = vec![
             (
                 "follower",
                 spawn_named("follower", follower.run(stop_background.clone())),
@@ -246,6 +263,18 @@ impl Service {
                 ),
             ),
         ];
+        if let Some(listener) = metrics_listener {
+            // Stopped with the background tasks, so a scrape during shutdown still answers.
+            let (metrics, stop) = (metrics.clone(), stop_background.clone());
+            background.push((
+                "metrics",
+                spawn_named("metrics", async move {
+                    crate::metrics::serve(listener, metrics, stop.cancelled_owned())
+                        .await
+                        .context("the metrics server failed")
+                }),
+            ));
+        }
 
         let state = Arc::new(ServiceState {
             index: index.clone(),
@@ -257,17 +286,25 @@ impl Service {
                 queue,
                 worker: worker_handle,
             }),
+            metrics: metrics.clone(),
         });
-        let auth = Auth::new(config.server.tokens.clone());
+        let auth = Auth::new(config.server.tokens.clone()).with_metrics(metrics.clone());
         let stop = stop_rpc.clone();
         let rpc = spawn_named("grpc", async move {
             grpc::serve(listener, state, auth, health, stop.cancelled_owned())
                 .await
                 .context("the gRPC server failed")
         });
-        info!(%addr, zendesk = %config.zendesk.url, "deskline listening");
+        match metrics_addr {
+            Some(m) => {
+                info!(%addr, metrics = %m, zendesk = %config.zendesk.url, "deskline listening")
+            }
+            None => info!(%addr, zendesk = %config.zendesk.url, "deskline listening"),
+        }
         Ok(Self {
             addr,
+            metrics_addr,
+            metrics,
             index,
             snapshot_path,
             loaded,
@@ -280,6 +317,15 @@ impl Service {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The bound metrics address (port 0 in the config is resolved), `None` when metrics are off.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.metrics
     }
 
     pub fn index(&self) -> &SharedIndex {

@@ -11,6 +11,7 @@
 //! - [`grpc`]: the tonic service: validation, auth, proto ↔ domain conversion, status mapping.
 //! - [`config`], [`app`]: typed configuration; starting, supervising and stopping the tasks.
 //! - [`check`], [`demo`]: the operator's `deskline check` and the newcomer's `deskline demo`.
+//! - [`metrics`]: Prometheus `/metrics` and `/healthz` on `server.metrics_listen`; every metric name.
 //! - [`sim`]: the Zendesk simulator and its data generator (used by tests, benches and the demo).
 #![forbid(unsafe_code)]
 
@@ -21,6 +22,7 @@ pub mod demo;
 pub mod follow;
 pub mod grpc;
 pub mod index;
+pub mod metrics;
 pub mod phone;
 pub mod routing;
 pub mod sim;

@@ -105,9 +105,48 @@ pub struct CustomerView {
     pub organization: Option<OrgView>,
 }
 
+/// Which rule decided a route, as a closed set: the metric label behind `reason` (whose text names
+/// tickets and agents, so it can never be a label itself).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReasonKind {
+    Routed,
+    NoCustomer,
+    NoOpenTicket,
+    /// The most recent open ticket has no assignee.
+    NoAssignee,
+    /// The most recent open ticket's assignee is inactive, suspended or not a known agent.
+    InactiveAssignee,
+    /// The owner has no entry in the directory.
+    NoExtension,
+}
+
+impl ReasonKind {
+    pub const ALL: [ReasonKind; 6] = [
+        Self::Routed,
+        Self::NoCustomer,
+        Self::NoOpenTicket,
+        Self::NoAssignee,
+        Self::InactiveAssignee,
+        Self::NoExtension,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Routed => "routed",
+            Self::NoCustomer => "no_customer",
+            Self::NoOpenTicket => "no_open_ticket",
+            Self::NoAssignee => "no_assignee",
+            Self::InactiveAssignee => "inactive_assignee",
+            Self::NoExtension => "no_extension",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteAnswer {
     pub decision: Decision,
+    /// The category of `reason`.
+    pub kind: ReasonKind,
     pub agent: Option<AgentView>,
     pub ticket: Option<TicketView>,
     pub customer: Option<CustomerView>,
@@ -260,9 +299,14 @@ fn customer_view(index: &Index, c: &CustomerRef<'_>, phone: E164) -> CustomerVie
 }
 
 /// Why no open ticket could decide the route, naming the most recent one.
-fn passed_over(index: &Index, t: &TicketRef<'_>) -> String {
-    match t.assignee_id {
-        None => format!("ticket {} has no assignee", t.id),
+fn passed_over(index: &Index, t: &TicketRef<'_>) -> (ReasonKind, String) {
+    let reason = match t.assignee_id {
+        None => {
+            return (
+                ReasonKind::NoAssignee,
+                format!("ticket {} has no assignee", t.id),
+            );
+        }
         Some(a) => match index.agent(a) {
             Some(ag) if !ag.active => format!("ticket {}'s assignee {} is inactive", t.id, ag.name),
             Some(ag) if ag.suspended => {
@@ -270,21 +314,30 @@ fn passed_over(index: &Index, t: &TicketRef<'_>) -> String {
             }
             _ => format!("ticket {}'s assignee (user {a}) is not a known agent", t.id),
         },
-    }
+    };
+    (ReasonKind::InactiveAssignee, reason)
 }
 
 /// DESIGN §3 rules 2–5.
 pub fn route(index: &Index, directory: &Directory, phone: E164) -> RouteAnswer {
     let f = find(index, phone);
-    let default = |reason: String, customer: Option<CustomerView>, ticket, agent| RouteAnswer {
-        decision: Decision::DefaultRouting,
-        agent,
-        ticket,
-        customer,
-        reason,
-    };
+    let default =
+        |kind, reason: String, customer: Option<CustomerView>, ticket, agent| RouteAnswer {
+            decision: Decision::DefaultRouting,
+            kind,
+            agent,
+            ticket,
+            customer,
+            reason,
+        };
     let Some(latest_customer) = f.latest_customer else {
-        return default("no customer with this number".into(), None, None, None);
+        return default(
+            ReasonKind::NoCustomer,
+            "no customer with this number".into(),
+            None,
+            None,
+            None,
+        );
     };
     let Some((ticket, agent)) = f.owned else {
         // The customer caller ID would show: the one with the latest open ticket, else the latest.
@@ -294,13 +347,17 @@ pub fn route(index: &Index, directory: &Directory, phone: E164) -> RouteAnswer {
             .unwrap_or(latest_customer);
         let customer = Some(customer_view(index, &cust, phone));
         return match f.latest_open {
-            None => default("no open ticket".into(), customer, None, None),
-            Some(t) => default(
-                passed_over(index, &t),
+            None => default(
+                ReasonKind::NoOpenTicket,
+                "no open ticket".into(),
                 customer,
-                Some(ticket_view(&t)),
+                None,
                 None,
             ),
+            Some(t) => {
+                let (kind, reason) = passed_over(index, &t);
+                default(kind, reason, customer, Some(ticket_view(&t)), None)
+            }
         };
     };
     let customer = index
@@ -316,12 +373,14 @@ pub fn route(index: &Index, directory: &Directory, phone: E164) -> RouteAnswer {
     match extension {
         Some(_) => RouteAnswer {
             decision: Decision::RouteToAgent,
+            kind: ReasonKind::Routed,
             reason: format!("ticket {} is assigned to {}", ticket.id, agent.name),
             agent: Some(view),
             ticket: Some(ticket_view(&ticket)),
             customer,
         },
         None => default(
+            ReasonKind::NoExtension,
             format!("assignee {} has no PBX extension", agent.name),
             customer,
             Some(ticket_view(&ticket)),

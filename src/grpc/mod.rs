@@ -7,7 +7,10 @@
 
 mod calls;
 
-use std::{sync::Arc, time::SystemTime};
+use std::{
+    sync::Arc,
+    time::{Instant, SystemTime},
+};
 
 use secrecy::{ExposeSecret, SecretString};
 use subtle::ConstantTimeEq;
@@ -15,6 +18,7 @@ use tonic::{Request, Response, Status, service::Interceptor};
 
 use crate::{
     index::SharedIndex,
+    metrics::{Method, Metrics},
     phone::{PhoneError, PhoneParser, mask},
     proto::{self, resolver_server::Resolver},
     routing::{self, AgentView, CustomerView, Decision, Directory, OrgView, TicketView},
@@ -70,6 +74,8 @@ pub struct ServiceState {
     pub zendesk_url: String,
     /// The post-call queue and a handle that wakes its worker.
     pub sync: Option<SyncApi>,
+    /// RPC counts, latencies and routing decisions are recorded here.
+    pub metrics: Arc<Metrics>,
 }
 
 /// What `ReportCall` and `GetCallStatus` need.
@@ -125,6 +131,53 @@ impl Resolver for ResolverService {
         &self,
         request: Request<proto::RouteCallRequest>,
     ) -> Result<Response<proto::RouteCallResponse>, Status> {
+        let started = Instant::now();
+        let result = self.route(request);
+        self.state.metrics.rpc(Method::RouteCall, started, &result);
+        result
+    }
+
+    async fn lookup_caller(
+        &self,
+        request: Request<proto::LookupCallerRequest>,
+    ) -> Result<Response<proto::LookupCallerResponse>, Status> {
+        let started = Instant::now();
+        let result = self.lookup(request);
+        self.state
+            .metrics
+            .rpc(Method::LookupCaller, started, &result);
+        result
+    }
+
+    async fn report_call(
+        &self,
+        request: Request<proto::ReportCallRequest>,
+    ) -> Result<Response<proto::ReportCallResponse>, Status> {
+        let started = Instant::now();
+        let result = self.report(request).await;
+        self.state.metrics.rpc(Method::ReportCall, started, &result);
+        result
+    }
+
+    async fn get_call_status(
+        &self,
+        request: Request<proto::GetCallStatusRequest>,
+    ) -> Result<Response<proto::GetCallStatusResponse>, Status> {
+        let started = Instant::now();
+        let result = self.call_status(request).await;
+        self.state
+            .metrics
+            .rpc(Method::GetCallStatus, started, &result);
+        result
+    }
+}
+
+/// The handlers' bodies; the trait impl above only times them.
+impl ResolverService {
+    fn route(
+        &self,
+        request: Request<proto::RouteCallRequest>,
+    ) -> Result<Response<proto::RouteCallResponse>, Status> {
         let req = request.into_inner();
         let caller = required_number("caller", &req.caller)?;
         check_len("called", &req.called, MAX_NUMBER_LEN)?;
@@ -146,11 +199,12 @@ impl Resolver for ResolverService {
                 index.age_ms(now_ms()).unwrap_or(0),
             )
         };
+        st.metrics.decision(answer.kind);
         tracing::debug!(call_id = %req.call_id, caller = %mask(caller), decision = ?answer.decision, "route");
         Ok(Response::new(route_to_proto(&st.zendesk_url, answer, age)))
     }
 
-    async fn lookup_caller(
+    fn lookup(
         &self,
         request: Request<proto::LookupCallerRequest>,
     ) -> Result<Response<proto::LookupCallerResponse>, Status> {
@@ -176,7 +230,7 @@ impl Resolver for ResolverService {
         Ok(Response::new(caller_to_proto(&st.zendesk_url, answer, age)))
     }
 
-    async fn report_call(
+    async fn report(
         &self,
         request: Request<proto::ReportCallRequest>,
     ) -> Result<Response<proto::ReportCallResponse>, Status> {
@@ -197,7 +251,7 @@ impl Resolver for ResolverService {
         }))
     }
 
-    async fn get_call_status(
+    async fn call_status(
         &self,
         request: Request<proto::GetCallStatusRequest>,
     ) -> Result<Response<proto::GetCallStatusResponse>, Status> {
@@ -331,13 +385,28 @@ pub fn caller_to_proto(
 #[derive(Clone)]
 pub struct Auth {
     tokens: Arc<[SecretString]>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Auth {
     pub fn new(tokens: Vec<SecretString>) -> Self {
         Self {
             tokens: tokens.into(),
+            metrics: None,
         }
+    }
+
+    /// Counts refused requests in `metrics` (the handlers never see them).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn refuse(&self, status: Status) -> Status {
+        if let Some(m) = &self.metrics {
+            m.unauthenticated();
+        }
+        status
     }
 
     /// Compares against every configured token in constant time, so timing reveals neither which
@@ -357,18 +426,19 @@ impl Interceptor for Auth {
             return Ok(request);
         }
         let header = request.metadata().get("authorization").ok_or_else(|| {
-            Status::unauthenticated(
+            self.refuse(Status::unauthenticated(
                 "missing authorization metadata: send `authorization: Bearer <token>`",
-            )
+            ))
         })?;
-        let presented = header
-            .as_bytes()
-            .strip_prefix(b"Bearer ")
-            .ok_or_else(|| Status::unauthenticated("authorization must be `Bearer <token>`"))?;
+        let presented = header.as_bytes().strip_prefix(b"Bearer ").ok_or_else(|| {
+            self.refuse(Status::unauthenticated(
+                "authorization must be `Bearer <token>`",
+            ))
+        })?;
         if self.accepts(presented) {
             Ok(request)
         } else {
-            Err(Status::unauthenticated("invalid token"))
+            Err(self.refuse(Status::unauthenticated("invalid token")))
         }
     }
 }

@@ -77,6 +77,17 @@ pub enum Export {
 }
 
 impl Export {
+    pub const ALL: [Export; 3] = [Export::Users, Export::Tickets, Export::Organizations];
+
+    /// A low-cardinality name (metric label, logs).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Export::Users => "users",
+            Export::Tickets => "tickets",
+            Export::Organizations => "organizations",
+        }
+    }
+
     fn idx(self) -> usize {
         match self {
             Export::Users => 0,
@@ -408,6 +419,11 @@ impl Index {
     /// Records that `export` was read to its end at `at_ms` (Unix milliseconds).
     pub fn mark_fresh(&mut self, export: Export, at_ms: i64) {
         self.fresh[export.idx()] = Some(at_ms);
+    }
+
+    /// When `export` was last read to its end (Unix milliseconds); `None` until it was.
+    pub fn fresh_at(&self, export: Export) -> Option<i64> {
+        self.fresh[export.idx()]
     }
 
     /// Milliseconds since the oldest of the three exports was last read to its end; `None` until all were.

@@ -78,6 +78,7 @@ fn unknown_number() {
     let a = route(&ix, &std_dir(), e164("+380509999999"));
     assert_eq!(a.decision, Decision::DefaultRouting);
     assert_eq!(a.reason, "no customer with this number");
+    assert_eq!(a.kind, ReasonKind::NoCustomer);
     assert!(a.agent.is_none() && a.customer.is_none() && a.ticket.is_none());
     let c = lookup_caller(&ix, e164("+380509999999"));
     assert!(!c.found);
@@ -93,6 +94,7 @@ fn no_open_ticket() {
     let a = route(&ix, &std_dir(), e164(NUM));
     assert_eq!(a.decision, Decision::DefaultRouting);
     assert_eq!(a.reason, "no open ticket");
+    assert_eq!(a.kind, ReasonKind::NoOpenTicket);
     assert_eq!(a.customer.unwrap().id, 1);
     assert!(a.agent.is_none() && a.ticket.is_none());
 }
@@ -104,6 +106,7 @@ fn routes_to_the_assignee_of_the_open_ticket() {
     let a = route(&ix, &std_dir(), e164(NUM));
     assert_eq!(a.decision, Decision::RouteToAgent);
     assert_eq!(a.reason, "ticket 123 is assigned to Olena Petrenko");
+    assert_eq!(a.kind, ReasonKind::Routed);
     let agent = a.agent.unwrap();
     assert_eq!((agent.id, agent.extension.as_deref()), (100, Some("101")));
     assert_eq!(agent.email, "agent100@example.com");
@@ -166,6 +169,7 @@ fn only_unassigned_tickets() {
     let a = route(&ix, &std_dir(), e164(NUM));
     assert_eq!(a.decision, Decision::DefaultRouting);
     assert_eq!(a.reason, "ticket 123 has no assignee");
+    assert_eq!(a.kind, ReasonKind::NoAssignee);
     assert!(a.agent.is_none());
     assert_eq!(a.ticket.unwrap().id, 123);
     // Caller ID falls back to the most recently updated open ticket.
@@ -192,6 +196,7 @@ fn inactive_or_suspended_assignee_is_passed_over() {
     let a = route(&ix, &std_dir(), e164(NUM));
     assert_eq!(a.decision, Decision::DefaultRouting);
     assert_eq!(a.reason, "ticket 11's assignee Іван Франко is inactive");
+    assert_eq!(a.kind, ReasonKind::InactiveAssignee);
     assert!(a.agent.is_none());
 
     ix.apply_ticket(&ticket(11, 1, Some(555), "2024-03-01T00:00:00Z"));
@@ -203,6 +208,7 @@ fn inactive_or_suspended_assignee_is_passed_over() {
     ix.apply_ticket(&ticket(11, 1, Some(100), "2024-03-01T00:00:00Z"));
     let a = route(&ix, &std_dir(), e164(NUM));
     assert_eq!(a.reason, "ticket 11's assignee Olena Petrenko is suspended");
+    assert_eq!(a.kind, ReasonKind::InactiveAssignee);
 }
 
 #[test]
@@ -212,6 +218,7 @@ fn assignee_without_extension_still_fills_agent() {
     let a = route(&ix, &dir(&[("Іван Франко", "102")]), e164(NUM));
     assert_eq!(a.decision, Decision::DefaultRouting);
     assert_eq!(a.reason, "assignee Olena Petrenko has no PBX extension");
+    assert_eq!(a.kind, ReasonKind::NoExtension);
     let agent = a.agent.unwrap();
     assert_eq!((agent.id, agent.extension), (100, None));
     assert_eq!(a.ticket.unwrap().id, 10);
