@@ -22,7 +22,7 @@ use std::{
     path::PathBuf,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant, SystemTime},
 };
@@ -83,6 +83,10 @@ pub struct Follower {
     opts: FollowerOptions,
     loaded: watch::Sender<bool>,
     records: AtomicU64,
+    /// Records read per export (users, tickets, organizations), for progress logs.
+    per_export: [AtomicU64; 3],
+    /// Which exports are being read right now.
+    reading: [AtomicBool; 3],
 }
 
 impl Follower {
@@ -104,6 +108,8 @@ impl Follower {
                 opts,
                 loaded: tx,
                 records: AtomicU64::new(0),
+                per_export: Default::default(),
+                reading: Default::default(),
             },
             rx,
         )
@@ -198,6 +204,9 @@ impl Follower {
         id_tx: &mpsc::UnboundedSender<Vec<i64>>,
         shutdown: &CancellationToken,
     ) -> Result<u64, CycleError> {
+        for r in &self.reading {
+            r.store(true, Ordering::Relaxed);
+        }
         let (u, t, o) = tokio::try_join!(
             self.read_users(id_tx, shutdown),
             self.read_tickets(shutdown),
@@ -247,8 +256,9 @@ impl Follower {
                 }
             }
             total += n;
-            self.records.fetch_add(n, Ordering::Relaxed);
+            self.counted(0, n);
             if page.end_of_stream {
+                self.reading[0].store(false, Ordering::Relaxed);
                 return Ok(total);
             }
         }
@@ -274,8 +284,9 @@ impl Follower {
                 }
             }
             total += n;
-            self.records.fetch_add(n, Ordering::Relaxed);
+            self.counted(1, n);
             if page.end_of_stream {
+                self.reading[1].store(false, Ordering::Relaxed);
                 return Ok(total);
             }
         }
@@ -306,11 +317,17 @@ impl Follower {
                 }
             }
             total += n;
-            self.records.fetch_add(n, Ordering::Relaxed);
+            self.counted(2, n);
             if page.end_of_stream || n == 0 {
+                self.reading[2].store(false, Ordering::Relaxed);
                 return Ok(total);
             }
         }
+    }
+
+    fn counted(&self, export: usize, n: u64) {
+        self.records.fetch_add(n, Ordering::Relaxed);
+        self.per_export[export].fetch_add(n, Ordering::Relaxed);
     }
 
     async fn save_snapshot(&self) {
@@ -391,9 +408,22 @@ async fn progress_logger(this: Arc<Follower>, started: Instant, stop: Cancellati
         let records = this.records.load(Ordering::Relaxed);
         let secs = started.elapsed().as_secs_f64();
         let counts = this.index.read().counts();
+        let names = ["users", "tickets", "organizations"];
+        let reading: Vec<&str> = names
+            .iter()
+            .zip(&this.reading)
+            .filter(|(_, r)| r.load(Ordering::Relaxed))
+            .map(|(n, _)| *n)
+            .collect();
+        let [users, tickets, organizations] =
+            [0, 1, 2].map(|i| this.per_export[i].load(Ordering::Relaxed));
         info!(
             records,
             rate = format!("{:.0}/s", records as f64 / secs.max(0.001)),
+            reading = reading.join(","),
+            users_read = users,
+            tickets_read = tickets,
+            organizations_read = organizations,
             customers = counts.customers,
             open_tickets = counts.open_tickets,
             organizations = counts.organizations,
