@@ -956,3 +956,34 @@ async fn storms_and_5xx_within_a_small_budget() {
     );
     env.stop().await;
 }
+
+/// A report accepted while the index is still warming up (no snapshot yet) must not make the
+/// worker miss an existing customer: Zendesk search does not see users changed in the last
+/// minutes, so a worker that ran on the empty index would create a second user for the number.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn report_during_warm_up_finds_the_existing_customer() {
+    let mut a = account();
+    let (user, ticket) = customer(&mut a.store, "Early Caller", "+380441230001", None, a.olena);
+    let sim = start_sim(a.store, |c| {
+        // One export request per 3 s: the warm-up (three exports) takes several seconds, while
+        // the rest of the API answers at once.
+        c.export_requests_per_minute = 1;
+        c.rate_window = Duration::from_secs(3);
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let service = start_service(&config(&sim, dir.path(), 100_000, "")).await;
+    let mut grpc = client(service.addr()).await;
+    let r = report("early-1", "044 123 0001");
+    assert!(!grpc.report_call(r).await.unwrap().into_inner().duplicate);
+    let st = settle(&grpc, &["early-1"], DEADLINE).await.remove(0);
+    assert_done(&st);
+    assert_eq!((st.user_id, st.ticket_id), (user, ticket), "{st:?}");
+    assert!(!st.created_user && !st.created_ticket);
+    assert_eq!(
+        sim.with_store(|s| s.find_users_by_phone_digits("380441230001")),
+        vec![user]
+    );
+    service.shutdown().await.unwrap();
+    sim.shutdown().await;
+}
