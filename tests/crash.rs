@@ -30,7 +30,7 @@ use rand::Rng;
 use tonic::transport::Channel;
 
 /// Kill rounds (each: start or restart, a batch of reports, SIGKILL mid-work). Issue 6 raises it.
-const ROUNDS: usize = 8;
+const ROUNDS: usize = 12;
 /// Added to every simulator response, so a job spans several round trips.
 const LATENCY_MS: u64 = 25;
 /// Existing customers, each with an organization and an open ticket.
