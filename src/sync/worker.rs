@@ -117,6 +117,23 @@ impl Worker {
             concurrency = inner.settings.concurrency,
             "sync worker started"
         );
+        // Step 1 finds the user in the index first; Zendesk search, the fallback, does not see
+        // users changed in the last minutes. A job run on a half-warmed index would miss such a
+        // customer and create a second user, organization and ticket for the number, so jobs wait
+        // (durably queued) until the index is loaded. Polled: the index has no change signal, and
+        // a start-up wait of a tenth of a second more does not matter.
+        if !inner.index.read().is_loaded() {
+            tracing::info!("sync waits for the index to load before writing to Zendesk");
+            while !inner.index.read().is_loaded() {
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    () = shutdown.cancelled() => {
+                        tracing::info!("sync worker stopped");
+                        return Ok(());
+                    }
+                }
+            }
+        }
         let result = loop {
             let permit = tokio::select! {
                 p = permits.clone().acquire_owned() => p?,

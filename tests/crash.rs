@@ -1,0 +1,356 @@
+//! Crash safety of the post-call sync with the real binary: `deskline serve` runs as a child
+//! process against an in-process simulator (with latency, so jobs are in flight), receives a batch
+//! of reports, and is killed with SIGKILL at a random point of the work; the next round restarts it
+//! on the same `data_dir`. At the end every call must be DONE, and the simulator must hold each
+//! call's comment exactly once and one user, organization and ticket per new number (DESIGN §4:
+//! "a crash at any point followed by a restart produces no duplicate and loses no report").
+//!
+//! The kill point is a condition, not a sleep: a random number of simulator requests after the
+//! batch was accepted (0 kills right after the reports were acknowledged).
+
+mod common;
+
+use std::{
+    io::Read as _,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use common::*;
+use deskline::{
+    proto::{
+        self, GetCallStatusRequest, GetCallStatusResponse, ReportCallRequest,
+        get_call_status_response::SyncState, resolver_client::ResolverClient,
+    },
+    sim::{self, Faults, NewTicket, NewUser, Role, SimHandle, Status, Store},
+};
+use rand::Rng;
+use tonic::transport::Channel;
+
+/// Kill rounds (each: start or restart, a batch of reports, SIGKILL mid-work). Issue 6 raises it.
+const ROUNDS: usize = 12;
+/// Added to every simulator response, so a job spans several round trips.
+const LATENCY_MS: u64 = 25;
+/// Existing customers, each with an organization and an open ticket.
+const EXISTING: usize = 3;
+
+/// The child process; killed (SIGKILL) and reaped when dropped, so a failing test leaves nothing.
+struct Deskline {
+    child: Child,
+    addr: SocketAddr,
+    log: PathBuf,
+}
+
+impl Drop for Deskline {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Deskline {
+    /// Starts `deskline serve` and waits until its gRPC port answers.
+    async fn start(dir: &Path, sim: &SimHandle, round: usize) -> Self {
+        // A free port: bound and released at once. The child binds it a moment later.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let data_dir = dir.join("data");
+        let config = dir.join("deskline.toml");
+        let extra = format!(
+            "[server]\nlisten = \"{addr}\"\n[index]\npoll_seconds = 3600\n[sync]\nsenior_manager = \"Ivan Kovalenko\"\n"
+        );
+        std::fs::write(&config, config_text(sim, &data_dir, &extra)).unwrap();
+        let log = dir.join(format!("round-{round}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_deskline"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("cannot start deskline serve");
+        let mut d = Self { child, addr, log };
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap();
+        let started = tokio::time::Instant::now();
+        loop {
+            if endpoint.connect().await.is_ok() {
+                return d;
+            }
+            if let Ok(Some(status)) = d.child.try_wait() {
+                panic!("deskline exited with {status}:\n{}", d.log_text());
+            }
+            assert!(
+                started.elapsed() < DEADLINE,
+                "deskline did not listen on {addr}:\n{}",
+                d.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn grpc(&self) -> ResolverClient<Channel> {
+        client(self.addr).await
+    }
+
+    /// SIGKILL: no shutdown, no snapshot, jobs left IN_PROGRESS in the queue.
+    fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    fn log_text(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        let tail: Vec<&str> = s.lines().rev().take(40).collect();
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    }
+}
+
+fn account() -> (Store, Vec<(String, i64)>) {
+    let mut s = Store::new();
+    s.create_user(NewUser {
+        name: "Owner".into(),
+        email: Some(sim::OWNER_EMAIL.into()),
+        role: Some(Role::Admin),
+        ..NewUser::default()
+    })
+    .unwrap();
+    let mut agents = Vec::new();
+    for (name, email) in [
+        ("Olena Petrenko", "olena@deskline.test"),
+        ("Ivan Kovalenko", "ivan@deskline.test"),
+    ] {
+        agents.push(
+            s.create_user(NewUser {
+                name: name.into(),
+                email: Some(email.into()),
+                role: Some(Role::Agent),
+                ..NewUser::default()
+            })
+            .unwrap(),
+        );
+    }
+    let org = s.create_organization("Existing Customers", None).unwrap();
+    let mut existing = Vec::new();
+    for i in 0..EXISTING {
+        let phone = format!("+38044200000{i}");
+        let user = s
+            .create_user(NewUser {
+                name: format!("Customer {i}"),
+                phone: Some(phone.clone()),
+                organization_id: Some(org),
+                ..NewUser::default()
+            })
+            .unwrap();
+        let ticket = s
+            .create_ticket(NewTicket {
+                requester_id: user,
+                assignee_id: Some(agents[0]),
+                organization_id: Some(org),
+                status: Some(Status::Open),
+                ..NewTicket::default()
+            })
+            .unwrap();
+        existing.push((phone, ticket));
+    }
+    (s, existing)
+}
+
+fn report(call_id: &str, number: &str) -> ReportCallRequest {
+    ReportCallRequest {
+        call_id: call_id.into(),
+        direction: proto::Direction::Incoming as i32,
+        outcome: proto::Outcome::Answered as i32,
+        client_number: number.into(),
+        line_number: "+380441110000".into(),
+        started_at: Some(prost_types::Timestamp {
+            seconds: 1_714_557_600,
+            nanos: 0,
+        }),
+        duration_seconds: 61,
+        wait_seconds: 3,
+        recording_url: "https://pbx.example/rec/crash.mp3".into(),
+        employee_name: "Olena Petrenko".into(),
+        scheme_name: "Sales".into(),
+        ..Default::default()
+    }
+}
+
+/// The new numbers of a round: two calls from the first, one from the second.
+fn new_numbers(round: usize) -> [String; 2] {
+    [
+        format!("+38050300{round:02}01"),
+        format!("+38050300{round:02}02"),
+    ]
+}
+
+/// Round `r`'s batch: a call from each existing customer, two from a new number, one from another
+/// new number, and one from the first new number of the previous round (new then, maybe half
+/// synced when that round's process died).
+fn batch(round: usize, existing: &[(String, i64)]) -> Vec<ReportCallRequest> {
+    let mut out: Vec<ReportCallRequest> = existing
+        .iter()
+        .enumerate()
+        .map(|(i, (p, _))| report(&format!("r{round}-old-{i}"), p))
+        .collect();
+    let [a, b] = new_numbers(round);
+    out.push(report(&format!("r{round}-a-1"), &a));
+    out.push(report(&format!("r{round}-a-2"), &a));
+    out.push(report(&format!("r{round}-b-1"), &b));
+    if round > 0 {
+        out.push(report(
+            &format!("r{round}-prev-a"),
+            &new_numbers(round - 1)[0],
+        ));
+    }
+    out
+}
+
+async fn status(grpc: &mut ResolverClient<Channel>, id: &str) -> GetCallStatusResponse {
+    grpc.get_call_status(GetCallStatusRequest { call_id: id.into() })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_sync_then_restart_syncs_every_call_once() {
+    let (store, existing) = account();
+    let sim = start_sim(store, |c| {
+        c.faults = Faults {
+            latency_ms: LATENCY_MS,
+            ..Faults::default()
+        };
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = rand::rng();
+    let mut ids = Vec::new();
+    let mut kills = Vec::new();
+
+    for round in 0..ROUNDS {
+        let d = Deskline::start(dir.path(), &sim, round).await;
+        let mut grpc = d.grpc().await;
+        let before = sim.requests().len();
+        for r in batch(round, &existing) {
+            let id = r.call_id.clone();
+            let resp = grpc.report_call(r).await.unwrap().into_inner();
+            assert!(!resp.duplicate, "{id}");
+            ids.push(id);
+        }
+        // Kill after a random number of further Zendesk requests (warm-up and sync alike).
+        let after = rng.random_range(0..12usize);
+        let started = tokio::time::Instant::now();
+        while sim.requests().len() < before + after {
+            if started.elapsed() > DEADLINE {
+                panic!("deskline stopped sending requests:\n{}", d.log_text());
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let mut in_progress = 0;
+        for id in &ids {
+            if status(&mut grpc, id).await.state() == SyncState::InProgress {
+                in_progress += 1;
+            }
+        }
+        kills.push((after, in_progress));
+        d.kill();
+    }
+
+    // The last restart runs to the end.
+    let d = Deskline::start(dir.path(), &sim, ROUNDS).await;
+    let mut grpc = d.grpc().await;
+    let started = tokio::time::Instant::now();
+    let mut statuses = Vec::new();
+    for id in &ids {
+        loop {
+            let st = status(&mut grpc, id).await;
+            if matches!(st.state(), SyncState::Done | SyncState::Failed) {
+                assert_eq!(st.state(), SyncState::Done, "{st:#?}\n{}", d.log_text());
+                statuses.push(st);
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(45),
+                "{id} not synced: {st:#?}\n{}",
+                d.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let interrupted: usize = kills.iter().map(|k| k.1).sum();
+    eprintln!(
+        "{ROUNDS} kills (requests after the batch, jobs IN_PROGRESS at the kill): {kills:?}; {} calls",
+        ids.len()
+    );
+    assert!(interrupted > 0, "no kill hit a job in flight: {kills:?}");
+
+    // Every call's comment exactly once, wherever it landed.
+    let comments: Vec<String> = sim.with_store(|s| {
+        let tickets: Vec<i64> = s.ticket_ids().collect();
+        tickets
+            .into_iter()
+            .flat_map(|t| s.comments(t))
+            .map(|c| c.body.or(c.plain_body).unwrap_or_default())
+            .collect()
+    });
+    for id in &ids {
+        let marker = format!("Call ID: {id}");
+        let n = comments
+            .iter()
+            .filter(|c| c.lines().any(|l| l.trim() == marker))
+            .count();
+        assert_eq!(n, 1, "{id}: {n} comments");
+    }
+    // Existing customers: their open ticket got their calls, nothing new was created for them.
+    for (phone, ticket) in &existing {
+        let digits = phone.trim_start_matches('+');
+        assert_eq!(
+            sim.with_store(|s| s.find_users_by_phone_digits(digits))
+                .len(),
+            1
+        );
+        assert_eq!(
+            sim.with_store(|s| s.comments(*ticket).len()),
+            1 + ROUNDS,
+            "ticket {ticket}"
+        );
+    }
+    // One user, organization and ticket per new number.
+    let mut new_orgs = Vec::new();
+    for round in 0..ROUNDS {
+        for n in new_numbers(round) {
+            let digits = n.trim_start_matches('+').to_owned();
+            let users = sim.with_store(|s| s.find_users_by_phone_digits(&digits));
+            assert_eq!(users.len(), 1, "{n}: users {users:?}");
+            let (user, tickets) =
+                sim.with_store(|s| (s.user(users[0]).unwrap(), s.tickets_of_requester(users[0])));
+            assert_eq!(tickets.len(), 1, "{n}: tickets {tickets:?}");
+            new_orgs.push(user.organization_id.expect("linked to its organization"));
+        }
+    }
+    new_orgs.sort_unstable();
+    new_orgs.dedup();
+    assert_eq!(new_orgs.len(), 2 * ROUNDS, "an organization per new number");
+    assert_eq!(
+        sim.with_store(|s| s.org_count()),
+        1 + 2 * ROUNDS,
+        "no stray organizations"
+    );
+    assert_eq!(
+        sim.with_store(|s| s.ticket_count()),
+        EXISTING + 2 * ROUNDS,
+        "no stray tickets"
+    );
+    assert!(statuses.iter().all(|s| s.comment_added));
+    drop(d);
+    sim.shutdown().await;
+}
