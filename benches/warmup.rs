@@ -274,6 +274,9 @@ async fn main() {
         let (alone, ingested) = ingest_alone(&pages);
         drop(pages);
         eprintln!("ingest alone: {ingested} records in {alone:?}");
+        if std::env::var_os("DESKLINE_BENCH_INGEST_ONLY").is_some() {
+            continue;
+        }
 
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
