@@ -443,10 +443,10 @@ fn full_log(d: &Deskline) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_during_snapshot_writes_never_serves_half_read_data() {
     let store = sim::generate(&sim::GenConfig {
-        users: 20_000,
-        tickets: 20_000,
+        users: 8_000,
+        tickets: 8_000,
         agents: 20,
-        organizations: 500,
+        organizations: 300,
         seed: 6,
     });
     // A sample of the account's numbers, in the formats Zendesk stores them, plus unknown ones.
