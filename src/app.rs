@@ -198,6 +198,15 @@ impl Service {
     /// snapshot at once when there is one; otherwise health is NOT_SERVING until the warm-up ends.
     pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Self> {
         let addr = listener.local_addr()?;
+        // TLS first: a bad certificate stops start-up before any task is spawned.
+        let tls = match config.tls_pem()? {
+            Some(pem) => Some(grpc::tls_config(&pem).map_err(|e| {
+                anyhow::anyhow!(
+                    "server.tls_cert / server.tls_key: not a usable PEM certificate chain and private key: {e}"
+                )
+            })?),
+            None => None,
+        };
         let data_dir = config.storage.data_dir.clone();
         std::fs::create_dir_all(&data_dir)
             .with_context(|| format!("cannot create storage.data_dir {}", data_dir.display()))?;
@@ -291,7 +300,7 @@ impl Service {
         let auth = Auth::new(config.server.tokens.clone()).with_metrics(metrics.clone());
         let stop = stop_rpc.clone();
         let rpc = spawn_named("grpc", async move {
-            grpc::serve(listener, state, auth, health, stop.cancelled_owned())
+            grpc::serve(listener, state, auth, health, tls, stop.cancelled_owned())
                 .await
                 .context("the gRPC server failed")
         });

@@ -10,7 +10,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::{ExposeSecret, SecretBox, SecretString};
 use serde::Deserialize;
 
 use crate::phone::PhoneParser;
@@ -61,6 +61,11 @@ pub struct ServerConfig {
     /// Accepted bearer tokens; empty means no authentication (allowed on loopback only).
     pub tokens: Vec<SecretString>,
     pub metrics_listen: Option<SocketAddr>,
+    /// PEM certificate chain for gRPC over TLS; set together with `tls_key`. Without both, the
+    /// server speaks plain HTTP/2 (fine on loopback or behind a TLS-terminating proxy).
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key matching `tls_cert`.
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -69,6 +74,8 @@ impl Default for ServerConfig {
             listen: ([127, 0, 0, 1], 50051).into(),
             tokens: Vec::new(),
             metrics_listen: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -209,6 +216,13 @@ impl Default for SyncConfig {
     }
 }
 
+/// The gRPC server's certificate chain and private key, as PEM bytes read from the config's paths.
+pub struct TlsPem {
+    pub cert: Vec<u8>,
+    /// Secret, so `Debug` never prints it.
+    pub key: SecretBox<Vec<u8>>,
+}
+
 /// How Deskline authenticates to Zendesk, resolved from the config (files read).
 #[derive(Clone)]
 pub enum Credentials {
@@ -325,6 +339,21 @@ impl Config {
                 ),
             ));
         }
+        match (&self.server.tls_cert, &self.server.tls_key) {
+            (Some(_), None) => {
+                return Err(key_err(
+                    "server.tls_key",
+                    "required when server.tls_cert is set",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(key_err(
+                    "server.tls_cert",
+                    "required when server.tls_key is set",
+                ));
+            }
+            _ => {}
+        }
         for (i, t) in self.server.tokens.iter().enumerate() {
             if t.expose_secret().trim().len() < 16 {
                 return Err(key_err(
@@ -403,6 +432,23 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Reads the gRPC TLS certificate and key (`server.tls_cert`, `server.tls_key`) when both are
+    /// set. Each read error names its key; whether the PEM is usable is checked when the server
+    /// is built (`grpc::tls_config`).
+    pub fn tls_pem(&self) -> Result<Option<TlsPem>, ConfigError> {
+        let (Some(cert), Some(key)) = (&self.server.tls_cert, &self.server.tls_key) else {
+            return Ok(None);
+        };
+        let read = |name: &str, path: &Path| {
+            std::fs::read(path)
+                .map_err(|e| key_err(name, format!("cannot read {}: {e}", path.display())))
+        };
+        Ok(Some(TlsPem {
+            cert: read("server.tls_cert", cert)?,
+            key: SecretBox::new(Box::new(read("server.tls_key", key)?)),
+        }))
     }
 
     /// Resolves the Zendesk credentials, reading token files.
@@ -697,5 +743,25 @@ mod tests {
         assert!(validate_zendesk_url("http://localhost:8080").is_ok());
         assert!(validate_zendesk_url("http://10.0.0.1").is_err());
         assert!(validate_zendesk_url("ftp://x.zendesk.com").is_err());
+    }
+
+    #[test]
+    fn tls_needs_both_paths_and_names_the_key() {
+        let missing = |extra: &str| match load(&format!("{MIN}\n[server]\n{extra}"), &[]) {
+            Err(ConfigError::Key { key, .. }) => key,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(missing("tls_cert = \"/x/cert.pem\""), "server.tls_key");
+        assert_eq!(missing("tls_key = \"/x/key.pem\""), "server.tls_cert");
+        let c = load(
+            &format!("{MIN}\n[server]\ntls_cert = \"/nonexistent/c.pem\"\ntls_key = \"/nonexistent/k.pem\""),
+            &[],
+        )
+        .unwrap();
+        match c.tls_pem() {
+            Err(ConfigError::Key { key, .. }) => assert_eq!(key, "server.tls_cert"),
+            other => panic!("{:?}", other.map(|p| p.is_some())),
+        }
+        assert!(load(MIN, &[]).unwrap().tls_pem().unwrap().is_none());
     }
 }

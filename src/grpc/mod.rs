@@ -447,6 +447,19 @@ impl Interceptor for Auth {
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
 /// Serves the Resolver (with auth), `grpc.health.v1` and reflection on `listener` until `shutdown`.
+/// The rustls server configuration for `server.tls_cert` / `server.tls_key`, checked now (a bad
+/// PEM or a key that does not match fails here, at start-up, not at the first connection).
+pub fn tls_config(
+    pem: &crate::config::TlsPem,
+) -> Result<tonic::transport::ServerTlsConfig, tonic::transport::Error> {
+    use secrecy::ExposeSecret as _;
+    let identity =
+        tonic::transport::Identity::from_pem(&pem.cert, pem.key.expose_secret().as_slice());
+    let tls = tonic::transport::ServerTlsConfig::new().identity(identity);
+    tonic::transport::Server::builder().tls_config(tls.clone())?;
+    Ok(tls)
+}
+
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<ServiceState>,
@@ -454,6 +467,7 @@ pub async fn serve(
     health: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let reflection = tonic_reflection::server::Builder::configure()
@@ -464,7 +478,11 @@ pub async fn serve(
     let resolver = proto::resolver_server::ResolverServer::new(ResolverService::new(state))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    builder
         .tcp_nodelay(true)
         .add_service(tonic::service::interceptor::InterceptedService::new(
             resolver, auth,
