@@ -184,7 +184,8 @@ pub struct Service {
     metrics: Arc<crate::metrics::Metrics>,
     index: SharedIndex,
     snapshot_path: PathBuf,
-    loaded: watch::Receiver<bool>,
+    /// True once the index is loaded and health says SERVING.
+    ready: watch::Receiver<bool>,
     /// Stops the gRPC server (first stage of shutdown).
     stop_rpc: CancellationToken,
     /// Stops the background tasks (second stage).
@@ -228,6 +229,8 @@ impl Service {
             ),
         );
         set_health(&reporter, *loaded.borrow()).await;
+        // `ready` turns true once health says SERVING (at once when the snapshot was complete).
+        let (ready_tx, ready) = watch::channel(*loaded.borrow());
 
         let queue = crate::sync::Queue::open(&data_dir)
             .context("cannot open the call queue in storage.data_dir")?;
@@ -268,7 +271,7 @@ impl Service {
                 "health",
                 spawn_named(
                     "health",
-                    follow_health(reporter, loaded.clone(), stop_background.clone()),
+                    follow_health(reporter, loaded.clone(), ready_tx, stop_background.clone()),
                 ),
             ),
         ];
@@ -316,7 +319,7 @@ impl Service {
             metrics,
             index,
             snapshot_path,
-            loaded,
+            ready,
             stop_rpc,
             stop_background,
             rpc,
@@ -341,9 +344,9 @@ impl Service {
         &self.index
     }
 
-    /// Resolves when the index is loaded (warm-up done or snapshot read).
+    /// Resolves when the index is loaded (warm-up done or snapshot read) and health says SERVING.
     pub async fn wait_loaded(&self) {
-        let mut rx = self.loaded.clone();
+        let mut rx = self.ready.clone();
         let _ = rx.wait_for(|l| *l).await;
     }
 
@@ -436,6 +439,7 @@ async fn set_health(reporter: &tonic_health::server::HealthReporter, serving: bo
 async fn follow_health(
     reporter: tonic_health::server::HealthReporter,
     mut loaded: watch::Receiver<bool>,
+    ready: watch::Sender<bool>,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let became_loaded = tokio::select! {
@@ -444,6 +448,8 @@ async fn follow_health(
     };
     if became_loaded {
         set_health(&reporter, true).await;
+        // Only now is the service ready in every sense a client can observe.
+        ready.send_replace(true);
     }
     stop.cancelled().await;
     Ok(())
