@@ -122,12 +122,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let service = proto::resolver_server::ResolverServer::new(Echo {
         reply: Arc::new(reply),
     });
-    // Same transport settings as `deskline::grpc::serve`.
+    // Same transport settings as `deskline::grpc::serve` (TCP_NODELAY on every accepted socket;
+    // `Server::tcp_nodelay` would be ignored with an incoming stream).
     tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .add_service(service)
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             async {
                 let _ = tokio::signal::ctrl_c().await;
             },

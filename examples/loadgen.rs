@@ -59,6 +59,11 @@ struct Account {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Prints `[routing.directory]` mapping every staff member of the account to an extension.
+    Directory {
+        #[command(flatten)]
+        account: Account,
+    },
     Health {
         addr: String,
         #[arg(long, default_value_t = 600)]
@@ -153,16 +158,35 @@ async fn probe(addr: &str, caller: &str) -> Result<proto::RouteCallResponse, ton
     Ok(r.into_inner())
 }
 
-/// Every stored phone of the generated account's end-users, in the format it was stored in.
-fn stored_phones(a: &Account) -> Vec<String> {
-    let started = Instant::now();
-    let store = generate(&GenConfig {
+fn account(a: &Account) -> deskline::sim::Store {
+    generate(&GenConfig {
         users: a.users,
         tickets: a.tickets,
         agents: a.agents,
         organizations: a.users / 10,
         seed: a.seed,
-    });
+    })
+}
+
+/// Every staff member's name as a `routing.directory` entry, so routed answers are the norm.
+fn directory(a: &Account) {
+    let store = account(a);
+    println!("[routing.directory]");
+    let mut ext = 100;
+    for u in store.user_ids().filter_map(|id| store.user(id)) {
+        if matches!(u.role.as_deref(), Some("agent" | "admin")) {
+            if let Some(name) = u.name {
+                ext += 1;
+                println!("{name:?} = \"{ext}\"");
+            }
+        }
+    }
+}
+
+/// Every stored phone of the generated account's end-users, in the format it was stored in.
+fn stored_phones(a: &Account) -> Vec<String> {
+    let started = Instant::now();
+    let store = account(a);
     let phones: Vec<String> = store
         .user_ids()
         .filter_map(|id| store.user(id))
@@ -403,6 +427,10 @@ async fn pick(addr: &str, account: &Account, body: &std::path::Path) -> Result<(
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Cmd::Directory { account } => {
+            directory(&account);
+            Ok(())
+        }
         Cmd::Health { addr, timeout_secs } => {
             health(&addr, Duration::from_secs(timeout_secs)).await
         }
