@@ -213,7 +213,7 @@ impl Rng {
     }
 }
 
-/// One number written the ways a PBX sends them. Non-UA numbers stay in E.164 (or without `+`).
+/// One number written the ways a PBX sends them. Non-UA numbers keep an international prefix.
 fn format_as(e: E164, style: u64) -> String {
     let s = e.to_string();
     let d = &s[1..];
@@ -230,7 +230,8 @@ fn format_as(e: E164, style: u64) -> String {
     } else if style % 2 == 0 {
         s.clone()
     } else {
-        d.to_owned()
+        // Without `+` a foreign number would be read as a national one of the default region.
+        format!("00{d}")
     }
 }
 
