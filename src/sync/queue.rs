@@ -294,7 +294,9 @@ impl Queue {
                      FROM jobs j
                      WHERE (j.state = 'queued' OR (j.state = 'retry_wait' AND j.next_attempt_at <= ?1))
                        AND NOT EXISTS (SELECT 1 FROM jobs k
-                                       WHERE k.phone = j.phone AND k.state = 'in_progress')
+                                       WHERE k.phone = j.phone
+                                         AND (k.state = 'in_progress'
+                                              OR (k.state IN ('queued', 'retry_wait') AND k.seq < j.seq)))
                      ORDER BY j.seq LIMIT 1",
                     [now],
                     |r| {
@@ -605,6 +607,32 @@ mod tests {
         q.finish(first.seq).await.unwrap();
         let third = q.claim().await.unwrap().unwrap();
         assert_eq!(third.report.call_id, "n1-b");
+    }
+
+    /// A job waiting to retry still holds its number: a later report for the same number must not
+    /// overtake it (it could create a second ticket, or reuse the first job's possibly created one
+    /// and comment twice).
+    #[tokio::test]
+    async fn a_retrying_job_keeps_later_jobs_of_its_number_waiting() {
+        let dir = tmp();
+        let q = Queue::open(dir.path()).unwrap();
+        q.enqueue(&report("n1-a", 380441234567)).await.unwrap();
+        q.enqueue(&report("n1-b", 380441234567)).await.unwrap();
+        let first = q.claim().await.unwrap().unwrap();
+        q.retry_at(first.seq, now_ms() + 60_000, "HTTP 503".into())
+            .await
+            .unwrap();
+        assert!(
+            q.claim().await.unwrap().is_none(),
+            "n1-b must wait for n1-a's retry"
+        );
+        q.retry_at(first.seq, now_ms() - 1, "HTTP 503".into())
+            .await
+            .unwrap();
+        let again = q.claim().await.unwrap().unwrap();
+        assert_eq!(again.report.call_id, "n1-a");
+        q.finish(again.seq).await.unwrap();
+        assert_eq!(q.claim().await.unwrap().unwrap().report.call_id, "n1-b");
     }
 
     #[tokio::test]

@@ -295,6 +295,13 @@ impl Inner {
         }
 
         // 3. Ticket (with the call comment as its first comment), or 4. a comment on the open one.
+        if job.progress.ticket_id == 0 && job.progress.ticket_request.is_some() {
+            // A create may already have reached Zendesk (its answer was lost): replay it with the
+            // same Idempotency-Key and body instead of looking for an open ticket, which could be
+            // that very ticket and would get this call's comment a second time. Jobs of one number
+            // run strictly in order (see the queue's claim), so nothing else created one meanwhile.
+            self.create_ticket(job, None).await?;
+        }
         if job.progress.ticket_id == 0 {
             match self.open_ticket(job).await? {
                 Some(id) => {
