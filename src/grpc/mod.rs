@@ -174,6 +174,28 @@ impl Resolver for ResolverService {
 
 /// The handlers' bodies; the trait impl above only times them.
 impl ResolverService {
+    /// Resolves `raw` (the request field `field`) against the index and runs one decision on it,
+    /// holding the read lock for that lookup only. Also returns the index age for the answer.
+    fn with_number<R>(
+        &self,
+        field: &'static str,
+        raw: &str,
+        decide: impl FnOnce(&crate::index::Index, crate::phone::E164) -> R,
+    ) -> Result<(R, i64), ApiError> {
+        let index = self.state.index.read();
+        if !index.is_loaded() {
+            return Err(ApiError::Unavailable(
+                "the index has not been loaded yet".into(),
+            ));
+        }
+        let phone = self
+            .state
+            .resolver
+            .resolve(&index, raw)
+            .map_err(|e| phone_error(field, e))?;
+        Ok((decide(&index, phone), index.age_ms(now_ms()).unwrap_or(0)))
+    }
+
     fn route(
         &self,
         request: Request<proto::RouteCallRequest>,
@@ -183,22 +205,9 @@ impl ResolverService {
         check_len("called", &req.called, MAX_NUMBER_LEN)?;
         check_len("call_id", &req.call_id, MAX_CALL_ID_LEN)?;
         let st = &self.state;
-        let (answer, age) = {
-            let index = st.index.read();
-            if !index.is_loaded() {
-                return Err(
-                    ApiError::Unavailable("the index has not been loaded yet".into()).into(),
-                );
-            }
-            let phone = st
-                .resolver
-                .resolve(&index, caller)
-                .map_err(|e| phone_error("caller", e))?;
-            (
-                routing::route(&index, &st.directory, phone),
-                index.age_ms(now_ms()).unwrap_or(0),
-            )
-        };
+        let (answer, age) = self.with_number("caller", caller, |index, phone| {
+            routing::route(index, &st.directory, phone)
+        })?;
         st.metrics.decision(answer.kind);
         tracing::debug!(call_id = %req.call_id, caller = %mask(caller), decision = ?answer.decision, "route");
         Ok(Response::new(route_to_proto(&st.zendesk_url, answer, age)))
@@ -211,22 +220,7 @@ impl ResolverService {
         let req = request.into_inner();
         let number = required_number("number", &req.number)?;
         let st = &self.state;
-        let (answer, age) = {
-            let index = st.index.read();
-            if !index.is_loaded() {
-                return Err(
-                    ApiError::Unavailable("the index has not been loaded yet".into()).into(),
-                );
-            }
-            let phone = st
-                .resolver
-                .resolve(&index, number)
-                .map_err(|e| phone_error("number", e))?;
-            (
-                routing::lookup_caller(&index, phone),
-                index.age_ms(now_ms()).unwrap_or(0),
-            )
-        };
+        let (answer, age) = self.with_number("number", number, routing::lookup_caller)?;
         Ok(Response::new(caller_to_proto(&st.zendesk_url, answer, age)))
     }
 
