@@ -178,9 +178,10 @@ async fn baseline(url: &str, email: &str, token: &str) -> (Duration, [Vec<Vec<u8
     (started.elapsed(), [u, t, o])
 }
 
-/// Deskline's own ingest cost, without the network or the simulator: decode the pages and apply
-/// them to an index, on one core.
+/// Deskline's own ingest cost, without the network or the simulator: decode the pages, prepare
+/// them and apply them to an index, all on one core (the follower spreads these over the cores).
 fn ingest_alone(pages: &[Vec<Vec<u8>>; 3]) -> (Duration, usize) {
+    use deskline::index::UserBatch;
     use deskline::zendesk::models::{OrganizationsPage, TicketsCursorPage, UsersCursorPage};
     let parser = deskline::phone::PhoneParser::new("UA").unwrap();
     let mut index = deskline::index::Index::new();
@@ -189,17 +190,8 @@ fn ingest_alone(pages: &[Vec<Vec<u8>>; 3]) -> (Duration, usize) {
     for body in &pages[0] {
         let page: UsersCursorPage = serde_json::from_slice(body).unwrap();
         records += page.users.len();
-        let mut by_user: std::collections::HashMap<i64, Vec<_>> =
-            page.users.iter().map(|u| (u.id, Vec::new())).collect();
-        for i in page.identities.unwrap_or_default() {
-            by_user.entry(i.user_id).or_default().push(i);
-        }
-        for u in &page.users {
-            index.apply_user(u, &parser);
-        }
-        for (id, ids) in by_user {
-            index.apply_identities(id, &ids, &parser);
-        }
+        let batch = UserBatch::prepare(&page.users, page.identities.as_deref(), &parser);
+        index.apply_user_batch(batch);
     }
     for body in &pages[1] {
         let page: TicketsCursorPage = serde_json::from_slice(body).unwrap();

@@ -32,11 +32,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::{
-    index::{Export, SharedIndex, snapshot},
+    index::{Export, SharedIndex, UserBatch, snapshot},
     phone::PhoneParser,
     zendesk::{
         Client, ExportStart, ZendeskError,
-        models::{Identity, User},
+        models::{Identity, Ticket, User, UsersCursorPage},
     },
 };
 
@@ -220,76 +220,94 @@ impl Follower {
         id_tx: &mpsc::UnboundedSender<Vec<i64>>,
         shutdown: &CancellationToken,
     ) -> Result<u64, CycleError> {
-        let mut total = 0u64;
-        loop {
-            let start = cursor_or_start(self.index.read().cursors().users.clone());
-            let page =
-                cancellable(shutdown, self.client.export_users(&start, true, PER_PAGE)).await??;
-            let n = page.users.len() as u64;
-            let missing_identities = page.identities.is_none();
+        let start = cursor_or_start(self.index.read().cursors().users.clone());
+        let fetch = |start: ExportStart| async move {
+            let page = self.client.export_users(&start, true, PER_PAGE).await?;
+            let parser = self.parser.clone();
+            // Phone parsing is most of a user's cost: done here, ahead of and outside the lock.
+            let prepared = tokio::task::spawn_blocking(move || {
+                let UsersCursorPage {
+                    users,
+                    identities,
+                    after_cursor,
+                    end_of_stream,
+                    ..
+                } = page;
+                // Without the sideload, the end-users' identities come through show_many.
+                let wanted: Vec<i64> = match identities {
+                    Some(_) => Vec::new(),
+                    None => users
+                        .iter()
+                        .filter(|u| u.is_end_user() && u.is_active())
+                        .map(|u| u.id)
+                        .collect(),
+                };
+                let batch = UserBatch::prepare(&users, identities.as_deref(), &parser);
+                Fetched {
+                    batch: (batch, wanted),
+                    records: users.len() as u64,
+                    after_cursor,
+                    end_of_stream,
+                }
+            })
+            .await
+            .map_err(|e| ZendeskError::Transient {
+                status: None,
+                message: format!("preparing a users page failed: {e}"),
+            })?;
+            Ok(prepared)
+        };
+        let apply = |page: Fetched<(UserBatch, Vec<i64>)>| {
+            let (batch, wanted) = page.batch;
             {
                 let mut idx = self.index.write();
-                for u in &page.users {
-                    idx.apply_user(u, &self.parser);
-                }
-                if let Some(ids) = &page.identities {
-                    for (user_id, list) in group_identities(&page.users, ids) {
-                        idx.apply_identities(user_id, &list, &self.parser);
-                    }
-                }
-                if let Some(c) = &page.after_cursor {
-                    idx.cursors_mut().users = Some(c.clone());
+                idx.apply_user_batch(batch);
+                if let Some(c) = page.after_cursor {
+                    idx.cursors_mut().users = Some(c);
                 }
                 if page.end_of_stream {
                     idx.mark_fresh(Export::Users, now_ms());
                 }
             }
-            if missing_identities {
-                let wanted: Vec<i64> = page
-                    .users
-                    .iter()
-                    .filter(|u| u.is_end_user() && u.is_active())
-                    .map(|u| u.id)
-                    .collect();
-                if !wanted.is_empty() {
-                    let _ = id_tx.send(wanted);
-                }
+            if !wanted.is_empty() {
+                let _ = id_tx.send(wanted);
             }
-            total += n;
-            self.counted(0, n);
-            if page.end_of_stream {
-                self.reading[0].store(false, Ordering::Relaxed);
-                return Ok(total);
-            }
-        }
+            self.counted(0, page.records);
+        };
+        let total = cancellable(shutdown, pipelined(start, fetch, apply)).await??;
+        self.reading[0].store(false, Ordering::Relaxed);
+        Ok(total)
     }
 
     async fn read_tickets(&self, shutdown: &CancellationToken) -> Result<u64, CycleError> {
-        let mut total = 0u64;
-        loop {
-            let start = cursor_or_start(self.index.read().cursors().tickets.clone());
-            let page =
-                cancellable(shutdown, self.client.export_tickets(&start, PER_PAGE)).await??;
-            let n = page.tickets.len() as u64;
+        let start = cursor_or_start(self.index.read().cursors().tickets.clone());
+        let fetch = |start: ExportStart| async move {
+            let page = self.client.export_tickets(&start, PER_PAGE).await?;
+            Ok(Fetched {
+                records: page.tickets.len() as u64,
+                batch: page.tickets,
+                after_cursor: page.after_cursor,
+                end_of_stream: page.end_of_stream,
+            })
+        };
+        let apply = |page: Fetched<Vec<Ticket>>| {
             {
                 let mut idx = self.index.write();
-                for t in &page.tickets {
+                for t in &page.batch {
                     idx.apply_ticket(t);
                 }
-                if let Some(c) = &page.after_cursor {
-                    idx.cursors_mut().tickets = Some(c.clone());
+                if let Some(c) = page.after_cursor {
+                    idx.cursors_mut().tickets = Some(c);
                 }
                 if page.end_of_stream {
                     idx.mark_fresh(Export::Tickets, now_ms());
                 }
             }
-            total += n;
-            self.counted(1, n);
-            if page.end_of_stream {
-                self.reading[1].store(false, Ordering::Relaxed);
-                return Ok(total);
-            }
-        }
+            self.counted(1, page.records);
+        };
+        let total = cancellable(shutdown, pipelined(start, fetch, apply)).await??;
+        self.reading[1].store(false, Ordering::Relaxed);
+        Ok(total)
     }
 
     /// The organizations export is time-based: `end_time` of one page is the next `start_time`.
@@ -344,6 +362,72 @@ impl Follower {
             Err(e) => error!(error = %e, "the snapshot task failed"),
         }
     }
+}
+
+/// Export pages fetched ahead of the index, with what applying each needs.
+struct Fetched<B> {
+    batch: B,
+    records: u64,
+    after_cursor: Option<String>,
+    end_of_stream: bool,
+}
+
+/// Pages a cursor export may be fetched (and decoded, and prepared) ahead of the one being applied.
+const PREFETCH_PAGES: usize = 2;
+
+/// Reads a cursor export from `start` to `end_of_stream`, fetching the next pages while the
+/// current one is applied, so Zendesk's serving, the decoding and the index writes overlap instead
+/// of taking turns (on the warm-up of a large account that is the difference between the sum and
+/// the slowest of the three). Returns the records applied.
+///
+/// The stored cursor only moves when `apply` applies a page, so an error (passed on after the pages
+/// before it are applied) or a cancellation leaves it at the last page really applied.
+async fn pipelined<B, F, Fut>(
+    start: ExportStart,
+    mut fetch: F,
+    mut apply: impl FnMut(Fetched<B>),
+) -> Result<u64, ZendeskError>
+where
+    F: FnMut(ExportStart) -> Fut,
+    Fut: Future<Output = Result<Fetched<B>, ZendeskError>>,
+{
+    let (tx, mut rx) = mpsc::channel::<Result<Fetched<B>, ZendeskError>>(PREFETCH_PAGES);
+    let producer = async move {
+        let mut start = start;
+        loop {
+            let page = fetch(start).await;
+            let next = match &page {
+                Ok(p) if p.end_of_stream => None,
+                Ok(p) => match &p.after_cursor {
+                    Some(c) => Some(ExportStart::Cursor(c.clone())),
+                    None => {
+                        warn!("an export page had neither end_of_stream nor after_cursor; reading on at the next poll");
+                        None
+                    }
+                },
+                Err(_) => None,
+            };
+            // The receiver is gone when the consumer stopped (error or cancellation).
+            if tx.send(page).await.is_err() {
+                return;
+            }
+            match next {
+                Some(n) => start = n,
+                None => return,
+            }
+        }
+    };
+    let consumer = async move {
+        let mut total = 0u64;
+        while let Some(page) = rx.recv().await {
+            let page = page?;
+            total += page.records;
+            apply(page);
+        }
+        Ok(total)
+    };
+    let ((), total) = tokio::join!(producer, consumer);
+    total
 }
 
 /// Fetches phone identities for users whose export page had no identities sideload.

@@ -10,7 +10,7 @@
 
 use std::fmt;
 
-use phonenumber::{Mode, country};
+use phonenumber::{PhoneNumber, country, metadata::DATABASE};
 
 /// A phone number in E.164 form, stored as its digits (`+380441234567` is `380441234567`).
 #[derive(
@@ -138,25 +138,41 @@ impl PhoneParser {
         }
         let number = phonenumber::parse(Some(self.region), trimmed)
             .map_err(|e| PhoneError::Invalid(e.to_string()))?;
-        let formatted = number.format().mode(Mode::E164).to_string();
-        let digits = formatted.strip_prefix('+').unwrap_or(&formatted);
-        if digits.len() < 7 || digits.len() > 15 {
-            return Err(PhoneError::Invalid(format!(
-                "{} digits is not a plausible length",
-                digits.len()
-            )));
-        }
-        digits
-            .parse::<u64>()
-            .ok()
-            .and_then(E164::from_digits)
-            .ok_or_else(|| PhoneError::Invalid("not an E.164 number".into()))
+        e164_of(&number)
     }
 
     /// Like [`parse`](Self::parse) but for stored data: `None` instead of an error.
     pub fn parse_stored(&self, raw: &str) -> Option<E164> {
         self.parse(raw).ok()
     }
+}
+
+/// The E.164 digits of a parsed number: country code, the national number's leading zeros (Italy),
+/// then its value — what `format().mode(Mode::E164)` prints, computed without the formatter, which
+/// also matches the number against every national format pattern (half the cost of a parse) only
+/// to discard the result in E.164 mode. Like the formatter, a country code without metadata is an
+/// error.
+fn e164_of(number: &PhoneNumber) -> Result<E164, PhoneError> {
+    let code = number.code().value();
+    if DATABASE.by_code(&code).is_none() {
+        return Err(PhoneError::Invalid(format!("unknown country code +{code}")));
+    }
+    let national = number.national();
+    let value = national.value();
+    let value_digits = if value == 0 { 1 } else { value.ilog10() + 1 };
+    let len = ilog10_u16(code) + u32::from(national.zeros()) + value_digits;
+    if !(7..=15).contains(&len) {
+        return Err(PhoneError::Invalid(format!(
+            "{len} digits is not a plausible length"
+        )));
+    }
+    let shift = 10u64.pow(u32::from(national.zeros()) + value_digits);
+    E164::from_digits(u64::from(code) * shift + value)
+        .ok_or_else(|| PhoneError::Invalid("not an E.164 number".into()))
+}
+
+fn ilog10_u16(code: u16) -> u32 {
+    if code == 0 { 1 } else { code.ilog10() + 1 }
 }
 
 /// Masks a number for logs at info level: keeps the country code's first digits and the last two.
@@ -238,6 +254,30 @@ mod tests {
         assert_eq!(E164::candidate("0441234567"), None);
         assert_eq!(E164::candidate("+0441234567"), None);
         assert_eq!(E164::candidate("+38044x"), None);
+    }
+
+    /// The direct computation in `e164_of` agrees with the crate's own E.164 formatter, including
+    /// Italian numbers that keep their leading zero and numbers of other regions.
+    #[test]
+    fn e164_matches_the_crate_formatter() {
+        let p = ua();
+        for raw in [
+            "+39 06 6982 0000",
+            "+39 02 1234 5678",
+            "+44 20 7946 0958",
+            "+1 (555) 123-4567",
+            "044 123-45-67",
+            "+380 50 123 45 67",
+            "+7 495 123-45-67",
+            "+86 10 1234 5678",
+            "+225 07 12 34 56 78",
+            "+800 1234 5678",
+        ] {
+            let number = phonenumber::parse(Some(p.region), raw.trim()).unwrap();
+            let want = number.format().mode(phonenumber::Mode::E164).to_string();
+            let got = p.parse(raw).map(|e| e.to_string());
+            assert_eq!(got.as_deref().ok(), Some(want.as_str()).filter(|w| (8..=16).contains(&w.len())), "{raw}");
+        }
     }
 
     #[test]

@@ -295,6 +295,125 @@ fn boxed(s: Option<&str>) -> Box<str> {
     s.unwrap_or_default().into()
 }
 
+/// One user of an export page or a write, turned into what the index stores, without the lock.
+pub(crate) enum PreparedUser {
+    Customer(CustomerRec),
+    Agent { id: i64, rec: AgentRec },
+    /// Deleted (`deleted`: its identities go too), or not an end-user nor an agent.
+    Gone { id: i64, deleted: bool },
+}
+
+impl PreparedUser {
+    pub(crate) fn new(user: &User, parser: &PhoneParser) -> Self {
+        Self::with_phone(user, user.phone.as_deref().and_then(|p| parser.parse_stored(p)))
+    }
+
+    /// `phone`: the parsed `user.phone`.
+    fn with_phone(user: &User, phone: Option<E164>) -> Self {
+        let id = user.id;
+        if user.is_agent() {
+            let name = boxed(user.name.as_deref());
+            return Self::Agent {
+                id,
+                rec: AgentRec {
+                    key: name_key(&name).into(),
+                    name,
+                    email: boxed(user.email.as_deref()),
+                    active: user.active != Some(false),
+                    suspended: user.suspended == Some(true),
+                },
+            };
+        }
+        let deleted = user.active == Some(false) || user.permanently_deleted == Some(true);
+        if deleted || !user.is_end_user() {
+            return Self::Gone { id, deleted };
+        }
+        Self::Customer(CustomerRec {
+            id,
+            name: boxed(user.name.as_deref()),
+            phone: phone.map_or(0, E164::digits),
+            org: user.organization_id.unwrap_or(0),
+            updated_at: time_of(user.updated_at.as_deref()),
+            suspended: user.suspended == Some(true),
+        })
+    }
+
+    fn id(&self) -> i64 {
+        match self {
+            Self::Customer(c) => c.id,
+            Self::Agent { id, .. } | Self::Gone { id, .. } => *id,
+        }
+    }
+}
+
+/// A page of the users export made ready for [`Index::apply_user_batch`] outside the index lock:
+/// every phone parsed (the costly part of applying a user), records built, identities grouped.
+pub struct UserBatch {
+    users: Vec<PreparedUser>,
+    /// Phone identities by user, for every user of the page (an empty list removes the user's
+    /// identities); `None` when the page came without the identities sideload.
+    identities: Option<FxHashMap<i64, Vec<u64>>>,
+}
+
+impl UserBatch {
+    pub fn prepare(users: &[User], identities: Option<&[Identity]>, parser: &PhoneParser) -> Self {
+        let mut prepared = Vec::with_capacity(users.len());
+        let mut by_user: Option<FxHashMap<i64, Vec<u64>>> = identities.map(|_| {
+            let mut m = FxHashMap::default();
+            m.reserve(users.len());
+            m
+        });
+        // A user's `phone` is usually also one of its phone identities: parse that string once.
+        let mut main: FxHashMap<i64, (&str, Option<E164>)> = FxHashMap::default();
+        main.reserve(users.len());
+        for u in users {
+            let phone = u.phone.as_deref().map(|raw| (raw, parser.parse_stored(raw)));
+            if let Some(p) = phone {
+                main.insert(u.id, p);
+            }
+            prepared.push(PreparedUser::with_phone(u, phone.and_then(|(_, e)| e)));
+            if let Some(m) = &mut by_user {
+                m.insert(u.id, Vec::new());
+            }
+        }
+        if let (Some(m), Some(list)) = (&mut by_user, identities) {
+            for i in list.iter().filter(|i| i.is_phone()) {
+                let Some(raw) = i.value.as_deref() else {
+                    continue;
+                };
+                let parsed = match main.get(&i.user_id) {
+                    Some((same, parsed)) if *same == raw => *parsed,
+                    _ => parser.parse_stored(raw),
+                };
+                let phones = m.entry(i.user_id).or_default();
+                if let Some(e) = parsed {
+                    phones.push(e.digits());
+                }
+            }
+            for phones in m.values_mut() {
+                phones.sort_unstable();
+                phones.dedup();
+            }
+        }
+        Self {
+            users: prepared,
+            identities: by_user,
+        }
+    }
+}
+
+/// The sorted, deduplicated digits of the phone identities among `identities`.
+fn phones_of<'a>(identities: impl Iterator<Item = &'a Identity>, parser: &PhoneParser) -> Vec<u64> {
+    let mut phones: Vec<u64> = identities
+        .filter(|i| i.is_phone())
+        .filter_map(|i| parser.parse_stored(i.value.as_deref()?))
+        .map(E164::digits)
+        .collect();
+    phones.sort_unstable();
+    phones.dedup();
+    phones
+}
+
 impl Index {
     pub fn new() -> Self {
         Self::default()
@@ -303,43 +422,85 @@ impl Index {
     /// Inserts, updates or removes (deleted / inactive end-user) one user from an export row or a
     /// write. Keeps the phone identities already known for it (they come separately).
     pub fn apply_user(&mut self, user: &User, parser: &PhoneParser) {
-        let id = user.id;
-        if user.is_agent() {
-            self.remove_customer(id);
-            self.upsert_agent(user);
-            return;
+        let prepared = PreparedUser::new(user, parser);
+        self.commit_user(prepared, None);
+    }
+
+    /// Applies a page prepared by [`UserBatch::prepare`]: each user as [`apply_user`](Self::apply_user)
+    /// would, then its phone identities as [`apply_identities`](Self::apply_identities) would, but
+    /// with every phone already parsed and each customer re-indexed once.
+    pub fn apply_user_batch(&mut self, batch: UserBatch) {
+        let UserBatch {
+            users,
+            mut identities,
+        } = batch;
+        for user in users {
+            let phones = identities.as_mut().map(|m| m.remove(&user.id()).unwrap_or_default());
+            self.commit_user(user, phones);
         }
-        self.remove_agent(id);
-        let deleted = user.active == Some(false) || user.permanently_deleted == Some(true);
-        if deleted || !user.is_end_user() {
-            self.remove_customer(id);
-            if deleted {
-                self.identities.remove(&id);
-            }
-            return;
+        // Identities of users that are not on the page (a sideload should not have any).
+        for (user_id, phones) in identities.into_iter().flatten() {
+            self.set_identities(user_id, phones);
         }
-        let rec = CustomerRec {
-            id,
-            name: boxed(user.name.as_deref()),
-            phone: user
-                .phone
-                .as_deref()
-                .and_then(|p| parser.parse_stored(p))
-                .map_or(0, E164::digits),
-            org: user.organization_id.unwrap_or(0),
-            updated_at: time_of(user.updated_at.as_deref()),
-            suspended: user.suspended == Some(true),
-        };
-        match self.customers.slot(id) {
-            Some(slot) => {
-                self.unindex_customer(slot);
-                *self.customers.at_mut(slot) = rec;
+    }
+
+    /// `phones`: the user's complete phone identities, sorted and deduplicated, when known.
+    fn commit_user(&mut self, user: PreparedUser, phones: Option<Vec<u64>>) {
+        let id = user.id();
+        let slot = self.customers.slot(id);
+        if let Some(slot) = slot {
+            // With the identities it was indexed under, before they change.
+            self.unindex_customer(slot);
+        }
+        if let Some(phones) = phones {
+            self.store_identities(id, phones);
+        }
+        match user {
+            PreparedUser::Customer(rec) => {
+                self.remove_agent(id);
+                let slot = match slot {
+                    Some(slot) => {
+                        *self.customers.at_mut(slot) = rec;
+                        slot
+                    }
+                    None => self.customers.insert_new(rec),
+                };
                 self.index_customer(slot);
             }
-            None => {
-                let slot = self.customers.insert_new(rec);
-                self.index_customer(slot);
+            PreparedUser::Agent { id, rec } => {
+                if slot.is_some() {
+                    self.customers.remove(id);
+                }
+                self.upsert_agent(id, rec);
             }
+            PreparedUser::Gone { id, deleted } => {
+                if slot.is_some() {
+                    self.customers.remove(id);
+                }
+                self.remove_agent(id);
+                if deleted {
+                    self.identities.remove(&id);
+                }
+            }
+        }
+    }
+
+    fn store_identities(&mut self, user_id: i64, phones: Vec<u64>) {
+        if phones.is_empty() {
+            self.identities.remove(&user_id);
+        } else {
+            self.identities.insert(user_id, phones.into_boxed_slice());
+        }
+    }
+
+    fn set_identities(&mut self, user_id: i64, phones: Vec<u64>) {
+        let slot = self.customers.slot(user_id);
+        if let Some(slot) = slot {
+            self.unindex_customer(slot);
+        }
+        self.store_identities(user_id, phones);
+        if let Some(slot) = slot {
+            self.index_customer(slot);
         }
     }
 
@@ -350,26 +511,8 @@ impl Index {
         identities: &[Identity],
         parser: &PhoneParser,
     ) {
-        let mut phones: Vec<u64> = identities
-            .iter()
-            .filter(|i| i.is_phone())
-            .filter_map(|i| parser.parse_stored(i.value.as_deref()?))
-            .map(E164::digits)
-            .collect();
-        phones.sort_unstable();
-        phones.dedup();
-        let slot = self.customers.slot(user_id);
-        if let Some(slot) = slot {
-            self.unindex_customer(slot);
-        }
-        if phones.is_empty() {
-            self.identities.remove(&user_id);
-        } else {
-            self.identities.insert(user_id, phones.into_boxed_slice());
-        }
-        if let Some(slot) = slot {
-            self.index_customer(slot);
-        }
+        let phones = phones_of(identities.iter(), parser);
+        self.set_identities(user_id, phones);
     }
 
     /// Keeps open tickets (`new|open|pending|hold`), drops any other status.
@@ -585,31 +728,10 @@ impl Index {
         self.findable -= 1;
     }
 
-    fn remove_customer(&mut self, id: i64) {
-        if let Some(slot) = self.customers.slot(id) {
-            self.unindex_customer(slot);
-            self.customers.remove(id);
-        }
-    }
-
-    fn upsert_agent(&mut self, user: &User) {
-        self.remove_agent(user.id);
-        let name = boxed(user.name.as_deref());
-        let key: Box<str> = name_key(&name).into();
-        self.agent_keys
-            .entry(key.clone())
-            .or_default()
-            .push(user.id);
-        self.agents.insert(
-            user.id,
-            AgentRec {
-                name,
-                key,
-                email: boxed(user.email.as_deref()),
-                active: user.active != Some(false),
-                suspended: user.suspended == Some(true),
-            },
-        );
+    fn upsert_agent(&mut self, id: i64, rec: AgentRec) {
+        self.remove_agent(id);
+        self.agent_keys.entry(rec.key.clone()).or_default().push(id);
+        self.agents.insert(id, rec);
     }
 
     fn remove_agent(&mut self, id: i64) {

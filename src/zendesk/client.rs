@@ -219,7 +219,7 @@ impl Client {
 
     /// The generic call everything else uses. `path` starts with `/api/v2/`. `export` marks an
     /// incremental-export request (it also takes the export limit).
-    pub async fn request<T: DeserializeOwned>(
+    pub async fn request<T: DeserializeOwned + Send + 'static>(
         &self,
         method: reqwest::Method,
         path: &str,
@@ -512,7 +512,7 @@ impl Client {
 
     // ---- internals ----
 
-    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ZendeskError> {
+    async fn get<T: DeserializeOwned + Send + 'static>(&self, path: &str) -> Result<T, ZendeskError> {
         self.request(Method::GET, path, None, &[], false, Retry::Idempotent)
             .await
     }
@@ -564,7 +564,7 @@ impl Client {
 
     /// Follows offset (`next_page`) or cursor (`meta.has_more` + `links.next`) pagination from
     /// `first`, collecting the `key` array of every page, up to `cap` items.
-    async fn collect_pages<T: DeserializeOwned>(
+    async fn collect_pages<T: DeserializeOwned + Send + 'static>(
         &self,
         first: Url,
         key: &str,
@@ -610,7 +610,7 @@ impl Client {
     }
 
     /// Sends with the budget, the retry policy and the classification.
-    async fn send<T: DeserializeOwned>(
+    async fn send<T: DeserializeOwned + Send + 'static>(
         &self,
         method: Method,
         url: Url,
@@ -705,7 +705,7 @@ impl Client {
     }
 
     /// One HTTP exchange: the parsed body of a 2xx, or the classified error.
-    async fn attempt<T: DeserializeOwned>(
+    async fn attempt<T: DeserializeOwned + Send + 'static>(
         &self,
         req: reqwest::RequestBuilder,
         endpoint: &str,
@@ -747,7 +747,16 @@ impl Client {
             }
         };
         if status.is_success() {
-            return parse_body(&bytes).map_err(|error| AttemptError {
+            let parsed = if bytes.len() > BLOCKING_PARSE_BYTES {
+                // An export page (over a megabyte) takes milliseconds to decode: off the runtime's
+                // workers, which also serve the gRPC answers.
+                tokio::task::spawn_blocking(move || parse_body(&bytes))
+                    .await
+                    .unwrap_or_else(|e| Err(malformed(format!("decoding task failed: {e}"))))
+            } else {
+                parse_body(&bytes)
+            };
+            return parsed.map_err(|error| AttemptError {
                 error,
                 maybe_sent: true,
             });
@@ -863,6 +872,9 @@ fn malformed(e: impl std::fmt::Display) -> ZendeskError {
     }
 }
 
+/// Bodies larger than this are decoded on the blocking pool.
+const BLOCKING_PARSE_BYTES: usize = 64 * 1024;
+
 /// Parses a 2xx body into `T`. An empty body (204) reads as `null`. A body that does not parse is a
 /// transient error (a cut connection looks like this); the error names the JSON path, never content.
 fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ZendeskError> {
@@ -871,6 +883,10 @@ fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ZendeskError> {
     } else {
         bytes
     };
+    // Tracking the path costs a third more on export pages; it is only needed to explain a failure.
+    if let Ok(v) = serde_json::from_slice(bytes) {
+        return Ok(v);
+    }
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
