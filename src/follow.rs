@@ -401,7 +401,9 @@ where
                 Ok(p) => match &p.after_cursor {
                     Some(c) => Some(ExportStart::Cursor(c.clone())),
                     None => {
-                        warn!("an export page had neither end_of_stream nor after_cursor; reading on at the next poll");
+                        warn!(
+                            "an export page had neither end_of_stream nor after_cursor; reading on at the next poll"
+                        );
                         None
                     }
                 },

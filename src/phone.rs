@@ -276,7 +276,11 @@ mod tests {
             let number = phonenumber::parse(Some(p.region), raw.trim()).unwrap();
             let want = number.format().mode(phonenumber::Mode::E164).to_string();
             let got = p.parse(raw).map(|e| e.to_string());
-            assert_eq!(got.as_deref().ok(), Some(want.as_str()).filter(|w| (8..=16).contains(&w.len())), "{raw}");
+            assert_eq!(
+                got.as_deref().ok(),
+                Some(want.as_str()).filter(|w| (8..=16).contains(&w.len())),
+                "{raw}"
+            );
         }
     }
 

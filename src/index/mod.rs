@@ -154,7 +154,8 @@ impl OpenStatus {
     }
 }
 
-/// An end-user. 48 bytes; see the module doc for why every field is as narrow as it is.
+/// An end-user: 48 bytes (checked by a test); see the module doc for why every field is as narrow
+/// as it is.
 pub(crate) struct CustomerRec {
     pub(crate) id: i64,
     pub(crate) name: Box<str>,
@@ -162,8 +163,8 @@ pub(crate) struct CustomerRec {
     pub(crate) phone: u64,
     /// 0 when none.
     pub(crate) org: i64,
-    /// Unix seconds of `updated_at`, 0 when unknown.
-    pub(crate) updated_at: i64,
+    /// Unix seconds of `updated_at` (u32 lasts until 2106), 0 when unknown.
+    pub(crate) updated_at: u32,
     pub(crate) suspended: bool,
 }
 
@@ -173,13 +174,14 @@ impl Keyed for CustomerRec {
     }
 }
 
-/// An open ticket.
+/// An open ticket: 48 bytes (checked by a test).
 pub(crate) struct TicketRec {
     pub(crate) id: i64,
     pub(crate) requester: i64,
     /// 0 when unassigned.
     pub(crate) assignee: i64,
-    pub(crate) updated_at: i64,
+    /// Unix seconds, 0 when unknown (as [`CustomerRec::updated_at`]).
+    pub(crate) updated_at: u32,
     pub(crate) subject: Box<str>,
     pub(crate) status: OpenStatus,
 }
@@ -200,11 +202,28 @@ pub(crate) struct AgentRec {
     pub(crate) suspended: bool,
 }
 
-/// One `(number, customer slot)` pair of the phone index.
+/// One `(number, customer slot)` pair of the phone index: 12 bytes, the number split in two
+/// halves so the pair is not padded to 16 (a million customers have over a million pairs, in a
+/// table with up to twice as many buckets).
 #[derive(Clone, Copy)]
 struct PhoneEntry {
-    phone: u64,
+    phone_lo: u32,
+    phone_hi: u32,
     slot: u32,
+}
+
+impl PhoneEntry {
+    fn new(phone: u64, slot: u32) -> Self {
+        Self {
+            phone_lo: phone as u32,
+            phone_hi: (phone >> 32) as u32,
+            slot,
+        }
+    }
+
+    fn phone(&self) -> u64 {
+        u64::from(self.phone_hi) << 32 | u64::from(self.phone_lo)
+    }
 }
 
 /// A customer as the index knows it.
@@ -287,8 +306,11 @@ impl std::fmt::Debug for Index {
     }
 }
 
-fn time_of(s: Option<&str>) -> i64 {
-    s.and_then(parse_time).unwrap_or(0)
+/// Unix seconds as stored in records; 0 for unknown or out of `u32` range.
+fn time_of(s: Option<&str>) -> u32 {
+    s.and_then(parse_time)
+        .and_then(|t| u32::try_from(t).ok())
+        .unwrap_or(0)
 }
 
 fn boxed(s: Option<&str>) -> Box<str> {
@@ -298,14 +320,23 @@ fn boxed(s: Option<&str>) -> Box<str> {
 /// One user of an export page or a write, turned into what the index stores, without the lock.
 pub(crate) enum PreparedUser {
     Customer(CustomerRec),
-    Agent { id: i64, rec: AgentRec },
+    Agent {
+        id: i64,
+        rec: AgentRec,
+    },
     /// Deleted (`deleted`: its identities go too), or not an end-user nor an agent.
-    Gone { id: i64, deleted: bool },
+    Gone {
+        id: i64,
+        deleted: bool,
+    },
 }
 
 impl PreparedUser {
     pub(crate) fn new(user: &User, parser: &PhoneParser) -> Self {
-        Self::with_phone(user, user.phone.as_deref().and_then(|p| parser.parse_stored(p)))
+        Self::with_phone(
+            user,
+            user.phone.as_deref().and_then(|p| parser.parse_stored(p)),
+        )
     }
 
     /// `phone`: the parsed `user.phone`.
@@ -367,7 +398,10 @@ impl UserBatch {
         let mut main: FxHashMap<i64, (&str, Option<E164>)> = FxHashMap::default();
         main.reserve(users.len());
         for u in users {
-            let phone = u.phone.as_deref().map(|raw| (raw, parser.parse_stored(raw)));
+            let phone = u
+                .phone
+                .as_deref()
+                .map(|raw| (raw, parser.parse_stored(raw)));
             if let Some(p) = phone {
                 main.insert(u.id, p);
             }
@@ -435,7 +469,9 @@ impl Index {
             mut identities,
         } = batch;
         for user in users {
-            let phones = identities.as_mut().map(|m| m.remove(&user.id()).unwrap_or_default());
+            let phones = identities
+                .as_mut()
+                .map(|m| m.remove(&user.id()).unwrap_or_default());
             self.commit_user(user, phones);
         }
         // Identities of users that are not on the page (a sideload should not have any).
@@ -600,7 +636,7 @@ impl Index {
     /// Whether any active customer has this number (the cheap check behind `E164::candidate`).
     pub fn has_phone(&self, phone: E164) -> bool {
         let p = phone.digits();
-        self.phones.find(fx(p), |e| e.phone == p).is_some()
+        self.phones.find(fx(p), |e| e.phone() == p).is_some()
     }
 
     /// The active, unsuspended customers on `phone`, in no particular order.
@@ -608,7 +644,7 @@ impl Index {
         let p = phone.digits();
         self.phones
             .iter_hash(fx(p))
-            .filter(move |e| e.phone == p)
+            .filter(move |e| e.phone() == p)
             .map(|e| customer_ref(self.customers.at(e.slot)))
     }
 
@@ -771,11 +807,11 @@ fn requester_hash(items: &[Option<TicketRec>], slot: u32) -> u64 {
 }
 
 fn insert_phone(phones: &mut HashTable<PhoneEntry>, phone: u64, slot: u32) {
-    phones.insert_unique(fx(phone), PhoneEntry { phone, slot }, |e| fx(e.phone));
+    phones.insert_unique(fx(phone), PhoneEntry::new(phone, slot), |e| fx(e.phone()));
 }
 
 fn remove_phone(phones: &mut HashTable<PhoneEntry>, phone: u64, slot: u32) {
-    if let Ok(e) = phones.find_entry(fx(phone), |e| e.phone == phone && e.slot == slot) {
+    if let Ok(e) = phones.find_entry(fx(phone), |e| e.phone() == phone && e.slot == slot) {
         e.remove();
     }
 }
@@ -785,7 +821,7 @@ fn customer_ref(c: &CustomerRec) -> CustomerRef<'_> {
         id: c.id,
         name: &c.name,
         organization_id: (c.org != 0).then_some(c.org),
-        updated_at: c.updated_at,
+        updated_at: i64::from(c.updated_at),
     }
 }
 
@@ -796,7 +832,7 @@ fn ticket_ref(t: &TicketRec) -> TicketRef<'_> {
         assignee_id: (t.assignee != 0).then_some(t.assignee),
         status: t.status.as_str(),
         subject: &t.subject,
-        updated_at: t.updated_at,
+        updated_at: i64::from(t.updated_at),
     }
 }
 

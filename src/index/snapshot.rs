@@ -240,7 +240,7 @@ fn customer_row(c: &CustomerRec) -> CustomerRow<'_> {
         name: &c.name,
         phone: c.phone,
         org: c.org,
-        updated_at: c.updated_at,
+        updated_at: i64::from(c.updated_at),
         suspended: c.suspended,
     }
 }
@@ -250,7 +250,7 @@ fn ticket_row(t: &TicketRec) -> TicketRow<'_> {
         id: t.id,
         requester: t.requester,
         assignee: t.assignee,
-        updated_at: t.updated_at,
+        updated_at: i64::from(t.updated_at),
         subject: &t.subject,
         status: t.status,
     }
@@ -313,7 +313,7 @@ fn build(body: BodyIn<'_>) -> Result<Index, String> {
             name: c.name.into(),
             phone: c.phone,
             org: c.org,
-            updated_at: c.updated_at,
+            updated_at: u32::try_from(c.updated_at).unwrap_or(0),
             suspended: c.suspended,
         });
         ix.index_customer(slot);
@@ -341,7 +341,7 @@ fn build(body: BodyIn<'_>) -> Result<Index, String> {
             id: t.id,
             requester: t.requester,
             assignee: t.assignee,
-            updated_at: t.updated_at,
+            updated_at: u32::try_from(t.updated_at).unwrap_or(0),
             subject: t.subject.into(),
             status: t.status,
         });

@@ -512,7 +512,10 @@ impl Client {
 
     // ---- internals ----
 
-    async fn get<T: DeserializeOwned + Send + 'static>(&self, path: &str) -> Result<T, ZendeskError> {
+    async fn get<T: DeserializeOwned + Send + 'static>(
+        &self,
+        path: &str,
+    ) -> Result<T, ZendeskError> {
         self.request(Method::GET, path, None, &[], false, Retry::Idempotent)
             .await
     }
