@@ -782,6 +782,38 @@ impl Index {
         }
     }
 
+    /// Builds the phone index and the tickets-by-requester table from the stores, which were
+    /// just bulk-loaded (both tables empty).
+    fn index_loaded(&mut self) {
+        let mut phones: Vec<(u64, PhoneEntry)> =
+            Vec::with_capacity(self.customers.len() + self.identities.len());
+        self.findable = 0;
+        for (slot, c) in self.customers.iter().filter(|(_, c)| !c.suspended) {
+            self.findable += 1;
+            if c.phone != 0 {
+                phones.push((fx(c.phone), PhoneEntry::new(c.phone, slot)));
+            }
+            if let Some(extra) = self.identities.get(&c.id) {
+                for &p in extra.iter().filter(|&&p| p != c.phone) {
+                    phones.push((fx(p), PhoneEntry::new(p, slot)));
+                }
+            }
+        }
+        store::insert_in_bucket_order(&mut self.phones, phones, |e| fx(e.phone()), |_, _| false);
+        let by_requester: Vec<(u64, u32)> = self
+            .tickets
+            .iter()
+            .map(|(slot, t)| (fx(t.requester as u64), slot))
+            .collect();
+        let items = self.tickets.items();
+        store::insert_in_bucket_order(
+            &mut self.by_requester,
+            by_requester,
+            |&s| requester_hash(items, s),
+            |_, _| false,
+        );
+    }
+
     fn insert_ticket(&mut self, rec: TicketRec) {
         let hash = fx(rec.requester as u64);
         let slot = self.tickets.insert_new(rec);
