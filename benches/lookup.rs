@@ -5,6 +5,9 @@
 //! - `canonical`: the PBX sends `+380501234567` (the `E164::candidate` fast path);
 //! - `national`: it sends `050 123 45 67` (a full libphonenumber parse every time);
 //! - `national_cached`: the same through `routing::Resolver` (bounded moka parse cache, all hits);
+//! - `national_miss`: through the `Resolver`, cycling through up to 200k distinct callers, far more
+//!   than its cache holds (every lookup a miss);
+//! - `national_distinct`: the same cycle without a cache (what a miss is compared with);
 //! - `route_only`: the number already resolved (the index work alone).
 //!
 //! Run: `cargo bench --bench lookup` (add `-- route/canonical` to filter). Target: median ≤ 1 µs
@@ -18,6 +21,8 @@ use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use deskline::routing::{self, Decision, Resolver};
 
 const QUERIES: usize = 1024;
+/// Distinct numbers cycled through by `national_miss`.
+const MISS_QUERIES: usize = 200_000;
 
 fn bench(c: &mut Criterion) {
     let parser = common::parser();
@@ -38,7 +43,13 @@ fn bench(c: &mut Criterion) {
             assert_eq!(a.decision, Decision::RouteToAgent, "{raw}");
             assert_eq!(a.customer.unwrap().phone, *p);
         }
-        let resolver = Resolver::new(parser.clone(), 10_000);
+        let resolver = Resolver::new(parser.clone(), Resolver::CAPACITY);
+        // Distinct callers, many more than the parse cache holds: every lookup misses.
+        let distinct = n.min(MISS_QUERIES);
+        let unseen: Vec<String> = (0..distinct)
+            .map(|j| common::national((j * 7919 + 13) % n))
+            .collect();
+        let missing = Resolver::new(parser.clone(), Resolver::CAPACITY);
 
         let mut g = c.benchmark_group("route");
         g.sample_size(50)
@@ -65,6 +76,22 @@ fn bench(c: &mut Criterion) {
             b.iter(|| {
                 k = (k + 1) % QUERIES;
                 let phone = resolver.resolve(&index, black_box(&national[k])).unwrap();
+                black_box(routing::route(&index, &dir, phone))
+            })
+        });
+        let mut m = 0usize;
+        g.bench_function(BenchmarkId::new("national_miss", n), |b| {
+            b.iter(|| {
+                m = (m + 1) % distinct;
+                let phone = missing.resolve(&index, black_box(&unseen[m])).unwrap();
+                black_box(routing::route(&index, &dir, phone))
+            })
+        });
+        g.bench_function(BenchmarkId::new("national_distinct", n), |b| {
+            b.iter(|| {
+                m = (m + 1) % distinct;
+                let phone =
+                    routing::resolve_number(&index, &parser, black_box(&unseen[m])).unwrap();
                 black_box(routing::route(&index, &dir, phone))
             })
         });

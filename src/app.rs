@@ -291,7 +291,10 @@ impl Service {
         let state = Arc::new(ServiceState {
             index: index.clone(),
             directory: Directory::new(&config.routing.directory),
-            resolver: crate::routing::Resolver::new(parser.clone(), 100_000),
+            resolver: crate::routing::Resolver::new(
+                parser.clone(),
+                crate::routing::Resolver::CAPACITY,
+            ),
             parser,
             zendesk_url: config.zendesk.url.trim_end_matches('/').to_owned(),
             sync: Some(grpc::SyncApi {

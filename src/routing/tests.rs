@@ -411,3 +411,29 @@ fn resolve_number_fast_path_and_fallback() {
         assert!(r.resolve(&ix, &"9".repeat(100)).is_err());
     }
 }
+
+/// Numbers enter the parse cache on their second sighting: a stream of new callers leaves it empty
+/// (no insert, no eviction), a repeated caller is cached, and every answer equals a plain parse.
+#[test]
+fn parse_cache_admits_on_second_sighting() {
+    let p = PhoneParser::new("UA").unwrap();
+    let ix = Index::new();
+    let r = Resolver::new(p.clone(), 1000);
+    for i in 0..500 {
+        let raw = format!("050 {:03} {:02} {:02}", i / 100, i % 100, i % 7);
+        assert_eq!(r.resolve(&ix, &raw), p.parse(&raw), "{raw}");
+    }
+    assert_eq!(r.cached(), 0, "numbers seen once are not cached");
+    for _ in 0..2 {
+        assert_eq!(r.resolve(&ix, "044 123 45 67"), Ok(e164(NUM)));
+    }
+    assert_eq!(r.cached(), 1, "the second sighting caches");
+    assert_eq!(r.resolve(&ix, "044 123 45 67"), Ok(e164(NUM)));
+    // Errors are cached the same way and stay errors.
+    for _ in 0..3 {
+        assert!(r.resolve(&ix, "12").is_err());
+    }
+    assert_eq!(r.cached(), 2);
+    let none = Resolver::new(p.clone(), 0);
+    assert_eq!(none.resolve(&ix, "044 123 45 67"), Ok(e164(NUM)));
+}
