@@ -9,6 +9,13 @@
 #   - examples/loadgen: the mixed workload (found/unknown numbers, varied formats, all customers).
 # h2load counts gRPC errors as successes, so every h2load run is checked: received DATA bytes must
 # equal calls x (5 + reply size), and a grpc-status probe must answer OK before and after.
+# Latency at half rate: h2load's --rps releases each connection's requests from a timer that fires
+# at most every 10 ms, in bursts of up to -m streams, so its half-rate latencies measure the
+# queueing of those bursts (the bare baseline shows it as much as Deskline). loadgen paces its
+# requests to within ~50 us and measures from the scheduled send time: its half-rate p99 is the
+# latency figure to read. Both servers' CPU time per request at half rate is printed as well: the
+# cost of an answer at equal load, much less disturbed by the neighbours of a shared machine than
+# the maximum rate.
 #
 # Env: USERS TICKETS (default 1000000), RUNS (alternations, default 2), SECS (per loadgen run and per half-rate h2load run, default 10), H2CALLS
 #      (calls per max-rate h2load run, default 200000),
@@ -66,6 +73,7 @@ EOF
 sleep 0.5
 RUST_LOG=warn taskset -c "$SERVER_CPU" "$BIN" serve --config "$WORK/deskline.toml" >"$WORK/serve.log" 2>&1 &
 PIDS+=($!)
+DL_PID=$!
 "$LOADGEN" health "127.0.0.1:$DL_PORT" --timeout-secs 900
 
 PICK=$("$LOADGEN" pick "127.0.0.1:$DL_PORT" --users "$USERS" --tickets "$TICKETS" --body "$WORK/body.bin")
@@ -75,6 +83,7 @@ echo "# h2load request: RouteCall caller=$CALLER ($(stat -c %s "$WORK/body.bin")
 
 taskset -c "$SERVER_CPU" "$BASELINE" --listen "127.0.0.1:$BASE_PORT" --reply-size "$REPLY" 2>"$WORK/baseline.log" &
 PIDS+=($!)
+BASE_PID=$!
 for i in $(seq 50); do "$LOADGEN" probe "127.0.0.1:$BASE_PORT" "$CALLER" >/dev/null 2>&1 && break; sleep 0.1; done
 
 # grpc-status probe: both must answer OK with the expected size.
@@ -112,6 +121,15 @@ H2CALLS=${H2CALLS:-200000}
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }'; }
 
+# Server CPU time (user + system, clock ticks) of a process, and µs of it per request over a run:
+# the cost of an answer at the same offered load, which the neighbours of a shared machine disturb
+# far less than the maximum rate (time stolen by them is not charged to the process).
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+cpu_per_req() { # ticks_before ticks_after requests
+  awk -v a="$1" -v b="$2" -v n="$3" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.1f", (n > 0 ? (b - a) * 1e6 / hz / n : 0) }'
+}
+pid_of() { if [[ $1 == deskline ]]; then echo "$DL_PID"; else echo "$BASE_PID"; fi; }
+
 declare -A SUM
 add() { SUM[$1]=$(awk -v a="${SUM[$1]:-0}" -v b="$2" 'BEGIN { print a + b }'); }
 
@@ -130,9 +148,11 @@ HALF=$(awk -v a="${SUM[h2max_rps_deskline]}" -v b="${SUM[h2max_rps_baseline]}" -
 for r in $(seq "$RUNS"); do
   for who in baseline deskline; do
     port=$BASE_PORT; [[ $who == deskline ]] && port=$DL_PORT
+    t0=$(cpu_ticks "$(pid_of "$who")")
     h2run "$who" "$port" "$HALF" "$((HALF * SECS))"; read -r rps p50 p99 <"$WORK/res"
-    echo "h2load half run $r $who (--rps total $HALF): rps=$rps p50_us=$p50 p99_us=$p99"
-    add "h2half_p50_$who" "$p50"; add "h2half_p99_$who" "$p99"
+    cpu=$(cpu_per_req "$t0" "$(cpu_ticks "$(pid_of "$who")")" "$((HALF * SECS))")
+    echo "h2load half run $r $who (--rps total $HALF): rps=$rps p50_us=$p50 p99_us=$p99 server_cpu_us_per_req=$cpu"
+    add "h2half_p50_$who" "$p50"; add "h2half_p99_$who" "$p99"; add "h2half_cpu_$who" "$cpu"
   done
 done
 probe deskline "$DL_PORT"; probe baseline "$BASE_PORT"
@@ -158,10 +178,15 @@ LGHALF=$(awk -v a="${SUM[lgmax_rps_deskline]}" -v b="${SUM[lgmax_rps_baseline]}"
 for r in $(seq "$RUNS"); do
   for who in baseline deskline; do
     port=$BASE_PORT; [[ $who == deskline ]] && port=$DL_PORT
+    t0=$(cpu_ticks "$(pid_of "$who")")
     lg "$who" "$port" "$LGHALF" >"$WORK/res"; out=$(<"$WORK/res")
-    echo "loadgen half run $r $who (--rps $LGHALF): $out"
+    n=$(sed -n 's/^requests=\([0-9]*\) .*/\1/p' <<<"$out")
+    cpu=$(cpu_per_req "$t0" "$(cpu_ticks "$(pid_of "$who")")" "$n")
+    echo "loadgen half run $r $who (--rps $LGHALF): $out server_cpu_us_per_req=$cpu"
     [[ $out == *" failed=0 "* ]] || { echo "FAIL: $who had failed RPCs" >&2; exit 1; }
+    add "lghalf_p50_$who" "$(sed -n 's/.* p50_us=\([0-9]*\).*/\1/p' <<<"$out")"
     add "lghalf_p99_$who" "$(sed -n 's/.* p99_us=\([0-9]*\).*/\1/p' <<<"$out")"
+    add "lghalf_cpu_$who" "$cpu"
   done
 done
 
@@ -172,5 +197,9 @@ echo "h2load  max rps:      deskline $(avg h2max_rps_deskline)  baseline $(avg h
 echo "h2load  max p50/p99:  deskline $(avg h2max_p50_deskline)/$(avg h2max_p99_deskline) us  baseline $(avg h2max_p50_baseline)/$(avg h2max_p99_baseline) us"
 echo "h2load  half p50/p99: deskline $(avg h2half_p50_deskline)/$(avg h2half_p99_deskline) us  baseline $(avg h2half_p50_baseline)/$(avg h2half_p99_baseline) us"
 echo "loadgen max rps:      deskline $(avg lgmax_rps_deskline)  baseline $(avg lgmax_rps_baseline)  ratio $(ratio "$(avg lgmax_rps_deskline)" "$(avg lgmax_rps_baseline)")"
-echo "loadgen half p99:     deskline $(avg lghalf_p99_deskline) us  baseline $(avg lghalf_p99_baseline) us"
+echo "loadgen half p50/p99: deskline $(avg lghalf_p50_deskline)/$(avg lghalf_p99_deskline) us  baseline $(avg lghalf_p50_baseline)/$(avg lghalf_p99_baseline) us"
+avg1() { awk -v a="${SUM[$1]}" -v n="$RUNS" 'BEGIN { printf "%.1f", a / n }'; }
+echo "server CPU per request at half rate (baseline / deskline = throughput-equivalent ratio):"
+echo "  h2load:  deskline $(avg1 h2half_cpu_deskline) us  baseline $(avg1 h2half_cpu_baseline) us  ratio $(ratio "$(avg1 h2half_cpu_baseline)" "$(avg1 h2half_cpu_deskline)")"
+echo "  loadgen: deskline $(avg1 lghalf_cpu_deskline) us  baseline $(avg1 lghalf_cpu_baseline) us  ratio $(ratio "$(avg1 lghalf_cpu_baseline)" "$(avg1 lghalf_cpu_deskline)")"
 echo "all RPCs OK (h2load: data bytes = calls x $((5 + REPLY)); grpc-status probes OK before/after; loadgen: failed=0)"

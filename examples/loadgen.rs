@@ -16,9 +16,9 @@
 //! - `run ADDR …`: the mixed workload, closed-loop (`--rps 0`) or open-loop at a fixed rate; prints
 //!   one `key=value` line: requests/s, p50/p99/max in µs, and the count of every non-OK status.
 //!
-//! Latency in open-loop mode is measured from each request's *scheduled* send time, so a server that
-//! stalls is charged for the requests queued behind the stall (no coordinated omission). The
-//! schedule is kept by a pacer thread to within about 50 µs (see `pace`), not by tokio timers,
+//! Latency in open-loop mode is measured from the moment a request's send time is released to its
+//! task, so a server that stalls is charged for the requests queued behind the stall (no
+//! coordinated omission). The schedule is kept by a pacer thread (see `pace`), not by tokio timers,
 //! whose millisecond ticks would add their own lateness to every latency.
 
 use std::{
@@ -298,9 +298,11 @@ fn percentile(sorted: &[u32], p: f64) -> u32 {
     sorted[i]
 }
 
-/// Releases send times at `rps` until `stop`, each to the next task in turn. Every time is the
-/// exact schedule (start + i / rps); the thread wakes about every 50 µs and hands out every time
-/// that has come, so a request is at most that late, and the lateness counts in its latency.
+/// Releases send times at `rps` until `stop`, each to the next task in turn. The thread wakes about
+/// every 50 µs and releases every send time that has come, stamped with the moment of release: a
+/// task busy with its previous request leaves the stamp waiting in its channel, and that wait counts
+/// in the latency (the server's slowness is charged), while the pacer's own lateness (the scheduler
+/// running it late on a busy client core) is the generator's and does not.
 fn pace(rps: u64, tasks: &[tokio::sync::mpsc::UnboundedSender<Instant>], stop: &AtomicBool) {
     let start = Instant::now();
     let interval = Duration::from_secs_f64(1.0 / rps as f64);
@@ -313,7 +315,7 @@ fn pace(rps: u64, tasks: &[tokio::sync::mpsc::UnboundedSender<Instant>], stop: &
                 break;
             }
             // A task that is gone (stopped) no longer needs times.
-            let _ = tasks[(i % tasks.len() as u64) as usize].send(at);
+            let _ = tasks[(i % tasks.len() as u64) as usize].send(now);
             i += 1;
         }
         std::thread::sleep(Duration::from_micros(50));

@@ -31,8 +31,9 @@
 //! readers hold the read lock for one lookup only.
 //!
 //! Measured on the dev machine (`cargo bench --bench index_memory`, release, 1M customers each with
-//! one open ticket): 256 bytes of RSS per customer, `apply_user` ≈ 230k records/s (the phone parse
-//! dominates), `apply_ticket` ≈ 1.3M records/s, snapshot save 0.25 s, load 1.4 s, 74 MiB.
+//! one open ticket): 234 bytes of RSS per customer, `apply_user` ≈ 400k records/s (the phone parse
+//! dominates; the follower does it outside the lock, see [`UserBatch`]), `apply_ticket` ≈ 1.7M
+//! records/s, snapshot save 0.20 s, load 0.40 s, 74 MiB.
 //!
 //! # Staleness
 //! The index is as fresh as the last export page read plus the sync worker's own writes, which are
