@@ -881,4 +881,14 @@ fn agent_ref(id: i64, a: &AgentRec) -> AgentRef<'_> {
 }
 
 #[cfg(test)]
+impl Index {
+    /// [`customer_ids_by_phone`](Self::customer_ids_by_phone) sorted, to compare two indexes.
+    pub(crate) fn sorted_ids_by_phone(&self, phone: E164) -> Vec<i64> {
+        let mut ids = self.customer_ids_by_phone(phone);
+        ids.sort_unstable();
+        ids
+    }
+}
+
+#[cfg(test)]
 mod tests;
