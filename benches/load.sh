@@ -11,7 +11,9 @@
 # equal calls x (5 + reply size), and a grpc-status probe must answer OK before and after.
 # Latency at half rate: h2load's --rps releases each connection's requests from a timer that fires
 # at most every 10 ms, in bursts of up to -m streams, so its half-rate latencies measure the
-# queueing of those bursts (the bare baseline shows it as much as Deskline). loadgen paces its
+# queueing of those bursts (the bare baseline shows it as much as Deskline; h2load's
+# --timing-script-file was tried instead, but its timers re-arm from when they fire, so it fell
+# behind the schedule: 6.5-8.7k of 11.2k requests/s, with no better latency). loadgen paces its
 # requests to within ~50 us and measures from the scheduled send time: its half-rate p99 is the
 # latency figure to read. Both servers' CPU time per request at half rate is printed as well: the
 # cost of an answer at equal load, much less disturbed by the neighbours of a shared machine than

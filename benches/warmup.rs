@@ -71,7 +71,11 @@ fn spawn_serve(config: &Path) -> Child {
     Command::new(BIN)
         .args(["serve", "--config"])
         .arg(config)
-        .env("RUST_LOG", "warn")
+        // DESKLINE_BENCH_LOG=info shows the child's own timings (snapshot load, warm-up rate).
+        .env(
+            "RUST_LOG",
+            std::env::var("DESKLINE_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
