@@ -6,6 +6,12 @@
 //! saved with its snapshot, so a restart resumes where the last snapshot stood (at worst re-reading
 //! pages since then, which is harmless: applying a record twice gives the same index).
 //!
+//! Throughput: each cursor export is read through `pipelined`: up to two pages are fetched (and
+//! decoded on the blocking pool, users pages also prepared there: phones parsed) ahead of the one
+//! being applied, so the index write lock is held for inserts only and Zendesk's serving, decoding
+//! and indexing overlap (a 1M-customer account: 67k records/s before, ~130k after, with the
+//! simulator on the same two cores; `cargo bench --bench warmup`).
+//!
 //! Consistency: what the routing path sees lags Zendesk by the export's one-minute rule plus at most
 //! one poll interval, except for what the sync worker writes itself (it updates the index at once).
 //! The index is marked fresh per export when a read reaches `end_of_stream`; `index_age_ms` in answers

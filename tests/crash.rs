@@ -140,14 +140,7 @@ impl Deskline {
 }
 
 fn account() -> (Store, Vec<(String, i64)>) {
-    let mut s = Store::new();
-    s.create_user(NewUser {
-        name: "Owner".into(),
-        email: Some(sim::OWNER_EMAIL.into()),
-        role: Some(Role::Admin),
-        ..NewUser::default()
-    })
-    .unwrap();
+    let mut s = store_with_owner();
     let mut agents = Vec::new();
     for (name, email) in [
         ("Olena Petrenko", "olena@deskline.test"),

@@ -20,7 +20,7 @@ use deskline::{
         self, GetCallStatusRequest, ReportCallRequest, RouteCallRequest,
         get_call_status_response::SyncState, resolver_client::ResolverClient,
     },
-    sim::{self, NewTicket, NewUser, Role, Status, Store},
+    sim,
 };
 use tonic::{Request, metadata::MetadataValue};
 
@@ -62,36 +62,7 @@ async fn a_full_run_logs_no_secret_and_no_full_number_at_info() {
         .with_writer(move || writer.clone())
         .init();
 
-    let mut s = Store::new();
-    s.create_user(NewUser {
-        name: "Owner".into(),
-        email: Some(sim::OWNER_EMAIL.into()),
-        role: Some(Role::Admin),
-        ..NewUser::default()
-    })
-    .unwrap();
-    let olena = s
-        .create_user(NewUser {
-            name: "Olena Petrenko".into(),
-            email: Some("olena@deskline.test".into()),
-            role: Some(Role::Agent),
-            ..NewUser::default()
-        })
-        .unwrap();
-    let customer = s
-        .create_user(NewUser {
-            name: "Taras Shevchenko".into(),
-            phone: Some(CUSTOMER.into()),
-            ..NewUser::default()
-        })
-        .unwrap();
-    s.create_ticket(NewTicket {
-        requester_id: customer,
-        assignee_id: Some(olena),
-        status: Some(Status::Open),
-        ..NewTicket::default()
-    })
-    .unwrap();
+    let (s, _) = one_ticket_account(CUSTOMER);
     let sim = start_sim(s, |c| {
         c.token = API_TOKEN.into();
         c.search_delay = Duration::ZERO;

@@ -17,7 +17,7 @@ use deskline::{
         GetCallStatusRequest, LookupCallerRequest, ReportCallRequest, RouteCallRequest,
         resolver_client::ResolverClient,
     },
-    sim::{self, NewUser, Role, Store},
+    sim::NewUser,
 };
 use proptest::prelude::*;
 use tonic::{Code, transport::Channel};
@@ -39,14 +39,7 @@ fn server() -> &'static Server {
             .build()
             .unwrap();
         let (addr, client) = rt.block_on(async {
-            let mut s = Store::new();
-            s.create_user(NewUser {
-                name: "Owner".into(),
-                email: Some(sim::OWNER_EMAIL.into()),
-                role: Some(Role::Admin),
-                ..NewUser::default()
-            })
-            .unwrap();
+            let mut s = store_with_owner();
             s.create_user(NewUser {
                 name: "Зоя Ångström 👩‍💼".into(),
                 phone: Some("+380441234567".into()),

@@ -22,7 +22,7 @@ use deskline::{
         self, Decision, GetCallStatusRequest, GetCallStatusResponse, ReportCallRequest,
         RouteCallRequest, get_call_status_response::SyncState, resolver_client::ResolverClient,
     },
-    sim::{self, Faults, NewTicket, NewUser, Role, SimHandle, Status, Store},
+    sim::{Faults, NewTicket, NewUser, SimHandle, Status},
 };
 use tonic::transport::Channel;
 use tonic_health::pb::{
@@ -33,48 +33,6 @@ type Grpc = ResolverClient<Channel>;
 
 const CUSTOMER_PHONE: &str = "+380441234567";
 const DIRECTORY: &str = "[routing.directory]\n\"Olena Petrenko\" = \"101\"\n";
-
-#[derive(Clone, Copy)]
-struct Account {
-    olena: i64,
-    ticket: i64,
-}
-
-/// An owner, one agent in the directory, one customer with an open ticket assigned to her.
-fn account() -> (Store, Account) {
-    let mut s = Store::new();
-    s.create_user(NewUser {
-        name: "Owner".into(),
-        email: Some(sim::OWNER_EMAIL.into()),
-        role: Some(Role::Admin),
-        ..NewUser::default()
-    })
-    .unwrap();
-    let olena = s
-        .create_user(NewUser {
-            name: "Olena Petrenko".into(),
-            email: Some("olena@deskline.test".into()),
-            role: Some(Role::Agent),
-            ..NewUser::default()
-        })
-        .unwrap();
-    let customer = s
-        .create_user(NewUser {
-            name: "Taras Shevchenko".into(),
-            phone: Some(CUSTOMER_PHONE.into()),
-            ..NewUser::default()
-        })
-        .unwrap();
-    let ticket = s
-        .create_ticket(NewTicket {
-            requester_id: customer,
-            assignee_id: Some(olena),
-            status: Some(Status::Open),
-            ..NewTicket::default()
-        })
-        .unwrap();
-    (s, Account { olena, ticket })
-}
 
 fn report(call_id: &str, number: &str) -> ReportCallRequest {
     ReportCallRequest {
@@ -148,7 +106,7 @@ async fn health(addr: std::net::SocketAddr) -> i32 {
         .status
 }
 
-fn assert_routes_to_olena(r: &proto::RouteCallResponse, a: &Account) {
+fn assert_routes_to_olena(r: &proto::RouteCallResponse, a: &OneTicketAccount) {
     assert_eq!(r.decision(), Decision::RouteToAgent, "{r:#?}");
     assert_eq!(r.agent.as_ref().map(|x| x.zendesk_id), Some(a.olena));
     assert_eq!(r.ticket.as_ref().map(|t| t.id), Some(a.ticket));
@@ -177,7 +135,7 @@ fn comments_with(sim: &SimHandle, marker: &str) -> usize {
 /// once Zendesk is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_at_start_with_a_snapshot_serves_from_it_and_keeps_retrying() {
-    let (store, a) = account();
+    let (store, a) = one_ticket_account(CUSTOMER_PHONE);
     let sim = start_sim(store, |_| {}).await;
     let dir = tempfile::tempdir().unwrap();
     let text = config_text(
@@ -253,7 +211,7 @@ async fn unreachable_at_start_with_a_snapshot_serves_from_it_and_keeps_retrying(
 /// follower retries with backoff, SERVING with right answers once Zendesk answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_at_start_without_a_snapshot_serves_once_zendesk_is_back() {
-    let (store, a) = account();
+    let (store, a) = one_ticket_account(CUSTOMER_PHONE);
     let sim = start_sim(store, |c| c.faults.down = true).await;
     let dir = tempfile::tempdir().unwrap();
     let service = start_service(&config_text(
@@ -298,7 +256,7 @@ async fn unreachable_at_start_without_a_snapshot_serves_once_zendesk_is_back() {
 /// RETRY_WAIT and ends DONE, once, when Zendesk is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn down_mid_run_routing_answers_and_reports_wait_then_sync() {
-    let (store, a) = account();
+    let (store, a) = one_ticket_account(CUSTOMER_PHONE);
     let sim = start_sim(store, |_| {}).await;
     let dir = tempfile::tempdir().unwrap();
     let service = start_service(&config_text(
@@ -353,7 +311,7 @@ async fn down_mid_run_routing_answers_and_reports_wait_then_sync() {
 /// and are retried, and the report is synced once Zendesk is quick again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_zendesk_times_out_and_retries_without_slowing_routing() {
-    let (store, a) = account();
+    let (store, a) = one_ticket_account(CUSTOMER_PHONE);
     let sim = start_sim(store, |_| {}).await;
     let dir = tempfile::tempdir().unwrap();
     // The harness sets 5 s; a [zendesk] table cannot appear twice, so the value is replaced.
@@ -416,7 +374,7 @@ async fn slow_zendesk_times_out_and_retries_without_slowing_routing() {
 /// answers are the same as without faults.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn html_pages_dropped_connections_and_truncated_bodies_are_retried() {
-    let (store, a) = account();
+    let (store, a) = one_ticket_account(CUSTOMER_PHONE);
     let faults = Faults {
         error_rate: 0.15,
         drop_rate: 0.1,
@@ -518,7 +476,7 @@ const WITHOUT_BACKOFF: usize = 3 * 6;
 /// every second.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unauthorized_is_a_clear_error_without_a_retry_storm() {
-    let (store, a) = account();
+    let (store, a) = one_ticket_account(CUSTOMER_PHONE);
     let sim = start_sim(store, |_| {}).await;
     let dir = tempfile::tempdir().unwrap();
     let service = start_service(&config_text(

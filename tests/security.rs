@@ -9,19 +9,12 @@ use std::process::Command;
 use common::*;
 use deskline::{
     proto::{RouteCallRequest, resolver_client::ResolverClient},
-    sim::{self, NewUser, Role, Store},
+    sim::{NewUser, Store},
 };
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
 fn store() -> Store {
-    let mut s = Store::new();
-    s.create_user(NewUser {
-        name: "Owner".into(),
-        email: Some(sim::OWNER_EMAIL.into()),
-        role: Some(Role::Admin),
-        ..NewUser::default()
-    })
-    .unwrap();
+    let mut s = store_with_owner();
     s.create_user(NewUser {
         name: "TLS Customer".into(),
         phone: Some("+380441234567".into()),

@@ -9,7 +9,7 @@ use deskline::{
     app::Service,
     config::Config,
     proto::resolver_client::ResolverClient,
-    sim::{self, SimConfig, SimHandle, Store},
+    sim::{self, NewTicket, NewUser, Role, SimConfig, SimHandle, Status, Store},
 };
 use tonic::transport::Channel;
 
@@ -95,4 +95,65 @@ pub async fn wait_loaded(service: &Service) {
     tokio::time::timeout(DEADLINE, service.wait_loaded())
         .await
         .expect("the index did not load in time");
+}
+
+/// A store with the account owner (an admin whose email is the simulator's credentials).
+pub fn store_with_owner() -> Store {
+    let mut s = Store::new();
+    s.create_user(NewUser {
+        name: "Owner".into(),
+        email: Some(sim::OWNER_EMAIL.into()),
+        role: Some(Role::Admin),
+        ..NewUser::default()
+    })
+    .unwrap();
+    s
+}
+
+/// The ids of [`one_ticket_account`].
+#[derive(Clone, Copy, Debug)]
+pub struct OneTicketAccount {
+    /// The agent "Olena Petrenko".
+    pub olena: i64,
+    /// The customer "Taras Shevchenko".
+    pub customer: i64,
+    /// The customer's open ticket, assigned to Olena.
+    pub ticket: i64,
+}
+
+/// An owner (admin, the simulator's credentials), one agent "Olena Petrenko", one customer "Taras
+/// Shevchenko" with `customer_phone` and an open ticket assigned to her.
+pub fn one_ticket_account(customer_phone: &str) -> (Store, OneTicketAccount) {
+    let mut s = store_with_owner();
+    let olena = s
+        .create_user(NewUser {
+            name: "Olena Petrenko".into(),
+            email: Some("olena@deskline.test".into()),
+            role: Some(Role::Agent),
+            ..NewUser::default()
+        })
+        .unwrap();
+    let customer = s
+        .create_user(NewUser {
+            name: "Taras Shevchenko".into(),
+            phone: Some(customer_phone.into()),
+            ..NewUser::default()
+        })
+        .unwrap();
+    let ticket = s
+        .create_ticket(NewTicket {
+            requester_id: customer,
+            assignee_id: Some(olena),
+            status: Some(Status::Open),
+            ..NewTicket::default()
+        })
+        .unwrap();
+    (
+        s,
+        OneTicketAccount {
+            olena,
+            customer,
+            ticket,
+        },
+    )
 }
