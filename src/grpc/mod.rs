@@ -182,7 +182,7 @@ impl ResolverService {
         raw: &str,
         decide: impl FnOnce(&crate::index::Index, crate::phone::E164) -> R,
     ) -> Result<(R, i64), ApiError> {
-        let index = self.state.index.read();
+        let index = crate::index::read_for_lookup(&self.state.index);
         if !index.is_loaded() {
             return Err(ApiError::Unavailable(
                 "the index has not been loaded yet".into(),

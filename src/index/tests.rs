@@ -379,3 +379,43 @@ fn batch_matches_one_by_one() {
         }
     }
 }
+
+/// A lookup is not held up by a writer that waits for a snapshot save (a long read lock) to end.
+#[test]
+fn lookups_pass_a_writer_waiting_for_a_save() {
+    use std::{
+        sync::{Arc, mpsc},
+        time::{Duration, Instant},
+    };
+    let index: SharedIndex = Arc::new(parking_lot::RwLock::new(Index::new()));
+    let saving = index.read();
+    let writer = {
+        let index = index.clone();
+        std::thread::spawn(move || {
+            index.write().set_loaded();
+        })
+    };
+    // Wait (with a deadline) until the writer is queued: a plain read is then refused.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while index.try_read().is_some() {
+        assert!(Instant::now() < deadline, "the writer never queued");
+        std::thread::yield_now();
+    }
+    let (tx, rx) = mpsc::channel();
+    let reader = {
+        let index = index.clone();
+        std::thread::spawn(move || {
+            let loaded = read_for_lookup(&index).is_loaded();
+            tx.send(loaded).unwrap();
+        })
+    };
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(10)),
+        Ok(false),
+        "the lookup waited behind the writer"
+    );
+    drop(saving);
+    writer.join().unwrap();
+    reader.join().unwrap();
+    assert!(read_for_lookup(&index).is_loaded());
+}
