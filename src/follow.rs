@@ -24,7 +24,6 @@
 //! else, and applies them as they arrive.
 
 use std::{
-    collections::HashMap,
     path::PathBuf,
     sync::{
         Arc,
@@ -38,11 +37,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::{
-    index::{Export, SharedIndex, UserBatch, snapshot},
+    index::{Export, Index, SharedIndex, UserBatch, snapshot},
     phone::PhoneParser,
     zendesk::{
         Client, ExportStart, ZendeskError,
-        models::{Identity, Ticket, User, UsersCursorPage},
+        models::{Ticket, UsersCursorPage},
     },
 };
 
@@ -263,26 +262,14 @@ impl Follower {
             })?;
             Ok(prepared)
         };
-        let apply = |page: Fetched<(UserBatch, Vec<i64>)>| {
-            let (batch, wanted) = page.batch;
-            {
-                let mut idx = self.index.write();
-                idx.apply_user_batch(batch);
-                if let Some(c) = page.after_cursor {
-                    idx.cursors_mut().users = Some(c);
-                }
-                if page.end_of_stream {
-                    idx.mark_fresh(Export::Users, now_ms());
-                }
-            }
+        let apply = |idx: &mut Index, (batch, wanted): (UserBatch, Vec<i64>)| {
+            idx.apply_user_batch(batch);
             if !wanted.is_empty() {
                 let _ = id_tx.send(wanted);
             }
-            self.counted(0, page.records);
         };
-        let total = cancellable(shutdown, pipelined(start, fetch, apply)).await??;
-        self.reading[0].store(false, Ordering::Relaxed);
-        Ok(total)
+        self.pipelined(Export::Users, start, fetch, apply, shutdown)
+            .await
     }
 
     async fn read_tickets(&self, shutdown: &CancellationToken) -> Result<u64, CycleError> {
@@ -296,24 +283,13 @@ impl Follower {
                 end_of_stream: page.end_of_stream,
             })
         };
-        let apply = |page: Fetched<Vec<Ticket>>| {
-            {
-                let mut idx = self.index.write();
-                for t in &page.batch {
-                    idx.apply_ticket(t);
-                }
-                if let Some(c) = page.after_cursor {
-                    idx.cursors_mut().tickets = Some(c);
-                }
-                if page.end_of_stream {
-                    idx.mark_fresh(Export::Tickets, now_ms());
-                }
+        let apply = |idx: &mut Index, tickets: Vec<Ticket>| {
+            for t in &tickets {
+                idx.apply_ticket(t);
             }
-            self.counted(1, page.records);
         };
-        let total = cancellable(shutdown, pipelined(start, fetch, apply)).await??;
-        self.reading[1].store(false, Ordering::Relaxed);
-        Ok(total)
+        self.pipelined(Export::Tickets, start, fetch, apply, shutdown)
+            .await
     }
 
     /// The organizations export is time-based: `end_time` of one page is the next `start_time`.
@@ -341,17 +317,97 @@ impl Follower {
                 }
             }
             total += n;
-            self.counted(2, n);
+            self.counted(Export::Organizations, n);
             if page.end_of_stream || n == 0 {
-                self.reading[2].store(false, Ordering::Relaxed);
+                self.reading[export_slot(Export::Organizations)].store(false, Ordering::Relaxed);
                 return Ok(total);
             }
         }
     }
 
-    fn counted(&self, export: usize, n: u64) {
+    /// Reads a cursor export from `start` to `end_of_stream`, fetching the next pages while the
+    /// current one is applied, so Zendesk's serving, the decoding and the index writes overlap
+    /// instead of taking turns (on the warm-up of a large account that is the difference between
+    /// the sum and the slowest of the three). Each page is applied with `apply` under the write
+    /// lock, together with its cursor and, at `end_of_stream`, the export's freshness. Returns the
+    /// records applied.
+    ///
+    /// The stored cursor only moves with an applied page, so an error (passed on after the pages
+    /// before it are applied) or a cancellation leaves it at the last page really applied.
+    async fn pipelined<B, F, Fut>(
+        &self,
+        export: Export,
+        start: ExportStart,
+        mut fetch: F,
+        mut apply: impl FnMut(&mut Index, B),
+        shutdown: &CancellationToken,
+    ) -> Result<u64, CycleError>
+    where
+        F: FnMut(ExportStart) -> Fut,
+        Fut: Future<Output = Result<Fetched<B>, ZendeskError>>,
+    {
+        let (tx, mut rx) = mpsc::channel::<Result<Fetched<B>, ZendeskError>>(PREFETCH_PAGES);
+        let producer = async move {
+            let mut start = start;
+            loop {
+                let page = fetch(start).await;
+                let next = match &page {
+                    Ok(p) if p.end_of_stream => None,
+                    Ok(p) => match &p.after_cursor {
+                        Some(c) => Some(ExportStart::Cursor(c.clone())),
+                        None => {
+                            warn!(
+                                export = export.as_str(),
+                                "an export page had neither end_of_stream nor after_cursor; reading on at the next poll"
+                            );
+                            None
+                        }
+                    },
+                    Err(_) => None,
+                };
+                // The receiver is gone when the consumer stopped (error or cancellation).
+                if tx.send(page).await.is_err() {
+                    return;
+                }
+                match next {
+                    Some(n) => start = n,
+                    None => return,
+                }
+            }
+        };
+        let consumer = async move {
+            let mut total = 0u64;
+            while let Some(page) = rx.recv().await {
+                let page = page?;
+                {
+                    let mut idx = self.index.write();
+                    apply(&mut idx, page.batch);
+                    if let Some(c) = page.after_cursor {
+                        let cursors = idx.cursors_mut();
+                        match export {
+                            Export::Users => cursors.users = Some(c),
+                            Export::Tickets => cursors.tickets = Some(c),
+                            // Time-based: read by `read_organizations`, never here.
+                            Export::Organizations => {}
+                        }
+                    }
+                    if page.end_of_stream {
+                        idx.mark_fresh(export, now_ms());
+                    }
+                }
+                total += page.records;
+                self.counted(export, page.records);
+            }
+            Ok::<u64, ZendeskError>(total)
+        };
+        let ((), total) = cancellable(shutdown, async { tokio::join!(producer, consumer) }).await?;
+        self.reading[export_slot(export)].store(false, Ordering::Relaxed);
+        Ok(total?)
+    }
+
+    fn counted(&self, export: Export, n: u64) {
         self.records.fetch_add(n, Ordering::Relaxed);
-        self.per_export[export].fetch_add(n, Ordering::Relaxed);
+        self.per_export[export_slot(export)].fetch_add(n, Ordering::Relaxed);
     }
 
     async fn save_snapshot(&self) {
@@ -370,6 +426,15 @@ impl Follower {
     }
 }
 
+/// Where an export's counters sit in `Follower::per_export` and `Follower::reading`.
+fn export_slot(export: Export) -> usize {
+    match export {
+        Export::Users => 0,
+        Export::Tickets => 1,
+        Export::Organizations => 2,
+    }
+}
+
 /// Export pages fetched ahead of the index, with what applying each needs.
 struct Fetched<B> {
     batch: B,
@@ -380,63 +445,6 @@ struct Fetched<B> {
 
 /// Pages a cursor export may be fetched (and decoded, and prepared) ahead of the one being applied.
 const PREFETCH_PAGES: usize = 2;
-
-/// Reads a cursor export from `start` to `end_of_stream`, fetching the next pages while the
-/// current one is applied, so Zendesk's serving, the decoding and the index writes overlap instead
-/// of taking turns (on the warm-up of a large account that is the difference between the sum and
-/// the slowest of the three). Returns the records applied.
-///
-/// The stored cursor only moves when `apply` applies a page, so an error (passed on after the pages
-/// before it are applied) or a cancellation leaves it at the last page really applied.
-async fn pipelined<B, F, Fut>(
-    start: ExportStart,
-    mut fetch: F,
-    mut apply: impl FnMut(Fetched<B>),
-) -> Result<u64, ZendeskError>
-where
-    F: FnMut(ExportStart) -> Fut,
-    Fut: Future<Output = Result<Fetched<B>, ZendeskError>>,
-{
-    let (tx, mut rx) = mpsc::channel::<Result<Fetched<B>, ZendeskError>>(PREFETCH_PAGES);
-    let producer = async move {
-        let mut start = start;
-        loop {
-            let page = fetch(start).await;
-            let next = match &page {
-                Ok(p) if p.end_of_stream => None,
-                Ok(p) => match &p.after_cursor {
-                    Some(c) => Some(ExportStart::Cursor(c.clone())),
-                    None => {
-                        warn!(
-                            "an export page had neither end_of_stream nor after_cursor; reading on at the next poll"
-                        );
-                        None
-                    }
-                },
-                Err(_) => None,
-            };
-            // The receiver is gone when the consumer stopped (error or cancellation).
-            if tx.send(page).await.is_err() {
-                return;
-            }
-            match next {
-                Some(n) => start = n,
-                None => return,
-            }
-        }
-    };
-    let consumer = async move {
-        let mut total = 0u64;
-        while let Some(page) = rx.recv().await {
-            let page = page?;
-            total += page.records;
-            apply(page);
-        }
-        Ok(total)
-    };
-    let ((), total) = tokio::join!(producer, consumer);
-    total
-}
 
 /// Fetches phone identities for users whose export page had no identities sideload.
 async fn identity_fetcher(
@@ -472,10 +480,8 @@ async fn identity_fetcher(
         match cancellable(&shutdown, this.client.show_many_users(&batch)).await {
             Err(_) => return,
             Ok(Ok(found)) => {
-                let mut idx = this.index.write();
-                for (user_id, list) in group_identities(&found.users, &found.identities) {
-                    idx.apply_identities(user_id, &list, &this.parser);
-                }
+                let ids = UserBatch::identities_only(&found.users, &found.identities, &this.parser);
+                this.index.write().apply_user_batch(ids);
             }
             Ok(Err(e)) => {
                 warn!(error = %e, users = batch.len(), "fetching phone identities failed; will retry");
@@ -524,17 +530,6 @@ async fn progress_logger(this: Arc<Follower>, started: Instant, stop: Cancellati
     }
 }
 
-/// Groups a sideload's identities by user, with an entry (maybe empty) for every user of the page,
-/// so a user whose last phone identity was removed loses it in the index too.
-fn group_identities(users: &[User], identities: &[Identity]) -> HashMap<i64, Vec<Identity>> {
-    let mut by_user: HashMap<i64, Vec<Identity>> =
-        users.iter().map(|u| (u.id, Vec::new())).collect();
-    for i in identities {
-        by_user.entry(i.user_id).or_default().push(i.clone());
-    }
-    by_user
-}
-
 fn cursor_or_start(cursor: Option<String>) -> ExportStart {
     match cursor {
         Some(c) => ExportStart::Cursor(c),
@@ -574,28 +569,5 @@ mod tests {
         assert_eq!(backoff(1, poll), Duration::from_secs(5));
         assert_eq!(backoff(2, poll), Duration::from_secs(10));
         assert_eq!(backoff(20, poll), Duration::from_secs(300));
-    }
-
-    #[test]
-    fn identities_grouped_with_empty_entries() {
-        let users = vec![
-            User {
-                id: 1,
-                ..Default::default()
-            },
-            User {
-                id: 2,
-                ..Default::default()
-            },
-        ];
-        let ids = vec![Identity {
-            id: 9,
-            user_id: 2,
-            kind: Some("phone_number".into()),
-            ..Default::default()
-        }];
-        let g = group_identities(&users, &ids);
-        assert!(g[&1].is_empty());
-        assert_eq!(g[&2].len(), 1);
     }
 }

@@ -159,8 +159,8 @@ fn e164_of(number: &PhoneNumber) -> Result<E164, PhoneError> {
     }
     let national = number.national();
     let value = national.value();
-    let value_digits = if value == 0 { 1 } else { value.ilog10() + 1 };
-    let len = ilog10_u16(code) + u32::from(national.zeros()) + value_digits;
+    let value_digits = decimal_digits(value);
+    let len = decimal_digits(code.into()) + u32::from(national.zeros()) + value_digits;
     if !(7..=15).contains(&len) {
         return Err(PhoneError::Invalid(format!(
             "{len} digits is not a plausible length"
@@ -171,8 +171,8 @@ fn e164_of(number: &PhoneNumber) -> Result<E164, PhoneError> {
         .ok_or_else(|| PhoneError::Invalid("not an E.164 number".into()))
 }
 
-fn ilog10_u16(code: u16) -> u32 {
-    if code == 0 { 1 } else { code.ilog10() + 1 }
+fn decimal_digits(n: u64) -> u32 {
+    n.checked_ilog10().map_or(1, |l| l + 1)
 }
 
 /// Masks a number for logs at info level: keeps the country code's first digits and the last two.

@@ -400,15 +400,10 @@ pub struct UserBatch {
 
 impl UserBatch {
     pub fn prepare(users: &[User], identities: Option<&[Identity]>, parser: &PhoneParser) -> Self {
-        let mut prepared = Vec::with_capacity(users.len());
-        let mut by_user: Option<FxHashMap<i64, Vec<u64>>> = identities.map(|_| {
-            let mut m = FxHashMap::default();
-            m.reserve(users.len());
-            m
-        });
         // A user's `phone` is usually also one of its phone identities: parse that string once.
         let mut main: FxHashMap<i64, (&str, Option<E164>)> = FxHashMap::default();
         main.reserve(users.len());
+        let mut prepared = Vec::with_capacity(users.len());
         for u in users {
             let phone = u
                 .phone
@@ -418,34 +413,60 @@ impl UserBatch {
                 main.insert(u.id, p);
             }
             prepared.push(PreparedUser::with_phone(u, phone.and_then(|(_, e)| e)));
-            if let Some(m) = &mut by_user {
-                m.insert(u.id, Vec::new());
-            }
-        }
-        if let (Some(m), Some(list)) = (&mut by_user, identities) {
-            for i in list.iter().filter(|i| i.is_phone()) {
-                let Some(raw) = i.value.as_deref() else {
-                    continue;
-                };
-                let parsed = match main.get(&i.user_id) {
-                    Some((same, parsed)) if *same == raw => *parsed,
-                    _ => parser.parse_stored(raw),
-                };
-                let phones = m.entry(i.user_id).or_default();
-                if let Some(e) = parsed {
-                    phones.push(e.digits());
-                }
-            }
-            for phones in m.values_mut() {
-                phones.sort_unstable();
-                phones.dedup();
-            }
         }
         Self {
             users: prepared,
-            identities: by_user,
+            identities: identities.map(|list| group_phones(users, list, &main, parser)),
         }
     }
+
+    /// Only the phone identities of `users` (as `users/show_many?include=identities` returns them),
+    /// for a page whose users were applied without them; the users themselves are left as they are.
+    pub fn identities_only(users: &[User], identities: &[Identity], parser: &PhoneParser) -> Self {
+        Self {
+            users: Vec::new(),
+            identities: Some(group_phones(
+                users,
+                identities,
+                &FxHashMap::default(),
+                parser,
+            )),
+        }
+    }
+}
+
+/// The parsed phone identities by user, with an entry (maybe empty) for every one of `users`, so a
+/// user whose last phone identity was removed loses it in the index too. `main`: user id → its
+/// `phone` string and that string parsed, reused when an identity repeats it.
+fn group_phones(
+    users: &[User],
+    identities: &[Identity],
+    main: &FxHashMap<i64, (&str, Option<E164>)>,
+    parser: &PhoneParser,
+) -> FxHashMap<i64, Vec<u64>> {
+    let mut by_user = FxHashMap::default();
+    by_user.reserve(users.len());
+    for u in users {
+        by_user.insert(u.id, Vec::new());
+    }
+    for i in identities.iter().filter(|i| i.is_phone()) {
+        let Some(raw) = i.value.as_deref() else {
+            continue;
+        };
+        let parsed = match main.get(&i.user_id) {
+            Some((same, parsed)) if *same == raw => *parsed,
+            _ => parser.parse_stored(raw),
+        };
+        let phones: &mut Vec<u64> = by_user.entry(i.user_id).or_default();
+        if let Some(e) = parsed {
+            phones.push(e.digits());
+        }
+    }
+    for phones in by_user.values_mut() {
+        phones.sort_unstable();
+        phones.dedup();
+    }
+    by_user
 }
 
 /// The sorted, deduplicated digits of the phone identities among `identities`.

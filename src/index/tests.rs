@@ -419,3 +419,25 @@ fn lookups_pass_a_writer_waiting_for_a_save() {
     reader.join().unwrap();
     assert!(read_for_lookup(&index).is_loaded());
 }
+
+/// Identities fetched apart (show_many) replace each listed user's phone identities, including
+/// the users that now have none, and leave the users' records as they are.
+#[test]
+fn identities_only_replace_every_listed_users_phones() {
+    let p = ua();
+    let mut ix = Index::new();
+    let one = end_user(1, "Іван Франко", Some("044 123 45 67"));
+    let two = end_user(2, "Леся Українка", None);
+    ix.apply_user(&one, &p);
+    ix.apply_user(&two, &p);
+    ix.apply_identities(1, &[phone_identity(1, "050 111 22 33")], &p);
+    assert_eq!(ix.customer_ids_by_phone(e164("+380501112233")), vec![1]);
+
+    let batch =
+        UserBatch::identities_only(&[one, two], &[phone_identity(2, "+380 63 444 55 66")], &p);
+    ix.apply_user_batch(batch);
+    assert!(ix.customer_ids_by_phone(e164("+380501112233")).is_empty());
+    assert_eq!(ix.customer_ids_by_phone(e164("+380634445566")), vec![2]);
+    assert_eq!(ix.customer_ids_by_phone(e164("+380441234567")), vec![1]);
+    assert_eq!(ix.customer(1).map(|c| c.name), Some("Іван Франко"));
+}
