@@ -51,6 +51,35 @@ pub use queue::{Queue, QueueError};
 pub use settings::SyncSettings;
 pub use worker::{Worker, WorkerHandle};
 
+/// How often finished jobs past `storage.retention_days` are deleted (and once at start).
+pub const HOUSEKEEPING_EVERY: std::time::Duration = std::time::Duration::from_secs(60 * 60);
+
+/// Deletes finished jobs older than `retention` now and every [`HOUSEKEEPING_EVERY`] until `stop`.
+/// A failed purge is logged and tried again next time: old rows cost disk, not correctness, and a
+/// queue that really broke stops the worker, which stops the process.
+pub async fn housekeeping(
+    queue: Queue,
+    retention: std::time::Duration,
+    stop: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    let mut tick = tokio::time::interval(HOUSEKEEPING_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.cancelled() => return Ok(()),
+        }
+        let before = queue::now_ms().saturating_sub(retention.as_millis() as i64);
+        match queue.purge_finished(before).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(jobs = n, "finished jobs past the retention deleted"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot delete old finished jobs; trying again later")
+            }
+        }
+    }
+}
+
 /// Who started the call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -2,13 +2,31 @@
 //! `synchronous=FULL`, so a committed report survives a crash or a power cut, and an operator can
 //! read it with the `sqlite3` shell (`SELECT call_id, state, last_error FROM jobs`).
 //!
-//! One process owns the file (the embedded store of DESIGN §8; replicas would use PostgreSQL). All
-//! access goes through one connection behind a mutex, run on tokio's blocking pool: the queue's
-//! throughput is bounded by fsyncs, not by lock contention, and one connection makes every
-//! claim trivially serialisable.
+//! One process owns the file (the embedded store of DESIGN §8; replicas would use PostgreSQL).
+//! Every write goes through one connection behind a mutex, run on tokio's blocking pool: the
+//! queue's throughput is bounded by fsyncs, not by lock contention, and one writer makes every
+//! claim trivially serialisable. Reads that clients and Prometheus make (`GetCallStatus`, the
+//! per-state counts) use a second, read-only connection: WAL lets a reader see the last commit
+//! while the writer is inside its next one, so a status poll or a scrape never waits behind the
+//! fsync of a `ReportCall`.
 //!
-//! Rows are never deleted: `DONE` and `FAILED` jobs keep answering `GetCallStatus` and keep the
-//! `call_id` unique forever.
+//! # Counts per state
+//! `job_counts` holds one row per state, kept by triggers in the same transaction as every insert,
+//! state change and delete of a job: a scrape reads five rows instead of counting the history, and
+//! the figures can never drift from the rows (they survive restarts with them).
+//!
+//! # Retention
+//! `DONE` and `FAILED` jobs are deleted [`purge_finished`](Queue::purge_finished) once their last
+//! change is older than `storage.retention_days`. Until then they answer `GetCallStatus` and keep
+//! their `call_id` taken, so a report repeated within the window is answered `duplicate`; the window
+//! is counted from the job's last change, which is never before its first report. Jobs not yet
+//! finished are never deleted, however old.
+//!
+//! # A file deleted under us
+//! With WAL, SQLite keeps writing to a database file that was unlinked (the data directory removed,
+//! the file replaced): every report would be acknowledged as durable and then vanish at the next
+//! start. Each write first checks that the path still names the file that was opened and fails
+//! with [`QueueError::Gone`] otherwise, so `ReportCall` refuses and the worker stops the process.
 
 use std::{
     collections::BTreeMap,
@@ -18,7 +36,7 @@ use std::{
 };
 
 use parking_lot::Mutex;
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 
 use super::{CallReport, CallStatus, SyncState};
 use crate::phone::E164;
@@ -39,13 +57,47 @@ pub enum QueueError {
     Corrupt { call_id: String, message: String },
     #[error("queue task failed: {0}")]
     Task(String),
+    #[error(
+        "the queue file {path} was deleted or replaced while open: what is written now would be lost"
+    )]
+    Gone { path: PathBuf },
 }
 
-/// Cheap to clone: every clone shares one connection.
+/// Cheap to clone: every clone shares the two connections.
 #[derive(Clone)]
 pub struct Queue {
+    /// Every write, and the worker's own reads.
     conn: Arc<Mutex<Connection>>,
+    /// Read-only: `status` and `counts`.
+    reader: Arc<Mutex<Connection>>,
     path: Arc<PathBuf>,
+    /// Identity of the file opened, to notice it being deleted or replaced.
+    file: FileId,
+}
+
+/// What identifies an open file beyond its path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+}
+
+impl FileId {
+    #[cfg(unix)]
+    fn of(path: &Path) -> std::io::Result<FileId> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path)?;
+        Ok(FileId {
+            dev: m.dev(),
+            ino: m.ino(),
+        })
+    }
+
+    /// Elsewhere a deleted file is still noticed; a replaced one is not.
+    #[cfg(not(unix))]
+    fn of(path: &Path) -> std::io::Result<FileId> {
+        std::fs::metadata(path).map(|_| FileId { dev: 0, ino: 0 })
+    }
 }
 
 impl std::fmt::Debug for Queue {
@@ -93,7 +145,12 @@ pub(crate) fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-const SCHEMA_VERSION: i64 = 1;
+/// 2: `job_counts` and its triggers, the `jobs_finished` index for retention.
+const SCHEMA_VERSION: i64 = 2;
+
+/// Rows deleted per transaction by [`Queue::purge_finished`], so a first purge of a long history
+/// holds the write lock for milliseconds at a time, not for the whole backlog.
+const PURGE_BATCH: i64 = 1000;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS jobs (
@@ -122,6 +179,26 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS jobs_phone ON jobs(phone, state);
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(state, updated_at);
+-- Jobs per state, kept by the triggers below in the transaction that changes a job.
+CREATE TABLE IF NOT EXISTS job_counts (
+    state TEXT PRIMARY KEY,
+    n     INTEGER NOT NULL
+);
+INSERT INTO job_counts (state, n)
+    VALUES ('queued', 0), ('in_progress', 0), ('retry_wait', 0), ('done', 0), ('failed', 0)
+    ON CONFLICT (state) DO NOTHING;
+CREATE TRIGGER IF NOT EXISTS jobs_count_insert AFTER INSERT ON jobs BEGIN
+    UPDATE job_counts SET n = n + 1 WHERE state = NEW.state;
+END;
+CREATE TRIGGER IF NOT EXISTS jobs_count_delete AFTER DELETE ON jobs BEGIN
+    UPDATE job_counts SET n = n - 1 WHERE state = OLD.state;
+END;
+CREATE TRIGGER IF NOT EXISTS jobs_count_update AFTER UPDATE OF state ON jobs
+    WHEN OLD.state <> NEW.state BEGIN
+    UPDATE job_counts SET n = n - 1 WHERE state = OLD.state;
+    UPDATE job_counts SET n = n + 1 WHERE state = NEW.state;
+END;
 -- Users this instance created, by number: covers the export and search lag, across restarts.
 CREATE TABLE IF NOT EXISTS own_users (
     phone      INTEGER PRIMARY KEY,
@@ -150,8 +227,20 @@ impl Queue {
             );
         }
         conn.execute_batch("PRAGMA synchronous=FULL;")?;
-        conn.execute_batch(SCHEMA)?;
-        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        let mut conn = conn;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        tx.execute_batch(SCHEMA)?;
+        if version < 2 {
+            // Counted once, in the transaction that creates the triggers: from here on they
+            // keep the figures.
+            tx.execute(
+                "UPDATE job_counts SET n = (SELECT COUNT(*) FROM jobs WHERE jobs.state = job_counts.state)",
+                [],
+            )?;
+        }
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        tx.commit()?;
         let reset = conn.execute(
             "UPDATE jobs SET state = 'queued', updated_at = ?1 WHERE state = 'in_progress'",
             [now_ms()],
@@ -162,9 +251,21 @@ impl Queue {
                 "jobs interrupted by a restart are queued again"
             );
         }
+        // Opened after the writer made the file a WAL database, so it reads through the WAL.
+        let reader = Connection::open_with_flags(
+            &path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        reader.busy_timeout(std::time::Duration::from_secs(5))?;
+        let file = FileId::of(&path).map_err(|source| QueueError::Dir {
+            path: path.clone(),
+            source,
+        })?;
         Ok(Queue {
             conn: Arc::new(Mutex::new(conn)),
+            reader: Arc::new(Mutex::new(reader)),
             path: Arc::new(path),
+            file,
         })
     }
 
@@ -173,13 +274,34 @@ impl Queue {
         &self.path
     }
 
+    /// Runs `f` on the writer connection, after checking the file is still the one opened.
     async fn run<T, F>(&self, f: F) -> Result<T, QueueError>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T, QueueError> + Send + 'static,
     {
-        let conn = self.conn.clone();
-        tokio::task::spawn_blocking(move || f(&mut conn.lock()))
+        let (conn, path, file) = (self.conn.clone(), self.path.clone(), self.file);
+        tokio::task::spawn_blocking(move || {
+            // One stat per write: nothing beside the fsync each commit pays.
+            if FileId::of(&path).ok() != Some(file) {
+                return Err(QueueError::Gone {
+                    path: path.to_path_buf(),
+                });
+            }
+            f(&mut conn.lock())
+        })
+        .await
+        .map_err(|e| QueueError::Task(e.to_string()))?
+    }
+
+    /// Runs `f` on the read-only connection, which never waits for the writer's mutex or commit.
+    async fn read<T, F>(&self, f: F) -> Result<T, QueueError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, QueueError> + Send + 'static,
+    {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || f(&reader.lock()))
             .await
             .map_err(|e| QueueError::Task(e.to_string()))?
     }
@@ -208,7 +330,7 @@ impl Queue {
 
     pub async fn status(&self, call_id: &str) -> Result<Option<CallStatus>, QueueError> {
         let call_id = call_id.to_owned();
-        self.run(move |c| {
+        self.read(move |c| {
             let row = c
                 .query_row(
                     "SELECT call_id, state, attempts, last_error, user_id, organization_id,
@@ -261,12 +383,13 @@ impl Queue {
         .await
     }
 
-    /// Jobs per state, every state present (for metrics).
+    /// Jobs per state, every state present (for metrics): five rows of `job_counts`, whatever the
+    /// length of the history.
     pub async fn counts(&self) -> Result<BTreeMap<SyncState, u64>, QueueError> {
-        self.run(|c| {
+        self.read(|c| {
             let mut out: BTreeMap<SyncState, u64> =
                 SyncState::ALL.into_iter().map(|s| (s, 0)).collect();
-            let mut stmt = c.prepare("SELECT state, COUNT(*) FROM jobs GROUP BY state")?;
+            let mut stmt = c.prepare_cached("SELECT state, n FROM job_counts")?;
             let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
             for row in rows {
                 let (state, n) = row?;
@@ -277,6 +400,29 @@ impl Queue {
             Ok(out)
         })
         .await
+    }
+
+    /// Deletes the `DONE` and `FAILED` jobs whose last change is before `before_ms` (Unix ms), a
+    /// batch per transaction; returns how many.
+    pub async fn purge_finished(&self, before_ms: i64) -> Result<u64, QueueError> {
+        let mut total = 0u64;
+        loop {
+            let n = self
+                .run(move |c| {
+                    Ok(c.execute(
+                        "DELETE FROM jobs WHERE seq IN (
+                             SELECT seq FROM jobs
+                             WHERE state IN ('done', 'failed') AND updated_at < ?1
+                             LIMIT ?2)",
+                        params![before_ms, PURGE_BATCH],
+                    )?)
+                })
+                .await?;
+            total += n as u64;
+            if (n as i64) < PURGE_BATCH {
+                return Ok(total);
+            }
+        }
     }
 
     /// Claims the oldest job that is due and whose number has no job in progress, in one
@@ -646,6 +792,242 @@ mod tests {
         }
         let q = Queue::open(dir.path()).unwrap();
         assert_eq!(q.own_user(phone).await.unwrap(), Some(42));
+    }
+
+    /// What the old scrape counted: the truth the kept counters must equal.
+    fn counted(q: &Queue) -> BTreeMap<SyncState, u64> {
+        let c = q.conn.lock();
+        let mut out: BTreeMap<SyncState, u64> =
+            SyncState::ALL.into_iter().map(|s| (s, 0)).collect();
+        let mut stmt = c
+            .prepare("SELECT state, COUNT(*) FROM jobs GROUP BY state")
+            .unwrap();
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .unwrap();
+        for row in rows {
+            let (state, n) = row.unwrap();
+            out.insert(SyncState::parse(&state).unwrap(), n as u64);
+        }
+        out
+    }
+
+    const DAY_MS: i64 = 86_400_000;
+
+    /// Sets a job's last change `days` ago (what a month of running would have done).
+    fn age(q: &Queue, call_id: &str, days: i64) {
+        let at = now_ms() - days * DAY_MS;
+        q.conn
+            .lock()
+            .execute(
+                "UPDATE jobs SET created_at = ?2, updated_at = ?2 WHERE call_id = ?1",
+                params![call_id, at],
+            )
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn retention_deletes_old_finished_jobs_and_keeps_duplicates_within_the_window() {
+        let dir = tmp();
+        let q = Queue::open(dir.path()).unwrap();
+        for (i, id) in ["old-done", "old-failed", "recent-done", "old-queued"]
+            .iter()
+            .enumerate()
+        {
+            q.enqueue(&report(id, 380441234560 + i as u64))
+                .await
+                .unwrap();
+        }
+        let a = q.claim().await.unwrap().unwrap();
+        q.finish(a.seq).await.unwrap();
+        let b = q.claim().await.unwrap().unwrap();
+        q.fail(b.seq, "HTTP 422".into()).await.unwrap();
+        let c = q.claim().await.unwrap().unwrap();
+        q.finish(c.seq).await.unwrap();
+        age(&q, "old-done", 31);
+        age(&q, "old-failed", 40);
+        age(&q, "recent-done", 29);
+        // Never finished: kept however old (it still has to reach Zendesk).
+        age(&q, "old-queued", 90);
+
+        let removed = q.purge_finished(now_ms() - 30 * DAY_MS).await.unwrap();
+        assert_eq!(removed, 2);
+        assert!(q.status("old-done").await.unwrap().is_none());
+        assert!(q.status("old-failed").await.unwrap().is_none());
+        assert_eq!(
+            q.status("recent-done").await.unwrap().unwrap().state,
+            SyncState::Done
+        );
+        assert_eq!(
+            q.status("old-queued").await.unwrap().unwrap().state,
+            SyncState::Queued
+        );
+        // A report of the same call within the window is still a duplicate.
+        assert!(
+            q.enqueue(&report("recent-done", 380441234562))
+                .await
+                .unwrap()
+        );
+        assert_eq!(q.counts().await.unwrap(), counted(&q));
+        assert_eq!(q.counts().await.unwrap()[&SyncState::Done], 1);
+        // Nothing more is old enough.
+        assert_eq!(q.purge_finished(now_ms() - 30 * DAY_MS).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn purge_goes_in_batches_past_one_transaction() {
+        let dir = tmp();
+        let q = Queue::open(dir.path()).unwrap();
+        let n = PURGE_BATCH as usize * 2 + 7;
+        {
+            let mut c = q.conn.lock();
+            let tx = c.transaction().unwrap();
+            for i in 0..n {
+                tx.execute(
+                    "INSERT INTO jobs (call_id, phone, report, state, created_at, updated_at)
+                     VALUES (?1, 380441234567, '{}', 'done', 1, 1)",
+                    [format!("c{i}")],
+                )
+                .unwrap();
+            }
+            tx.commit().unwrap();
+        }
+        assert_eq!(q.counts().await.unwrap()[&SyncState::Done], n as u64);
+        assert_eq!(q.purge_finished(2).await.unwrap(), n as u64);
+        assert_eq!(q.counts().await.unwrap()[&SyncState::Done], 0);
+    }
+
+    #[tokio::test]
+    async fn counters_follow_every_state_change_and_survive_restart() {
+        let dir = tmp();
+        {
+            let q = Queue::open(dir.path()).unwrap();
+            let check = |what: &str, counts: BTreeMap<SyncState, u64>| {
+                assert_eq!(counts, counted(&q), "after {what}");
+            };
+            for (i, id) in ["a", "b", "c", "d"].iter().enumerate() {
+                q.enqueue(&report(id, 380441234560 + i as u64))
+                    .await
+                    .unwrap();
+            }
+            check("enqueue", q.counts().await.unwrap());
+            assert!(q.enqueue(&report("a", 380441234560)).await.unwrap());
+            check("a duplicate", q.counts().await.unwrap());
+            let a = q.claim().await.unwrap().unwrap();
+            check("claim", q.counts().await.unwrap());
+            q.retry_at(a.seq, now_ms() - 1, "HTTP 503".into())
+                .await
+                .unwrap();
+            check("retry_at", q.counts().await.unwrap());
+            let a = q.claim().await.unwrap().unwrap();
+            q.finish(a.seq).await.unwrap();
+            check("finish", q.counts().await.unwrap());
+            let b = q.claim().await.unwrap().unwrap();
+            q.fail(b.seq, "HTTP 422".into()).await.unwrap();
+            check("fail", q.counts().await.unwrap());
+            let c = q.claim().await.unwrap().unwrap();
+            q.release(c.seq).await.unwrap();
+            check("release", q.counts().await.unwrap());
+            // Left IN_PROGRESS: the restart queues it again.
+            q.claim().await.unwrap().unwrap();
+            let counts = q.counts().await.unwrap();
+            check("claim", counts.clone());
+            assert_eq!(counts[&SyncState::InProgress], 1);
+            assert_eq!(counts[&SyncState::Done], 1);
+            assert_eq!(counts[&SyncState::Failed], 1);
+        }
+        let q = Queue::open(dir.path()).unwrap();
+        let counts = q.counts().await.unwrap();
+        assert_eq!(counts, counted(&q));
+        assert_eq!(counts[&SyncState::InProgress], 0);
+        assert_eq!(counts[&SyncState::Queued], 2);
+    }
+
+    /// A queue written by the previous version (no `job_counts`) gets its counters at open.
+    #[tokio::test]
+    async fn counters_are_filled_when_an_old_queue_is_opened() {
+        let dir = tmp();
+        {
+            let q = Queue::open(dir.path()).unwrap();
+            q.enqueue(&report("a", 380441234560)).await.unwrap();
+            q.enqueue(&report("b", 380441234561)).await.unwrap();
+            let a = q.claim().await.unwrap().unwrap();
+            q.finish(a.seq).await.unwrap();
+            q.conn
+                .lock()
+                .execute_batch(
+                    "DROP TRIGGER jobs_count_insert; DROP TRIGGER jobs_count_delete;
+                     DROP TRIGGER jobs_count_update; DROP TABLE job_counts;
+                     PRAGMA user_version = 1;",
+                )
+                .unwrap();
+        }
+        let q = Queue::open(dir.path()).unwrap();
+        let counts = q.counts().await.unwrap();
+        assert_eq!(
+            (counts[&SyncState::Done], counts[&SyncState::Queued]),
+            (1, 1)
+        );
+        assert_eq!(counts, counted(&q));
+    }
+
+    /// `GetCallStatus` and scrapes read on their own connection: they answer while a write
+    /// transaction is open and the writer's mutex is held (a `ReportCall` in its fsync).
+    #[tokio::test]
+    async fn reads_do_not_wait_for_the_writer() {
+        let dir = tmp();
+        let q = Queue::open(dir.path()).unwrap();
+        q.enqueue(&report("a", 380441234560)).await.unwrap();
+        let mut writer = q.conn.lock();
+        let tx = writer
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .unwrap();
+        tx.execute("UPDATE jobs SET state = 'done' WHERE call_id = 'a'", [])
+            .unwrap();
+        let limit = std::time::Duration::from_secs(2);
+        let st = tokio::time::timeout(limit, q.status("a"))
+            .await
+            .expect("status waited for the writer")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            st.state,
+            SyncState::Queued,
+            "the last commit, not the open one"
+        );
+        let counts = tokio::time::timeout(limit, q.counts())
+            .await
+            .expect("counts waited for the writer")
+            .unwrap();
+        assert_eq!(counts[&SyncState::Queued], 1);
+        tx.commit().unwrap();
+        drop(writer);
+        assert_eq!(q.status("a").await.unwrap().unwrap().state, SyncState::Done);
+    }
+
+    /// The data directory removed under a running queue: writes fail instead of going to a file
+    /// nobody will ever open again.
+    #[tokio::test]
+    async fn a_deleted_queue_file_refuses_writes() {
+        let dir = tmp();
+        let data = dir.path().join("data");
+        let q = Queue::open(&data).unwrap();
+        q.enqueue(&report("a", 380441234560)).await.unwrap();
+        std::fs::remove_dir_all(&data).unwrap();
+        let e = q.enqueue(&report("b", 380441234561)).await.unwrap_err();
+        assert!(matches!(e, QueueError::Gone { .. }), "{e}");
+        assert!(matches!(
+            q.claim().await.unwrap_err(),
+            QueueError::Gone { .. }
+        ));
+        // Replaced by another file at the same path: refused too.
+        let q = Queue::open(&data).unwrap();
+        std::fs::rename(data.join(QUEUE_FILE), data.join("moved")).unwrap();
+        std::fs::write(data.join(QUEUE_FILE), b"").unwrap();
+        assert!(matches!(
+            q.enqueue(&report("c", 380441234562)).await.unwrap_err(),
+            QueueError::Gone { .. }
+        ));
     }
 
     #[tokio::test]
