@@ -29,6 +29,11 @@ const MAX_NUMBER_LEN: usize = 64;
 const MAX_CALL_ID_LEN: usize = 128;
 
 /// What a request did wrong, or why it cannot be answered now.
+///
+/// A failure inside Deskline (the queue's SQLite file, a blocking task) never reaches the client
+/// as text: its message would show file paths and SQL to the PBX, and a PBX can do nothing with
+/// them. The client gets a short sentence and a reference; the log has the whole cause chain under
+/// the same reference ([`ApiError::storage`], [`ApiError::internal`]).
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("{field}: {message}")]
@@ -38,10 +43,55 @@ pub enum ApiError {
     },
     #[error("{0}")]
     NotFound(String),
+    /// A condition the client may know about (the index is still loading).
     #[error("{0}")]
     Unavailable(String),
-    #[error("internal error: {0}")]
-    Internal(String),
+    /// Storage failed: try again later. The detail is logged under `reference`.
+    #[error("storage unavailable, {what}, try again (ref {reference})")]
+    Storage {
+        what: &'static str,
+        reference: String,
+    },
+    /// A bug or a crashed task. The detail is logged under `reference`.
+    #[error("internal error (ref {reference})")]
+    Internal { reference: String },
+}
+
+impl ApiError {
+    /// Logs `error`'s cause chain under a new reference and returns what the client may see.
+    pub fn storage(what: &'static str, error: &(dyn std::error::Error + 'static)) -> ApiError {
+        let reference = new_reference();
+        tracing::error!(%reference, error = %cause_chain(error), "storage failed: {what}");
+        ApiError::Storage { what, reference }
+    }
+
+    /// Logs `error`'s cause chain under a new reference; the client sees only the reference.
+    pub fn internal(error: &(dyn std::error::Error + 'static)) -> ApiError {
+        let reference = new_reference();
+        tracing::error!(%reference, error = %cause_chain(error), "internal error");
+        ApiError::Internal { reference }
+    }
+}
+
+/// 64 random bits, enough to find one line in a log and to be unguessable across calls.
+fn new_reference() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+/// `error: cause: cause …`, as `anyhow`'s `{:#}` prints it.
+fn cause_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let text = e.to_string();
+        // thiserror's `{0}` messages already include their source's text.
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = e.source();
+    }
+    out
 }
 
 impl From<ApiError> for Status {
@@ -49,8 +99,10 @@ impl From<ApiError> for Status {
         match &e {
             ApiError::InvalidArgument { .. } => Status::invalid_argument(e.to_string()),
             ApiError::NotFound(_) => Status::not_found(e.to_string()),
-            ApiError::Unavailable(_) => Status::unavailable(e.to_string()),
-            ApiError::Internal(_) => Status::internal(e.to_string()),
+            ApiError::Unavailable(_) | ApiError::Storage { .. } => {
+                Status::unavailable(e.to_string())
+            }
+            ApiError::Internal { .. } => Status::internal(e.to_string()),
         }
     }
 }
@@ -232,8 +284,8 @@ impl ResolverService {
         let report = calls::report_from_proto(request.into_inner(), &self.state.parser)?;
         // Acknowledged only once committed: an error here tells the PBX to report again.
         let duplicate = sync.queue.enqueue(&report).await.map_err(|e| {
-            tracing::error!(error = %e, "a call report could not be stored");
-            ApiError::Unavailable(format!("the report could not be stored, try again: {e}"))
+            tracing::warn!(call_id = %report.call_id, "a call report could not be stored");
+            queue_error("the report was not stored", &e)
         })?;
         if !duplicate {
             sync.worker.notify();
@@ -259,7 +311,7 @@ impl ResolverService {
             .queue
             .status(&req.call_id)
             .await
-            .map_err(|e| ApiError::Unavailable(format!("the queue could not be read: {e}")))?
+            .map_err(|e| queue_error("the call status could not be read", &e))?
             .ok_or_else(|| {
                 ApiError::NotFound(format!(
                     "no call with call_id {:?} was reported",
@@ -267,6 +319,15 @@ impl ResolverService {
                 ))
             })?;
         Ok(Response::new(calls::status_to_proto(status)))
+    }
+}
+
+/// A queue failure as the client sees it: a task that died inside the queue is a bug (INTERNAL),
+/// anything else is storage that may come back (UNAVAILABLE).
+fn queue_error(what: &'static str, e: &crate::sync::QueueError) -> ApiError {
+    match e {
+        crate::sync::QueueError::Task(_) => ApiError::internal(e),
+        _ => ApiError::storage(what, e),
     }
 }
 
@@ -499,6 +560,22 @@ mod tests {
         assert!(auth.accepts(b"a-very-long-token-1"));
         assert!(!auth.accepts(b"a-very-long-token-2"));
         assert!(!auth.accepts(b""));
+    }
+
+    #[test]
+    fn storage_errors_show_a_reference_not_the_cause() {
+        let cause = crate::sync::QueueError::Sqlite(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(5),
+            Some("database is locked".into()),
+        ));
+        let s: Status = queue_error("the report was not stored", &cause).into();
+        assert_eq!(s.code(), tonic::Code::Unavailable);
+        assert!(!s.message().contains("locked"), "{}", s.message());
+        assert!(s.message().contains("(ref "), "{}", s.message());
+        assert!(cause_chain(&cause).contains("database is locked"));
+        let s: Status = queue_error("x", &crate::sync::QueueError::Task("panicked".into())).into();
+        assert_eq!(s.code(), tonic::Code::Internal);
+        assert!(!s.message().contains("panicked"), "{}", s.message());
     }
 
     #[test]
