@@ -2,14 +2,35 @@
 //!
 //! A [`Service`] owns one Zendesk account's pieces: the index, the follower, the gRPC server (and,
 //! with the post-call sync, the queue and worker). Shutdown is ordered (STYLE.md practice 4): stop
-//! accepting RPCs and let in-flight ones finish, stop the background tasks, then write the snapshot,
-//! all under a grace timeout.
+//! accepting RPCs and let in-flight ones finish, stop the background tasks, then write the snapshot.
+//!
+//! # Supervision
+//! Every task lives in one [`JoinSet`] under a name, so the end of each task is observed exactly
+//! once (awaiting a finished `JoinHandle` a second time panics in tokio, which used to turn a task's
+//! failure into a panic that hid it). When a task ends before shutdown was asked for, that is a
+//! failure: the cause chain is logged, the same ordered shutdown runs (the snapshot is saved if it
+//! can be), and the process exits non-zero rather than limping on half-alive.
+//!
+//! # One deadline
+//! `server.shutdown_grace_seconds` bounds the *whole* shutdown, not each stage: an orchestrator
+//! sends SIGKILL after its own grace period (30 s by default in Kubernetes), and per-stage timeouts
+//! added up past it. The task stages share the first three quarters of the deadline; the snapshot
+//! gets the rest, so a stuck task cannot also cost the index its snapshot. Whatever is still
+//! running at its stage's end is abandoned (aborted, and the runtime is not waited for).
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap, net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc,
+    time::Duration,
+};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+use tokio::{
+    net::TcpListener,
+    sync::watch,
+    task::{JoinError, JoinSet},
+    time::Instant,
+};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -24,8 +45,9 @@ use crate::{
     zendesk::{Client, ClientOptions},
 };
 
-/// How long each shutdown stage may take before it is cut short.
-const GRACE: Duration = Duration::from_secs(10);
+/// How long, after the shutdown deadline, the runtime waits for blocking work (a SQLite call, a
+/// snapshot write) before the process exits without it.
+const RUNTIME_LINGER: Duration = Duration::from_millis(500);
 
 #[derive(Parser)]
 #[command(
@@ -71,14 +93,18 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async {
+    let code = runtime.block_on(async {
         match cli.command {
             Command::Serve { config } => serve_command(config).await,
             Command::Check { config } => check_command(config).await,
             Command::Sim(args) => report(crate::sim::run_cli(args).await),
             Command::Demo(args) => report(crate::demo::run(args).await),
         }
-    })
+    });
+    // Dropping a runtime waits for every blocking task; one stuck past the shutdown deadline
+    // (a SQLite call waiting on a lock) must not hold the process beyond it.
+    runtime.shutdown_timeout(RUNTIME_LINGER);
+    code
 }
 
 fn report(result: anyhow::Result<()>) -> ExitCode {
@@ -186,12 +212,17 @@ pub struct Service {
     snapshot_path: PathBuf,
     /// True once the index is loaded and health says SERVING.
     ready: watch::Receiver<bool>,
+    /// Set to NOT_SERVING when shutdown starts, so balancers stop sending new calls here.
+    health: tonic_health::server::HealthReporter,
     /// Stops the gRPC server (first stage of shutdown).
     stop_rpc: CancellationToken,
     /// Stops the background tasks (second stage).
     stop_background: CancellationToken,
-    rpc: JoinHandle<anyhow::Result<()>>,
-    background: Vec<(&'static str, JoinHandle<anyhow::Result<()>>)>,
+    tasks: Tasks,
+    /// The gRPC server's task in `tasks`.
+    rpc: tokio::task::Id,
+    /// `server.shutdown_grace_seconds`: the whole shutdown's deadline.
+    grace: Duration,
 }
 
 impl Service {
@@ -241,6 +272,7 @@ impl Service {
             crate::sync::SyncSettings::from_config(&config)?,
         );
         let worker_handle = worker.handle();
+        let retention = Duration::from_secs(u64::from(config.storage.retention_days) * 86_400);
 
         let metrics = Arc::new(crate::metrics::Metrics::new(
             index.clone(),
@@ -258,34 +290,30 @@ impl Service {
 
         let stop_rpc = CancellationToken::new();
         let stop_background = CancellationToken::new();
-        let mut background = vec![
-            (
-                "follower",
-                spawn_named("follower", follower.run(stop_background.clone())),
+        let mut tasks = Tasks::default();
+        tasks.spawn("follower", follower.run(stop_background.clone()));
+        tasks.spawn("sync", worker.run(stop_background.clone()));
+        tasks.spawn(
+            "housekeeping",
+            crate::sync::housekeeping(queue.clone(), retention, stop_background.clone()),
+        );
+        tasks.spawn(
+            "health",
+            follow_health(
+                reporter.clone(),
+                loaded.clone(),
+                ready_tx,
+                stop_background.clone(),
             ),
-            (
-                "sync",
-                spawn_named("sync", worker.run(stop_background.clone())),
-            ),
-            (
-                "health",
-                spawn_named(
-                    "health",
-                    follow_health(reporter, loaded.clone(), ready_tx, stop_background.clone()),
-                ),
-            ),
-        ];
+        );
         if let Some(listener) = metrics_listener {
             // Stopped with the background tasks, so a scrape during shutdown still answers.
             let (metrics, stop) = (metrics.clone(), stop_background.clone());
-            background.push((
-                "metrics",
-                spawn_named("metrics", async move {
-                    crate::metrics::serve(listener, metrics, stop.cancelled_owned())
-                        .await
-                        .context("the metrics server failed")
-                }),
-            ));
+            tasks.spawn("metrics", async move {
+                crate::metrics::serve(listener, metrics, stop.cancelled_owned())
+                    .await
+                    .context("the metrics server failed")
+            });
         }
 
         let state = Arc::new(ServiceState {
@@ -305,7 +333,7 @@ impl Service {
         });
         let auth = Auth::new(config.server.tokens.clone()).with_metrics(metrics.clone());
         let stop = stop_rpc.clone();
-        let rpc = spawn_named("grpc", async move {
+        let rpc = tasks.spawn("grpc", async move {
             grpc::serve(listener, state, auth, health, tls, stop.cancelled_owned())
                 .await
                 .context("the gRPC server failed")
@@ -323,10 +351,12 @@ impl Service {
             index,
             snapshot_path,
             ready,
+            health: reporter,
             stop_rpc,
             stop_background,
+            tasks,
             rpc,
-            background,
+            grace: Duration::from_secs(config.server.shutdown_grace_seconds),
         })
     }
 
@@ -353,44 +383,185 @@ impl Service {
         let _ = rx.wait_for(|l| *l).await;
     }
 
-    /// Runs until SIGINT / SIGTERM, or until a task dies (then the error is returned, after the same
-    /// ordered shutdown, so the process exits non-zero instead of limping on).
+    /// Runs until SIGINT / SIGTERM, or until a task ends on its own (a failure: its cause is
+    /// returned after the same ordered shutdown, so the process exits non-zero).
     pub async fn run_until_signal(mut self) -> anyhow::Result<()> {
         let failure = tokio::select! {
             _ = shutdown_signal() => { info!("shutdown requested"); None }
-            r = &mut self.rpc => Some(task_failure("grpc", r)),
-            (name, r) = first_to_end(&mut self.background) => Some(task_failure(name, r)),
+            Some(ended) = self.tasks.next() => {
+                let e = ended.failure();
+                error!(error = format!("{e:#}"), "a task stopped unexpectedly: shutting down");
+                Some(e)
+            }
         };
-        self.shutdown().await?;
+        let stopped = self.stop().await;
         match failure {
+            Some(e) => Err(e),
+            None => stopped,
+        }
+    }
+
+    /// Ordered shutdown: RPCs, then background tasks, then the snapshot, all within
+    /// `server.shutdown_grace_seconds`. Returns the first error a task ended with during the
+    /// shutdown, or the snapshot's.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.stop().await
+    }
+
+    async fn stop(mut self) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let deadline = started + self.grace;
+        let tasks_deadline = started + self.grace.mul_f64(0.75);
+        set_health(&self.health, false).await;
+        let mut first_error: Option<anyhow::Error> = None;
+        let mut note = |ended: Ended| {
+            if let Err(e) = ended.after_stop() {
+                error!(error = format!("{e:#}"), "a task failed while stopping");
+                first_error.get_or_insert(e);
+            }
+        };
+
+        self.stop_rpc.cancel();
+        let (tasks, rpc) = (&mut self.tasks, self.rpc);
+        let rpc_done = tokio::time::timeout_at(tasks_deadline, async {
+            while let Some(ended) = tasks.next().await {
+                let was_rpc = ended.id == rpc;
+                note(ended);
+                if was_rpc {
+                    break;
+                }
+            }
+        })
+        .await;
+        if rpc_done.is_err() {
+            warn!(
+                grace_seconds = self.grace.as_secs(),
+                "in-flight RPCs did not finish within the shutdown deadline: cut off"
+            );
+        }
+
+        self.stop_background.cancel();
+        let background_done = tokio::time::timeout_at(tasks_deadline, async {
+            while let Some(ended) = tasks.next().await {
+                note(ended);
+            }
+        })
+        .await;
+        if background_done.is_err() {
+            warn!(
+                tasks = ?self.tasks.running(),
+                grace_seconds = self.grace.as_secs(),
+                "tasks did not stop within the shutdown deadline: abandoned"
+            );
+            self.tasks.abort_all();
+        }
+
+        let (index, path) = (self.index, self.snapshot_path);
+        let save = tokio::task::spawn_blocking(move || {
+            // The data directory may be what failed (deleted under us): recreate it so the index
+            // at least is kept.
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let idx = index.read();
+            // An index that never finished warming up is saved too: its cursors spare a restart
+            // the pages already read.
+            snapshot::save(&idx, &path).map_err(std::io::Error::other)
+        });
+        match tokio::time::timeout_at(deadline, save).await {
+            Ok(saved) => {
+                if let Err(e) = saved
+                    .context("the snapshot task failed")
+                    .and_then(|r| r.context("saving the index snapshot at shutdown"))
+                {
+                    error!(error = format!("{e:#}"), "the index snapshot was not saved");
+                    first_error.get_or_insert(e);
+                }
+            }
+            Err(_) => {
+                warn!("the index snapshot was not saved within the shutdown deadline");
+            }
+        }
+        info!(
+            took_ms = started.elapsed().as_millis() as u64,
+            "deskline stopped"
+        );
+        match first_error {
             Some(e) => Err(e),
             None => Ok(()),
         }
     }
+}
 
-    /// Ordered shutdown: RPCs, then background tasks, then the snapshot.
-    pub async fn shutdown(self) -> anyhow::Result<()> {
-        self.stop_rpc.cancel();
-        if !self.rpc.is_finished() && tokio::time::timeout(GRACE, self.rpc).await.is_err() {
-            warn!("in-flight RPCs did not finish within the grace period");
+/// The service's tasks, each under a name. A task's end is taken from the set exactly once.
+#[derive(Default)]
+struct Tasks {
+    set: JoinSet<anyhow::Result<()>>,
+    names: HashMap<tokio::task::Id, &'static str>,
+}
+
+/// One task that ended, and how.
+struct Ended {
+    name: &'static str,
+    id: tokio::task::Id,
+    outcome: Result<anyhow::Result<()>, JoinError>,
+}
+
+impl Tasks {
+    /// Spawns `fut` in a span named after the task.
+    fn spawn<F>(&mut self, name: &'static str, fut: F) -> tokio::task::Id
+    where
+        F: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        use tracing::Instrument;
+        let id = self
+            .set
+            .spawn(fut.instrument(tracing::info_span!("task", name)))
+            .id();
+        self.names.insert(id, name);
+        id
+    }
+
+    /// The next task to end; `None` when none is left (then it never resolves in a `select!`
+    /// branch that requires `Some`).
+    async fn next(&mut self) -> Option<Ended> {
+        let (id, outcome) = match self.set.join_next_with_id().await? {
+            Ok((id, r)) => (id, Ok(r)),
+            Err(e) => (e.id(), Err(e)),
+        };
+        let name = self.names.remove(&id).unwrap_or("unnamed");
+        Some(Ended { name, id, outcome })
+    }
+
+    fn running(&self) -> Vec<&'static str> {
+        let mut names: Vec<_> = self.names.values().copied().collect();
+        names.sort_unstable();
+        names
+    }
+
+    fn abort_all(&mut self) {
+        self.set.abort_all();
+        self.names.clear();
+    }
+}
+
+impl Ended {
+    /// Before shutdown every end is a failure, a clean return included.
+    fn failure(self) -> anyhow::Error {
+        let name = self.name;
+        match self.outcome {
+            Ok(Ok(())) => anyhow::anyhow!("task {name} ended unexpectedly"),
+            Ok(Err(e)) => e.context(format!("task {name} failed")),
+            Err(e) => anyhow::anyhow!("task {name} panicked: {e}"),
         }
-        self.stop_background.cancel();
-        for (name, task) in self.background {
-            if tokio::time::timeout(GRACE, task).await.is_err() {
-                warn!(task = name, "did not stop within the grace period");
-            }
+    }
+
+    /// After its stop was asked for, a clean return is what a task should do.
+    fn after_stop(self) -> anyhow::Result<()> {
+        match self.outcome {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(self.failure()),
         }
-        let (index, path) = (self.index, self.snapshot_path);
-        let saved = tokio::task::spawn_blocking(move || {
-            let idx = index.read();
-            // An index that never finished warming up is saved too: its cursors spare a restart
-            // the pages already read.
-            snapshot::save(&idx, &path)
-        })
-        .await?;
-        saved.context("saving the index snapshot at shutdown")?;
-        info!("deskline stopped");
-        Ok(())
     }
 }
 
@@ -456,39 +627,6 @@ async fn follow_health(
     }
     stop.cancelled().await;
     Ok(())
-}
-
-fn spawn_named<F>(name: &'static str, fut: F) -> JoinHandle<anyhow::Result<()>>
-where
-    F: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
-{
-    use tracing::Instrument;
-    tokio::spawn(fut.instrument(tracing::info_span!("task", name)))
-}
-
-fn task_failure(
-    name: &str,
-    r: Result<anyhow::Result<()>, tokio::task::JoinError>,
-) -> anyhow::Error {
-    match r {
-        Ok(Ok(())) => anyhow::anyhow!("task {name} ended unexpectedly"),
-        Ok(Err(e)) => e.context(format!("task {name} failed")),
-        Err(e) => anyhow::anyhow!("task {name} panicked: {e}"),
-    }
-}
-
-/// Waits for the first background task to end (which, before shutdown, is always a failure).
-async fn first_to_end(
-    tasks: &mut [(&'static str, JoinHandle<anyhow::Result<()>>)],
-) -> (
-    &'static str,
-    Result<anyhow::Result<()>, tokio::task::JoinError>,
-) {
-    if tasks.is_empty() {
-        std::future::pending::<()>().await;
-    }
-    let (r, i, _) = futures_util::future::select_all(tasks.iter_mut().map(|(_, h)| h)).await;
-    (tasks[i].0, r)
 }
 
 async fn shutdown_signal() {

@@ -66,6 +66,8 @@ pub struct ServerConfig {
     pub tls_cert: Option<PathBuf>,
     /// PEM private key matching `tls_cert`.
     pub tls_key: Option<PathBuf>,
+    /// One deadline for the whole ordered shutdown (RPCs, tasks, snapshot), in seconds.
+    pub shutdown_grace_seconds: u64,
 }
 
 impl Default for ServerConfig {
@@ -76,6 +78,7 @@ impl Default for ServerConfig {
             metrics_listen: None,
             tls_cert: None,
             tls_key: None,
+            shutdown_grace_seconds: 20,
         }
     }
 }
@@ -113,12 +116,16 @@ fn default_timeout() -> u64 {
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
     pub data_dir: PathBuf,
+    /// Finished call jobs are deleted this many days after their last change; a repeated
+    /// `call_id` within the window is still answered `duplicate`.
+    pub retention_days: u32,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
         Self {
             data_dir: PathBuf::from("./deskline-data"),
+            retention_days: 30,
         }
     }
 }
@@ -327,6 +334,15 @@ impl Config {
         }
         if self.index.poll_seconds == 0 {
             return Err(key_err("index.poll_seconds", "must be at least 1"));
+        }
+        if self.server.shutdown_grace_seconds == 0 {
+            return Err(key_err(
+                "server.shutdown_grace_seconds",
+                "must be at least 1",
+            ));
+        }
+        if self.storage.retention_days == 0 {
+            return Err(key_err("storage.retention_days", "must be at least 1"));
         }
         PhoneParser::new(&self.phone.default_region)
             .map_err(|m| key_err("phone.default_region", m))?;
