@@ -14,9 +14,11 @@
 //! # One deadline
 //! `server.shutdown_grace_seconds` bounds the *whole* shutdown, not each stage: an orchestrator
 //! sends SIGKILL after its own grace period (30 s by default in Kubernetes), and per-stage timeouts
-//! added up past it. The task stages share the first three quarters of the deadline; the snapshot
-//! gets the rest, so a stuck task cannot also cost the index its snapshot. Whatever is still
-//! running at its stage's end is abandoned (aborted, and the runtime is not waited for).
+//! added up past it. Each stage ends at a fixed share of the one deadline: in-flight RPCs by half of
+//! it, the background tasks by three quarters, the snapshot by the end. So a stuck RPC cannot
+//! keep the worker from releasing its jobs, and a stuck task cannot cost the index its snapshot.
+//! Whatever is still running at its stage's end is abandoned (aborted, and the runtime is not
+//! waited for).
 
 use std::{
     collections::HashMap, net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc,
@@ -411,6 +413,7 @@ impl Service {
     async fn stop(mut self) -> anyhow::Result<()> {
         let started = Instant::now();
         let deadline = started + self.grace;
+        let rpc_deadline = started + self.grace / 2;
         let tasks_deadline = started + self.grace.mul_f64(0.75);
         set_health(&self.health, false).await;
         let mut first_error: Option<anyhow::Error> = None;
@@ -423,7 +426,7 @@ impl Service {
 
         self.stop_rpc.cancel();
         let (tasks, rpc) = (&mut self.tasks, self.rpc);
-        let rpc_done = tokio::time::timeout_at(tasks_deadline, async {
+        let rpc_done = tokio::time::timeout_at(rpc_deadline, async {
             while let Some(ended) = tasks.next().await {
                 let was_rpc = ended.id == rpc;
                 note(ended);

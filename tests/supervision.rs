@@ -236,8 +236,16 @@ async fn sigterm_with_a_stuck_stream_exits_within_the_deadline() {
 
     let sent = Instant::now();
     d.terminate();
+    // Balancers watching health are told first.
+    let next = tokio::time::timeout(GRACE, watch.message())
+        .await
+        .expect("no health change after SIGTERM")
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.status, ServingStatus::NotServing as i32);
     let status = d.exit_within(GRACE + MARGIN + Duration::from_secs(5)).await;
     let took = sent.elapsed();
+    println!("gone {took:?} after SIGTERM (deadline {GRACE:?})");
     let log = d.log_text();
     assert!(
         took <= GRACE + MARGIN,
@@ -252,6 +260,9 @@ async fn sigterm_with_a_stuck_stream_exits_within_the_deadline() {
         status.success(),
         "a requested stop exits 0: {status}\n{log}"
     );
+    // The stuck RPC stage did not eat the later stages' time.
+    assert!(log.contains("sync worker stopped"), "{log}");
+    assert!(log.contains("deskline stopped"), "{log}");
     drop(watch);
 }
 

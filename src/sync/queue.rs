@@ -973,6 +973,8 @@ mod tests {
 
     /// `GetCallStatus` and scrapes read on their own connection: they answer while a write
     /// transaction is open and the writer's mutex is held (a `ReportCall` in its fsync).
+    // Holding the writer across the awaits is the point: it stands for a commit in progress.
+    #[allow(clippy::await_holding_lock)]
     #[tokio::test]
     async fn reads_do_not_wait_for_the_writer() {
         let dir = tmp();
