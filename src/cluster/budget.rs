@@ -26,8 +26,10 @@
 //!   whose replica died is replaced after `probe_timeout`.
 //! - **Pruning.** Rows older than the window are deleted by the reservations themselves, inside the
 //!   same locked transaction, so the table stays at about one window of rows.
-//! - **Local fairness.** Within a replica, callers queue FIFO on a tokio `Mutex` per kind, like the
-//!   in-process budget; across replicas, whoever asks first after a slot frees gets it.
+//! - **Local fairness.** Within a replica, callers of a kind queue FIFO on a tokio `Mutex`, like the
+//!   in-process budget; an export never holds the ordinary queue while it waits for the export limit.
+//!   Across replicas (and between an export and ordinary requests), whoever asks first after a slot
+//!   frees gets it: each waiter sleeps exactly until the slot the database named frees up.
 //!
 //! If PostgreSQL is unreachable, [`SharedBudget::acquire`] returns the error: the caller decides
 //! (the wiring can fall back to its local budget at `1/replicas` of the limit).
@@ -111,7 +113,12 @@ pub struct SharedBudgetConfig {
 
 impl SharedBudgetConfig {
     /// Zendesk's defaults: a 60 s window, 500 ms margin, 30 s probe timeout.
-    pub fn new(name: impl Into<String>, replica: impl Into<String>, limit: u32, export_limit: u32) -> Self {
+    pub fn new(
+        name: impl Into<String>,
+        replica: impl Into<String>,
+        limit: u32,
+        export_limit: u32,
+    ) -> Self {
         Self {
             name: name.into(),
             replica: replica.into(),
@@ -202,11 +209,12 @@ impl SharedBudget {
     /// Waits until one more request of `kind` may be sent by any replica, then returns its grant.
     /// Cancel-safe: a dropped waiter has recorded nothing (each attempt is one transaction).
     pub async fn acquire(&self, kind: BudgetKind) -> Result<Grant, ClusterError> {
-        let _export_turn = match kind {
-            BudgetKind::Export => Some(self.export_turn.lock().await),
-            BudgetKind::Account => None,
+        // An export waits in its own queue only: holding the common one while it sleeps on the
+        // (much smaller) export limit would stall every ordinary request of this replica.
+        let _turn = match kind {
+            BudgetKind::Export => self.export_turn.lock().await,
+            BudgetKind::Account => self.turn.lock().await,
         };
-        let _turn = self.turn.lock().await;
         loop {
             match self.reserve(kind).await? {
                 Reservation::Go(grant) => return Ok(grant),
@@ -296,18 +304,16 @@ impl SharedBudget {
         }
 
         for k in kind.takes() {
+            // Record, and prune what left the window: we hold this kind's lock, so pruning cannot
+            // race another reservation's count.
             tx.execute(
-                "INSERT INTO cluster_budget_sent (budget, kind, sent_at, replica)
+                "WITH pruned AS (
+                     DELETE FROM cluster_budget_sent
+                     WHERE budget = $1 AND kind = $2
+                       AND sent_at <= clock_timestamp() - make_interval(secs => $4))
+                 INSERT INTO cluster_budget_sent (budget, kind, sent_at, replica)
                  VALUES ($1, $2, clock_timestamp(), $3)",
-                &[name, &k.as_str(), &self.cfg.replica],
-            )
-            .await?;
-            // We hold this kind's lock, so pruning cannot race another reservation's count.
-            tx.execute(
-                "DELETE FROM cluster_budget_sent
-                 WHERE budget = $1 AND kind = $2
-                   AND sent_at <= clock_timestamp() - make_interval(secs => $3)",
-                &[name, &k.as_str(), &keep],
+                &[name, &k.as_str(), &self.cfg.replica, &keep],
             )
             .await?;
         }
@@ -394,5 +400,226 @@ impl SharedBudget {
             half_open: row.get(3),
             granted_here: self.granted.load(Ordering::Relaxed),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tokio::time::Instant;
+
+    use super::*;
+    use crate::cluster::testing::TestDb;
+
+    /// The most of `times` in any window of `window`.
+    fn max_in_window(times: &[Instant], window: Duration) -> usize {
+        let mut sorted = times.to_vec();
+        sorted.sort();
+        let (mut best, mut lo) = (0, 0);
+        for hi in 0..sorted.len() {
+            while sorted[hi] - sorted[lo] >= window {
+                lo += 1;
+            }
+            best = best.max(hi - lo + 1);
+        }
+        best
+    }
+
+    fn config(
+        replica: usize,
+        limit: u32,
+        export_limit: u32,
+        window: Duration,
+    ) -> SharedBudgetConfig {
+        let mut cfg =
+            SharedBudgetConfig::new("acme", format!("replica-{replica}"), limit, export_limit);
+        cfg.window = window;
+        cfg.margin = Duration::from_millis(100);
+        cfg.probe_poll = Duration::from_millis(20);
+        cfg
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn three_replicas_never_exceed_any_window_and_use_at_least_90_percent() {
+        let Some(db) = TestDb::new().await else {
+            return;
+        };
+        let (limit, export_limit, window) = (40, 6, Duration::from_secs(2));
+        // Four windows' worth of requests; then the callers still waiting are cancelled (acquire is
+        // cancel-safe), so the measured span is the busy period only.
+        let target = 4 * limit as usize;
+        let granted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let done = tokio_util::sync::CancellationToken::new();
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for r in 0..3 {
+            let budget = Arc::new(SharedBudget::new(
+                db.pool(4),
+                config(r, limit, export_limit, window),
+            ));
+            // Per replica: three callers of ordinary requests, one of exports.
+            for c in 0..4 {
+                let kind = if c == 0 {
+                    BudgetKind::Export
+                } else {
+                    BudgetKind::Account
+                };
+                let (budget, granted, done) = (budget.clone(), granted.clone(), done.clone());
+                tasks.push(tokio::spawn(async move {
+                    let mut times = Vec::new();
+                    loop {
+                        let grant = tokio::select! {
+                            g = budget.acquire(kind) => g.unwrap(),
+                            _ = done.cancelled() => break,
+                        };
+                        assert!(!grant.probe);
+                        times.push(Instant::now());
+                        if granted.fetch_add(1, Ordering::SeqCst) + 1 >= target {
+                            done.cancel();
+                        }
+                    }
+                    (kind, times)
+                }));
+            }
+        }
+        let (mut all, mut exports) = (Vec::new(), Vec::new());
+        for t in tasks {
+            let (kind, times) = t.await.unwrap();
+            if kind == BudgetKind::Export {
+                exports.extend(&times);
+            }
+            all.extend(times);
+        }
+        all.sort();
+        let busiest = max_in_window(&all, window);
+        let busiest_export = max_in_window(&exports, window);
+        // Use: requests in the whole windows of the busy period (from the first request, as many
+        // windows of `window` as fit before the last one) against what the limit allows there.
+        let (first, last) = (all[0], *all.last().unwrap());
+        let windows = ((last - first).as_secs_f64() / window.as_secs_f64()).floor() as u32;
+        assert!(windows >= 2, "busy period too short: {:?}", last - first);
+        let in_windows = all
+            .iter()
+            .filter(|&&t| t < first + window * windows)
+            .count();
+        let used = in_windows as f64 / f64::from(windows * limit);
+        println!(
+            "shared budget: {} requests from 3 replicas (limit {limit} per {window:?}): busiest \
+             window {busiest}, exports {} (busiest {busiest_export}/{export_limit}), \
+             {in_windows} in the first {windows} windows = {:.1} % use",
+            all.len(),
+            exports.len(),
+            used * 100.0
+        );
+        assert!(
+            busiest <= limit as usize,
+            "a window held {busiest} > {limit}"
+        );
+        assert!(busiest_export <= export_limit as usize);
+        assert!(used >= 0.9, "budget use {:.1} % < 90 %", used * 100.0);
+        assert!(start.elapsed() < window * 6, "took {:?}", start.elapsed());
+        assert!(
+            exports.len() >= 3 * export_limit as usize,
+            "exports starved: {}",
+            exports.len()
+        );
+        // Pruned to about one window.
+        let client = db.pool(1).get().await.unwrap();
+        let rows: i64 = client
+            .query_one("SELECT count(*) FROM cluster_budget_sent", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(
+            rows <= i64::from(limit + export_limit) * 2,
+            "{rows} rows left"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pause_is_honoured_by_all_replicas_then_one_probe_at_a_time() {
+        let Some(db) = TestDb::new().await else {
+            return;
+        };
+        let budgets: Vec<_> = (0..3)
+            .map(|r| {
+                Arc::new(SharedBudget::new(
+                    db.pool(2),
+                    config(r, 100, 10, Duration::from_secs(60)),
+                ))
+            })
+            .collect();
+        // Normal traffic first.
+        budgets[1].acquire(BudgetKind::Account).await.unwrap();
+
+        let pause = Duration::from_secs(1);
+        let t0 = Instant::now();
+        budgets[0].pause_until(t0 + pause).await.unwrap();
+        let usage = budgets[2].usage().await.unwrap();
+        assert!(usage.half_open && !usage.paused_for.is_zero());
+
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut tasks = Vec::new();
+        for (r, b) in budgets.iter().enumerate() {
+            for _ in 0..2 {
+                let (b, tx) = (b.clone(), tx.clone());
+                tasks.push(tokio::spawn(async move {
+                    let grant = b.acquire(BudgetKind::Account).await.unwrap();
+                    let _ = tx.send((r, grant, Instant::now()));
+                }));
+            }
+        }
+        // The first grant comes after the pause, and is the probe.
+        let (r, probe, at) = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("no request after the pause")
+            .unwrap();
+        assert!(
+            at - t0 >= pause,
+            "granted {:?} into a {pause:?} pause",
+            at - t0
+        );
+        assert!(probe.probe);
+        // Nobody else goes while the probe is unanswered (an observation window, not a wait).
+        let other = tokio::time::timeout(Duration::from_millis(600), rx.recv()).await;
+        assert!(
+            other.is_err(),
+            "a second request went before the probe was answered: {other:?}"
+        );
+
+        // The probe got no response: exactly one more probe goes.
+        budgets[r].report(&probe, 0).await.unwrap();
+        let (r2, probe2, _) = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("no second probe")
+            .unwrap();
+        assert!(probe2.probe);
+        let other = tokio::time::timeout(Duration::from_millis(300), rx.recv()).await;
+        assert!(other.is_err(), "two probes at once: {other:?}");
+
+        // The probe is answered: everybody goes.
+        budgets[r2].report(&probe2, 200).await.unwrap();
+        for _ in 0..4 {
+            let (_, grant, _) = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .expect("requests still held after the probe succeeded")
+                .unwrap();
+            assert!(!grant.probe);
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let usage = budgets[0].usage().await.unwrap();
+        assert!(!usage.half_open && usage.paused_for.is_zero());
+        assert_eq!(usage.used, 7);
+        // A shorter pause never shortens a longer one.
+        budgets[0].pause_for(Duration::from_secs(30)).await.unwrap();
+        budgets[1].pause_for(Duration::from_secs(1)).await.unwrap();
+        assert!(budgets[2].usage().await.unwrap().paused_for > Duration::from_secs(20));
+        assert!(matches!(
+            budgets[2].reserve(BudgetKind::Export).await.unwrap(),
+            Reservation::Wait(d) if d > Duration::from_secs(20)
+        ));
     }
 }

@@ -31,9 +31,11 @@ pub mod snapshot;
 #[cfg(test)]
 pub(crate) mod testing;
 
-pub use budget::{BudgetKind, Grant, Reservation, SharedBudget, SharedBudgetConfig, SharedBudgetUsage};
+pub use budget::{
+    BudgetKind, Grant, Reservation, SharedBudget, SharedBudgetConfig, SharedBudgetUsage,
+};
 pub use changelog::{
-    Change, ChangeLag, ChangeLog, SubscriberConfig, SubscriberStatus, Subscription, CHANNEL,
+    CHANNEL, Change, ChangeLag, ChangeLog, SubscriberConfig, SubscriberStatus, Subscription,
 };
 pub use lease::{Fence, Lease, LeaseStatus};
 pub use snapshot::{SharedSnapshot, SnapshotMeta};

@@ -139,7 +139,9 @@ impl SharedSnapshot {
             .await?
             .get(0);
         let insert = tx
-            .prepare("INSERT INTO cluster_snapshot_chunks (snapshot_id, idx, data) VALUES ($1, $2, $3)")
+            .prepare(
+                "INSERT INTO cluster_snapshot_chunks (snapshot_id, idx, data) VALUES ($1, $2, $3)",
+            )
             .await?;
         let mut crc = crc32fast::Hasher::new();
         let (mut size, mut chunks) = (0u64, 0i32);

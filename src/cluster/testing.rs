@@ -30,7 +30,10 @@ impl TestDb {
         };
         let schema = format!("deskline_test_{:016x}", rand::random::<u64>());
         let admin = tokio_postgres::Config::from_str(&url).expect("bad test PostgreSQL URL");
-        let (client, conn) = admin.connect(NoTls).await.expect("test PostgreSQL unreachable");
+        let (client, conn) = admin
+            .connect(NoTls)
+            .await
+            .expect("test PostgreSQL unreachable");
         tokio::spawn(conn);
         client
             .batch_execute(&format!("CREATE SCHEMA {schema}"))
