@@ -261,3 +261,203 @@ async fn fill(source: &mut (impl AsyncRead + Unpin), buf: &mut [u8]) -> std::io:
     }
     Ok(n)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::{io::AsyncWriteExt as _, time::Instant};
+
+    use super::*;
+    use crate::cluster::{ChangeLog, SubscriberConfig, testing::TestDb};
+
+    /// Deterministic incompressible bytes (xorshift), fast enough in a debug build.
+    fn blob(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        let mut out = Vec::with_capacity(len + 8);
+        while out.len() < len {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            out.extend_from_slice(&x.to_le_bytes());
+        }
+        out.truncate(len);
+        out
+    }
+
+    async fn count(db: &TestDb, table: &str) -> i64 {
+        let client = db.pool(1).get().await.unwrap();
+        client
+            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn round_trip_of_a_50_mb_blob_in_8_mib_chunks() {
+        let Some(db) = TestDb::new().await else {
+            return;
+        };
+        let store = SharedSnapshot::new(db.pool(2), "replica-a");
+        let data = blob(50 << 20, 7);
+        let t = Instant::now();
+        let meta = store.store(42, &data[..], None).await.unwrap().unwrap();
+        let stored_in = t.elapsed();
+        assert_eq!(
+            (meta.seq, meta.size, meta.chunks),
+            (42, data.len() as u64, 7)
+        );
+        let largest: i32 = db
+            .pool(1)
+            .get()
+            .await
+            .unwrap()
+            .query_one("SELECT max(length(data)) FROM cluster_snapshot_chunks", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(largest as usize, CHUNK_SIZE);
+
+        let t = Instant::now();
+        let (loaded, bytes) = store.load_latest_bytes().await.unwrap().unwrap();
+        let loaded_in = t.elapsed();
+        assert_eq!(loaded, meta);
+        assert!(bytes == data, "the loaded snapshot differs");
+        println!(
+            "shared snapshot: 50 MiB stored in {stored_in:?} ({:.0} MiB/s), loaded in {loaded_in:?} \
+             ({:.0} MiB/s)",
+            50.0 / stored_in.as_secs_f64(),
+            50.0 / loaded_in.as_secs_f64()
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replacement_is_atomic_for_readers_and_writers() {
+        let Some(db) = TestDb::new().await else {
+            return;
+        };
+        let store = SharedSnapshot::new(db.pool(4), "replica-a").with_chunk_size(1024);
+        assert!(store.latest().await.unwrap().is_none());
+        assert!(store.load_latest_bytes().await.unwrap().is_none());
+        let old = blob(10 * 1024, 1);
+        let new = blob(12 * 1024 + 5, 2);
+        let old_meta = store.store(10, &old[..], None).await.unwrap().unwrap();
+
+        // A reader starts on the old snapshot and is held after its first chunk (the pipe is full).
+        let (mut from_loader, to_reader) = tokio::io::duplex(1024);
+        let loader = {
+            let store = store.clone();
+            tokio::spawn(async move { store.load_latest(to_reader).await })
+        };
+        let mut head = vec![0u8; 1024];
+        from_loader.read_exact(&mut head).await.unwrap();
+        assert_eq!(head, old[..1024]);
+
+        // A writer streams the new snapshot and is held half-way.
+        let (mut to_writer, from_source) = tokio::io::duplex(1024);
+        let writer = {
+            let store = store.clone();
+            tokio::spawn(async move { store.store(20, from_source, None).await })
+        };
+        to_writer.write_all(&new[..6 * 1024]).await.unwrap();
+        // Half a snapshot is never visible.
+        assert_eq!(store.latest().await.unwrap().unwrap(), old_meta);
+        assert_eq!(store.load_latest_bytes().await.unwrap().unwrap().1, old);
+
+        // The writer finishes: the new snapshot replaces the old one at once, whole.
+        to_writer.write_all(&new[6 * 1024..]).await.unwrap();
+        drop(to_writer);
+        let new_meta = writer.await.unwrap().unwrap().unwrap();
+        assert_eq!(
+            (new_meta.seq, new_meta.size, new_meta.chunks),
+            (20, new.len() as u64, 13)
+        );
+        let (meta, bytes) = store.load_latest_bytes().await.unwrap().unwrap();
+        assert_eq!((meta, bytes == new), (new_meta.clone(), true));
+        assert_eq!(count(&db, "cluster_snapshots").await, 1);
+        assert_eq!(count(&db, "cluster_snapshot_chunks").await, 13);
+
+        // The reader that started before still gets the old snapshot, whole and verified.
+        let mut rest = Vec::new();
+        from_loader.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(loader.await.unwrap().unwrap().unwrap(), old_meta);
+        head.extend(rest);
+        assert!(head == old);
+
+        // A store that fails mid-stream leaves nothing behind.
+        let failing = tokio::io::AsyncReadExt::chain(&new[..3000], tokio_test_reader_error());
+        assert!(matches!(
+            store.store(30, failing, None).await,
+            Err(ClusterError::Io(_))
+        ));
+        assert_eq!(store.latest().await.unwrap().unwrap(), new_meta);
+        assert_eq!(count(&db, "cluster_snapshot_chunks").await, 13);
+        // An older snapshot never replaces a newer one.
+        assert!(store.store(15, &old[..], None).await.unwrap().is_none());
+        assert_eq!(store.latest().await.unwrap().unwrap(), new_meta);
+    }
+
+    /// A reader that fails at once.
+    fn tokio_test_reader_error() -> impl AsyncRead + Unpin {
+        struct Failing;
+        impl AsyncRead for Failing {
+            fn poll_read(
+                self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+                _: &mut tokio::io::ReadBuf<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::task::Poll::Ready(Err(std::io::Error::other("disk gone")))
+            }
+        }
+        Failing
+    }
+
+    #[tokio::test]
+    async fn new_replica_loads_the_latest_snapshot_then_the_changes_after_it() {
+        let Some(db) = TestDb::new().await else {
+            return;
+        };
+        // The follower: changes 1..=5, a snapshot that includes the first three, two more changes.
+        let log = ChangeLog::new(db.pool(1), "follower");
+        let mut seqs = Vec::new();
+        for i in 0..5u8 {
+            seqs.push(log.append(&[i], None).await.unwrap());
+        }
+        let snapshots = SharedSnapshot::new(db.pool(1), "follower");
+        snapshots
+            .store(seqs[2], &b"index through 3"[..], None)
+            .await
+            .unwrap()
+            .unwrap();
+        for i in 5..7u8 {
+            seqs.push(log.append(&[i], None).await.unwrap());
+        }
+        // Changes covered by the snapshot can go.
+        assert_eq!(log.prune_to_snapshot(Duration::ZERO).await.unwrap(), 3);
+
+        // A new replica.
+        let (meta, bytes) = SharedSnapshot::new(db.pool(1), "new")
+            .load_latest_bytes()
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((meta.seq, &bytes[..]), (seqs[2], &b"index through 3"[..]));
+        let mut sub = ChangeLog::new(db.pool(1), "new").subscribe(
+            db.config.clone(),
+            meta.seq,
+            SubscriberConfig::default(),
+        );
+        let mut got = Vec::new();
+        for _ in 3..7 {
+            let change = tokio::time::timeout(Duration::from_secs(10), sub.next())
+                .await
+                .expect("change not delivered")
+                .unwrap()
+                .unwrap();
+            got.push((change.seq, change.payload[0]));
+        }
+        let want: Vec<_> = seqs[3..].iter().copied().zip(3u8..).collect();
+        assert_eq!(got, want);
+    }
+}
