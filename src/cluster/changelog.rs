@@ -111,6 +111,9 @@ pub struct SubscriberConfig {
     pub batch: i64,
     /// Changes buffered ahead of the consumer.
     pub buffer: usize,
+    /// A connect or read that takes longer counts as a lost connection (a silently dead TCP
+    /// connection would otherwise stall the subscriber until the kernel's keepalive gives up).
+    pub query_timeout: Duration,
 }
 
 impl Default for SubscriberConfig {
@@ -121,6 +124,7 @@ impl Default for SubscriberConfig {
             max_backoff: Duration::from_secs(5),
             batch: 256,
             buffer: 1024,
+            query_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -398,10 +402,13 @@ async fn session(
     status: &watch::Sender<SubscriberStatus>,
     backoff: &mut Duration,
 ) -> SessionEnd {
-    let (client, mut conn) = match connect.connect(NoTls).await {
-        Ok(c) => c,
-        Err(e) => return SessionEnd::Lost(e.into()),
-    };
+    let timed_out = || ClusterError::Io(std::io::Error::from(std::io::ErrorKind::TimedOut));
+    let (client, mut conn) =
+        match tokio::time::timeout(cfg.query_timeout, connect.connect(NoTls)).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return SessionEnd::Lost(e.into()),
+            Err(_) => return SessionEnd::Lost(timed_out()),
+        };
     // Drive the connection, forwarding notifications; the channel closes when the connection does.
     let (notify_tx, mut notify_rx) = mpsc::unbounded_channel::<i64>();
     let driver = tokio::spawn(async move {
@@ -425,8 +432,15 @@ async fn session(
     });
     let _stop_driver = AbortOnDrop(driver);
 
-    if let Err(e) = client.batch_execute(&format!("LISTEN {CHANNEL}")).await {
-        return SessionEnd::Lost(e.into());
+    match tokio::time::timeout(
+        cfg.query_timeout,
+        client.batch_execute(&format!("LISTEN {CHANNEL}")),
+    )
+    .await
+    {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return SessionEnd::Lost(e.into()),
+        Err(_) => return SessionEnd::Lost(timed_out()),
     }
     status.send_modify(|s| s.connected = true);
     *backoff = cfg.reconnect_backoff;
@@ -451,9 +465,11 @@ async fn session(
                 }
                 None => {
                     // The driver ended: find out why through the client.
-                    let e = match client.simple_query("SELECT 1").await {
-                        Err(e) => e.into(),
-                        Ok(_) => ClusterError::Io(std::io::Error::other("notification stream ended")),
+                    let probe = tokio::time::timeout(cfg.query_timeout, client.simple_query("SELECT 1"));
+                    let e = match probe.await {
+                        Ok(Err(e)) => e.into(),
+                        Ok(Ok(_)) => ClusterError::Io(std::io::Error::other("notification stream ended")),
+                        Err(_) => timed_out(),
                     };
                     return SessionEnd::Lost(e);
                 }
@@ -462,13 +478,16 @@ async fn session(
         }
         // Read everything after `last`, batch by batch.
         loop {
-            let changes = match read_after(&client, *last, cfg.batch).await {
-                Ok(c) => c,
-                Err(e @ ClusterError::Pruned { .. }) => {
+            let read =
+                tokio::time::timeout(cfg.query_timeout, read_after(&client, *last, cfg.batch));
+            let changes = match read.await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e @ ClusterError::Pruned { .. })) => {
                     let _ = out.send(Err(e)).await;
                     return SessionEnd::Stop;
                 }
-                Err(e) => return SessionEnd::Lost(e),
+                Ok(Err(e)) => return SessionEnd::Lost(e),
+                Err(_) => return SessionEnd::Lost(timed_out()),
             };
             let n = changes.len() as i64;
             for change in changes {

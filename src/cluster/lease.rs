@@ -19,7 +19,10 @@
 //!   expiry. A takeover's `UPDATE` must wait for that share lock, so a write checked under epoch N
 //!   commits before epoch N+1 exists, and every write checked after the takeover is refused with
 //!   [`ClusterError::Fenced`]: a paused or partitioned old holder can never interleave its writes
-//!   with the new holder's.
+//!   with the new holder's. The share lock also holds up the holder's own renewal, so a fenced
+//!   transaction checks its fence as its last step before commit and stays short.
+//! - **Keeping it.** [`Lease::keep`] is the loop a replica runs: take when free, renew every
+//!   `ttl / 3`, publish the current fence (or `None`) on a `watch` channel, release on stop.
 
 use std::time::{Duration, SystemTime};
 
@@ -267,6 +270,70 @@ impl Lease {
         })
     }
 
+    /// Holds the lease for as long as it can until `stop`: takes it whenever it is free, renews it
+    /// every `ttl / 3`, and publishes our fence on `fence` (`None` while another replica holds it,
+    /// or as soon as our local deadline passes without a renewal, e.g. while PostgreSQL is
+    /// unreachable). On `stop` it publishes `None` first, then releases the lease so another
+    /// replica takes over at once. Meant to run as the follower's supervisor task: follow while the
+    /// channel says `Some`, and pass that fence to every fenced write.
+    pub async fn keep(
+        &self,
+        fence: tokio::sync::watch::Sender<Option<Fence>>,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        let period = (self.ttl / 3).max(Duration::from_millis(10));
+        loop {
+            let holding = self.held().is_some();
+            // A call that hangs (PostgreSQL unreachable) must not outlive our local deadline.
+            let attempt = if holding {
+                tokio::time::timeout(period, self.renew()).await
+            } else {
+                tokio::time::timeout(period, self.try_take())
+                    .await
+                    .map(|r| {
+                        r.and_then(|f| {
+                            f.ok_or_else(|| self.lost(0)) // held by someone else
+                        })
+                    })
+            };
+            let current = match attempt {
+                Ok(Ok(f)) => Some(f),
+                Ok(Err(ClusterError::LeaseLost { .. })) => {
+                    if holding {
+                        tracing::warn!(lease = %self.name, "lease lost to another replica");
+                    }
+                    None
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(lease = %self.name, error = %e,
+                        source = ?std::error::Error::source(&e), "lease renewal failed");
+                    self.held()
+                }
+                Err(_) => {
+                    tracing::warn!(lease = %self.name, "lease renewal timed out");
+                    self.held()
+                }
+            };
+            let wake = match current {
+                Some(_) => period.min(self.remaining()),
+                None => period,
+            };
+            fence.send_if_modified(|old| {
+                let changed = *old != current;
+                *old = current;
+                changed
+            });
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(wake) => {}
+            }
+        }
+        fence.send_replace(None);
+        if let Err(e) = self.release().await {
+            tracing::warn!(lease = %self.name, error = %e, "could not release the lease");
+        }
+    }
+
     fn set_held(&self, epoch: i64, sent: Instant, remaining_secs: f64) {
         *self.held.lock() = Some(Held {
             epoch,
@@ -366,6 +433,68 @@ mod tests {
         let fa2 = a.try_take().await.unwrap().expect("released lease is free");
         assert_eq!(fa2.epoch, fb.epoch + 1);
         assert!(a.status().await.unwrap().is_self);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn keep_hands_over_when_the_holder_dies_and_at_once_when_it_stops() {
+        let Some(db) = TestDb::new().await else {
+            return;
+        };
+        let ttl = Duration::from_millis(1200);
+        let a = std::sync::Arc::new(Lease::new(db.pool(1), "follower", "a", ttl));
+        let b = std::sync::Arc::new(Lease::new(db.pool(1), "follower", "b", ttl));
+        let start = |lease: &std::sync::Arc<Lease>| {
+            let (tx, rx) = tokio::sync::watch::channel(None);
+            let stop = tokio_util::sync::CancellationToken::new();
+            let (lease, s) = (lease.clone(), stop.clone());
+            let task = tokio::spawn(async move { lease.keep(tx, s).await });
+            (rx, stop, task)
+        };
+        async fn until_some(
+            rx: &mut tokio::sync::watch::Receiver<Option<Fence>>,
+            within: Duration,
+        ) -> Fence {
+            let f = tokio::time::timeout(within, rx.wait_for(Option::is_some))
+                .await
+                .expect("lease not taken in time")
+                .unwrap();
+            f.clone().unwrap()
+        }
+
+        let (mut rx_a, _stop_a, task_a) = start(&a);
+        let fa = until_some(&mut rx_a, Duration::from_secs(3)).await;
+        let (mut rx_b, stop_b, task_b) = start(&b);
+        // A keeps renewing: B stays out for several TTLs (an observation window).
+        tokio::time::sleep(ttl * 3).await;
+        assert!(rx_b.borrow().is_none());
+        assert_eq!(rx_a.borrow().as_ref(), Some(&fa));
+
+        // A dies without releasing: B takes over after the TTL, with a higher epoch, and A's local
+        // view has expired by then.
+        task_a.abort();
+        let died = Instant::now();
+        let fb = until_some(&mut rx_b, ttl * 4).await;
+        assert!(
+            died.elapsed() >= ttl / 2,
+            "taken over before A's lease could expire"
+        );
+        assert!(fb.epoch > fa.epoch);
+        assert!(a.held().is_none());
+
+        // B stops: it publishes None and releases, so a new keeper takes over well before a TTL.
+        stop_b.cancel();
+        task_b.await.unwrap();
+        assert!(rx_b.borrow().is_none());
+        let stopped = Instant::now();
+        let (mut rx_a2, stop_a2, task_a2) = start(&a);
+        let fa2 = until_some(&mut rx_a2, ttl).await;
+        assert!(
+            stopped.elapsed() < ttl,
+            "the stopped holder did not release"
+        );
+        assert_eq!(fa2.epoch, fb.epoch + 1);
+        stop_a2.cancel();
+        task_a2.await.unwrap();
     }
 
     #[tokio::test]

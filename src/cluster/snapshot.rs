@@ -17,7 +17,10 @@
 //!   the one being read, MVCC keeps the old chunks visible to that reader until it finishes.
 //! - **Checked.** The header keeps the size, the chunk count and a CRC-32 of the whole blob; a load
 //!   verifies all three.
-//! - Only the lease holder writes snapshots; pass its [`Fence`] so a stale holder cannot.
+//! - Only the lease holder writes snapshots; pass its [`Fence`] so a stale holder cannot. The fence
+//!   is checked just before commit (see [`super::lease`] on why fenced transactions stay short).
+//! - Cost: a store writes the blob once to the table and once to the WAL; a 500 MB index in one
+//!   transaction is fine for PostgreSQL, but schedule stores minutes apart, not per change.
 
 use std::time::SystemTime;
 
@@ -119,9 +122,6 @@ impl SharedSnapshot {
     ) -> Result<Option<SnapshotMeta>, ClusterError> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        if let Some(fence) = fence {
-            fence.check(&tx).await?;
-        }
         advisory_xact_lock(&tx, "snapshot").await?;
         let newest: Option<i64> = tx
             .query_one("SELECT max(seq) FROM cluster_snapshots", &[])
@@ -168,6 +168,11 @@ impl SharedSnapshot {
             .await?;
         tx.execute("DELETE FROM cluster_snapshots WHERE id <> $1", &[&id])
             .await?;
+        // The fence is checked last: its share lock on the lease row would otherwise hold up our
+        // own renewals for the whole (seconds-long) upload. It only has to hold at commit.
+        if let Some(fence) = fence {
+            fence.check(&tx).await?;
+        }
         tx.commit().await?;
         Ok(Some(meta(&row)))
     }
