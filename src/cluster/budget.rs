@@ -622,4 +622,37 @@ mod tests {
             Reservation::Wait(d) if d > Duration::from_secs(20)
         ));
     }
+
+    #[tokio::test]
+    async fn an_unanswered_probe_is_replaced_after_its_timeout_and_stale_reports_are_ignored() {
+        let Some(db) = TestDb::new().await else {
+            return;
+        };
+        let mut cfg = config(0, 100, 10, Duration::from_secs(60));
+        cfg.probe_timeout = Duration::from_millis(300);
+        let budget = SharedBudget::new(db.pool(1), cfg);
+        budget.pause_for(Duration::ZERO).await.unwrap();
+        let first = budget.acquire(BudgetKind::Account).await.unwrap();
+        assert!(first.probe);
+        let t = Instant::now();
+        assert!(matches!(
+            budget.reserve(BudgetKind::Export).await.unwrap(),
+            Reservation::Wait(_)
+        ));
+        // The first probe's replica went silent: another probe goes once its time is up.
+        let second = budget.acquire(BudgetKind::Account).await.unwrap();
+        assert!(second.probe && second != first);
+        assert!(
+            t.elapsed() >= Duration::from_millis(250),
+            "{:?}",
+            t.elapsed()
+        );
+        // The late answer to the first probe changes nothing; the second one's closes half-open.
+        budget.report(&first, 200).await.unwrap();
+        assert!(budget.usage().await.unwrap().half_open);
+        budget.report(&second, 200).await.unwrap();
+        assert!(!budget.usage().await.unwrap().half_open);
+        let third = budget.acquire(BudgetKind::Export).await.unwrap();
+        assert!(!third.probe);
+    }
 }
