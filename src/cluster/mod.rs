@@ -22,6 +22,10 @@
 //!   shared migration runner (under its own advisory lock); [`MIGRATIONS`] lists them all in order.
 //! - **Errors** are [`ClusterError`]; a lost PostgreSQL connection surfaces as an error to the caller,
 //!   which decides how to degrade (DESIGN §8 "PostgreSQL down").
+//!
+//! Tests run against a real PostgreSQL named by `DESKLINE_TEST_POSTGRES_URL` (for example
+//! `postgres://postgres@127.0.0.1:5432/test`), each in its own throw-away schema; without it they
+//! print `skipped: DESKLINE_TEST_POSTGRES_URL not set` and pass.
 
 pub mod budget;
 pub mod changelog;
@@ -52,6 +56,11 @@ pub const MIGRATIONS: &[&[(&str, &str)]] = &[
     changelog::MIGRATIONS,
     snapshot::MIGRATIONS,
 ];
+
+/// [`MIGRATIONS`] flattened, in order, for the shared migration runner.
+pub fn migrations() -> impl Iterator<Item = &'static (&'static str, &'static str)> {
+    MIGRATIONS.iter().flat_map(|m| m.iter())
+}
 
 /// What can go wrong in a cluster primitive.
 #[derive(Debug, thiserror::Error)]

@@ -9,8 +9,6 @@ use std::str::FromStr;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 
-use super::MIGRATIONS;
-
 pub const URL_VAR: &str = "DESKLINE_TEST_POSTGRES_URL";
 
 pub struct TestDb {
@@ -63,7 +61,7 @@ impl TestDb {
     }
 }
 
-/// Applies [`MIGRATIONS`] the way the shared runner will: in one transaction under an advisory
+/// Applies [`super::MIGRATIONS`] the way the shared runner will: in one transaction under an advisory
 /// lock, so replicas starting together do not race on `CREATE TABLE IF NOT EXISTS`.
 pub async fn apply_migrations(pool: &Pool) {
     let mut client = pool.get().await.expect("connection");
@@ -74,7 +72,7 @@ pub async fn apply_migrations(pool: &Pool) {
     )
     .await
     .expect("migration lock");
-    for (name, sql) in MIGRATIONS.iter().flat_map(|m| m.iter()) {
+    for (name, sql) in super::migrations() {
         tx.batch_execute(sql)
             .await
             .unwrap_or_else(|e| panic!("migration {name}: {e:?}"));
