@@ -7,6 +7,8 @@
 //!   and its snapshot on disk.
 //! - [`follow`]: follows Zendesk's incremental exports and feeds the index.
 //! - [`routing`]: the routing and caller-ID decisions, pure functions over the index.
+//! - [`cluster`]: coordination of several replicas through PostgreSQL: lease, shared budget,
+//!   change log, shared snapshot.
 //! - [`sync`]: the durable post-call queue and the worker that writes calls into Zendesk.
 //! - [`grpc`]: the tonic service: validation, auth, proto ↔ domain conversion, status mapping.
 //! - [`config`], [`app`]: typed configuration; starting, supervising and stopping the tasks.
@@ -17,6 +19,7 @@
 
 pub mod app;
 pub mod check;
+pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod follow;
