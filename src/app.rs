@@ -46,7 +46,8 @@ enum Command {
         config: PathBuf,
     },
     /// The Zendesk simulator with a generated account (for tests, benchmarks and trying Deskline).
-    Sim(crate::sim::SimArgs),
+    #[cfg(feature = "sim")]
+    Sim(deskline_sim::SimArgs),
     /// The simulator and the service together on loopback, with real answers; serves until Ctrl-C.
     Demo(crate::demo::DemoArgs),
     /// Validate the config and the Zendesk credentials; compare the directory and field mappings
@@ -75,7 +76,8 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Serve { config } => serve_command(config).await,
             Command::Check { config } => check_command(config).await,
-            Command::Sim(args) => report(crate::sim::run_cli(args).await),
+            #[cfg(feature = "sim")]
+            Command::Sim(args) => report(deskline_sim::run_cli(args).await),
             Command::Demo(args) => report(crate::demo::run(args).await),
         }
     })

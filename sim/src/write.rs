@@ -22,6 +22,7 @@ use super::{
         self, NewComment, NewTicket, NewUser, Role, Status, StoreError, TicketPatch, UserPatch,
         now_ms,
     },
+    wire,
 };
 
 const IDEMPOTENCY_TTL: Duration = Duration::from_secs(2 * 3600);
@@ -37,11 +38,7 @@ pub(crate) struct IdemEntry {
 fn record_invalid(field: &str, code: &str, description: &str) -> Reply {
     Reply::json(
         StatusCode::UNPROCESSABLE_ENTITY,
-        &json!({
-            "error": "RecordInvalid",
-            "description": "Record validation errors",
-            "details": { field: [ { "description": description, "error": code } ] }
-        }),
+        &wire::Error::record_invalid(field, Some(code), description),
     )
 }
 
@@ -875,11 +872,11 @@ fn update_ticket(app: &App, caller: Caller, id: i64, body: &[u8]) -> Reply {
             // The recorded body (ZENDESK.md §4) has no error code inside the detail.
             Reply::json(
                 StatusCode::UNPROCESSABLE_ENTITY,
-                &json!({
-                    "error": "RecordInvalid",
-                    "description": "Record validation errors",
-                    "details": { "status": [ { "description": "Status closed prevents ticket update" } ] }
-                }),
+                &wire::Error::record_invalid(
+                    "status",
+                    None,
+                    "Status closed prevents ticket update",
+                ),
             )
         }
         Err(e) => store_error(e),
@@ -985,7 +982,7 @@ fn create_call(app: &App, body: &[u8]) -> Reply {
     }
     for f in ["call_started_at", "call_ended_at"] {
         if let Some(t) = call.get(f).and_then(Value::as_str) {
-            if crate::zendesk::models::parse_time(t).is_none() {
+            if crate::wire::parse_time(t).is_none() {
                 details.insert(f.into(), json!([{ "description": format!("{f} is not a valid ISO-8601 time"), "error": "InvalidValue" }]));
             }
         }
@@ -993,7 +990,10 @@ fn create_call(app: &App, body: &[u8]) -> Reply {
     if !details.is_empty() {
         return Reply::json(
             StatusCode::UNPROCESSABLE_ENTITY,
-            &json!({ "error": "RecordInvalid", "description": "Record validation errors", "details": details }),
+            &wire::Error {
+                details: Some(details),
+                ..wire::Error::record_invalid("", None, "")
+            },
         );
     }
     let mut out: Map<String, Value> = CALL_FIELDS
@@ -1010,9 +1010,9 @@ fn create_call(app: &App, body: &[u8]) -> Reply {
         if let Some(t) = out
             .get(f)
             .and_then(Value::as_str)
-            .and_then(crate::zendesk::models::parse_time)
+            .and_then(crate::wire::parse_time)
         {
-            out.insert(f.into(), crate::zendesk::models::format_time(t).into());
+            out.insert(f.into(), crate::wire::format_time(t).into());
         }
     }
     out.insert("account_id".into(), 1.into());
