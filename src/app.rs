@@ -49,6 +49,7 @@ enum Command {
     #[cfg(feature = "sim")]
     Sim(deskline_sim::SimArgs),
     /// The simulator and the service together on loopback, with real answers; serves until Ctrl-C.
+    #[cfg(feature = "sim")]
     Demo(crate::demo::DemoArgs),
     /// Validate the config and the Zendesk credentials; compare the directory and field mappings
     /// with Zendesk. Exit status 1 when something would break routing or sync, 2 for a bad config.
@@ -78,11 +79,14 @@ pub fn main() -> ExitCode {
             Command::Check { config } => check_command(config).await,
             #[cfg(feature = "sim")]
             Command::Sim(args) => report(deskline_sim::run_cli(args).await),
+            #[cfg(feature = "sim")]
             Command::Demo(args) => report(crate::demo::run(args).await),
         }
     })
 }
 
+/// Exit status and message of `deskline sim` / `deskline demo`.
+#[cfg(feature = "sim")]
 fn report(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -969,21 +969,24 @@ fn create_call(app: &App, body: &[u8]) -> Reply {
             .get(f)
             .is_none_or(|x| x.is_null() || x.as_str().is_some_and(|s| s.trim().is_empty()))
         {
-            details.insert(
-                f.into(),
-                json!([{ "description": format!("{f} is required"), "error": "BlankValue" }]),
-            );
+            details.insert(f.into(), detail("BlankValue", &format!("{f} is required")));
         }
     }
     if let Some(d) = call.get("direction").and_then(Value::as_str) {
         if d != "inbound" && d != "outbound" {
-            details.insert("direction".into(), json!([{ "description": "direction must be inbound or outbound", "error": "InvalidValue" }]));
+            details.insert(
+                "direction".into(),
+                detail("InvalidValue", "direction must be inbound or outbound"),
+            );
         }
     }
     for f in ["call_started_at", "call_ended_at"] {
         if let Some(t) = call.get(f).and_then(Value::as_str) {
             if crate::wire::parse_time(t).is_none() {
-                details.insert(f.into(), json!([{ "description": format!("{f} is not a valid ISO-8601 time"), "error": "InvalidValue" }]));
+                details.insert(
+                    f.into(),
+                    detail("InvalidValue", &format!("{f} is not a valid ISO-8601 time")),
+                );
             }
         }
     }
@@ -1064,6 +1067,14 @@ fn create_call(app: &App, body: &[u8]) -> Reply {
     drop(s);
     Reply::json(StatusCode::CREATED, &json!({ "call": call }))
         .with_header("location", location(app, "calls", id))
+}
+
+/// The `details.<field>` list of one validation error.
+fn detail(code: &str, description: &str) -> Value {
+    json!([wire::ErrorDetail {
+        description: description.into(),
+        error: Some(code.into()),
+    }])
 }
 
 fn call_comment_text(title: &str, c: &Map<String, Value>, call: &Map<String, Value>) -> String {
