@@ -26,9 +26,10 @@ use deskline::{
         self, GetCallStatusRequest, ReportCallRequest, get_call_status_response::SyncState,
         resolver_client::ResolverClient,
     },
-    sim::{
-        self, Faults, NewTicket, NewUser, RequestRecord, Role, SimConfig, SimHandle, Status, Store,
-    },
+};
+use deskline_sim::{
+    self as sim, Faults, NewTicket, NewUser, RequestRecord, Role, SimConfig, SimHandle, Status,
+    Store,
 };
 use tonic::transport::Channel;
 

@@ -22,7 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use deskline::sim::{self, GenConfig, SimConfig};
+use deskline_sim::{self as sim, GenConfig, SimConfig};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };

@@ -33,8 +33,8 @@ use clap::{Parser, Subcommand};
 use deskline::{
     phone::{E164, PhoneParser},
     proto::{self, resolver_client::ResolverClient},
-    sim::{GenConfig, generate},
 };
+use deskline_sim::{GenConfig, generate};
 use prost::Message;
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::{
@@ -160,7 +160,7 @@ async fn probe(addr: &str, caller: &str) -> Result<proto::RouteCallResponse, ton
     Ok(r.into_inner())
 }
 
-fn account(a: &Account) -> deskline::sim::Store {
+fn account(a: &Account) -> deskline_sim::Store {
     generate(&GenConfig {
         users: a.users,
         tickets: a.tickets,

@@ -70,8 +70,10 @@ enum Command {
         config: PathBuf,
     },
     /// The Zendesk simulator with a generated account (for tests, benchmarks and trying Deskline).
-    Sim(crate::sim::SimArgs),
+    #[cfg(feature = "sim")]
+    Sim(deskline_sim::SimArgs),
     /// The simulator and the service together on loopback, with real answers; serves until Ctrl-C.
+    #[cfg(feature = "sim")]
     Demo(crate::demo::DemoArgs),
     /// Validate the config and the Zendesk credentials; compare the directory and field mappings
     /// with Zendesk. Exit status 1 when something would break routing or sync, 2 for a bad config.
@@ -99,7 +101,9 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Serve { config } => serve_command(config).await,
             Command::Check { config } => check_command(config).await,
-            Command::Sim(args) => report(crate::sim::run_cli(args).await),
+            #[cfg(feature = "sim")]
+            Command::Sim(args) => report(deskline_sim::run_cli(args).await),
+            #[cfg(feature = "sim")]
             Command::Demo(args) => report(crate::demo::run(args).await),
         }
     });
@@ -109,6 +113,8 @@ pub fn main() -> ExitCode {
     code
 }
 
+/// Exit status and message of `deskline sim` / `deskline demo`.
+#[cfg(feature = "sim")]
 fn report(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,

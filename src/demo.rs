@@ -14,8 +14,8 @@ use crate::{
         self, GetCallStatusRequest, LookupCallerRequest, ReportCallRequest, RouteCallRequest,
         get_call_status_response::SyncState, resolver_client::ResolverClient,
     },
-    sim::{self, GenConfig, SimConfig},
 };
+use deskline_sim::{self as sim, GenConfig, SimConfig};
 
 /// The demo's account: big enough to be realistic, small enough to start in a second.
 const USERS: usize = 2_000;

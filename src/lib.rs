@@ -14,13 +14,17 @@
 //! - [`config`], [`app`]: typed configuration; starting, supervising and stopping the tasks.
 //! - [`check`], [`demo`]: the operator's `deskline check` and the newcomer's `deskline demo`.
 //! - [`metrics`]: Prometheus `/metrics` and `/healthz` on `server.metrics_listen`; every metric name.
-//! - [`sim`]: the Zendesk simulator and its data generator (used by tests, benches and the demo).
+//!
+//! The Zendesk simulator is its own crate, `deskline-sim` (`sim/` in this workspace), so that it
+//! shares no wire types with the client it tests; `deskline sim` and `deskline demo` link it through
+//! the default-on `sim` feature.
 #![forbid(unsafe_code)]
 
 pub mod app;
 pub mod check;
 pub mod cluster;
 pub mod config;
+#[cfg(feature = "sim")]
 pub mod demo;
 pub mod follow;
 pub mod grpc;
@@ -28,7 +32,6 @@ pub mod index;
 pub mod metrics;
 pub mod phone;
 pub mod routing;
-pub mod sim;
 pub mod sync;
 pub mod zendesk;
 

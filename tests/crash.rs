@@ -25,13 +25,11 @@ use std::{
 };
 
 use common::*;
-use deskline::{
-    proto::{
-        self, GetCallStatusRequest, GetCallStatusResponse, ReportCallRequest,
-        get_call_status_response::SyncState, resolver_client::ResolverClient,
-    },
-    sim::{self, Faults, NewTicket, NewUser, Role, SimHandle, Status, Store},
+use deskline::proto::{
+    self, GetCallStatusRequest, GetCallStatusResponse, ReportCallRequest,
+    get_call_status_response::SyncState, resolver_client::ResolverClient,
 };
+use deskline_sim::{self as sim, Faults, NewTicket, NewUser, Role, SimHandle, Status, Store};
 use rand::Rng;
 use tonic::transport::Channel;
 

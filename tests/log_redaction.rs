@@ -15,13 +15,11 @@ use std::{
 
 use base64::Engine as _;
 use common::*;
-use deskline::{
-    proto::{
-        self, GetCallStatusRequest, ReportCallRequest, RouteCallRequest,
-        get_call_status_response::SyncState, resolver_client::ResolverClient,
-    },
-    sim,
+use deskline::proto::{
+    self, GetCallStatusRequest, ReportCallRequest, RouteCallRequest,
+    get_call_status_response::SyncState, resolver_client::ResolverClient,
 };
+use deskline_sim as sim;
 use tonic::{Request, metadata::MetadataValue};
 
 #[derive(Clone, Default)]
@@ -173,7 +171,7 @@ async fn a_full_run_logs_no_secret_and_no_full_number_at_info() {
                 .iter()
                 .any(|lvl| l.contains(lvl))
         })
-        .filter(|l| !l.contains("deskline::sim"))
+        .filter(|l| !l.contains("deskline_sim"))
         .collect();
     assert!(info.len() > 5, "too few info lines captured: {info:#?}");
     for number in [CUSTOMER, NEW_NUMBER] {

@@ -7,10 +7,8 @@ mod common;
 use std::{collections::BTreeMap, process::Stdio, time::Duration};
 
 use common::*;
-use deskline::{
-    proto::{self, LookupCallerRequest, ReportCallRequest, RouteCallRequest},
-    sim::{NewTicket, NewUser, OWNER_EMAIL, Role, Status, Store},
-};
+use deskline::proto::{self, LookupCallerRequest, ReportCallRequest, RouteCallRequest};
+use deskline_sim::{NewTicket, NewUser, OWNER_EMAIL, Role, Status, Store};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 const BIN: &str = env!("CARGO_BIN_EXE_deskline");

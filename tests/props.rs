@@ -17,8 +17,8 @@ use deskline::{
         GetCallStatusRequest, LookupCallerRequest, ReportCallRequest, RouteCallRequest,
         resolver_client::ResolverClient,
     },
-    sim::NewUser,
 };
+use deskline_sim::NewUser;
 use proptest::prelude::*;
 use tonic::{Code, transport::Channel};
 

@@ -9,8 +9,8 @@ use common::*;
 use deskline::{
     phone::PhoneParser,
     proto::{self, Decision, LookupCallerRequest, RouteCallRequest},
-    sim::{NewTicket, NewUser, Role, Status, Store, TicketPatch, UserPatch},
 };
+use deskline_sim::{NewTicket, NewUser, Role, Status, Store, TicketPatch, UserPatch};
 use tonic::Code;
 use unicode_normalization::UnicodeNormalization;
 
@@ -671,7 +671,7 @@ async fn restart_serves_from_the_snapshot_without_zendesk() {
     assert!(dir.path().join("index.snapshot").exists());
 
     // Zendesk goes down; the restarted service must still be ready and answer the same.
-    sim.set_faults(deskline::sim::Faults {
+    sim.set_faults(deskline_sim::Faults {
         down: true,
         ..Default::default()
     });
@@ -772,7 +772,7 @@ async fn identities_without_the_export_sideload() {
 /// reading of DESIGN §3 over the simulator's own data.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generated_account_matches_an_independent_oracle() {
-    let store = deskline::sim::generate(&deskline::sim::GenConfig {
+    let store = deskline_sim::generate(&deskline_sim::GenConfig {
         users: 3000,
         tickets: 5000,
         agents: 25,

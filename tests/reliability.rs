@@ -17,13 +17,11 @@ use std::{
 };
 
 use common::*;
-use deskline::{
-    proto::{
-        self, Decision, GetCallStatusRequest, GetCallStatusResponse, ReportCallRequest,
-        RouteCallRequest, get_call_status_response::SyncState, resolver_client::ResolverClient,
-    },
-    sim::{Faults, NewTicket, NewUser, SimHandle, Status},
+use deskline::proto::{
+    self, Decision, GetCallStatusRequest, GetCallStatusResponse, ReportCallRequest,
+    RouteCallRequest, get_call_status_response::SyncState, resolver_client::ResolverClient,
 };
+use deskline_sim::{Faults, NewTicket, NewUser, SimHandle, Status};
 use tonic::transport::Channel;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,

@@ -7,10 +7,8 @@ mod common;
 use std::process::Command;
 
 use common::*;
-use deskline::{
-    proto::{RouteCallRequest, resolver_client::ResolverClient},
-    sim::{NewUser, Store},
-};
+use deskline::proto::{RouteCallRequest, resolver_client::ResolverClient};
+use deskline_sim::{NewUser, Store};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
 fn store() -> Store {

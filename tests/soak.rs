@@ -18,13 +18,11 @@ use std::{
 };
 
 use common::*;
-use deskline::{
-    proto::{
-        self, GetCallStatusRequest, ReportCallRequest, RouteCallRequest,
-        get_call_status_response::SyncState,
-    },
-    sim::{self, Faults},
+use deskline::proto::{
+    self, GetCallStatusRequest, ReportCallRequest, RouteCallRequest,
+    get_call_status_response::SyncState,
 };
+use deskline_sim::{self as sim, Faults};
 
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))

@@ -23,10 +23,10 @@ use std::{
 };
 
 use common::*;
-use deskline::{
-    proto::{self, GetCallStatusRequest, ReportCallRequest, get_call_status_response::SyncState},
-    sim::{Faults, SimHandle},
+use deskline::proto::{
+    self, GetCallStatusRequest, ReportCallRequest, get_call_status_response::SyncState,
 };
+use deskline_sim::{Faults, SimHandle};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };

@@ -11,16 +11,14 @@ mod common;
 use std::{collections::BTreeMap, time::Duration};
 
 use common::*;
-use deskline::{
-    proto::{
-        self, Decision, GetCallStatusRequest, GetCallStatusResponse, LookupCallerRequest,
-        ReportCallRequest, RouteCallRequest, get_call_status_response::SyncState,
-        resolver_client::ResolverClient,
-    },
-    sim::{
-        self, Faults, NewComment, NewTicket, NewUser, RequestRecord, Role, SimConfig, SimHandle,
-        Status, Store,
-    },
+use deskline::proto::{
+    self, Decision, GetCallStatusRequest, GetCallStatusResponse, LookupCallerRequest,
+    ReportCallRequest, RouteCallRequest, get_call_status_response::SyncState,
+    resolver_client::ResolverClient,
+};
+use deskline_sim::{
+    self as sim, Faults, NewComment, NewTicket, NewUser, RequestRecord, Role, SimConfig, SimHandle,
+    Status, Store,
 };
 use tonic::{Code, transport::Channel};
 
@@ -234,7 +232,7 @@ fn assert_done(st: &GetCallStatusResponse) {
 }
 
 /// The text of a stored comment, whichever body the simulator filled.
-fn text(c: &deskline::zendesk::models::Comment) -> String {
+fn text(c: &deskline_sim::wire::Comment) -> String {
     c.body
         .clone()
         .or_else(|| c.plain_body.clone())
@@ -242,7 +240,7 @@ fn text(c: &deskline::zendesk::models::Comment) -> String {
         .unwrap_or_default()
 }
 
-fn custom_field(t: &deskline::zendesk::models::Ticket, id: i64) -> serde_json::Value {
+fn custom_field(t: &deskline_sim::wire::Ticket, id: i64) -> serde_json::Value {
     t.custom_fields
         .iter()
         .flatten()

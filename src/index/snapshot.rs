@@ -510,7 +510,7 @@ mod tests {
     /// suspended customers and several open tickets per requester.
     #[test]
     fn generated_account_round_trips() {
-        let store = crate::sim::generate(&crate::sim::GenConfig {
+        let store = deskline_sim::generate(&deskline_sim::GenConfig {
             users: 4000,
             tickets: 6000,
             agents: 20,
@@ -519,11 +519,25 @@ mod tests {
         });
         let p = PhoneParser::new("UA").unwrap();
         let mut ix = Index::new();
-        let users: Vec<User> = store.user_ids().filter_map(|id| store.user(id)).collect();
-        let ids: Vec<Identity> = users.iter().flat_map(|u| store.identities(u.id)).collect();
+        // The simulator's own wire types, read as the client's models through JSON as over HTTP.
+        fn model<T: serde::de::DeserializeOwned>(v: impl serde::Serialize) -> T {
+            serde_json::from_value(serde_json::to_value(v).unwrap()).unwrap()
+        }
+        let users: Vec<User> = model(
+            store
+                .user_ids()
+                .filter_map(|id| store.user(id))
+                .collect::<Vec<_>>(),
+        );
+        let ids: Vec<Identity> = model(
+            users
+                .iter()
+                .flat_map(|u| store.identities(u.id))
+                .collect::<Vec<_>>(),
+        );
         ix.apply_user_batch(crate::index::UserBatch::prepare(&users, Some(&ids), &p));
         for id in store.ticket_ids() {
-            ix.apply_ticket(&store.ticket(id).unwrap());
+            ix.apply_ticket(&model(store.ticket(id).unwrap()));
         }
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("index.snapshot");

@@ -330,7 +330,7 @@ fn records_stay_narrow() {
 /// the users export: shared numbers, second identities, agents, deleted and suspended users.
 #[test]
 fn batch_matches_one_by_one() {
-    let store = crate::sim::generate(&crate::sim::GenConfig {
+    let store = deskline_sim::generate(&deskline_sim::GenConfig {
         users: 3000,
         tickets: 0,
         agents: 20,
@@ -338,8 +338,22 @@ fn batch_matches_one_by_one() {
         seed: 11,
     });
     let p = ua();
-    let users: Vec<User> = store.user_ids().filter_map(|id| store.user(id)).collect();
-    let identities: Vec<Identity> = users.iter().flat_map(|u| store.identities(u.id)).collect();
+    // The simulator's own wire types, read as the client's models through JSON as over HTTP.
+    fn model<T: serde::de::DeserializeOwned>(v: impl serde::Serialize) -> T {
+        serde_json::from_value(serde_json::to_value(v).unwrap()).unwrap()
+    }
+    let users: Vec<User> = model(
+        store
+            .user_ids()
+            .filter_map(|id| store.user(id))
+            .collect::<Vec<_>>(),
+    );
+    let identities: Vec<Identity> = model(
+        users
+            .iter()
+            .flat_map(|u| store.identities(u.id))
+            .collect::<Vec<_>>(),
+    );
     let mut one = Index::new();
     let mut batched = Index::new();
     // Two pages, the second re-applying part of the first (as after a restart from an older cursor).

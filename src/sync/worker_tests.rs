@@ -14,9 +14,16 @@ use crate::{
     index::{Index, SharedIndex},
     phone::E164,
     routing,
-    sim::{self, Faults, NewTicket, NewUser, Role, SimConfig, SimHandle, Status, Store},
     zendesk::{Client, ClientOptions},
 };
+use deskline_sim::{
+    self as sim, Faults, NewTicket, NewUser, Role, SimConfig, SimHandle, Status, Store,
+};
+
+/// The simulator's own wire type read as the client's model, through JSON as over HTTP.
+fn model<T: serde::de::DeserializeOwned>(v: &impl serde::Serialize) -> T {
+    serde_json::from_value(serde_json::to_value(v).unwrap()).unwrap()
+}
 
 const OLENA: &str = "Olena Petrenko";
 const IVAN: &str = "Ivan Kovalenko";
@@ -69,20 +76,20 @@ fn warm(index: &SharedIndex, sim: &SimHandle, settings: &SyncSettings) {
         let users: Vec<i64> = s.user_ids().collect();
         for id in users {
             if let Some(u) = s.user(id) {
-                ix.apply_user(&u, &settings.parser);
-                ix.apply_identities(id, &s.identities(id), &settings.parser);
+                ix.apply_user(&model(&u), &settings.parser);
+                ix.apply_identities(id, &model::<Vec<_>>(&s.identities(id)), &settings.parser);
             }
         }
         let orgs: Vec<i64> = s.org_ids().collect();
         for id in orgs {
             if let Some(o) = s.organization(id) {
-                ix.apply_organization(&o);
+                ix.apply_organization(&model(&o));
             }
         }
         let tickets: Vec<i64> = s.ticket_ids().collect();
         for id in tickets {
             if let Some(t) = s.ticket(id) {
-                ix.apply_ticket(&t);
+                ix.apply_ticket(&model(&t));
             }
         }
     });

@@ -5,12 +5,8 @@
 
 use std::{future::Future, time::Duration};
 
-use deskline::{
-    app::Service,
-    config::Config,
-    proto::resolver_client::ResolverClient,
-    sim::{self, NewTicket, NewUser, Role, SimConfig, SimHandle, Status, Store},
-};
+use deskline::{app::Service, config::Config, proto::resolver_client::ResolverClient};
+use deskline_sim::{self as sim, NewTicket, NewUser, Role, SimConfig, SimHandle, Status, Store};
 use tonic::transport::Channel;
 
 /// Long enough for a slow CI machine, short enough to fail a hung test.

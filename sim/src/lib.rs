@@ -1,18 +1,27 @@
 //! A Zendesk simulator: an HTTP server that behaves like the Zendesk Support API for every endpoint
-//! Deskline uses (DESIGN §7, ZENDESK.md), over a generated account of any size.
+//! Deskline uses and the neighbours a general client meets (DESIGN §7, ZENDESK.md), over a generated
+//! account of any size.
 //!
-//! Tests, benches and `deskline demo` run against it, so it aims at fidelity first: the same paths
-//! (with or without `.json`), the same JSON shapes with every field and its `null`s, the same status
-//! codes and error bodies, the one-minute rule of the exports, search indexing lag, the account and
-//! export rate limits with `Retry-After` (and the plain-text 429 body of the account limit), and
+//! Why a crate of its own: tests, benches and `deskline demo` judge the client against this server,
+//! so it must not share the client's idea of Zendesk. It does not depend on `deskline`; its JSON
+//! shapes ([`wire`] and the views behind the handlers) are written from ZENDESK.md and the recorded
+//! responses it cites. A field the client names wrongly then fails a test instead of being served
+//! wrongly too.
+//!
+//! It aims at fidelity first: the same paths (with or without `.json`), the same JSON shapes with
+//! every field and its `null`s, the same status codes and error bodies, the one-minute rule of the
+//! exports, search indexing lag, the account and export rate limits with `Retry-After` (and the
+//! plain-text 429 body of the account limit), the rate-limit headers a client can plan with, and
 //! injectable faults. Where ZENDESK.md is silent it follows the real Zendesk; where it had to guess,
 //! the guess is named in the code.
 //!
 //! Pieces:
 //! - [`store`]: the data and its change clock (exports and search read it; every write stamps it).
-//! - [`generate`]: the deterministic account generator.
-//! - `http`: request handling: admin endpoints, faults, auth, rate limits, routing, handlers.
-//! - `render`: the borrowed `Serialize` views that give each object its full Zendesk shape.
+//! - [`generate()`]: the deterministic account generator.
+//! - [`wire`]: the owned Zendesk JSON types (objects, errors, pages) and the time format.
+//! - `http`: request handling: admin endpoints, faults, auth, rate limits, routing, read handlers.
+//! - `write`: the write handlers and search.
+//! - `render`: the borrowed `Serialize` views that give each served object its full Zendesk shape.
 //!
 //! Order of checks for an API request (each step answers alone, and the later ones never run):
 //! latency, `down` (503), injected 5xx, auth (401), rate limits (429), the handler, then the
@@ -23,6 +32,7 @@
 //!
 //! Admin endpoints under `/__sim/` (no auth, no limits, no faults) let a script steer a simulator
 //! running as its own process: `PUT /__sim/faults` (JSON [`Faults`]) and `GET /__sim/stats`.
+#![forbid(unsafe_code)]
 
 mod generate;
 mod http;
@@ -30,6 +40,7 @@ mod render;
 pub mod store;
 #[cfg(test)]
 mod tests;
+pub mod wire;
 mod write;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};

@@ -1162,3 +1162,472 @@ fn cli_args() {
         ("admin@deskline.test", "sim-token")
     );
 }
+
+// ---- wire types, show_many, ticket fields, rate-limit headers -------------------------------------
+
+/// What every served object parses into, compared with the store's typed reads (which leave `url`
+/// unset: the store does not know its address).
+fn without_url<T: serde::Serialize + serde::de::DeserializeOwned>(v: &T) -> T {
+    let mut j = serde_json::to_value(v).unwrap();
+    j["url"] = Value::Null;
+    serde_json::from_value(j).unwrap()
+}
+
+/// Every user, identity, ticket, organization and comment the API serves parses into the `wire`
+/// types with exactly the values `Store` reports: the served views and the typed reads are one shape.
+#[tokio::test]
+async fn served_objects_parse_into_wire_types_with_the_store_values() {
+    #[derive(serde::Deserialize)]
+    struct Users {
+        users: Vec<wire::User>,
+        identities: Vec<wire::Identity>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Tickets {
+        tickets: Vec<wire::Ticket>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Orgs {
+        organizations: Vec<wire::Organization>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Comments {
+        comments: Vec<wire::Comment>,
+    }
+    let h = sim(unlimited(), small()).await;
+    // A deleted organization and an HTML comment, which the generator does not make.
+    let (org, ticket) = h.with_store(|s| {
+        let org = s.org_ids().nth(3).unwrap();
+        s.delete_organization(org).unwrap();
+        let ticket = s.find_tickets(1, |t| t.is_open())[0].id;
+        s.add_comment(
+            ticket,
+            NewComment {
+                body: "<p>Recording &amp; notes</p>".into(),
+                html: true,
+                public: Some(false),
+                author_id: None,
+            },
+        )
+        .unwrap();
+        (org, ticket)
+    });
+    h.set_config(|c| c.one_minute_rule = Duration::ZERO);
+    let start = "start_time=0&per_page=1000";
+
+    let mut seen = 0;
+    let mut path = format!("/api/v2/incremental/users/cursor?{start}&include=identities");
+    loop {
+        let page: wire::CursorPage<Users> =
+            serde_json::from_str(&get(&h, &path).await.text).unwrap();
+        for u in &page.records.users {
+            assert!(
+                u.url
+                    .as_deref()
+                    .unwrap()
+                    .ends_with(&format!("/users/{}.json", u.id))
+            );
+            assert_eq!(
+                Some(without_url(u)),
+                h.with_store(|s| s.user(u.id)),
+                "user {}",
+                u.id
+            );
+            let want = h.with_store(|s| s.identities(u.id));
+            let got: Vec<_> = page
+                .records
+                .identities
+                .iter()
+                .filter(|i| i.user_id == u.id)
+                .map(without_url)
+                .collect();
+            assert_eq!(got, want, "identities of {}", u.id);
+        }
+        seen += page.records.users.len();
+        if page.end_of_stream {
+            break;
+        }
+        path = format!(
+            "/api/v2/incremental/users/cursor?cursor={}",
+            page.after_cursor.unwrap()
+        );
+    }
+    assert_eq!(seen, h.with_store(|s| s.user_count()));
+
+    let page: wire::CursorPage<Tickets> = serde_json::from_str(
+        &get(&h, &format!("/api/v2/incremental/tickets/cursor?{start}"))
+            .await
+            .text,
+    )
+    .unwrap();
+    assert!(page.end_of_stream);
+    assert_eq!(
+        page.records.tickets.len(),
+        h.with_store(|s| s.ticket_count())
+    );
+    for t in &page.records.tickets {
+        assert_eq!(
+            Some(without_url(t)),
+            h.with_store(|s| s.ticket(t.id)),
+            "ticket {}",
+            t.id
+        );
+    }
+
+    let page: wire::TimePage<Orgs> = serde_json::from_str(
+        &get(&h, "/api/v2/incremental/organizations?start_time=0")
+            .await
+            .text,
+    )
+    .unwrap();
+    assert_eq!(page.count, h.with_store(|s| s.org_count()));
+    for o in &page.records.organizations {
+        assert_eq!(
+            Some(without_url(o)),
+            h.with_store(|s| s.organization(o.id)),
+            "org {}",
+            o.id
+        );
+    }
+    assert!(
+        page.records
+            .organizations
+            .iter()
+            .any(|o| o.id == org && o.deleted_at.is_some())
+    );
+
+    let live = h.with_store(|s| s.find_tickets(2, |t| t.status.as_deref() != Some("deleted")));
+    for t in [live[0].id, live[1].id, ticket] {
+        let got: wire::OffsetPage<Comments> =
+            serde_json::from_str(&get(&h, &format!("/api/v2/tickets/{t}/comments")).await.text)
+                .unwrap();
+        assert_eq!(
+            got.records.comments,
+            h.with_store(|s| s.comments(t)),
+            "ticket {t}"
+        );
+    }
+    let last = h.with_store(|s| s.comments(ticket)).pop().unwrap();
+    assert_eq!(last.body.as_deref(), Some("Recording & notes"));
+    assert_eq!(
+        last.html_body.as_deref(),
+        Some("<p>Recording &amp; notes</p>")
+    );
+    assert_eq!(last.public, Some(false));
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn tickets_show_many_skips_missing_and_deleted_and_keeps_the_order() {
+    #[derive(serde::Deserialize)]
+    struct Tickets {
+        tickets: Vec<wire::Ticket>,
+    }
+    let h = sim(unlimited(), small()).await;
+    let deleted =
+        h.with_store(|s| s.find_tickets(1, |t| t.status.as_deref() == Some("deleted"))[0].id);
+    let r = get(
+        &h,
+        &format!("/api/v2/tickets/show_many.json?ids=7,{deleted},3,999999,7,x"),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("content-type"),
+        Some("application/json; charset=utf-8")
+    );
+    let page: wire::OffsetPage<Tickets> = serde_json::from_str(&r.text).unwrap();
+    let ids: Vec<i64> = page.records.tickets.iter().map(|t| t.id).collect();
+    assert_eq!(ids, [7, 3]);
+    assert_eq!(
+        (page.count, page.next_page, page.previous_page),
+        (2, None, None)
+    );
+    for t in &page.records.tickets {
+        assert!(
+            t.generated_timestamp.is_none(),
+            "export-only field on show_many"
+        );
+        let mut want = h.with_store(|s| s.ticket(t.id)).unwrap();
+        want.generated_timestamp = None;
+        assert_eq!(without_url(t), want);
+    }
+    // The raw shape carries the offset-page keys and the ticket keys a client reads.
+    let raw = r.json();
+    for k in ["tickets", "next_page", "previous_page", "count"] {
+        assert!(raw.get(k).is_some(), "{k}");
+    }
+    for k in [
+        "custom_fields",
+        "fields",
+        "custom_status_id",
+        "via",
+        "requester_id",
+        "status",
+    ] {
+        assert!(raw["tickets"][0].get(k).is_some(), "ticket.{k}");
+    }
+
+    let empty = get(&h, "/api/v2/tickets/show_many?ids=").await;
+    assert_eq!(
+        (empty.status, empty.json()["count"].as_i64()),
+        (StatusCode::OK, Some(0))
+    );
+    let many: Vec<String> = (1..=101).map(|i| i.to_string()).collect();
+    let r = get(
+        &h,
+        &format!("/api/v2/tickets/show_many?ids={}", many.join(",")),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    let e: wire::Error = serde_json::from_str(&r.text).unwrap();
+    assert_eq!(
+        (e.error.as_str(), e.max_count),
+        ("TooManyValues", Some(100))
+    );
+    let r = get(
+        &h,
+        &format!("/api/v2/tickets/show_many?ids={}", many[..100].join(",")),
+    )
+    .await;
+    // 100 ids are allowed; the deleted ones among them are left out.
+    let live = h.with_store(|s| {
+        (1..=100)
+            .filter(|&id| s.ticket(id).unwrap().status.as_deref() != Some("deleted"))
+            .count()
+    });
+    assert!(live < 100, "the generator deletes some tickets");
+    assert_eq!(r.json()["tickets"].as_array().unwrap().len(), live);
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn organizations_show_many_by_ids_or_external_ids() {
+    #[derive(serde::Deserialize)]
+    struct Orgs {
+        organizations: Vec<wire::Organization>,
+    }
+    let h = sim(unlimited(), small()).await;
+    let (a, b, gone, x) = h.with_store(|s| {
+        let ids: Vec<i64> = s.org_ids().take(3).collect();
+        s.delete_organization(ids[2]).unwrap();
+        let x = s
+            .create_organization("Lviv office", Some("CRM-77"))
+            .unwrap();
+        (ids[0], ids[1], ids[2], x)
+    });
+    let r = get(
+        &h,
+        &format!("/api/v2/organizations/show_many?ids={b},{gone},{a},42,{x}"),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let page: wire::OffsetPage<Orgs> = serde_json::from_str(&r.text).unwrap();
+    let ids: Vec<i64> = page.records.organizations.iter().map(|o| o.id).collect();
+    assert_eq!(ids, [b, a, x]);
+    assert_eq!(page.count, 3);
+    for o in &page.records.organizations {
+        assert_eq!(Some(without_url(o)), h.with_store(|s| s.organization(o.id)));
+    }
+    // external_ids match case-insensitively, like every external_id lookup.
+    let r = get(
+        &h,
+        "/api/v2/organizations/show_many?external_ids=crm-77,nope",
+    )
+    .await;
+    let page: wire::OffsetPage<Orgs> = serde_json::from_str(&r.text).unwrap();
+    assert_eq!(page.records.organizations.len(), 1);
+    assert_eq!(
+        page.records.organizations[0].name.as_deref(),
+        Some("Lviv office")
+    );
+    let many: Vec<String> = (1..=101).map(|i| i.to_string()).collect();
+    let r = get(
+        &h,
+        &format!("/api/v2/organizations/show_many?ids={}", many.join(",")),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.json()["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("TooManyValues"))
+    );
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn ticket_fields_list_the_system_fields_then_the_custom_ones() {
+    #[derive(serde::Deserialize)]
+    struct Fields {
+        ticket_fields: Vec<wire::TicketField>,
+    }
+    let h = sim(unlimited(), small()).await;
+    let r = get(&h, "/api/v2/ticket_fields.json").await;
+    let page: wire::OffsetPage<Fields> = serde_json::from_str(&r.text).unwrap();
+    let f = &page.records.ticket_fields;
+    assert_eq!(page.count, f.len());
+    let kinds: Vec<&str> = f.iter().map(|x| x.kind.as_deref().unwrap()).collect();
+    assert_eq!(
+        kinds[..8],
+        [
+            "subject",
+            "description",
+            "status",
+            "tickettype",
+            "priority",
+            "group",
+            "assignee",
+            "custom_status"
+        ]
+    );
+    let mut ids: Vec<i64> = f.iter().map(|x| x.id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), f.len(), "field ids are unique");
+    for (pos, x) in f.iter().enumerate() {
+        assert_eq!(x.position, Some(pos as i64));
+        assert_eq!(x.active, Some(true));
+        assert!(x.title.as_deref().is_some_and(|t| !t.is_empty()));
+        assert!(x.key.is_none(), "ticket fields are addressed by id");
+        assert!(
+            x.url
+                .as_deref()
+                .unwrap()
+                .ends_with(&format!("/ticket_fields/{}.json", x.id))
+        );
+        assert_eq!(x.removable, Some(pos >= 8), "{:?}", x.kind);
+    }
+    let options = |kind: &str| -> Vec<String> {
+        f.iter()
+            .find(|x| x.kind.as_deref() == Some(kind))
+            .and_then(|x| x.system_field_options.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|o| o.value)
+            .collect()
+    };
+    assert_eq!(options("status"), ["open", "pending", "hold", "solved"]);
+    assert_eq!(
+        options("tickettype"),
+        ["question", "incident", "problem", "task"]
+    );
+    assert_eq!(options("priority"), ["low", "normal", "high", "urgent"]);
+    assert!(options("subject").is_empty());
+    // The raw body has no `system_field_options` key on fields without fixed choices.
+    assert!(
+        r.json()["ticket_fields"][0]
+            .get("system_field_options")
+            .is_none()
+    );
+    // The custom fields keep their ids, which ticket `custom_fields` use.
+    let custom: Vec<(i64, &str)> = f[8..]
+        .iter()
+        .map(|x| (x.id, x.kind.as_deref().unwrap()))
+        .collect();
+    assert_eq!(custom[0], (360_001_111, "text"));
+    let on_ticket: Vec<i64> = h
+        .with_store(|s| s.ticket(1))
+        .unwrap()
+        .custom_fields
+        .unwrap()
+        .iter()
+        .map(|c| c.id)
+        .collect();
+    assert_eq!(on_ticket, custom.iter().map(|c| c.0).collect::<Vec<_>>());
+    h.shutdown().await;
+}
+
+fn header_num(r: &Resp, k: &str) -> u64 {
+    r.header(k)
+        .unwrap_or_else(|| panic!("no {k} header"))
+        .parse()
+        .unwrap_or_else(|e| panic!("{k}: {e}"))
+}
+
+/// The headers report the sliding-window budget the simulator enforces: a client that obeys them
+/// never meets a 429, and one that meets a 429 reads the same numbers there.
+#[tokio::test]
+async fn rate_limit_headers_report_the_real_budget() {
+    let cfg = SimConfig {
+        requests_per_minute: 4,
+        // Long enough that five requests fit in it on a loaded machine.
+        rate_window: Duration::from_secs(5),
+        ..SimConfig::default()
+    };
+    let h = sim(cfg, small()).await;
+    for i in 1..=3u64 {
+        let r = get(&h, "/api/v2/users/me").await;
+        assert_eq!(r.status, 200);
+        assert_eq!(header_num(&r, "x-rate-limit"), 4);
+        assert_eq!(header_num(&r, "x-rate-limit-remaining"), 4 - i);
+        assert_eq!(header_num(&r, "ratelimit-limit"), 4);
+        assert_eq!(header_num(&r, "ratelimit-remaining"), 4 - i);
+        // Seconds until the oldest counted request leaves the 5 s window.
+        assert!((1..=5).contains(&header_num(&r, "ratelimit-reset")));
+    }
+    // A refused login counts nothing and says so.
+    let bad = reqwest::Client::new()
+        .get(format!("{}/api/v2/users/me", h.url()))
+        .basic_auth("nobody@x.test/token", Some("wrong"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 401);
+    assert_eq!(bad.headers()["x-rate-limit-remaining"], "1");
+    // Talk Partner Edition endpoints carry only the X-Rate-Limit pair.
+    let r = get(&h, "/api/v2/calls/1").await;
+    assert_eq!(r.status, 404);
+    assert_eq!(header_num(&r, "x-rate-limit-remaining"), 0);
+    assert!(r.header("ratelimit-limit").is_none() && r.header("ratelimit-reset").is_none());
+    // Over budget: the 429 reports remaining 0 and a reset no later than its Retry-After.
+    let r = get(&h, "/api/v2/tickets/1").await;
+    assert_eq!(r.status, 429);
+    assert_eq!(header_num(&r, "x-rate-limit-remaining"), 0);
+    assert_eq!(header_num(&r, "ratelimit-remaining"), 0);
+    let (reset, retry) = (
+        header_num(&r, "ratelimit-reset"),
+        header_num(&r, "retry-after"),
+    );
+    assert!(
+        reset <= retry && retry <= reset + 1,
+        "reset {reset} retry-after {retry}"
+    );
+    // Waiting `ratelimit-reset` seconds is enough: the oldest request has left the window.
+    let last = get(&h, "/api/v2/tickets/1").await;
+    assert_eq!(last.status, 429);
+    tokio::time::sleep(Duration::from_secs(header_num(&last, "ratelimit-reset"))).await;
+    let r = get(&h, "/api/v2/tickets/1").await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert!(header_num(&r, "ratelimit-remaining") < 4);
+    h.shutdown().await;
+}
+
+/// Export responses report the account budget (ZENDESK.md §6: the recorded `ratelimit-*` on an
+/// export showed the account limit), including on an export 429.
+#[tokio::test]
+async fn export_responses_report_the_account_budget() {
+    let cfg = SimConfig {
+        requests_per_minute: 50,
+        export_requests_per_minute: 1,
+        ..SimConfig::default()
+    };
+    let h = sim(cfg, small()).await;
+    let r = get(&h, "/api/v2/incremental/users/cursor?start_time=0").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        (
+            header_num(&r, "ratelimit-limit"),
+            header_num(&r, "ratelimit-remaining")
+        ),
+        (50, 49)
+    );
+    let r = get(&h, "/api/v2/incremental/users/cursor?start_time=0").await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.json()["error"], "APIRateLimitExceeded");
+    assert_eq!(
+        header_num(&r, "x-rate-limit-remaining"),
+        49,
+        "a refused export counts nothing"
+    );
+    assert_eq!(header_num(&r, "ratelimit-remaining"), 49);
+    h.shutdown().await;
+}

@@ -1,4 +1,5 @@
-//! JSON shapes of the API objects, as borrowed `Serialize` views over the store's records.
+//! The served JSON of the API objects, as borrowed `Serialize` views over the store's records
+//! (the owned types a reader parses them into are in `wire.rs`).
 //!
 //! Every field a real Zendesk object carries is written, `null`s included (ZENDESK.md §3–§5 and the
 //! recorded responses), so clients are tested against the full shape and not a convenient subset.
@@ -9,54 +10,10 @@ use serde::Serialize;
 use serde::ser::{SerializeMap, SerializeSeq, Serializer};
 use serde_json::Value;
 
-use super::store::{
-    self, CommentRec, IdentView, OrgRec, Status, TicketRec, UserRec, priority_str, type_str,
+use crate::store::{
+    self, CommentRec, IdentView, OrgRec, TicketRec, UserRec, priority_str, type_str,
 };
-
-/// Unix seconds written as Zendesk's `2024-05-01T10:00:00Z`, without allocating.
-#[derive(Clone, Copy)]
-pub(crate) struct Ts(pub(crate) i64);
-
-impl Ts {
-    pub(crate) fn format(self) -> [u8; 20] {
-        let secs = self.0;
-        let days = secs.div_euclid(86_400);
-        let sod = secs.rem_euclid(86_400);
-        // Howard Hinnant's civil_from_days.
-        let z = days + 719_468;
-        let era = z.div_euclid(146_097);
-        let doe = z - era * 146_097;
-        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-        let mp = (5 * doy + 2) / 153;
-        let d = doy - (153 * mp + 2) / 5 + 1;
-        let m = if mp < 10 { mp + 3 } else { mp - 9 };
-        let y = yoe + era * 400 + i64::from(m <= 2);
-        let (h, mi, s) = (sod / 3600, sod % 3600 / 60, sod % 60);
-        let mut b = *b"0000-00-00T00:00:00Z";
-        let mut put = |at: usize, v: i64, n: usize| {
-            let mut v = v.clamp(0, 9999);
-            for i in (0..n).rev() {
-                b[at + i] = b'0' + (v % 10) as u8;
-                v /= 10;
-            }
-        };
-        put(0, y, 4);
-        put(5, m, 2);
-        put(8, d, 2);
-        put(11, h, 2);
-        put(14, mi, 2);
-        put(17, s, 2);
-        b
-    }
-}
-
-impl Serialize for Ts {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let b = self.format();
-        s.serialize_str(std::str::from_utf8(&b).unwrap_or("1970-01-01T00:00:00Z"))
-    }
-}
+pub(crate) use crate::wire::Ts;
 
 fn opt_id(v: i64) -> Option<i64> {
     (v != 0).then_some(v)
@@ -117,13 +74,13 @@ impl<'a> UserOut<'a> {
             email: u.email.as_deref().filter(|_| u.active),
             created_at: Ts(u.created_at),
             updated_at: Ts(u.updated_at),
-            time_zone: "Kyiv",
-            iana_time_zone: "Europe/Kyiv",
+            time_zone: store::TIME_ZONE.0,
+            iana_time_zone: store::TIME_ZONE.1,
             phone: u.phone.as_deref(),
             shared_phone_number: u.phone.as_ref().map(|_| u.shared_phone),
             photo: None,
             locale_id: 1,
-            locale: "en-US",
+            locale: store::LOCALE,
             organization_id: opt_id(u.organization_id),
             role: u.role.as_str(),
             verified: u.email.is_some(),
@@ -145,7 +102,7 @@ impl<'a> UserOut<'a> {
             only_private_comments: false,
             restricted_agent: !staff,
             suspended: u.suspended,
-            default_group_id: staff.then_some(360_000_000_001),
+            default_group_id: staff.then_some(store::GROUP_ID),
             report_csv: u.role == store::Role::Admin,
             user_fields: FieldsOut(
                 &store::USER_FIELDS,
@@ -327,7 +284,7 @@ impl<'a> TicketOut<'a> {
             submitter_id: opt_id(t.submitter_id),
             assignee_id: opt_id(t.assignee_id),
             organization_id: opt_id(t.organization_id),
-            group_id: opt_id(t.assignee_id).map(|_| 360_000_000_001),
+            group_id: store::group_of(t),
             collaborator_ids: [],
             follower_ids: [],
             email_cc_ids: [],
@@ -340,7 +297,7 @@ impl<'a> TicketOut<'a> {
             custom_fields: CustomFieldsOut(t),
             satisfaction_rating: None,
             sharing_agreement_ids: [],
-            custom_status_id: custom_status_id(t.status),
+            custom_status_id: store::custom_status_id(t.status),
             fields: CustomFieldsOut(t),
             followup_ids: [],
             ticket_form_id: 360_000_000_100,
@@ -350,10 +307,6 @@ impl<'a> TicketOut<'a> {
             from_messaging_channel: false,
         }
     }
-}
-
-fn custom_status_id(s: Status) -> i64 {
-    360_000_000_300 + Status::ALL.iter().position(|x| *x == s).unwrap_or(0) as i64
 }
 
 #[derive(Serialize)]
@@ -418,17 +371,7 @@ pub(crate) struct CommentOut<'a> {
 
 impl CommentOut<'_> {
     pub(crate) fn new(c: &CommentRec) -> Self {
-        let (body, html) = if c.html {
-            (store::strip_tags(&c.body), c.body.to_string())
-        } else {
-            (
-                c.body.to_string(),
-                format!(
-                    "<div class=\"zd-comment\"><p>{}</p></div>",
-                    html_escape(&c.body)
-                ),
-            )
-        };
+        let (body, html) = store::comment_bodies(c);
         CommentOut {
             id: c.id,
             kind: "Comment",
@@ -449,68 +392,6 @@ impl CommentOut<'_> {
             },
             created_at: Ts(c.created_at),
             _p: std::marker::PhantomData,
-        }
-    }
-}
-
-fn html_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-}
-
-#[derive(Serialize)]
-pub(crate) struct FieldDefOut {
-    url: String,
-    id: i64,
-    #[serde(rename = "type")]
-    kind: &'static str,
-    key: Option<&'static str>,
-    title: &'static str,
-    description: &'static str,
-    position: usize,
-    active: bool,
-    required: bool,
-    created_at: Ts,
-    updated_at: Ts,
-}
-
-impl FieldDefOut {
-    pub(crate) fn new(
-        base: &str,
-        path: &str,
-        pos: usize,
-        f: &store::FieldRec,
-        keyed: bool,
-    ) -> Self {
-        FieldDefOut {
-            url: format!("{base}/api/v2/{path}/{}.json", f.id),
-            id: f.id,
-            kind: f.kind,
-            key: keyed.then_some(f.key),
-            title: f.title,
-            description: "",
-            position: pos,
-            active: true,
-            required: false,
-            created_at: Ts(1_700_000_000),
-            updated_at: Ts(1_700_000_000),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ts_matches_jiff() {
-        for s in [0, 1_714_557_600, 1_709_251_199, 951_782_400, 4_102_444_799] {
-            let b = Ts(s).format();
-            assert_eq!(
-                std::str::from_utf8(&b).unwrap(),
-                crate::zendesk::models::format_time(s)
-            );
         }
     }
 }

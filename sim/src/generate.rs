@@ -513,10 +513,9 @@ mod tests {
             .user_ids()
             .map(|id| (s.user(id).unwrap(), s.identities(id)))
             .collect();
-        let count = |f: &dyn Fn(
-            &crate::zendesk::models::User,
-            &[crate::zendesk::models::Identity],
-        ) -> bool| { users.iter().filter(|(u, i)| f(u, i)).count() };
+        let count = |f: &dyn Fn(&crate::wire::User, &[crate::wire::Identity]) -> bool| {
+            users.iter().filter(|(u, i)| f(u, i)).count()
+        };
         let shared = count(&|u, _| u.shared_phone_number == Some(true));
         let deleted = count(&|u, _| u.active == Some(false));
         let suspended = count(&|u, _| u.suspended == Some(true));

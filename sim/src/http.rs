@@ -17,8 +17,9 @@ use tokio::time::Instant;
 
 use super::{
     Faults, RequestRecord, SimConfig,
-    render::{CommentOut, FieldDefOut, IdentityOut, OrgOut, TicketOut, UserOut},
+    render::{CommentOut, IdentityOut, OrgOut, TicketOut, UserOut},
     store::{self, ChangeLog, Store, now_ms},
+    wire,
 };
 
 pub(crate) struct App {
@@ -71,9 +72,19 @@ impl Reply {
         Reply::json(StatusCode::OK, v)
     }
     pub(crate) fn error(status: StatusCode, error: &str, description: &str) -> Reply {
+        Reply::json(status, &wire::Error::new(error, description))
+    }
+    /// 400 `TooManyValues` for a list parameter over its limit (ZENDESK.md §4).
+    pub(crate) fn too_many(param: &str, max: u32) -> Reply {
         Reply::json(
-            status,
-            &serde_json::json!({ "error": error, "description": description }),
+            StatusCode::BAD_REQUEST,
+            &wire::Error {
+                max_count: Some(max),
+                ..wire::Error::new(
+                    "TooManyValues",
+                    &format!("Parameter {param} cannot specify more than {max} values"),
+                )
+            },
         )
     }
     pub(crate) fn not_found() -> Reply {
@@ -91,7 +102,7 @@ pub(crate) struct Query(Vec<(String, String)>);
 impl Query {
     fn parse(q: Option<&str>) -> Query {
         let pairs = q
-            .and_then(|q| reqwest::Url::parse(&format!("http://x/?{q}")).ok())
+            .and_then(|q| url::Url::parse(&format!("http://x/?{q}")).ok())
             .map(|u| {
                 u.query_pairs()
                     .map(|(k, v)| (k.into_owned(), v.into_owned()))
@@ -131,33 +142,94 @@ enum Limited {
     Export(Duration),
 }
 
+/// The account budget as the rate-limit headers report it (ZENDESK.md §6), after the request was
+/// counted (or, for a refused one, without it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Budget {
+    /// `X-Rate-Limit`, `ratelimit-limit`: requests per window.
+    pub(crate) limit: u32,
+    /// `X-Rate-Limit-Remaining`, `ratelimit-remaining`: requests that would be admitted now.
+    pub(crate) remaining: u32,
+    /// `ratelimit-reset`: seconds (rounded up, at least 1) until the oldest counted request leaves
+    /// the sliding window, i.e. until `remaining` next grows. With `remaining` 0 it equals the
+    /// `Retry-After` a request sent now would get, so a client may wait exactly this long. With an
+    /// empty window it is the whole window.
+    pub(crate) reset: u64,
+}
+
 impl Limits {
-    /// Admits a request or says how long until it would be admitted. Returns the remaining account
-    /// budget.
-    fn admit(&mut self, cfg: &SimConfig, export: bool) -> Result<u32, Limited> {
-        let now = Instant::now();
-        let window = cfg.rate_window;
+    fn expire(&mut self, now: Instant, window: Duration) {
         for q in [&mut self.account, &mut self.export] {
             while q.front().is_some_and(|t| now.duration_since(*t) >= window) {
                 q.pop_front();
             }
         }
-        let wait = |q: &VecDeque<Instant>| {
-            q.front()
-                .map(|t| window.saturating_sub(now.duration_since(*t)))
-                .unwrap_or(window)
-        };
+    }
+
+    fn budget(&self, cfg: &SimConfig, now: Instant) -> Budget {
+        Budget {
+            limit: cfg.requests_per_minute,
+            remaining: cfg
+                .requests_per_minute
+                .saturating_sub(self.account.len() as u32),
+            reset: retry_secs(wait(&self.account, cfg.rate_window, now)),
+        }
+    }
+
+    /// Admits a request or says how long until it would be admitted. Returns the account budget
+    /// left after this request.
+    fn admit(&mut self, cfg: &SimConfig, export: bool) -> Result<Budget, Limited> {
+        let now = Instant::now();
+        let window = cfg.rate_window;
+        self.expire(now, window);
         if self.account.len() >= cfg.requests_per_minute as usize {
-            return Err(Limited::Account(wait(&self.account)));
+            return Err(Limited::Account(wait(&self.account, window, now)));
         }
         if export && self.export.len() >= cfg.export_requests_per_minute as usize {
-            return Err(Limited::Export(wait(&self.export)));
+            return Err(Limited::Export(wait(&self.export, window, now)));
         }
         self.account.push_back(now);
         if export {
             self.export.push_back(now);
         }
-        Ok(cfg.requests_per_minute - self.account.len() as u32)
+        Ok(self.budget(cfg, now))
+    }
+
+    /// The account budget now, counting nothing (for answers refused before the handler).
+    fn peek(&mut self, cfg: &SimConfig) -> Budget {
+        let now = Instant::now();
+        self.expire(now, cfg.rate_window);
+        self.budget(cfg, now)
+    }
+}
+
+/// How long until the oldest entry of a window leaves it (the whole window when it is empty).
+fn wait(q: &VecDeque<Instant>, window: Duration, now: Instant) -> Duration {
+    q.front()
+        .map(|t| window.saturating_sub(now.duration_since(*t)))
+        .unwrap_or(window)
+}
+
+/// The Ticketing (Support) APIs, which add the `ratelimit-*` headers; the Talk Partner Edition
+/// endpoints (`calls`, `channels/voice`) carry only `X-Rate-Limit*` (ZENDESK.md §6).
+fn is_ticketing(segs: &[&str]) -> bool {
+    !matches!(segs.first(), Some(&"calls" | &"channels"))
+}
+
+impl Reply {
+    /// Adds the rate-limit headers of ZENDESK.md §6 (`X-Rate-Limit`, `X-Rate-Limit-Remaining`
+    /// everywhere; `ratelimit-limit`, `ratelimit-remaining`, `ratelimit-reset` on Ticketing APIs).
+    /// Export responses show the account budget, not the export one, as recorded.
+    fn with_budget(self, b: Budget, ticketing: bool) -> Reply {
+        let r = self
+            .with_header("x-rate-limit", b.limit.to_string())
+            .with_header("x-rate-limit-remaining", b.remaining.to_string());
+        if !ticketing {
+            return r;
+        }
+        r.with_header("ratelimit-limit", b.limit.to_string())
+            .with_header("ratelimit-remaining", b.remaining.to_string())
+            .with_header("ratelimit-reset", b.reset.to_string())
     }
 }
 
@@ -219,19 +291,29 @@ pub(crate) async fn dispatch(State(app): State<Arc<App>>, req: Request) -> Respo
         return finish(r, None);
     }
 
+    let segs: Vec<&str> = path
+        .strip_prefix("/api/v2/")
+        .map(|p| p.split('/').filter(|s| !s.is_empty()).collect())
+        .unwrap_or_default();
+    let ticketing = is_ticketing(&segs);
+
     let caller = match authenticate(&app, &cfg, &headers) {
         Ok(c) => c,
         Err(r) => {
+            let budget = app.limits.lock().peek(&cfg);
+            let r = r.with_budget(budget, ticketing);
             record(r.status, None);
             return finish(r, None);
         }
     };
 
     let is_export = path.starts_with("/api/v2/incremental/");
-    let remaining = match app.limits.lock().admit(&cfg, is_export) {
-        Ok(n) => n,
+    let admitted = app.limits.lock().admit(&cfg, is_export);
+    let budget = match admitted {
+        Ok(b) => b,
         Err(limited) => {
-            let r = rate_limited(&cfg, limited);
+            let budget = app.limits.lock().peek(&cfg);
+            let r = rate_limited(limited).with_budget(budget, ticketing);
             record(r.status, None);
             return finish(r, None);
         }
@@ -245,20 +327,8 @@ pub(crate) async fn dispatch(State(app): State<Arc<App>>, req: Request) -> Respo
     } else {
         Bytes::new()
     };
-    let segs: Vec<&str> = path
-        .strip_prefix("/api/v2/")
-        .map(|p| p.split('/').filter(|s| !s.is_empty()).collect())
-        .unwrap_or_default();
-    let reply = route(&app, &cfg, caller, &method, &segs, &query, &headers, &body);
-    let reply = reply
-        .with_header("x-rate-limit", cfg.requests_per_minute.to_string())
-        .with_header("x-rate-limit-remaining", remaining.to_string())
-        .with_header("ratelimit-limit", cfg.requests_per_minute.to_string())
-        .with_header("ratelimit-remaining", remaining.to_string())
-        .with_header(
-            "ratelimit-reset",
-            cfg.rate_window.as_secs().max(1).to_string(),
-        );
+    let reply = route(&app, &cfg, caller, &method, &segs, &query, &headers, &body)
+        .with_budget(budget, ticketing);
 
     if roll(faults.drop_rate) {
         record(reply.status, Some("drop"));
@@ -352,25 +422,20 @@ fn error_page(status: StatusCode, json: bool) -> Reply {
     }
 }
 
-fn rate_limited(cfg: &SimConfig, l: Limited) -> Reply {
+/// A 429 with `Retry-After`; the caller adds the budget headers.
+fn rate_limited(l: Limited) -> Reply {
     match l {
         // The account-wide limit answers in plain text (ZENDESK.md §6).
         Limited::Account(d) => Reply {
             status: StatusCode::TOO_MANY_REQUESTS,
             body: b"Number of allowed API requests per minute exceeded".to_vec(),
             content_type: "text/plain; charset=utf-8",
-            headers: vec![
-                ("retry-after", retry_secs(d).to_string()),
-                ("x-rate-limit", cfg.requests_per_minute.to_string()),
-                ("x-rate-limit-remaining", "0".into()),
-            ],
+            headers: vec![("retry-after", retry_secs(d).to_string())],
         },
-        Limited::Export(d) => Reply::json(
+        Limited::Export(d) => Reply::error(
             StatusCode::TOO_MANY_REQUESTS,
-            &serde_json::json!({
-                "error": "APIRateLimitExceeded",
-                "description": "Number of allowed incremental export API requests per minute exceeded"
-            }),
+            "APIRateLimitExceeded",
+            "Number of allowed incremental export API requests per minute exceeded",
         )
         .with_header("retry-after", retry_secs(d).to_string()),
     }
@@ -381,7 +446,10 @@ fn authenticate(app: &App, cfg: &SimConfig, headers: &HeaderMap) -> Result<Calle
     let unauthorized = || {
         Reply::json(
             StatusCode::UNAUTHORIZED,
-            &serde_json::json!({ "error": "Couldn't authenticate you" }),
+            &wire::Error {
+                error: "Couldn't authenticate you".into(),
+                ..wire::Error::default()
+            },
         )
         .with_header("www-authenticate", "Basic realm=\"Web Password\"".into())
     };
@@ -499,18 +567,18 @@ fn route(
         (&Method::GET, ["users", u, "tickets", "requested"]) => {
             id(u).map_or_else(Reply::not_found, |u| requested_tickets(app, u, q))
         }
+        (&Method::GET, ["tickets", "show_many"]) => show_many_tickets(app, q),
         (&Method::GET, ["tickets", t]) => {
             id(t).map_or_else(Reply::not_found, |t| show_ticket(app, t))
         }
         (&Method::GET, ["tickets", t, "comments"]) => {
             id(t).map_or_else(Reply::not_found, |t| ticket_comments(app, t))
         }
+        (&Method::GET, ["organizations", "show_many"]) => show_many_orgs(app, q),
         (&Method::GET, ["organizations", o]) => {
             id(o).map_or_else(Reply::not_found, |o| show_org(app, o))
         }
-        (&Method::GET, ["ticket_fields"]) => {
-            field_defs(app, "ticket_fields", &store::TICKET_FIELDS, false)
-        }
+        (&Method::GET, ["ticket_fields"]) => ticket_fields(app),
         (&Method::GET, ["user_fields"]) => {
             field_defs(app, "user_fields", &store::USER_FIELDS, true)
         }
@@ -610,21 +678,10 @@ fn cursor_page(
 }
 
 #[derive(Serialize)]
-struct CursorPage<'a, T: Serialize> {
-    #[serde(flatten)]
-    records: T,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    identities: Option<Vec<IdentityOut<'a>>>,
-    after_url: Option<String>,
-    after_cursor: Option<String>,
-    before_url: Option<String>,
-    before_cursor: Option<String>,
-    end_of_stream: bool,
-}
-
-#[derive(Serialize)]
 struct UsersKey<'a> {
     users: Vec<UserOut<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    identities: Option<Vec<IdentityOut<'a>>>,
 }
 #[derive(Serialize)]
 struct TicketsKey<'a> {
@@ -672,9 +729,8 @@ fn users_export(app: &App, cfg: &SimConfig, q: &Query) -> Reply {
     });
     let cursor = encode_cursor('u', next);
     let include = if with_ids { "&include=identities" } else { "" };
-    Reply::ok(&CursorPage {
-        records: UsersKey { users },
-        identities,
+    Reply::ok(&wire::CursorPage {
+        records: UsersKey { users, identities },
         after_url: Some(format!(
             "{}/api/v2/incremental/users/cursor.json?cursor={cursor}&per_page={n}{include}",
             app.base
@@ -719,9 +775,8 @@ fn tickets_export(app: &App, cfg: &SimConfig, q: &Query) -> Reply {
     } else {
         ""
     };
-    Reply::ok(&CursorPage {
+    Reply::ok(&wire::CursorPage {
         records: TicketsKey { tickets },
-        identities: None,
         after_url: Some(format!(
             "{}/api/v2/incremental/tickets/cursor.json?cursor={cursor}&per_page={n}{excl}",
             app.base
@@ -776,60 +831,140 @@ fn orgs_export(app: &App, cfg: &SimConfig, q: &Query) -> Reply {
         .iter()
         .map(|&i| OrgOut::new(&app.base, &s.orgs[i as usize]))
         .collect();
-    Reply::ok(&serde_json::json!({
-        "organizations": organizations,
-        "count": organizations.len(),
-        "next_page": format!("{}/api/v2/incremental/organizations.json?start_time={end_time}", app.base),
-        "end_of_stream": !full,
-        "end_time": end_time,
-    }))
+    #[derive(Serialize)]
+    struct Orgs<'a> {
+        organizations: Vec<OrgOut<'a>>,
+    }
+    let count = organizations.len();
+    Reply::ok(&wire::TimePage {
+        records: Orgs { organizations },
+        count,
+        next_page: Some(format!(
+            "{}/api/v2/incremental/organizations.json?start_time={end_time}",
+            app.base
+        )),
+        end_of_stream: !full,
+        end_time,
+    })
 }
 
 // ---- users ---------------------------------------------------------------------------------------
 
-fn show_many(app: &App, q: &Query) -> Reply {
-    let ids: Vec<i64> = q
-        .get("ids")
-        .unwrap_or("")
-        .split(',')
-        .filter_map(|s| s.trim().parse().ok())
-        .collect();
-    if ids.len() > 100 {
-        return Reply::json(
-            StatusCode::BAD_REQUEST,
-            &serde_json::json!({
-                "error": "TooManyValues",
-                "description": "Parameter ids cannot specify more than 100 values",
-                "max_count": 100
-            }),
-        );
+/// The values of a comma-separated list parameter (`ids=1,2,3`), in order, without repeats; a 400
+/// `TooManyValues` past 100, as every `show_many` answers (ZENDESK.md §4).
+fn list_param<T: std::str::FromStr + PartialEq>(q: &Query, name: &str) -> Result<Vec<T>, Reply> {
+    let mut out: Vec<T> = Vec::new();
+    for v in q.get(name).unwrap_or("").split(',').map(str::trim) {
+        if let Ok(v) = v.parse::<T>() {
+            if !out.contains(&v) {
+                out.push(v);
+            }
+        }
     }
+    if out.len() > 100 {
+        return Err(Reply::too_many(name, 100));
+    }
+    Ok(out)
+}
+
+/// A one-page list: everything in `records`, no next or previous page.
+fn single_page<R: Serialize>(records: R, count: usize) -> Reply {
+    Reply::ok(&wire::OffsetPage {
+        records,
+        next_page: None,
+        previous_page: None,
+        count,
+    })
+}
+
+/// `GET /users/show_many?ids=…[&include=identities]`: the existing users among `ids` (deleted ones
+/// included, as the export shows them), in the order asked.
+fn show_many(app: &App, q: &Query) -> Reply {
+    #[derive(Serialize)]
+    struct Users<'a> {
+        users: Vec<UserOut<'a>>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        identities: Option<Vec<IdentityOut<'a>>>,
+    }
+    let ids: Vec<i64> = match list_param(q, "ids") {
+        Ok(ids) => ids,
+        Err(r) => return r,
+    };
     let with_ids = q
         .get("include")
         .is_some_and(|v| v.split(',').any(|x| x == "identities"));
     let s = app.store.read();
     let recs: Vec<_> = ids.iter().filter_map(|&id| s.user_rec(id)).collect();
     let users: Vec<UserOut> = recs.iter().map(|u| UserOut::new(&app.base, u)).collect();
-    let mut body = serde_json::Map::new();
-    body.insert(
-        "users".into(),
-        serde_json::to_value(&users).unwrap_or_default(),
-    );
-    if with_ids {
-        let idents: Vec<IdentityOut> = recs
-            .iter()
+    let identities = with_ids.then(|| {
+        recs.iter()
             .flat_map(|u| u.identities())
             .map(|i| IdentityOut::new(&app.base, i))
-            .collect();
-        body.insert(
-            "identities".into(),
-            serde_json::to_value(&idents).unwrap_or_default(),
-        );
+            .collect()
+    });
+    let count = users.len();
+    single_page(Users { users, identities }, count)
+}
+
+/// `GET /tickets/show_many?ids=…`: the tickets among `ids` in the order asked; missing and deleted
+/// ones are left out (a deleted ticket is a 404 on its own too).
+fn show_many_tickets(app: &App, q: &Query) -> Reply {
+    #[derive(Serialize)]
+    struct Tickets<'a> {
+        tickets: Vec<TicketOut<'a>>,
     }
-    body.insert("next_page".into(), serde_json::Value::Null);
-    body.insert("previous_page".into(), serde_json::Value::Null);
-    body.insert("count".into(), users.len().into());
-    Reply::ok(&body)
+    let ids: Vec<i64> = match list_param(q, "ids") {
+        Ok(ids) => ids,
+        Err(r) => return r,
+    };
+    let s = app.store.read();
+    let tickets: Vec<TicketOut> = ids
+        .iter()
+        .filter_map(|&id| s.ticket_rec(id))
+        .filter(|t| t.status != store::Status::Deleted)
+        .map(|t| TicketOut::new(&app.base, t, false))
+        .collect();
+    let count = tickets.len();
+    single_page(Tickets { tickets }, count)
+}
+
+/// `GET /organizations/show_many?ids=…` or `?external_ids=…` (matched case-insensitively): the live
+/// organizations among them, in the order asked.
+fn show_many_orgs(app: &App, q: &Query) -> Reply {
+    #[derive(Serialize)]
+    struct Orgs<'a> {
+        organizations: Vec<OrgOut<'a>>,
+    }
+    let s = app.store.read();
+    let recs: Vec<&store::OrgRec> = if q.get("ids").is_some() || q.get("external_ids").is_none() {
+        let ids: Vec<i64> = match list_param(q, "ids") {
+            Ok(ids) => ids,
+            Err(r) => return r,
+        };
+        ids.iter().filter_map(|&id| s.org_rec(id)).collect()
+    } else {
+        let ext: Vec<String> = match list_param(q, "external_ids") {
+            Ok(v) => v,
+            Err(r) => return r,
+        };
+        ext.iter()
+            .filter_map(|x| {
+                s.orgs.iter().find(|o| {
+                    o.deleted_at.is_none()
+                        && o.external_id
+                            .as_deref()
+                            .is_some_and(|e| e.eq_ignore_ascii_case(x))
+                })
+            })
+            .collect()
+    };
+    let organizations: Vec<OrgOut> = recs
+        .into_iter()
+        .filter(|o| o.deleted_at.is_none())
+        .map(|o| OrgOut::new(&app.base, o))
+        .collect();
+    let count = organizations.len();
+    single_page(Orgs { organizations }, count)
 }
 
 fn me(app: &App, caller: Caller) -> Reply {
@@ -1019,16 +1154,145 @@ fn show_org(app: &App, id: i64) -> Reply {
     }
 }
 
+/// When the account's fields were made: a fixed time, so field lists are stable across runs.
+const FIELDS_CREATED: i64 = 1_700_000_000;
+
+fn field_def(
+    app: &App,
+    path: &str,
+    pos: usize,
+    f: &store::FieldRec,
+    keyed: bool,
+) -> wire::TicketField {
+    wire::TicketField {
+        id: f.id,
+        url: Some(format!("{}/api/v2/{path}/{}.json", app.base, f.id)),
+        kind: Some(f.kind.into()),
+        key: keyed.then(|| f.key.into()),
+        title: Some(f.title.into()),
+        description: Some(String::new()),
+        position: Some(pos as i64),
+        active: Some(true),
+        required: Some(false),
+        removable: Some(true),
+        system_field_options: None,
+        created_at: Some(wire::format_time(FIELDS_CREATED)),
+        updated_at: Some(wire::format_time(FIELDS_CREATED)),
+    }
+}
+
 fn field_defs(app: &App, path: &str, defs: &[store::FieldRec], keyed: bool) -> Reply {
-    let list: Vec<FieldDefOut> = defs
+    let list: Vec<wire::TicketField> = defs
         .iter()
         .enumerate()
-        .map(|(i, f)| FieldDefOut::new(&app.base, path, i, f, keyed))
+        .map(|(i, f)| field_def(app, path, i, f, keyed))
         .collect();
     let mut body = serde_json::Map::new();
+    let count = list.len();
     body.insert(path.into(), serde_json::to_value(&list).unwrap_or_default());
-    body.insert("next_page".into(), serde_json::Value::Null);
-    body.insert("previous_page".into(), serde_json::Value::Null);
-    body.insert("count".into(), list.len().into());
-    Reply::ok(&body)
+    single_page(body, count)
+}
+
+/// `GET /ticket_fields`: the system fields every account lists first (`type` is the field's own
+/// name: `subject`, `description`, `status`, `tickettype`, `priority`, `group`, `assignee`,
+/// `custom_status`; not removable; fixed choices in `system_field_options`), then the custom ones.
+/// A client that maps field titles to ids must skip the system fields by `type`.
+fn ticket_fields(app: &App) -> Reply {
+    /// A system field: its `type`, title, whether agents must fill it, its fixed choices.
+    struct System(
+        &'static str,
+        &'static str,
+        bool,
+        &'static [(&'static str, &'static str)],
+    );
+    // Choices a client may set. UNVERIFIED: whether `status` lists `new`/`closed` (system-set
+    // states) on a real account; they are left out here.
+    const SYSTEM: [System; 8] = [
+        System("subject", "Subject", true, &[]),
+        System("description", "Description", true, &[]),
+        System(
+            "status",
+            "Status",
+            true,
+            &[
+                ("Open", "open"),
+                ("Pending", "pending"),
+                ("On-hold", "hold"),
+                ("Solved", "solved"),
+            ],
+        ),
+        System(
+            "tickettype",
+            "Type",
+            false,
+            &[
+                ("Question", "question"),
+                ("Incident", "incident"),
+                ("Problem", "problem"),
+                ("Task", "task"),
+            ],
+        ),
+        System(
+            "priority",
+            "Priority",
+            false,
+            &[
+                ("Low", "low"),
+                ("Normal", "normal"),
+                ("High", "high"),
+                ("Urgent", "urgent"),
+            ],
+        ),
+        System("group", "Group", false, &[]),
+        System("assignee", "Assignee", true, &[]),
+        System("custom_status", "Ticket status", true, &[]),
+    ];
+    let mut list: Vec<wire::TicketField> = SYSTEM
+        .iter()
+        .enumerate()
+        .map(|(pos, System(kind, title, required, options))| {
+            let id = store::SYSTEM_FIELD_BASE + 1 + pos as i64;
+            wire::TicketField {
+                id,
+                url: Some(format!("{}/api/v2/ticket_fields/{id}.json", app.base)),
+                kind: Some((*kind).into()),
+                key: None,
+                title: Some((*title).into()),
+                description: Some(String::new()),
+                position: Some(pos as i64),
+                active: Some(true),
+                required: Some(*required),
+                removable: Some(false),
+                system_field_options: (!options.is_empty()).then(|| {
+                    options
+                        .iter()
+                        .map(|(name, value)| wire::FieldOption {
+                            name: (*name).into(),
+                            value: (*value).into(),
+                        })
+                        .collect()
+                }),
+                created_at: Some(wire::format_time(FIELDS_CREATED)),
+                updated_at: Some(wire::format_time(FIELDS_CREATED)),
+            }
+        })
+        .collect();
+    let first = list.len();
+    list.extend(
+        store::TICKET_FIELDS
+            .iter()
+            .enumerate()
+            .map(|(i, f)| field_def(app, "ticket_fields", first + i, f, false)),
+    );
+    #[derive(Serialize)]
+    struct Fields {
+        ticket_fields: Vec<wire::TicketField>,
+    }
+    let count = list.len();
+    single_page(
+        Fields {
+            ticket_fields: list,
+        },
+        count,
+    )
 }

@@ -22,6 +22,7 @@ use super::{
         self, NewComment, NewTicket, NewUser, Role, Status, StoreError, TicketPatch, UserPatch,
         now_ms,
     },
+    wire,
 };
 
 const IDEMPOTENCY_TTL: Duration = Duration::from_secs(2 * 3600);
@@ -37,11 +38,7 @@ pub(crate) struct IdemEntry {
 fn record_invalid(field: &str, code: &str, description: &str) -> Reply {
     Reply::json(
         StatusCode::UNPROCESSABLE_ENTITY,
-        &json!({
-            "error": "RecordInvalid",
-            "description": "Record validation errors",
-            "details": { field: [ { "description": description, "error": code } ] }
-        }),
+        &wire::Error::record_invalid(field, Some(code), description),
     )
 }
 
@@ -875,11 +872,11 @@ fn update_ticket(app: &App, caller: Caller, id: i64, body: &[u8]) -> Reply {
             // The recorded body (ZENDESK.md §4) has no error code inside the detail.
             Reply::json(
                 StatusCode::UNPROCESSABLE_ENTITY,
-                &json!({
-                    "error": "RecordInvalid",
-                    "description": "Record validation errors",
-                    "details": { "status": [ { "description": "Status closed prevents ticket update" } ] }
-                }),
+                &wire::Error::record_invalid(
+                    "status",
+                    None,
+                    "Status closed prevents ticket update",
+                ),
             )
         }
         Err(e) => store_error(e),
@@ -972,28 +969,34 @@ fn create_call(app: &App, body: &[u8]) -> Reply {
             .get(f)
             .is_none_or(|x| x.is_null() || x.as_str().is_some_and(|s| s.trim().is_empty()))
         {
-            details.insert(
-                f.into(),
-                json!([{ "description": format!("{f} is required"), "error": "BlankValue" }]),
-            );
+            details.insert(f.into(), detail("BlankValue", &format!("{f} is required")));
         }
     }
     if let Some(d) = call.get("direction").and_then(Value::as_str) {
         if d != "inbound" && d != "outbound" {
-            details.insert("direction".into(), json!([{ "description": "direction must be inbound or outbound", "error": "InvalidValue" }]));
+            details.insert(
+                "direction".into(),
+                detail("InvalidValue", "direction must be inbound or outbound"),
+            );
         }
     }
     for f in ["call_started_at", "call_ended_at"] {
         if let Some(t) = call.get(f).and_then(Value::as_str) {
-            if crate::zendesk::models::parse_time(t).is_none() {
-                details.insert(f.into(), json!([{ "description": format!("{f} is not a valid ISO-8601 time"), "error": "InvalidValue" }]));
+            if crate::wire::parse_time(t).is_none() {
+                details.insert(
+                    f.into(),
+                    detail("InvalidValue", &format!("{f} is not a valid ISO-8601 time")),
+                );
             }
         }
     }
     if !details.is_empty() {
         return Reply::json(
             StatusCode::UNPROCESSABLE_ENTITY,
-            &json!({ "error": "RecordInvalid", "description": "Record validation errors", "details": details }),
+            &wire::Error {
+                details: Some(details),
+                ..wire::Error::record_invalid("", None, "")
+            },
         );
     }
     let mut out: Map<String, Value> = CALL_FIELDS
@@ -1010,9 +1013,9 @@ fn create_call(app: &App, body: &[u8]) -> Reply {
         if let Some(t) = out
             .get(f)
             .and_then(Value::as_str)
-            .and_then(crate::zendesk::models::parse_time)
+            .and_then(crate::wire::parse_time)
         {
-            out.insert(f.into(), crate::zendesk::models::format_time(t).into());
+            out.insert(f.into(), crate::wire::format_time(t).into());
         }
     }
     out.insert("account_id".into(), 1.into());
@@ -1064,6 +1067,14 @@ fn create_call(app: &App, body: &[u8]) -> Reply {
     drop(s);
     Reply::json(StatusCode::CREATED, &json!({ "call": call }))
         .with_header("location", location(app, "calls", id))
+}
+
+/// The `details.<field>` list of one validation error.
+fn detail(code: &str, description: &str) -> Value {
+    json!([wire::ErrorDetail {
+        description: description.into(),
+        error: Some(code.into()),
+    }])
 }
 
 fn call_comment_text(title: &str, c: &Map<String, Value>, call: &Map<String, Value>) -> String {

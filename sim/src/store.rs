@@ -22,7 +22,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use rustc_hash::FxHashMap;
 use serde_json::{Map, Value};
 
-use crate::zendesk::models;
+use crate::wire;
 
 pub(crate) const USER_BASE: i64 = 10_000_000_000;
 pub(crate) const ORG_BASE: i64 = 20_000_000_000;
@@ -417,6 +417,9 @@ pub(crate) const ORG_FIELDS: [FieldRec; 2] = [
         kind: "text",
     },
 ];
+/// Ids of the system ticket fields (`subject`, `status`, …) are `SYSTEM_FIELD_BASE + 1..=8`.
+pub(crate) const SYSTEM_FIELD_BASE: i64 = 360_000_001_000;
+/// The account's custom ticket fields (addressed by id in `custom_fields`).
 pub(crate) const TICKET_FIELDS: [FieldRec; 5] = [
     FieldRec {
         id: 360_001_111,
@@ -846,18 +849,16 @@ impl Store {
         self.orgs.iter().map(|o| o.id)
     }
 
-    /// A user as the API shows it to an admin (deleted users: `email` null; `phone` kept).
-    pub fn user(&self, id: i64) -> Option<models::User> {
+    /// A user as the API shows it to an admin (deleted users: `email` null; `phone` kept). `url` is
+    /// left `None`: the store does not know the address it is served on.
+    pub fn user(&self, id: i64) -> Option<wire::User> {
         let u = self.user_rec(id)?;
-        Some(models::User {
+        let extra = u.extra.as_deref();
+        Some(wire::User {
             id: u.id,
             url: None,
             name: Some(u.name.to_string()),
-            email: if u.active {
-                u.email.as_deref().map(Into::into)
-            } else {
-                None
-            },
+            email: u.email.as_deref().filter(|_| u.active).map(Into::into),
             phone: u.phone.as_deref().map(Into::into),
             shared_phone_number: u.phone.as_ref().map(|_| u.shared_phone),
             role: Some(u.role.as_str().into()),
@@ -865,26 +866,33 @@ impl Store {
             external_id: u.external_id().map(Into::into),
             active: Some(u.active),
             suspended: Some(u.suspended),
+            verified: Some(u.email.is_some()),
             permanently_deleted: (!u.active).then_some(false),
-            created_at: Some(models::format_time(u.created_at)),
-            updated_at: Some(models::format_time(u.updated_at)),
+            tags: Some(tags_vec(extra.map(|e| &e.tags[..]))),
+            time_zone: Some(TIME_ZONE.0.into()),
+            iana_time_zone: Some(TIME_ZONE.1.into()),
+            locale: Some(LOCALE.into()),
+            created_at: Some(wire::format_time(u.created_at)),
+            updated_at: Some(wire::format_time(u.updated_at)),
             user_fields: Some(user_fields_map(u)),
         })
     }
 
-    /// All identities of a user (none once deleted).
-    pub fn identities(&self, user_id: i64) -> Vec<models::Identity> {
+    /// All identities of a user (none once deleted); `url` left `None` as in [`Store::user`].
+    pub fn identities(&self, user_id: i64) -> Vec<wire::Identity> {
         self.user_rec(user_id)
             .map(|u| {
                 u.identities()
-                    .map(|i| models::Identity {
+                    .map(|i| wire::Identity {
                         id: i.id,
+                        url: None,
                         user_id: i.user_id,
                         kind: Some(i.kind.into()),
                         value: Some(i.value.into()),
                         verified: Some(i.verified),
                         primary: Some(i.primary),
-                        updated_at: Some(models::format_time(i.updated_at)),
+                        created_at: Some(wire::format_time(i.created_at)),
+                        updated_at: Some(wire::format_time(i.updated_at)),
                     })
                     .collect()
             })
@@ -896,8 +904,8 @@ impl Store {
     pub fn find_users(
         &self,
         limit: usize,
-        mut pred: impl FnMut(&models::User, &[models::Identity]) -> bool,
-    ) -> Vec<(models::User, Vec<models::Identity>)> {
+        mut pred: impl FnMut(&wire::User, &[wire::Identity]) -> bool,
+    ) -> Vec<(wire::User, Vec<wire::Identity>)> {
         let mut out = Vec::new();
         for u in &self.users {
             if out.len() >= limit {
@@ -926,13 +934,22 @@ impl Store {
             .collect()
     }
 
-    pub fn ticket(&self, id: i64) -> Option<models::Ticket> {
+    /// A ticket as an export row shows it (with `generated_timestamp`; `url` left `None`).
+    pub fn ticket(&self, id: i64) -> Option<wire::Ticket> {
         let t = self.ticket_rec(id)?;
         let opt = |v: i64| (v != 0).then_some(v);
-        Some(models::Ticket {
+        let extra = t.extra.as_deref();
+        Some(wire::Ticket {
             id: t.id,
             url: None,
+            external_id: extra.and_then(|e| e.external_id.as_deref()).map(Into::into),
+            via: Some(wire::Via {
+                channel: Some(VIAS[t.via as usize % VIAS.len()].into()),
+                source: Some(serde_json::json!({ "from": {}, "to": {}, "rel": null })),
+            }),
             subject: Some(t.subject.to_string()),
+            raw_subject: Some(t.subject.to_string()),
+            description: Some(t.description().to_string()),
             status: Some(t.status.as_str().into()),
             priority: priority_str(t.priority).map(Into::into),
             kind: type_str(t.kind).map(Into::into),
@@ -940,24 +957,21 @@ impl Store {
             submitter_id: opt(t.submitter_id),
             assignee_id: opt(t.assignee_id),
             organization_id: opt(t.organization_id),
-            created_at: Some(models::format_time(t.created_at)),
-            updated_at: Some(models::format_time(t.updated_at)),
-            generated_timestamp: Some(t.generated_timestamp),
+            group_id: group_of(t),
+            is_public: Some(t.is_public),
+            custom_status_id: Some(custom_status_id(t.status)),
+            tags: Some(tags_vec(extra.map(|e| &e.tags[..]))),
             custom_fields: Some(
                 ticket_custom_fields(t)
-                    .map(|(id, v)| models::CustomField {
+                    .map(|(id, v)| wire::CustomField {
                         id,
                         value: v.clone(),
                     })
                     .collect(),
             ),
-            tags: Some(
-                t.extra
-                    .iter()
-                    .flat_map(|e| e.tags.iter())
-                    .map(|s| s.to_string())
-                    .collect(),
-            ),
+            created_at: Some(wire::format_time(t.created_at)),
+            updated_at: Some(wire::format_time(t.updated_at)),
+            generated_timestamp: Some(t.generated_timestamp),
         })
     }
 
@@ -965,8 +979,8 @@ impl Store {
     pub fn find_tickets(
         &self,
         limit: usize,
-        mut pred: impl FnMut(&models::Ticket) -> bool,
-    ) -> Vec<models::Ticket> {
+        mut pred: impl FnMut(&wire::Ticket) -> bool,
+    ) -> Vec<wire::Ticket> {
         self.tickets
             .iter()
             .filter_map(|t| self.ticket(t.id))
@@ -984,16 +998,18 @@ impl Store {
             .collect()
     }
 
-    pub fn organization(&self, id: i64) -> Option<models::Organization> {
+    /// An organization (deleted ones carry `deleted_at`; `url` left `None`).
+    pub fn organization(&self, id: i64) -> Option<wire::Organization> {
         let o = self.org_rec(id)?;
-        Some(models::Organization {
+        Some(wire::Organization {
             id: o.id,
             url: None,
             name: Some(o.name.to_string()),
             external_id: o.external_id.as_deref().map(Into::into),
-            created_at: Some(models::format_time(o.created_at)),
-            updated_at: Some(models::format_time(o.updated_at)),
-            deleted_at: o.deleted_at.map(models::format_time),
+            tags: Some(Vec::new()),
+            created_at: Some(wire::format_time(o.created_at)),
+            updated_at: Some(wire::format_time(o.updated_at)),
+            deleted_at: o.deleted_at.map(wire::format_time),
             organization_fields: Some(org_fields_map(o)),
         })
     }
@@ -1004,30 +1020,22 @@ impl Store {
             .map(|&i| self.orgs[i as usize].id)
     }
 
-    /// A ticket's comments, oldest first (the first is the description).
-    pub fn comments(&self, ticket_id: i64) -> Vec<models::Comment> {
+    /// A ticket's comments, oldest first (the first is the description), as the API lists them.
+    pub fn comments(&self, ticket_id: i64) -> Vec<wire::Comment> {
         self.comment_recs(ticket_id)
             .into_iter()
-            .map(|c| models::Comment {
-                id: c.id,
-                body: Some(if c.html {
-                    strip_tags(&c.body)
-                } else {
-                    c.body.to_string()
-                }),
-                html_body: Some(if c.html {
-                    c.body.to_string()
-                } else {
-                    format!("<p>{}</p>", c.body)
-                }),
-                plain_body: Some(if c.html {
-                    strip_tags(&c.body)
-                } else {
-                    c.body.to_string()
-                }),
-                public: Some(c.public),
-                author_id: Some(c.author_id),
-                created_at: Some(models::format_time(c.created_at)),
+            .map(|c| {
+                let (plain, html) = comment_bodies(&c);
+                wire::Comment {
+                    id: c.id,
+                    kind: Some("Comment".into()),
+                    author_id: Some(c.author_id),
+                    body: Some(plain.clone()),
+                    html_body: Some(html),
+                    plain_body: Some(plain),
+                    public: Some(c.public),
+                    created_at: Some(wire::format_time(c.created_at)),
+                }
             })
             .collect()
     }
@@ -1595,8 +1603,8 @@ impl Store {
         let id = CALL_BASE + 1 + self.calls.len() as i64;
         let now = self.stamp() / 1000;
         call.insert("id".into(), id.into());
-        call.insert("created_at".into(), models::format_time(now).into());
-        call.insert("updated_at".into(), models::format_time(now).into());
+        call.insert("created_at".into(), wire::format_time(now).into());
+        call.insert("updated_at".into(), wire::format_time(now).into());
         self.calls.push(CallRecord {
             id,
             created_at: now,
@@ -1604,6 +1612,47 @@ impl Store {
         });
         self.calls.last().expect("just pushed")
     }
+}
+
+/// Every user's time zone and locale: one account, one region (Zendesk's name, then IANA's).
+pub(crate) const TIME_ZONE: (&str, &str) = ("Kyiv", "Europe/Kyiv");
+pub(crate) const LOCALE: &str = "en-US";
+/// The one group of the account; assigned tickets belong to it.
+pub(crate) const GROUP_ID: i64 = 360_000_000_001;
+
+pub(crate) fn group_of(t: &TicketRec) -> Option<i64> {
+    (t.assignee_id != 0).then_some(GROUP_ID)
+}
+
+/// The id of the built-in custom ticket status of each status category.
+pub(crate) fn custom_status_id(s: Status) -> i64 {
+    360_000_000_300 + Status::ALL.iter().position(|x| *x == s).unwrap_or(0) as i64
+}
+
+fn tags_vec(tags: Option<&[Box<str>]>) -> Vec<String> {
+    tags.unwrap_or(&[]).iter().map(|t| t.to_string()).collect()
+}
+
+/// A comment's `(body, html_body)`: plain text and HTML, whichever form it was written in
+/// (`plain_body` equals `body`).
+pub(crate) fn comment_bodies(c: &CommentRec) -> (String, String) {
+    if c.html {
+        (strip_tags(&c.body), c.body.to_string())
+    } else {
+        (
+            c.body.to_string(),
+            format!(
+                "<div class=\"zd-comment\"><p>{}</p></div>",
+                html_escape(&c.body)
+            ),
+        )
+    }
+}
+
+fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 pub(crate) fn priority_str(p: u8) -> Option<&'static str> {
@@ -1703,6 +1752,8 @@ pub(crate) fn ticket_custom_fields(t: &TicketRec) -> impl Iterator<Item = (i64, 
     })
 }
 
+/// The plain text of an HTML comment, as Zendesk's `body`/`plain_body` show it: tags dropped and
+/// the common entities decoded (`&amp;` is `&` in plain text).
 pub(crate) fn strip_tags(html: &str) -> String {
     let mut out = String::with_capacity(html.len());
     let mut in_tag = false;
@@ -1714,5 +1765,13 @@ pub(crate) fn strip_tags(html: &str) -> String {
             _ => {}
         }
     }
-    out
+    if !out.contains('&') {
+        return out;
+    }
+    out.replace("&nbsp;", " ")
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&quot;", "\"")
+        .replace("&#39;", "'")
+        .replace("&amp;", "&")
 }
