@@ -4,7 +4,7 @@
 //! Every problem is reported with the key it concerns (`zendesk.url: …`), all of them at once, and
 //! start-up stops. Secrets are [`SecretString`]s, so `Debug` and logs never show them.
 //!
-//! One schema, two sources: the TOML file and the environment are merged into one tree ([`Node`])
+//! One schema, two sources: the TOML file and the environment are merged into one tree (`Node`)
 //! before serde sees it, and an environment value stays a raw string in that tree until the typed
 //! schema asks for something (a number, a bool, a list, a table): its type comes from the field it
 //! lands in, so a new key needs no entry in any list to be settable from the environment. Lists
@@ -24,7 +24,10 @@ use std::{
 };
 
 use secrecy::{ExposeSecret, SecretBox, SecretString};
-use serde::Deserialize;
+use serde::{
+    Deserialize,
+    de::{IntoDeserializer, Visitor},
+};
 
 use crate::phone::PhoneParser;
 
@@ -913,8 +916,6 @@ macro_rules! wanting {
         })*
     };
 }
-
-use serde::de::{IntoDeserializer, Visitor};
 
 impl Node {
     fn wanting<'de, V: Visitor<'de>>(self, want: Want, v: V) -> Result<V::Value, NodeError> {
