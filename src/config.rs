@@ -1,8 +1,21 @@
 //! Typed configuration (DESIGN §6): one TOML file, every key also settable as
 //! `DESKLINE_SECTION__KEY` in the environment (the environment wins).
 //!
-//! Every problem is reported with the key it concerns (`zendesk.url: …`), and start-up stops.
-//! Secrets are [`SecretString`]s, so `Debug` and logs never show them.
+//! Every problem is reported with the key it concerns (`zendesk.url: …`), all of them at once, and
+//! start-up stops. Secrets are [`SecretString`]s, so `Debug` and logs never show them.
+//!
+//! One schema, two sources: the TOML file and the environment are merged into one tree (`Node`)
+//! before serde sees it, and an environment value stays a raw string in that tree until the typed
+//! schema asks for something (a number, a bool, a list, a table): its type comes from the field it
+//! lands in, so a new key needs no entry in any list to be settable from the environment. Lists
+//! take `a,b` or a TOML array, tables a TOML inline table.
+//!
+//! Why not a layering crate such as `figment`: its environment provider guesses a value's type from
+//! its text (a numeric token or a `0102` extension becomes a number), comma lists would need a
+//! hand-written deserializer per field, and a serde pass stops at the first error either way. To
+//! report every error, a failed pass names its key, that value is taken out (its default applies) or
+//! replaced by a neutral hole, and the pass runs again; problems caused by an already reported key
+//! are not reported twice.
 
 use std::{
     collections::BTreeMap,
@@ -11,7 +24,10 @@ use std::{
 };
 
 use secrecy::{ExposeSecret, SecretBox, SecretString};
-use serde::Deserialize;
+use serde::{
+    Deserialize,
+    de::{IntoDeserializer, Visitor},
+};
 
 use crate::phone::PhoneParser;
 
@@ -27,6 +43,20 @@ pub enum ConfigError {
     Syntax { path: PathBuf, message: String },
     #[error("{key}: {message}")]
     Key { key: String, message: String },
+    /// Several problems found at once, each a [`ConfigError::Key`].
+    #[error("{} problems:{}", .0.len(), .0.iter().map(|e| format!("\n  {e}")).collect::<String>())]
+    Several(Vec<ConfigError>),
+}
+
+impl ConfigError {
+    /// The keys named, in the order reported.
+    pub fn keys(&self) -> Vec<&str> {
+        match self {
+            Self::Key { key, .. } => vec![key.as_str()],
+            Self::Several(all) => all.iter().flat_map(Self::keys).collect(),
+            Self::Read { .. } | Self::Syntax { .. } => Vec::new(),
+        }
+    }
 }
 
 fn key_err(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
@@ -52,6 +82,8 @@ pub struct Config {
     pub routing: RoutingConfig,
     #[serde(default)]
     pub sync: SyncConfig,
+    #[serde(default)]
+    pub webhooks: WebhooksConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -119,6 +151,10 @@ pub struct StorageConfig {
     /// Finished call jobs are deleted this many days after their last change; a repeated
     /// `call_id` within the window is still answered `duplicate`.
     pub retention_days: u32,
+    /// PostgreSQL for several replicas (DESIGN §8); unset means the embedded SQLite queue. Read it
+    /// with [`Config::postgres_url`], which also reads `postgres_url_file`.
+    pub postgres_url: Option<SecretString>,
+    pub postgres_url_file: Option<PathBuf>,
 }
 
 impl Default for StorageConfig {
@@ -126,6 +162,8 @@ impl Default for StorageConfig {
         Self {
             data_dir: PathBuf::from("./deskline-data"),
             retention_days: 30,
+            postgres_url: None,
+            postgres_url_file: None,
         }
     }
 }
@@ -161,6 +199,8 @@ impl Default for IndexConfig {
 pub struct RoutingConfig {
     /// Full name → PBX extension.
     pub directory: BTreeMap<String, String>,
+    /// DESIGN §3 rule 7 fallback window in days; 0 = off.
+    pub recent_days: u32,
 }
 
 /// What the sync may create in Zendesk (`sync.create`).
@@ -205,6 +245,8 @@ pub struct SyncConfig {
     pub fields: Vec<FieldMapping>,
     /// Template for new organizations' names; `{name}` is the user's name, `{phone}` the number.
     pub organization_name: String,
+    /// How long a replica's claim on a job lasts without renewal (DESIGN §8).
+    pub lease_seconds: u64,
 }
 
 impl Default for SyncConfig {
@@ -219,6 +261,35 @@ impl Default for SyncConfig {
             time_zone: "Europe/Kyiv".into(),
             fields: Vec::new(),
             organization_name: "{name}".into(),
+            lease_seconds: 30,
+        }
+    }
+}
+
+/// Zendesk webhooks (DESIGN §9): off unless `listen` is set.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhooksConfig {
+    /// HTTP address for Zendesk webhooks; unset = off.
+    pub listen: Option<SocketAddr>,
+    /// Path of the webhook endpoint.
+    pub path: String,
+    /// Required with `listen`; read it with [`Config::webhook_signing_secret`], which also reads
+    /// `signing_secret_file`.
+    pub signing_secret: Option<SecretString>,
+    pub signing_secret_file: Option<PathBuf>,
+    /// The URL Zendesk must call (used by `deskline webhooks install`).
+    pub public_url: Option<String>,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            path: "/zendesk/webhook".into(),
+            signing_secret: None,
+            signing_secret_file: None,
+            public_url: None,
         }
     }
 }
@@ -258,18 +329,6 @@ const UTM_KEYS: [&str; 5] = [
     "utm_content",
 ];
 
-/// Keys whose environment values are not plain strings.
-const ARRAY_KEYS: [&str; 3] = ["server.tokens", "sync.create", "sync.fields"];
-const SCALAR_KEYS: [&str; 7] = [
-    "zendesk.requests_per_minute",
-    "zendesk.export_requests_per_minute",
-    "zendesk.timeout_seconds",
-    "index.poll_seconds",
-    "sync.talk_app_id",
-    "sync.comment_public",
-    "routing.directory",
-];
-
 impl Config {
     /// Reads `path`, applies `DESKLINE_*` environment overrides and validates everything.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -286,138 +345,144 @@ impl Config {
         path: &Path,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
-        let mut root: toml::Table =
-            text.parse()
-                .map_err(|e: toml::de::Error| ConfigError::Syntax {
-                    path: path.to_owned(),
-                    message: e.message().to_owned(),
-                })?;
-        apply_env(&mut root, env)?;
-        let de = toml::Value::Table(root);
-        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            let message = e.inner().message().to_owned();
-            // Name the exact key for missing and unknown fields, not just their table.
-            let field = ["missing field `", "unknown field `"]
-                .iter()
-                .find_map(|p| message.strip_prefix(p))
-                .and_then(|rest| rest.split('`').next());
-            let key = match (path.as_str(), field) {
-                (".", Some(f)) => f.to_owned(),
-                (".", None) => "config".to_owned(),
-                // For an unknown field the path already ends with it; for a missing one it does not.
-                (p, Some(f)) if p == f || p.ends_with(&format!(".{f}")) => p.to_owned(),
-                (p, Some(f)) => format!("{p}.{f}"),
-                (p, None) => p.to_owned(),
-            };
-            key_err(key, message)
-        })?;
-        config.validate()?;
-        Ok(config)
+        let root: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::Syntax {
+                path: path.to_owned(),
+                message: e.message().to_owned(),
+            })?;
+        let mut problems = Problems::default();
+        let mut tree = Node::from(toml::Value::Table(root));
+        merge_env(&mut tree, env, &mut problems);
+        let config = deserialize_collecting(tree, &mut problems);
+        if let Some(config) = &config {
+            config.check(&mut problems);
+        }
+        match config {
+            Some(config) if problems.list.is_empty() => Ok(config),
+            _ => Err(problems.into_error()),
+        }
     }
 
-    /// Checks what types alone cannot, naming the key of each problem.
+    /// Checks what types alone cannot, naming the key of each problem; reports all of them.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        validate_zendesk_url(&self.zendesk.url)?;
-        self.credentials()?;
-        if self.zendesk.requests_per_minute == 0 {
-            return Err(key_err("zendesk.requests_per_minute", "must be at least 1"));
+        let mut problems = Problems::default();
+        self.check(&mut problems);
+        if problems.list.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.into_error())
         }
-        if self.zendesk.export_requests_per_minute == 0 {
-            return Err(key_err(
+    }
+
+    fn check(&self, out: &mut Problems) {
+        let mut report = |r: Result<(), ConfigError>| {
+            if let Err(e) = r {
+                out.push_error(e);
+            }
+        };
+        report(validate_zendesk_url(&self.zendesk.url));
+        report(self.credentials().map(drop));
+        report(self.postgres_url().map(drop));
+        report(self.webhook_signing_secret().map(drop));
+        let at_least_one = [
+            (
+                "zendesk.requests_per_minute",
+                u64::from(self.zendesk.requests_per_minute),
+            ),
+            (
                 "zendesk.export_requests_per_minute",
-                "must be at least 1",
-            ));
-        }
-        if self.zendesk.timeout_seconds == 0 {
-            return Err(key_err("zendesk.timeout_seconds", "must be at least 1"));
-        }
-        if self.index.poll_seconds == 0 {
-            return Err(key_err("index.poll_seconds", "must be at least 1"));
-        }
-        if self.server.shutdown_grace_seconds == 0 {
-            return Err(key_err(
+                u64::from(self.zendesk.export_requests_per_minute),
+            ),
+            ("zendesk.timeout_seconds", self.zendesk.timeout_seconds),
+            ("index.poll_seconds", self.index.poll_seconds),
+            (
                 "server.shutdown_grace_seconds",
-                "must be at least 1",
-            ));
+                self.server.shutdown_grace_seconds,
+            ),
+            (
+                "storage.retention_days",
+                u64::from(self.storage.retention_days),
+            ),
+            ("sync.lease_seconds", self.sync.lease_seconds),
+        ];
+        for (key, value) in at_least_one {
+            if value == 0 {
+                report(Err(key_err(key, "must be at least 1")));
+            }
         }
-        if self.storage.retention_days == 0 {
-            return Err(key_err("storage.retention_days", "must be at least 1"));
-        }
-        PhoneParser::new(&self.phone.default_region)
-            .map_err(|m| key_err("phone.default_region", m))?;
+        report(
+            PhoneParser::new(&self.phone.default_region)
+                .map(drop)
+                .map_err(|m| key_err("phone.default_region", m)),
+        );
         if !self.server.listen.ip().is_loopback() && self.server.tokens.is_empty() {
-            return Err(key_err(
+            report(Err(key_err(
                 "server.tokens",
                 format!(
                     "required when server.listen ({}) is not a loopback address: without tokens anyone who can reach the port can read the customer list",
                     self.server.listen
                 ),
-            ));
+            )));
         }
         match (&self.server.tls_cert, &self.server.tls_key) {
-            (Some(_), None) => {
-                return Err(key_err(
-                    "server.tls_key",
-                    "required when server.tls_cert is set",
-                ));
-            }
-            (None, Some(_)) => {
-                return Err(key_err(
-                    "server.tls_cert",
-                    "required when server.tls_key is set",
-                ));
-            }
+            (Some(_), None) => report(Err(key_err(
+                "server.tls_key",
+                "required when server.tls_cert is set",
+            ))),
+            (None, Some(_)) => report(Err(key_err(
+                "server.tls_cert",
+                "required when server.tls_key is set",
+            ))),
             _ => {}
         }
         for (i, t) in self.server.tokens.iter().enumerate() {
             if t.expose_secret().trim().len() < 16 {
-                return Err(key_err(
+                report(Err(key_err(
                     format!("server.tokens[{i}]"),
                     "a token must have at least 16 characters",
-                ));
+                )));
             }
         }
         for (name, ext) in &self.routing.directory {
             if name.trim().is_empty() {
-                return Err(key_err("routing.directory", "an empty name"));
-            }
-            if ext.trim().is_empty() {
-                return Err(key_err(
+                report(Err(key_err("routing.directory", "an empty name")));
+            } else if ext.trim().is_empty() {
+                report(Err(key_err(
                     format!("routing.directory.{name:?}"),
                     "an empty extension",
-                ));
+                )));
             }
         }
-        jiff::tz::TimeZone::get(&self.sync.time_zone).map_err(|_| {
-            key_err(
+        if jiff::tz::TimeZone::get(&self.sync.time_zone).is_err() {
+            report(Err(key_err(
                 "sync.time_zone",
                 format!("unknown time zone {:?}", self.sync.time_zone),
-            )
-        })?;
+            )));
+        }
         if !matches!(
             self.sync.ticket_priority.as_str(),
             "urgent" | "high" | "normal" | "low"
         ) {
-            return Err(key_err(
+            report(Err(key_err(
                 "sync.ticket_priority",
                 "must be one of urgent, high, normal, low",
-            ));
+            )));
         }
         if !matches!(
             self.sync.ticket_type.as_str(),
             "problem" | "incident" | "question" | "task"
         ) {
-            return Err(key_err(
+            report(Err(key_err(
                 "sync.ticket_type",
                 "must be one of problem, incident, question, task",
-            ));
+            )));
         }
         if self.sync.create.contains(&Entity::Call) && self.sync.talk_app_id.is_none() {
-            return Err(key_err(
+            report(Err(key_err(
                 "sync.talk_app_id",
                 "required when sync.create contains \"call\"",
-            ));
+            )));
         }
         for (i, f) in self.sync.fields.iter().enumerate() {
             let key = format!("sync.fields[{i}]");
@@ -428,26 +493,47 @@ impl Config {
                     .strip_prefix("extra.")
                     .is_some_and(|k| !k.is_empty());
             if !source_ok {
-                return Err(key_err(
+                report(Err(key_err(
                     format!("{key}.source"),
                     format!(
                         "unknown source {:?}: expected utm_source, utm_medium, utm_campaign, utm_term, utm_content, scheme_name, line_number or extra.<key>",
                         f.source
                     ),
-                ));
+                )));
             }
             if f.field.trim().is_empty() {
-                return Err(key_err(format!("{key}.field"), "empty"));
-            }
-            if f.entity == FieldEntity::Ticket && f.field.parse::<i64>().map_or(true, |id| id <= 0)
+                report(Err(key_err(format!("{key}.field"), "empty")));
+            } else if f.entity == FieldEntity::Ticket
+                && f.field.parse::<i64>().map_or(true, |id| id <= 0)
             {
-                return Err(key_err(
+                report(Err(key_err(
                     format!("{key}.field"),
                     format!("ticket fields are numeric ids, not {:?}", f.field),
-                ));
+                )));
             }
         }
-        Ok(())
+        let w = &self.webhooks;
+        if !w.path.starts_with('/') {
+            report(Err(key_err("webhooks.path", "must start with /")));
+        }
+        if let Some(url) = &w.public_url {
+            let ok = reqwest::Url::parse(url).is_ok_and(|u| {
+                matches!(u.scheme(), "https" | "http")
+                    && u.host_str().is_some_and(|h| !h.is_empty())
+            });
+            if !ok {
+                report(Err(key_err(
+                    "webhooks.public_url",
+                    format!("not an http(s) URL: {url:?}"),
+                )));
+            }
+        }
+        if w.listen.is_some() && w.signing_secret.is_none() && w.signing_secret_file.is_none() {
+            report(Err(key_err(
+                "webhooks.signing_secret",
+                "required when webhooks.listen is set (or webhooks.signing_secret_file)",
+            )));
+        }
     }
 
     /// Reads the gRPC TLS certificate and key (`server.tls_cert`, `server.tls_key`) when both are
@@ -470,37 +556,12 @@ impl Config {
     /// Resolves the Zendesk credentials, reading token files.
     pub fn credentials(&self) -> Result<Credentials, ConfigError> {
         let z = &self.zendesk;
-        let read = |key: &str, path: &Path| -> Result<SecretString, ConfigError> {
-            let s = std::fs::read_to_string(path)
-                .map_err(|e| key_err(key, format!("cannot read {}: {e}", path.display())))?;
-            let s = s.trim();
-            if s.is_empty() {
-                return Err(key_err(key, format!("{} is empty", path.display())));
-            }
-            Ok(SecretString::from(s.to_owned()))
-        };
-        let oauth = match (&z.oauth_token, &z.oauth_token_file) {
-            (Some(_), Some(_)) => {
-                return Err(key_err(
-                    "zendesk.oauth_token",
-                    "set oauth_token or oauth_token_file, not both",
-                ));
-            }
-            (Some(t), None) => Some(t.clone()),
-            (None, Some(p)) => Some(read("zendesk.oauth_token_file", p)?),
-            (None, None) => None,
-        };
-        let token = match (&z.token, &z.token_file) {
-            (Some(_), Some(_)) => {
-                return Err(key_err(
-                    "zendesk.token",
-                    "set token or token_file, not both",
-                ));
-            }
-            (Some(t), None) => Some(t.clone()),
-            (None, Some(p)) => Some(read("zendesk.token_file", p)?),
-            (None, None) => None,
-        };
+        let oauth = secret_or_file(
+            "zendesk.oauth_token",
+            z.oauth_token.as_ref(),
+            z.oauth_token_file.as_deref(),
+        )?;
+        let token = secret_or_file("zendesk.token", z.token.as_ref(), z.token_file.as_deref())?;
         match (oauth, token) {
             (Some(_), Some(_)) => Err(key_err(
                 "zendesk.oauth_token",
@@ -520,6 +581,40 @@ impl Config {
                 "missing: set zendesk.email with zendesk.token (or zendesk.token_file), or zendesk.oauth_token",
             )),
         }
+    }
+
+    /// `storage.postgres_url` or the contents of `storage.postgres_url_file`; `None` means the
+    /// embedded SQLite queue.
+    pub fn postgres_url(&self) -> Result<Option<SecretString>, ConfigError> {
+        let s = &self.storage;
+        let url = secret_or_file(
+            "storage.postgres_url",
+            s.postgres_url.as_ref(),
+            s.postgres_url_file.as_deref(),
+        )?;
+        if let Some(url) = &url {
+            let u = url.expose_secret();
+            if !(u.starts_with("postgres://") || u.starts_with("postgresql://")) {
+                let key = if s.postgres_url.is_some() {
+                    "storage.postgres_url"
+                } else {
+                    "storage.postgres_url_file"
+                };
+                // Never the value: it carries the database password.
+                return Err(key_err(key, "must be a postgres:// or postgresql:// URL"));
+            }
+        }
+        Ok(url)
+    }
+
+    /// `webhooks.signing_secret` or the contents of `webhooks.signing_secret_file`.
+    pub fn webhook_signing_secret(&self) -> Result<Option<SecretString>, ConfigError> {
+        let w = &self.webhooks;
+        secret_or_file(
+            "webhooks.signing_secret",
+            w.signing_secret.as_ref(),
+            w.signing_secret_file.as_deref(),
+        )
     }
 
     /// Whether `sync.create` allows creating `e`.
@@ -561,53 +656,471 @@ pub fn validate_zendesk_url(url: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn apply_env(
-    root: &mut toml::Table,
-    env: impl IntoIterator<Item = (String, String)>,
-) -> Result<(), ConfigError> {
-    for (name, raw) in env {
-        let Some(rest) = name.strip_prefix("DESKLINE_") else {
-            continue;
+/// A secret given inline or as a file (`{key}` / `{key}_file`): at most one of them.
+fn secret_or_file(
+    key: &str,
+    inline: Option<&SecretString>,
+    file: Option<&Path>,
+) -> Result<Option<SecretString>, ConfigError> {
+    let name = key.rsplit('.').next().unwrap_or(key);
+    match (inline, file) {
+        (Some(_), Some(_)) => Err(key_err(key, format!("set {name} or {name}_file, not both"))),
+        (Some(s), None) => Ok(Some(s.clone())),
+        (None, Some(path)) => {
+            let file_key = format!("{key}_file");
+            let s = std::fs::read_to_string(path)
+                .map_err(|e| key_err(&file_key, format!("cannot read {}: {e}", path.display())))?;
+            let s = s.trim();
+            if s.is_empty() {
+                return Err(key_err(&file_key, format!("{} is empty", path.display())));
+            }
+            Ok(Some(SecretString::from(s.to_owned())))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
+/// The problems found so far, each naming its key. A problem under a key already reported (a
+/// missing `zendesk` table makes `zendesk.url` missing too) is a consequence, not news.
+#[derive(Default)]
+struct Problems {
+    list: Vec<(String, String)>,
+    /// `section.key` → the environment variable that set it, to say where a bad value came from.
+    from_env: Vec<(String, String)>,
+}
+
+impl Problems {
+    fn push(&mut self, key: String, mut message: String) {
+        let within = |outer: &str, key: &str| {
+            key.strip_prefix(outer)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
         };
-        let Some((section, key)) = rest.split_once("__") else {
+        if self.list.iter().any(|(k, _)| within(k, &key)) {
+            return;
+        }
+        if let Some((_, var)) = self.from_env.iter().find(|(k, _)| within(k, &key)) {
+            message.push_str(&format!(" (from {var})"));
+        }
+        self.list.push((key, message));
+    }
+
+    fn push_error(&mut self, e: ConfigError) {
+        match e {
+            ConfigError::Key { key, message } => self.push(key, message),
+            ConfigError::Several(all) => all.into_iter().for_each(|e| self.push_error(e)),
+            other => self.push("config".into(), other.to_string()),
+        }
+    }
+
+    fn into_error(self) -> ConfigError {
+        let mut all: Vec<ConfigError> = self
+            .list
+            .into_iter()
+            .map(|(key, message)| ConfigError::Key { key, message })
+            .collect();
+        match all.len() {
+            1 => all.remove(0),
+            _ => ConfigError::Several(all),
+        }
+    }
+}
+
+/// The merged configuration before serde types it: TOML values, raw environment strings, and holes
+/// where a reported problem was.
+#[derive(Clone)]
+enum Node {
+    Table(BTreeMap<String, Node>),
+    Array(Vec<Node>),
+    /// A TOML scalar: already typed by TOML.
+    Leaf(toml::Value),
+    /// An environment value: typed by the field it lands in (see [`env_value`]).
+    Env(String),
+    /// Stands for a value already reported as missing or bad: the neutral value of whatever type is
+    /// asked for, so that the rest of the configuration can still be checked.
+    Hole,
+}
+
+impl From<toml::Value> for Node {
+    fn from(v: toml::Value) -> Self {
+        match v {
+            toml::Value::Table(t) => {
+                Node::Table(t.into_iter().map(|(k, v)| (k, v.into())).collect())
+            }
+            toml::Value::Array(a) => Node::Array(a.into_iter().map(Node::from).collect()),
+            scalar => Node::Leaf(scalar),
+        }
+    }
+}
+
+/// Puts `DESKLINE_SECTION__KEY` values into the tree as `section.key` (the environment wins).
+fn merge_env(
+    tree: &mut Node,
+    env: impl IntoIterator<Item = (String, String)>,
+    problems: &mut Problems,
+) {
+    let Node::Table(root) = tree else {
+        return;
+    };
+    for (name, raw) in env {
+        let Some((section, key)) = name
+            .strip_prefix("DESKLINE_")
+            .and_then(|rest| rest.split_once("__"))
+        else {
             continue;
         };
         let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
         let dotted = format!("{section}.{key}");
-        let value =
-            env_value(&dotted, &raw).map_err(|m| key_err(format!("{dotted} (from {name})"), m))?;
-        let table = root
+        match root
             .entry(section.clone())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
-            .as_table_mut()
-            .ok_or_else(|| key_err(&section, "is not a table"))?;
-        table.insert(key, value);
+            .or_insert_with(|| Node::Table(BTreeMap::new()))
+        {
+            Node::Table(t) => {
+                t.insert(key, Node::Env(raw));
+                problems.from_env.push((dotted, name));
+            }
+            _ => problems.push(
+                section,
+                format!("is not a table in the file, so {name} cannot set {dotted}"),
+            ),
+        }
     }
-    Ok(())
 }
 
-fn env_value(key: &str, raw: &str) -> Result<toml::Value, String> {
-    let trimmed = raw.trim();
-    let inline = |s: &str| -> Result<toml::Value, String> {
-        let t: toml::Table = format!("v = {s}")
-            .parse()
-            .map_err(|e: toml::de::Error| e.message().to_owned())?;
-        Ok(t["v"].clone())
-    };
-    if trimmed.starts_with('[') || trimmed.starts_with('{') {
-        return inline(trimmed);
-    }
-    if ARRAY_KEYS.contains(&key) {
-        let items = trimmed.split(',').map(str::trim).filter(|s| !s.is_empty());
-        return Ok(toml::Value::Array(
-            items.map(|s| toml::Value::String(s.to_owned())).collect(),
-        ));
-    }
-    if SCALAR_KEYS.contains(&key) {
-        return inline(trimmed);
-    }
-    Ok(toml::Value::String(raw.to_owned()))
+/// One step of a key path.
+#[derive(Clone, PartialEq)]
+enum Step {
+    Key(String),
+    Index(usize),
 }
+
+fn dotted(path: &[Step]) -> String {
+    let mut s = String::new();
+    for step in path {
+        match step {
+            Step::Key(k) if s.is_empty() => s.push_str(k),
+            Step::Key(k) => {
+                s.push('.');
+                s.push_str(k);
+            }
+            Step::Index(i) => s.push_str(&format!("[{i}]")),
+        }
+    }
+    s
+}
+
+/// Deserializes the tree into [`Config`], collecting every problem: after each failed pass the bad
+/// value is taken out (its default applies) or replaced by a hole, and the pass runs again. `None`
+/// when the tree cannot be made to deserialize (every problem found is in `problems` then).
+fn deserialize_collecting(mut tree: Node, problems: &mut Problems) -> Option<Config> {
+    let mut seen: Vec<(String, String)> = Vec::new();
+    // Each pass fixes one value; a config has far fewer.
+    for _ in 0..500 {
+        let e = match serde_path_to_error::deserialize::<_, Config>(tree.clone()) {
+            Ok(config) => return Some(config),
+            Err(e) => e,
+        };
+        let mut path: Vec<Step> = Vec::new();
+        for segment in e.path().iter() {
+            match segment {
+                serde_path_to_error::Segment::Map { key } => path.push(Step::Key(key.clone())),
+                serde_path_to_error::Segment::Seq { index } => path.push(Step::Index(*index)),
+                _ => {}
+            }
+        }
+        let message = e.into_inner().0;
+        // Serde names a missing field in the message, at its table's path; an unknown one is at the
+        // end of the path already (unless at the top).
+        for prefix in ["missing field `", "unknown field `"] {
+            if let Some(field) = message
+                .strip_prefix(prefix)
+                .and_then(|rest| rest.split('`').next())
+            {
+                if path.last() != Some(&Step::Key(field.to_owned())) {
+                    path.push(Step::Key(field.to_owned()));
+                }
+            }
+        }
+        let key = dotted(&path);
+        if seen.contains(&(key.clone(), message.clone())) || !patch(&mut tree, &path) {
+            problems.push(key, message);
+            return None;
+        }
+        seen.push((key.clone(), message.clone()));
+        problems.push(key, message);
+    }
+    None
+}
+
+/// Makes the value at `path` stop failing: a table entry is removed (its default applies, or it is
+/// reported missing next and becomes a hole), a list item or an environment value on the way
+/// becomes a hole. `false` when there is nothing left to change.
+fn patch(node: &mut Node, path: &[Step]) -> bool {
+    let Some((step, rest)) = path.split_first() else {
+        return !matches!(std::mem::replace(node, Node::Hole), Node::Hole);
+    };
+    match (&mut *node, step) {
+        (Node::Table(t), Step::Key(k)) => match t.get_mut(k) {
+            Some(Node::Hole) if rest.is_empty() => false,
+            Some(_) if rest.is_empty() => t.remove(k).is_some(),
+            Some(child) => patch(child, rest),
+            None => {
+                t.insert(k.clone(), Node::Hole);
+                rest.is_empty() || patch(t.get_mut(k).expect("just inserted"), rest)
+            }
+        },
+        (Node::Array(a), Step::Index(i)) => a.get_mut(*i).is_some_and(|child| patch(child, rest)),
+        (Node::Hole, Step::Key(_)) => {
+            *node = Node::Table(BTreeMap::new());
+            patch(node, path)
+        }
+        // A scalar, an environment string or a hole where the path goes deeper: the whole value
+        // is the problem.
+        (other, _) => !matches!(std::mem::replace(other, Node::Hole), Node::Hole),
+    }
+}
+
+/// The error of a pass over [`Node`]: just the message; the path is kept by `serde_path_to_error`.
+#[derive(Debug)]
+struct NodeError(String);
+
+impl std::fmt::Display for NodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NodeError {}
+
+impl serde::de::Error for NodeError {
+    fn custom<T: std::fmt::Display>(msg: T) -> Self {
+        Self(msg.to_string())
+    }
+}
+
+/// What the schema asked for: decides how an environment string or a hole is read.
+#[derive(Clone, Copy)]
+enum Want {
+    Bool,
+    Signed,
+    Unsigned,
+    Float,
+    Str,
+    Unit,
+    Seq,
+    Map,
+}
+
+macro_rules! wanting {
+    ($($method:ident => $want:ident),* $(,)?) => {
+        $(fn $method<V: Visitor<'de>>(self, v: V) -> Result<V::Value, NodeError> {
+            self.wanting(Want::$want, v)
+        })*
+    };
+}
+
+impl Node {
+    fn wanting<'de, V: Visitor<'de>>(self, want: Want, v: V) -> Result<V::Value, NodeError> {
+        match self {
+            Node::Table(t) => v.visit_map(Entries {
+                iter: t.into_iter(),
+                value: None,
+            }),
+            Node::Array(a) => v.visit_seq(Items(a.into_iter())),
+            Node::Leaf(value) => serde::Deserializer::deserialize_any(value, v)
+                .map_err(|e| NodeError(e.message().to_owned())),
+            Node::Env(raw) => env_value(raw, want, v),
+            Node::Hole => match want {
+                Want::Bool => v.visit_bool(false),
+                Want::Signed => v.visit_i64(0),
+                Want::Unsigned => v.visit_u64(0),
+                Want::Float => v.visit_f64(0.0),
+                Want::Str => v.visit_str(""),
+                Want::Unit => v.visit_unit(),
+                Want::Seq => v.visit_seq(Items(Vec::new().into_iter())),
+                Want::Map => v.visit_map(Entries {
+                    iter: BTreeMap::new().into_iter(),
+                    value: None,
+                }),
+            },
+        }
+    }
+}
+
+/// An environment string read as what the field wants: `400`, `true`, `a,b` or a TOML array for a
+/// list, a TOML inline table for a table, the text itself for a string.
+fn env_value<'de, V: Visitor<'de>>(raw: String, want: Want, v: V) -> Result<V::Value, NodeError> {
+    use serde::de::{Error, Unexpected};
+    let t = raw.trim();
+    let inline = |t: &str| -> Result<Node, NodeError> {
+        let table: toml::Table = format!("v = {t}")
+            .parse()
+            .map_err(|e: toml::de::Error| NodeError(format!("not TOML: {}", e.message())))?;
+        Ok(Node::from(table["v"].clone()))
+    };
+    match want {
+        Want::Bool => match t {
+            "true" => v.visit_bool(true),
+            "false" => v.visit_bool(false),
+            _ => Err(NodeError::invalid_value(Unexpected::Str(t), &v)),
+        },
+        Want::Signed => match t.parse() {
+            Ok(n) => v.visit_i64(n),
+            Err(_) => Err(NodeError::invalid_value(Unexpected::Str(t), &v)),
+        },
+        Want::Unsigned => match t.parse() {
+            Ok(n) => v.visit_u64(n),
+            Err(_) => Err(NodeError::invalid_value(Unexpected::Str(t), &v)),
+        },
+        Want::Float => match t.parse() {
+            Ok(n) => v.visit_f64(n),
+            Err(_) => Err(NodeError::invalid_value(Unexpected::Str(t), &v)),
+        },
+        Want::Str => v.visit_string(raw),
+        Want::Unit => v.visit_unit(),
+        Want::Seq if t.starts_with('[') => inline(t)?.wanting(want, v),
+        Want::Seq => {
+            let items = t.split(',').map(str::trim).filter(|s| !s.is_empty());
+            v.visit_seq(Items(
+                items
+                    .map(|s| Node::Env(s.to_owned()))
+                    .collect::<Vec<_>>()
+                    .into_iter(),
+            ))
+        }
+        Want::Map if t.starts_with('{') => inline(t)?.wanting(want, v),
+        Want::Map => Err(NodeError(format!(
+            "expected a TOML inline table such as {{ \"key\" = \"value\" }}, not {t:?}"
+        ))),
+    }
+}
+
+impl<'de> serde::Deserializer<'de> for Node {
+    type Error = NodeError;
+
+    wanting! {
+        deserialize_any => Str,
+        deserialize_bool => Bool,
+        deserialize_i8 => Signed, deserialize_i16 => Signed, deserialize_i32 => Signed,
+        deserialize_i64 => Signed,
+        deserialize_u8 => Unsigned, deserialize_u16 => Unsigned, deserialize_u32 => Unsigned,
+        deserialize_u64 => Unsigned,
+        deserialize_f32 => Float, deserialize_f64 => Float,
+        deserialize_char => Str, deserialize_str => Str, deserialize_string => Str,
+        deserialize_bytes => Str, deserialize_byte_buf => Str, deserialize_identifier => Str,
+        deserialize_unit => Unit, deserialize_ignored_any => Unit,
+        deserialize_seq => Seq,
+        deserialize_map => Map,
+    }
+
+    fn deserialize_option<V: Visitor<'de>>(self, v: V) -> Result<V::Value, NodeError> {
+        match self {
+            Node::Hole => v.visit_none(),
+            node => v.visit_some(node),
+        }
+    }
+
+    fn deserialize_enum<V: Visitor<'de>>(
+        self,
+        name: &'static str,
+        variants: &'static [&'static str],
+        v: V,
+    ) -> Result<V::Value, NodeError> {
+        match self {
+            Node::Leaf(value) => serde::Deserializer::deserialize_enum(value, name, variants, v)
+                .map_err(|e| NodeError(e.message().to_owned())),
+            Node::Env(raw) => v.visit_enum(IntoDeserializer::<NodeError>::into_deserializer(
+                raw.trim().to_owned(),
+            )),
+            Node::Hole => v.visit_enum(IntoDeserializer::<NodeError>::into_deserializer(
+                variants.first().copied().unwrap_or_default(),
+            )),
+            node => node.wanting(Want::Str, v),
+        }
+    }
+
+    fn deserialize_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        _fields: &'static [&'static str],
+        v: V,
+    ) -> Result<V::Value, NodeError> {
+        self.wanting(Want::Map, v)
+    }
+
+    fn deserialize_newtype_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        v: V,
+    ) -> Result<V::Value, NodeError> {
+        v.visit_newtype_struct(self)
+    }
+
+    fn deserialize_unit_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        v: V,
+    ) -> Result<V::Value, NodeError> {
+        self.wanting(Want::Unit, v)
+    }
+
+    fn deserialize_tuple<V: Visitor<'de>>(self, _len: usize, v: V) -> Result<V::Value, NodeError> {
+        self.wanting(Want::Seq, v)
+    }
+
+    fn deserialize_tuple_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        _len: usize,
+        v: V,
+    ) -> Result<V::Value, NodeError> {
+        self.wanting(Want::Seq, v)
+    }
+}
+
+struct Items(std::vec::IntoIter<Node>);
+
+impl<'de> serde::de::SeqAccess<'de> for Items {
+    type Error = NodeError;
+
+    fn next_element_seed<T: serde::de::DeserializeSeed<'de>>(
+        &mut self,
+        seed: T,
+    ) -> Result<Option<T::Value>, NodeError> {
+        self.0.next().map(|node| seed.deserialize(node)).transpose()
+    }
+}
+
+struct Entries {
+    iter: std::collections::btree_map::IntoIter<String, Node>,
+    value: Option<Node>,
+}
+
+impl<'de> serde::de::MapAccess<'de> for Entries {
+    type Error = NodeError;
+
+    fn next_key_seed<K: serde::de::DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, NodeError> {
+        let Some((key, value)) = self.iter.next() else {
+            return Ok(None);
+        };
+        self.value = Some(value);
+        seed.deserialize(IntoDeserializer::<NodeError>::into_deserializer(key))
+            .map(Some)
+    }
+
+    fn next_value_seed<T: serde::de::DeserializeSeed<'de>>(
+        &mut self,
+        seed: T,
+    ) -> Result<T::Value, NodeError> {
+        seed.deserialize(self.value.take().unwrap_or(Node::Hole))
+    }
+}
+
+#[cfg(test)]
+#[path = "config_tests.rs"]
+mod config_tests;
 
 #[cfg(test)]
 mod tests {
