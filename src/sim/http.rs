@@ -133,8 +133,8 @@ enum Limited {
 
 impl Limits {
     /// Admits a request or says how long until it would be admitted. Returns the remaining account
-    /// budget.
-    fn admit(&mut self, cfg: &SimConfig, export: bool) -> Result<u32, Limited> {
+    /// budget and the seconds until the window frees a slot.
+    fn admit(&mut self, cfg: &SimConfig, export: bool) -> Result<(u32, u64), Limited> {
         let now = Instant::now();
         let window = cfg.rate_window;
         for q in [&mut self.account, &mut self.export] {
@@ -157,7 +157,11 @@ impl Limits {
         if export {
             self.export.push_back(now);
         }
-        Ok(cfg.requests_per_minute - self.account.len() as u32)
+        // `ratelimit-reset`: when the oldest request in the window leaves it.
+        Ok((
+            cfg.requests_per_minute - self.account.len() as u32,
+            retry_secs(wait(&self.account)),
+        ))
     }
 }
 
@@ -228,7 +232,7 @@ pub(crate) async fn dispatch(State(app): State<Arc<App>>, req: Request) -> Respo
     };
 
     let is_export = path.starts_with("/api/v2/incremental/");
-    let remaining = match app.limits.lock().admit(&cfg, is_export) {
+    let (remaining, reset) = match app.limits.lock().admit(&cfg, is_export) {
         Ok(n) => n,
         Err(limited) => {
             let r = rate_limited(&cfg, limited);
@@ -255,10 +259,7 @@ pub(crate) async fn dispatch(State(app): State<Arc<App>>, req: Request) -> Respo
         .with_header("x-rate-limit-remaining", remaining.to_string())
         .with_header("ratelimit-limit", cfg.requests_per_minute.to_string())
         .with_header("ratelimit-remaining", remaining.to_string())
-        .with_header(
-            "ratelimit-reset",
-            cfg.rate_window.as_secs().max(1).to_string(),
-        );
+        .with_header("ratelimit-reset", reset.to_string());
 
     if roll(faults.drop_rate) {
         record(reply.status, Some("drop"));

@@ -38,7 +38,11 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, de::DeserializeOwned};
 use serde_json::Value;
 
-use super::{Budget, ZendeskError, budget::NO_RESPONSE, models::*};
+use super::{
+    Budget, ZendeskError,
+    budget::{NO_RESPONSE, Outcome, RateLimitHeaders},
+    models::*,
+};
 use crate::{
     config::{Config, ConfigError, Credentials},
     phone::E164,
@@ -656,7 +660,7 @@ impl Client {
         let mut transient_retries = 0u32;
         let mut rate_limit_retries = 0u32;
         loop {
-            self.inner.budget.acquire(export).await;
+            let permit = self.inner.budget.acquire(export).await;
             let mut req = self
                 .inner
                 .http
@@ -666,14 +670,21 @@ impl Client {
                 req = req.body(b.clone());
             }
             let err = match self.attempt::<T>(req, &endpoint).await {
-                Ok(v) => return Ok(v),
+                Ok(v) => {
+                    permit.finish(Outcome::Admitted);
+                    return Ok(v);
+                }
                 Err(e) => e,
             };
+            if let ZendeskError::RateLimited { retry_after } = &err.error {
+                // Paused before the probe (if this was one) is resolved, so nobody slips through.
+                self.inner
+                    .budget
+                    .pause_until(tokio::time::Instant::now() + *retry_after);
+            }
+            permit.finish(rate_limit_outcome(&err.error));
             match &err.error {
                 ZendeskError::RateLimited { retry_after } => {
-                    self.inner
-                        .budget
-                        .pause_until(tokio::time::Instant::now() + *retry_after);
                     if rate_limit_retries >= MAX_RATE_LIMIT_RETRIES {
                         return Err(err.error);
                     }
@@ -725,6 +736,12 @@ impl Client {
         };
         let status = resp.status();
         self.inner.budget.record_response(endpoint, status.as_u16());
+        if status != StatusCode::TOO_MANY_REQUESTS {
+            // A 429's own headers say "0 left" without a reset; its Retry-After governs instead.
+            self.inner
+                .budget
+                .observe(rate_limit_headers(resp.headers()));
+        }
         let retry_after = resp
             .headers()
             .get(header::RETRY_AFTER)
@@ -872,6 +889,42 @@ fn malformed(e: impl std::fmt::Display) -> ZendeskError {
     ZendeskError::Transient {
         status: None,
         message: format!("malformed response: {e}"),
+    }
+}
+
+/// What an attempt's end says about the account's rate limit (see [`Outcome`]).
+fn rate_limit_outcome(e: &ZendeskError) -> Outcome {
+    match e {
+        ZendeskError::RateLimited { .. } => Outcome::RateLimited,
+        // A 5xx or a timeout may come from before the limit is checked; a 409 or a cut 2xx
+        // passed it.
+        ZendeskError::Transient {
+            status: Some(s), ..
+        } if *s < 500 && *s != 408 => Outcome::Admitted,
+        ZendeskError::Transient { .. } => Outcome::Unknown,
+        _ => Outcome::Admitted,
+    }
+}
+
+/// Zendesk's rate-limit headers (ZENDESK.md §6); unreadable values count as absent.
+fn rate_limit_headers(h: &HeaderMap) -> RateLimitHeaders {
+    let num = |name: &str| -> Option<u32> {
+        h.get(name)?
+            .to_str()
+            .ok()?
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .map(|n| n.min(u64::from(u32::MAX)) as u32)
+    };
+    let min = |a: Option<u32>, b: Option<u32>| match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    RateLimitHeaders {
+        limit: min(num("ratelimit-limit"), num("x-rate-limit")),
+        remaining: min(num("ratelimit-remaining"), num("x-rate-limit-remaining")),
+        reset: num("ratelimit-reset").map(|s| Duration::from_secs(u64::from(s))),
     }
 }
 

@@ -8,7 +8,7 @@ pub mod budget;
 mod client;
 pub mod models;
 
-pub use budget::{Budget, BudgetStats};
+pub use budget::{Budget, BudgetStats, Outcome, Permit, RateLimitHeaders};
 pub use client::{Client, ClientOptions, ExportStart, Retry};
 
 use std::time::Duration;
