@@ -17,10 +17,12 @@
 //!   limit lets the next waiter probe. Without this every waiter sends the moment the pause ends,
 //!   and when other integrations share the account most of them meet a fresh 429.
 //! - Zendesk's rate-limit headers ([`RateLimitHeaders`]) count everyone's use of the account, ours
-//!   and other integrations': a lower `X-Rate-Limit` than configured lowers our limit; with
-//!   [`LOW_REMAINING`] or fewer requests left we go one at a time (each a probe); with none left we
+//!   and other integrations': with [`LOW_REMAINING`] or fewer requests left we go one at a time (each a probe); with none left we
 //!   wait for `ratelimit-reset`, or, when Zendesk did not say when, let one probe find out. Each
-//!   send counts down the last reported `remaining` until a newer answer replaces it.
+//!   send counts down the last reported `remaining` until a newer answer replaces it. The account's
+//!   `X-Rate-Limit` is only reported ([`BudgetStats::account_limit`]), not used as our limit: the
+//!   `remaining` count already covers a plan smaller than configured, and the limit alone says
+//!   nothing about the window it applies to.
 //! - Waiters are served first come, first served (tokio's `Mutex` is FIFO): a busy caller cannot starve
 //!   another. Export requests first queue among themselves for the export limit, then join the common
 //!   queue, so an export waiting for its (much smaller) limit never blocks ordinary requests.
@@ -146,8 +148,8 @@ struct State {
     export_sent: VecDeque<Instant>,
     paused_until: Option<Instant>,
     probe: Probe,
-    /// The account's limit as Zendesk reports it (`X-Rate-Limit`), when lower than configured.
-    server_limit: Option<u32>,
+    /// The account's limit as Zendesk last reported it (`X-Rate-Limit`).
+    account_limit: Option<u32>,
     server: Option<ServerView>,
     total_sent: u64,
     total_rate_limited: u64,
@@ -194,6 +196,9 @@ pub struct BudgetStats {
     pub total_rate_limited: u64,
     /// How long requests are still paused by a 429 (zero when not paused).
     pub paused_for: Duration,
+    /// The account's own limit as Zendesk last reported it (`X-Rate-Limit`), when it did: a value
+    /// below `limit` means the configured budget is more than the plan allows.
+    pub account_limit: Option<u32>,
     /// Response counts by (endpoint template such as `GET /api/v2/users/{id}`, HTTP status);
     /// status [`NO_RESPONSE`] (0) counts attempts that got no response.
     pub responses: BTreeMap<(String, u16), u64>,
@@ -213,12 +218,6 @@ impl Budget {
             export_turn: tokio::sync::Mutex::new(()),
             probe_answered: tokio::sync::watch::channel(0).0,
         }
-    }
-
-    /// The limit in force: the configured one, or Zendesk's own when that is lower.
-    fn effective_limit(&self, st: &State) -> u32 {
-        st.server_limit
-            .map_or(self.limit, |l| l.clamp(1, self.limit))
     }
 
     /// The account-wide limit (requests per minute).
@@ -269,7 +268,6 @@ impl Budget {
                 {
                     st.server = None;
                 }
-                let limit = self.effective_limit(&st);
                 let mut ready = st.paused_until.filter(|&p| p > now);
                 let server_free = match st.server {
                     Some(ServerView {
@@ -291,9 +289,9 @@ impl Budget {
                     _ => None,
                 };
                 for at in [
-                    State::free_at(&st.sent, limit),
+                    State::free_at(&st.sent, self.limit),
                     export
-                        .then(|| State::free_at(&st.export_sent, self.export_limit.min(limit)))
+                        .then(|| State::free_at(&st.export_sent, self.export_limit))
                         .flatten(),
                     server_free,
                 ]
@@ -355,7 +353,7 @@ impl Budget {
     pub fn observe(&self, h: RateLimitHeaders) {
         let mut st = self.state.lock();
         if let Some(l) = h.limit.filter(|&l| l > 0) {
-            st.server_limit = (l < self.limit).then_some(l);
+            st.account_limit = Some(l);
         }
         if let Some(remaining) = h.remaining {
             st.server = Some(ServerView {
@@ -416,6 +414,7 @@ impl Budget {
                 .paused_until
                 .map_or(Duration::ZERO, |p| p.saturating_duration_since(now)),
             responses: st.responses.clone(),
+            account_limit: st.account_limit,
         }
     }
 }
@@ -730,7 +729,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn spent_without_a_reset_sends_one_probe_and_a_lower_account_limit_wins() {
+    async fn spent_without_a_reset_sends_one_probe() {
         let budget = Arc::new(Budget::new(100, 10));
         budget.observe(RateLimitHeaders {
             limit: Some(700),
@@ -740,19 +739,16 @@ mod tests {
         let p = budget.acquire(false).await;
         assert!(p.is_probe(), "nothing left and no reset: probe");
         p.finish(Outcome::Admitted);
-        // Zendesk says the plan allows 4 a minute although 100 are configured.
         budget.observe(RateLimitHeaders {
-            limit: Some(4),
-            remaining: None,
+            limit: Some(700),
+            remaining: Some(200),
             reset: None,
         });
-        let t0 = Instant::now();
-        for _ in 0..3 {
-            budget.acquire(false).await.finish(Outcome::Admitted);
-        }
-        assert_eq!(Instant::now(), t0);
-        budget.acquire(false).await.finish(Outcome::Admitted);
-        assert!(Instant::now() - t0 >= WINDOW, "the fifth in a minute waits");
+        assert!(
+            !budget.acquire(false).await.is_probe(),
+            "plenty left: closed"
+        );
+        assert_eq!(budget.stats().account_limit, Some(700));
     }
 
     #[test]
