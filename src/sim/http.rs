@@ -253,13 +253,15 @@ pub(crate) async fn dispatch(State(app): State<Arc<App>>, req: Request) -> Respo
         .strip_prefix("/api/v2/")
         .map(|p| p.split('/').filter(|s| !s.is_empty()).collect())
         .unwrap_or_default();
-    let reply = route(&app, &cfg, caller, &method, &segs, &query, &headers, &body);
-    let reply = reply
-        .with_header("x-rate-limit", cfg.requests_per_minute.to_string())
-        .with_header("x-rate-limit-remaining", remaining.to_string())
-        .with_header("ratelimit-limit", cfg.requests_per_minute.to_string())
-        .with_header("ratelimit-remaining", remaining.to_string())
-        .with_header("ratelimit-reset", reset.to_string());
+    let mut reply = route(&app, &cfg, caller, &method, &segs, &query, &headers, &body);
+    if cfg.rate_limit_headers {
+        reply = reply
+            .with_header("x-rate-limit", cfg.requests_per_minute.to_string())
+            .with_header("x-rate-limit-remaining", remaining.to_string())
+            .with_header("ratelimit-limit", cfg.requests_per_minute.to_string())
+            .with_header("ratelimit-remaining", remaining.to_string())
+            .with_header("ratelimit-reset", reset.to_string());
+    }
 
     if roll(faults.drop_rate) {
         record(reply.status, Some("drop"));

@@ -39,7 +39,7 @@ use serde::{Deserialize, de::DeserializeOwned};
 use serde_json::Value;
 
 use super::{
-    Budget, ZendeskError,
+    Budget, Rejection, ZendeskError,
     budget::{NO_RESPONSE, Outcome, RateLimitHeaders},
     models::*,
 };
@@ -148,7 +148,7 @@ impl Client {
     /// Builds the client. Fails (as [`ZendeskError::Permanent`] with status 0, nothing was sent) when
     /// the base URL is not an `http(s)` URL or the credentials cannot form a header.
     pub fn new(opts: ClientOptions) -> Result<Self, ZendeskError> {
-        let local = |message: String| ZendeskError::Permanent { status: 0, message };
+        let local = |message: String| ZendeskError::Local { message };
         let base_url = opts.base_url.trim_end_matches('/').to_owned();
         let parsed = Url::parse(&base_url)
             .map_err(|e| local(format!("zendesk base URL is not a URL: {e}")))?;
@@ -288,6 +288,7 @@ impl Client {
         if ids.len() > SHOW_MANY_MAX {
             return Err(ZendeskError::Permanent {
                 status: 400,
+                reason: Rejection::TooManyValues,
                 message: format!(
                     "TooManyValues: show_many takes at most {SHOW_MANY_MAX} ids, got {} (not sent)",
                     ids.len()
@@ -461,6 +462,7 @@ impl Client {
         if idempotency_key.is_empty() || idempotency_key.len() > 255 {
             return Err(ZendeskError::Permanent {
                 status: 400,
+                reason: Rejection::Other,
                 message: "Idempotency-Key must be 1 to 255 characters (not sent)".to_owned(),
             });
         }
@@ -527,19 +529,15 @@ impl Client {
     /// `base_url` + `path` (which may carry its own query string).
     fn api_url(&self, path: &str) -> Result<Url, ZendeskError> {
         if !path.starts_with("/api/v2/") {
-            return Err(ZendeskError::Permanent {
-                status: 0,
+            return Err(ZendeskError::Local {
                 message: format!(
                     "request path must start with /api/v2/ (got {:?}, not sent)",
                     endpoint_template(&Method::GET, path).trim_start_matches("GET ")
                 ),
             });
         }
-        Url::parse(&format!("{}{}", self.inner.base_url, path)).map_err(|e| {
-            ZendeskError::Permanent {
-                status: 0,
-                message: format!("invalid request path: {e} (not sent)"),
-            }
+        Url::parse(&format!("{}{}", self.inner.base_url, path)).map_err(|e| ZendeskError::Local {
+            message: format!("invalid request path: {e} (not sent)"),
         })
     }
 
@@ -628,8 +626,7 @@ impl Client {
     ) -> Result<T, ZendeskError> {
         let endpoint = endpoint_template(&method, url.path());
         let body = match body {
-            Some(v) => Some(serde_json::to_vec(v).map_err(|e| ZendeskError::Permanent {
-                status: 0,
+            Some(v) => Some(serde_json::to_vec(v).map_err(|e| ZendeskError::Local {
                 message: format!("cannot serialize the request body: {e} (not sent)"),
             })?),
             None => None,
@@ -643,8 +640,7 @@ impl Client {
                     headers.append(n, v);
                 }
                 _ => {
-                    return Err(ZendeskError::Permanent {
-                        status: 0,
+                    return Err(ZendeskError::Local {
                         message: "an extra header is not a valid HTTP header (not sent)".to_owned(),
                     });
                 }
@@ -711,7 +707,9 @@ impl Client {
                     );
                     tokio::time::sleep(delay).await;
                 }
-                ZendeskError::Auth { .. } | ZendeskError::Permanent { .. } => {
+                ZendeskError::Auth { .. }
+                | ZendeskError::Permanent { .. }
+                | ZendeskError::Local { .. } => {
                     return Err(err.error);
                 }
             }
@@ -783,6 +781,7 @@ impl Client {
         }
         let code = status.as_u16();
         let message = self.scrub(&zendesk_message(&bytes, status));
+        let reason = rejection(code, &bytes);
         let error = match code {
             401 | 403 => ZendeskError::Auth {
                 status: code,
@@ -795,6 +794,7 @@ impl Client {
             },
             _ => ZendeskError::Permanent {
                 status: code,
+                reason,
                 message,
             },
         };
@@ -1092,6 +1092,63 @@ fn json_message(obj: &serde_json::Map<String, Value>) -> Option<String> {
         message = parts.join("; ");
     }
     (!message.is_empty()).then_some(message)
+}
+
+/// What a 4xx means (ZENDESK.md §9), from the `error` code and `details`, never from the
+/// human-readable descriptions except the closed-ticket one, which carries no code of its own.
+fn rejection(status: u16, body: &[u8]) -> Rejection {
+    #[derive(Deserialize, Default)]
+    #[serde(default)]
+    struct Body {
+        error: Value,
+        details: serde_json::Map<String, Value>,
+    }
+    #[derive(Deserialize, Default)]
+    #[serde(default)]
+    struct Detail {
+        error: Option<String>,
+        description: Option<String>,
+    }
+    let body: Body = serde_json::from_slice(body).unwrap_or_default();
+    let code = body.error.as_str().unwrap_or("");
+    let details = |field: &str| -> Vec<Detail> {
+        match body.details.get(field) {
+            Some(Value::Array(items)) => items
+                .iter()
+                .filter_map(|i| serde_json::from_value(i.clone()).ok())
+                .collect(),
+            _ => Vec::new(),
+        }
+    };
+    if status == 404 || code == "RecordNotFound" {
+        return Rejection::NotFound;
+    }
+    match code {
+        "IdempotentRequestError" => return Rejection::IdempotencyConflict,
+        "TooManyValues" => return Rejection::TooManyValues,
+        _ => {}
+    }
+    if status == 422 {
+        let closed = details("status").iter().any(|d| {
+            d.description
+                .as_deref()
+                .is_some_and(|t| t.to_ascii_lowercase().contains("closed"))
+        });
+        if closed {
+            return Rejection::TicketClosed;
+        }
+        for field in body.details.keys() {
+            let duplicate = details(field)
+                .iter()
+                .any(|d| matches!(d.error.as_deref(), Some("DuplicateValue" | "taken")));
+            if duplicate {
+                return Rejection::Duplicate {
+                    field: field.clone(),
+                };
+            }
+        }
+    }
+    Rejection::Other
 }
 
 /// Plain text or an HTML error page, reduced to readable text.
