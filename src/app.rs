@@ -21,7 +21,7 @@ use crate::{
     phone::PhoneParser,
     proto::resolver_server::ResolverServer,
     routing::Directory,
-    zendesk::{Client, ClientOptions},
+    zendesk::Client,
 };
 
 /// How long each shutdown stage may take before it is cut short.
@@ -215,8 +215,8 @@ impl Service {
         let snapshot_path = data_dir.join("index.snapshot");
         let index = load_snapshot(&snapshot_path).await;
         let index: SharedIndex = Arc::new(parking_lot::RwLock::new(index));
-        let client = Client::new(ClientOptions::from_config(&config)?)
-            .context("cannot build the Zendesk client")?;
+        let client =
+            Client::new(config.client_options()?).context("cannot build the Zendesk client")?;
 
         let (reporter, health) = tonic_health::server::health_reporter();
         let (follower, loaded) = Follower::new(

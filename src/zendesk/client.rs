@@ -43,10 +43,7 @@ use super::{
     budget::{NO_RESPONSE, Outcome, RateLimitHeaders},
     models::*,
 };
-use crate::{
-    config::{Config, ConfigError, Credentials},
-    phone::E164,
-};
+use crate::phone::E164;
 
 /// Where an export read starts: the first call of a cursor export takes a start time, later calls
 /// the cursor of the previous page.
@@ -67,6 +64,7 @@ pub enum Retry {
     Once,
 }
 
+/// The client's own options (the app's config converts into them: `Config::client_options`).
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
     /// `https://{subdomain}.zendesk.com` (or the simulator's loopback URL), no trailing slash.
@@ -79,16 +77,23 @@ pub struct ClientOptions {
     pub max_retries: u32,
 }
 
-impl ClientOptions {
-    pub fn from_config(cfg: &Config) -> Result<Self, ConfigError> {
-        Ok(Self {
-            base_url: cfg.zendesk.url.trim_end_matches('/').to_owned(),
-            credentials: cfg.credentials()?,
-            requests_per_minute: cfg.zendesk.requests_per_minute,
-            export_requests_per_minute: cfg.zendesk.export_requests_per_minute,
-            timeout: Duration::from_secs(cfg.zendesk.timeout_seconds),
-            max_retries: 3,
-        })
+/// How the client authenticates to Zendesk (ZENDESK.md §1). `Debug` never prints a token.
+#[derive(Clone)]
+pub enum Credentials {
+    /// `{email}/token` + API token, HTTP Basic.
+    ApiToken { email: String, token: SecretString },
+    /// OAuth bearer token.
+    OAuth { token: SecretString },
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::ApiToken { email, .. } => {
+                write!(f, "ApiToken {{ email: {email:?}, token: [REDACTED] }}")
+            }
+            Self::OAuth { .. } => f.write_str("OAuth { token: [REDACTED] }"),
+        }
     }
 }
 

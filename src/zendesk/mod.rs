@@ -9,7 +9,7 @@ mod client;
 pub mod models;
 
 pub use budget::{Budget, BudgetStats, Outcome, Permit, RateLimitHeaders};
-pub use client::{Client, ClientOptions, ExportStart, Retry};
+pub use client::{Client, ClientOptions, Credentials, ExportStart, Retry};
 
 use std::time::Duration;
 
