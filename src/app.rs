@@ -44,7 +44,7 @@ use crate::{
     phone::PhoneParser,
     proto::resolver_server::ResolverServer,
     routing::Directory,
-    zendesk::{Client, ClientOptions},
+    zendesk::Client,
 };
 
 /// How long, after the shutdown deadline, the runtime waits for blocking work (a SQLite call, a
@@ -254,8 +254,8 @@ impl Service {
         let snapshot_path = data_dir.join("index.snapshot");
         let index = load_snapshot(&snapshot_path).await;
         let index: SharedIndex = Arc::new(parking_lot::RwLock::new(index));
-        let client = Client::new(ClientOptions::from_config(&config)?)
-            .context("cannot build the Zendesk client")?;
+        let client =
+            Client::new(config.client_options()?).context("cannot build the Zendesk client")?;
 
         let (reporter, health) = tonic_health::server::health_reporter();
         let (follower, loaded) = Follower::new(

@@ -14,7 +14,7 @@ use crate::{
     config::{Config, FieldEntity},
     routing::name_key,
     zendesk::{
-        Client, ClientOptions, ZendeskError,
+        Client, ZendeskError,
         models::{FieldDef, User},
     },
 };
@@ -268,7 +268,7 @@ pub enum CheckError {
 
 /// Gathers the facts from Zendesk and compares.
 pub async fn run(config: &Config) -> Result<Vec<Finding>, CheckError> {
-    let mut opts = ClientOptions::from_config(config)?;
+    let mut opts = config.client_options()?;
     opts.max_retries = 1;
     let url = opts.base_url.clone();
     let zerr = |source| CheckError::Zendesk {

@@ -301,25 +301,8 @@ pub struct TlsPem {
     pub key: SecretBox<Vec<u8>>,
 }
 
-/// How Deskline authenticates to Zendesk, resolved from the config (files read).
-#[derive(Clone)]
-pub enum Credentials {
-    /// `{email}/token` + API token, HTTP Basic.
-    ApiToken { email: String, token: SecretString },
-    /// OAuth bearer token.
-    OAuth { token: SecretString },
-}
-
-impl std::fmt::Debug for Credentials {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::ApiToken { email, .. } => {
-                write!(f, "ApiToken {{ email: {email:?}, token: [REDACTED] }}")
-            }
-            Self::OAuth { .. } => f.write_str("OAuth { token: [REDACTED] }"),
-        }
-    }
-}
+/// The Zendesk client's own credentials type; the config resolves into it ([`Config::credentials`]).
+pub use crate::zendesk::Credentials;
 
 const UTM_KEYS: [&str; 5] = [
     "utm_source",
@@ -551,6 +534,19 @@ impl Config {
             cert: read("server.tls_cert", cert)?,
             key: SecretBox::new(Box::new(read("server.tls_key", key)?)),
         }))
+    }
+
+    /// The Zendesk client's options from `[zendesk]` (credentials resolved, token files read). The
+    /// client has its own option types and never sees the app's configuration.
+    pub fn client_options(&self) -> Result<crate::zendesk::ClientOptions, ConfigError> {
+        Ok(crate::zendesk::ClientOptions {
+            base_url: self.zendesk.url.trim_end_matches('/').to_owned(),
+            credentials: self.credentials()?,
+            requests_per_minute: self.zendesk.requests_per_minute,
+            export_requests_per_minute: self.zendesk.export_requests_per_minute,
+            timeout: std::time::Duration::from_secs(self.zendesk.timeout_seconds),
+            max_retries: 3,
+        })
     }
 
     /// Resolves the Zendesk credentials, reading token files.

@@ -558,3 +558,138 @@ async fn forbidden_at_start_is_not_serving_without_a_retry_storm() {
     service.shutdown().await.unwrap();
     server.abort();
 }
+
+/// Issue 10 item 7: another integration spends part of a small account's budget (a 30-a-window
+/// account, about two thirds taken by a steady second client) while Deskline makes 30 calls, 4 at
+/// a time, against 20 % 5xx, with its own budget configured far above the plan. Every Retry-After
+/// period the simulator announces to Deskline may see at most one more Deskline request arrive (one
+/// already on its way when the 429 was answered); the rest must wait, and after the pause only one
+/// request goes until it is answered. The arrivals are counted by the simulator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_burst_into_a_fresh_429_while_another_client_spends_the_budget() {
+    use deskline::{
+        config::Credentials,
+        zendesk::{Client, ClientOptions},
+    };
+    const WINDOW_MS: u64 = 3000;
+    let sim = start_sim(store_with_owner(), |c| {
+        c.requests_per_minute = 30;
+        c.rate_window = Duration::from_millis(WINDOW_MS);
+    })
+    .await;
+    sim.set_faults(Faults {
+        error_rate: 0.2,
+        ..Faults::default()
+    });
+    let client = Client::new(ClientOptions {
+        base_url: sim.url(),
+        credentials: Credentials::ApiToken {
+            email: sim.email().to_owned(),
+            token: secrecy::SecretString::from(sim.token().to_owned()),
+        },
+        requests_per_minute: 10_000,
+        export_requests_per_minute: 100,
+        timeout: Duration::from_secs(5),
+        max_retries: 20,
+    })
+    .unwrap();
+    client.set_backoff_base(Duration::from_millis(5));
+
+    // The other integration: one request every 150 ms (20 of each 30-request window), whatever
+    // Zendesk answers.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let other = {
+        let (url, email, token, stop) = (
+            sim.url(),
+            sim.email().to_owned(),
+            sim.token().to_owned(),
+            stop.clone(),
+        );
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            while !stop.load(Ordering::Relaxed) {
+                let _ = http
+                    .get(format!("{url}/api/v2/ticket_fields.json"))
+                    .basic_auth(format!("{email}/token"), Some(&token))
+                    .send()
+                    .await;
+                tokio::time::sleep(Duration::from_millis(150)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(600)).await;
+
+    let done = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let (c, done) = (client.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            while done.fetch_add(1, Ordering::SeqCst) < 30 {
+                c.me().await.expect("every call succeeds in the end");
+            }
+        }));
+    }
+    tokio::time::timeout(Duration::from_secs(120), async {
+        for t in tasks {
+            t.await.unwrap();
+        }
+    })
+    .await
+    .expect("30 calls did not finish in time");
+    stop.store(true, Ordering::Relaxed);
+    other.await.unwrap();
+
+    let records = sim.requests();
+    let ours = |r: &&deskline_sim::RequestRecord| r.path.starts_with("/api/v2/users/me");
+    // What the simulator counted against its window (refusals and injected 5xx are not counted).
+    let admitted: Vec<u64> = records
+        .iter()
+        .filter(|r| r.status != 429 && r.status != 401 && r.fault != Some("error"))
+        .map(|r| r.at_ms)
+        .collect();
+    let our_429s: Vec<u64> = records
+        .iter()
+        .filter(ours)
+        .filter(|r| r.status == 429)
+        .map(|r| r.at_ms)
+        .collect();
+    let mut worst = 0;
+    let mut inside_total = 0;
+    for &t in &our_429s {
+        // The Retry-After the simulator sent: until the oldest admitted request leaves the window,
+        // in whole seconds rounded up.
+        let oldest = admitted
+            .iter()
+            .copied()
+            .filter(|&a| a <= t && a + WINDOW_MS > t)
+            .min()
+            .unwrap_or(t);
+        let retry_ms = (oldest + WINDOW_MS - t).div_ceil(1000).max(1) * 1000;
+        // Arrivals after this 429 and before its period ends (a little slack at the end: the
+        // client measures the pause from when it read the answer).
+        let inside = records
+            .iter()
+            .filter(ours)
+            .filter(|r| r.at_ms >= t && r.at_ms + 50 < t + retry_ms)
+            .count()
+            - 1; // the 429'd request itself
+        worst = worst.max(inside);
+        inside_total += inside;
+    }
+    let our_total = records.iter().filter(ours).count();
+    eprintln!(
+        "deskline requests {our_total}, its 429s {}, arrivals inside a Retry-After period {inside_total}, worst period {worst}",
+        our_429s.len()
+    );
+    assert!(
+        worst <= 1,
+        "{worst} Deskline requests arrived inside one Retry-After period ({inside_total} over {} 429s)",
+        our_429s.len()
+    );
+    assert_eq!(
+        done.load(Ordering::SeqCst),
+        34,
+        "30 calls made, 4 workers saw the end"
+    );
+    sim.shutdown().await;
+}

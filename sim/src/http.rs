@@ -220,7 +220,12 @@ impl Reply {
     /// Adds the rate-limit headers of ZENDESK.md §6 (`X-Rate-Limit`, `X-Rate-Limit-Remaining`
     /// everywhere; `ratelimit-limit`, `ratelimit-remaining`, `ratelimit-reset` on Ticketing APIs).
     /// Export responses show the account budget, not the export one, as recorded.
-    fn with_budget(self, b: Budget, ticketing: bool) -> Reply {
+    /// Nothing is added when `enabled` is off (`SimConfig::rate_limit_headers`: tests that need a
+    /// client to walk into a 429 storm turn the warning off).
+    fn with_budget(self, b: Budget, ticketing: bool, enabled: bool) -> Reply {
+        if !enabled {
+            return self;
+        }
         let r = self
             .with_header("x-rate-limit", b.limit.to_string())
             .with_header("x-rate-limit-remaining", b.remaining.to_string());
@@ -301,7 +306,7 @@ pub(crate) async fn dispatch(State(app): State<Arc<App>>, req: Request) -> Respo
         Ok(c) => c,
         Err(r) => {
             let budget = app.limits.lock().peek(&cfg);
-            let r = r.with_budget(budget, ticketing);
+            let r = r.with_budget(budget, ticketing, cfg.rate_limit_headers);
             record(r.status, None);
             return finish(r, None);
         }
@@ -313,7 +318,7 @@ pub(crate) async fn dispatch(State(app): State<Arc<App>>, req: Request) -> Respo
         Ok(b) => b,
         Err(limited) => {
             let budget = app.limits.lock().peek(&cfg);
-            let r = rate_limited(limited).with_budget(budget, ticketing);
+            let r = rate_limited(limited).with_budget(budget, ticketing, cfg.rate_limit_headers);
             record(r.status, None);
             return finish(r, None);
         }
@@ -327,8 +332,11 @@ pub(crate) async fn dispatch(State(app): State<Arc<App>>, req: Request) -> Respo
     } else {
         Bytes::new()
     };
-    let reply = route(&app, &cfg, caller, &method, &segs, &query, &headers, &body)
-        .with_budget(budget, ticketing);
+    let reply = route(&app, &cfg, caller, &method, &segs, &query, &headers, &body).with_budget(
+        budget,
+        ticketing,
+        cfg.rate_limit_headers,
+    );
 
     if roll(faults.drop_rate) {
         record(reply.status, Some("drop"));

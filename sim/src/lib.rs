@@ -76,6 +76,9 @@ pub struct SimConfig {
     pub search_delay: Duration,
     /// Honour `include=identities` on the users export (unverified on real Zendesk). Default true.
     pub export_identities: bool,
+    /// Send the rate-limit headers (`X-Rate-Limit*`, `ratelimit-*`) as Zendesk does. Default true.
+    /// TEST SETTING: off, a client cannot see the budget coming to an end and meets 429 storms.
+    pub rate_limit_headers: bool,
     pub faults: Faults,
 }
 
@@ -91,6 +94,7 @@ impl Default for SimConfig {
             one_minute_rule: Duration::from_secs(60),
             search_delay: Duration::from_secs(60),
             export_identities: true,
+            rate_limit_headers: true,
             faults: Faults::default(),
         }
     }

@@ -26,7 +26,7 @@ use crate::{
     phone::{E164, mask},
     routing,
     zendesk::{
-        self, ZendeskError,
+        self, Rejection, ZendeskError,
         models::{Ticket, User, format_time},
     },
 };
@@ -345,7 +345,10 @@ impl Inner {
                 }
                 // Deleted or suspended since: look further.
                 Ok(_) => {}
-                Err(ZendeskError::Permanent { status: 404, .. }) => {}
+                Err(ZendeskError::Permanent {
+                    reason: Rejection::NotFound,
+                    ..
+                }) => {}
                 Err(e) => return Err(e.into()),
             }
         }
@@ -658,14 +661,20 @@ impl Inner {
                 self.save(job).await?;
                 Ok(())
             }
-            Err(e @ ZendeskError::Permanent { status: 422, .. }) if is_closed(&e) => {
+            Err(ZendeskError::Permanent {
+                reason: Rejection::TicketClosed,
+                ..
+            }) => {
                 tracing::info!(ticket_id, "ticket is closed: creating a follow-up");
                 self.forget_ticket(ticket_id);
                 job.progress.comment_uncertain = false;
                 job.progress.ticket_id = 0;
                 self.create_ticket(job, Some(ticket_id)).await
             }
-            Err(ZendeskError::Permanent { status: 404, .. }) => {
+            Err(ZendeskError::Permanent {
+                reason: Rejection::NotFound,
+                ..
+            }) => {
                 tracing::info!(ticket_id, "ticket is gone: creating a new one");
                 self.forget_ticket(ticket_id);
                 job.progress.comment_uncertain = false;
@@ -775,21 +784,7 @@ fn non_empty(s: &str) -> Option<&str> {
     (!s.is_empty()).then_some(s)
 }
 
-/// Zendesk's 422 for a name another organization has (`DuplicateValue`, "has already been taken").
+/// Zendesk's 422 for a name another organization has (`DuplicateValue` on `name`).
 fn is_duplicate_name(e: &ZendeskError) -> bool {
-    match e {
-        ZendeskError::Permanent {
-            status: 422,
-            message,
-        } => {
-            let m = message.to_ascii_lowercase();
-            m.contains("duplicatevalue") || m.contains("already been taken") || m.contains("taken")
-        }
-        _ => false,
-    }
-}
-
-/// "Status closed prevents ticket update".
-fn is_closed(e: &ZendeskError) -> bool {
-    matches!(e, ZendeskError::Permanent { status: 422, message } if message.to_ascii_lowercase().contains("closed"))
+    matches!(e.rejection(), Some(Rejection::Duplicate { field }) if field == "name")
 }

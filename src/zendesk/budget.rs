@@ -11,6 +11,18 @@
 //!   window measured at the server could otherwise hold one request too many. Costs < 1% of the budget.
 //! - A 429's `Retry-After` pauses every request of the account until then ([`Budget::pause_until`]):
 //!   Zendesk's limit is account-wide, so one caller's 429 means everyone's next request would fail too.
+//! - After a pause the budget is *half-open*: one request (the probe) goes first and the others wait
+//!   until it is answered. Only an answer that passed Zendesk's rate limit (anything but a 429, a
+//!   5xx or no answer) releases them; a 429 pauses again, and an answer that says nothing about the
+//!   limit lets the next waiter probe. Without this every waiter sends the moment the pause ends,
+//!   and when other integrations share the account most of them meet a fresh 429.
+//! - Zendesk's rate-limit headers ([`RateLimitHeaders`]) count everyone's use of the account, ours
+//!   and other integrations': with [`LOW_REMAINING`] or fewer requests left we go one at a time (each a probe); with none left we
+//!   wait for `ratelimit-reset`, or, when Zendesk did not say when, let one probe find out. Each
+//!   send counts down the last reported `remaining` until a newer answer replaces it. The account's
+//!   `X-Rate-Limit` is only reported ([`BudgetStats::account_limit`]), not used as our limit: the
+//!   `remaining` count already covers a plan smaller than configured, and the limit alone says
+//!   nothing about the window it applies to.
 //! - Waiters are served first come, first served (tokio's `Mutex` is FIFO): a busy caller cannot starve
 //!   another. Export requests first queue among themselves for the export limit, then join the common
 //!   queue, so an export waiting for its (much smaller) limit never blocks ordinary requests.
@@ -38,6 +50,84 @@ const MAX_LABELS: usize = 256;
 
 /// The status recorded for an attempt that got no HTTP response (timeout, connection error).
 pub const NO_RESPONSE: u16 = 0;
+/// With this many requests or fewer left in Zendesk's window (its `ratelimit-remaining`), requests
+/// go one at a time, so requests already in flight cannot run into the limit together.
+pub const LOW_REMAINING: u32 = 5;
+
+/// Zendesk's rate-limit headers of one response (ZENDESK.md §6). Every field is optional: the
+/// `ratelimit-*` ones come only from ticketing endpoints.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RateLimitHeaders {
+    /// `X-Rate-Limit` / `ratelimit-limit`: the account's requests per minute.
+    pub limit: Option<u32>,
+    /// `X-Rate-Limit-Remaining` / `ratelimit-remaining` (the smaller when both are sent).
+    pub remaining: Option<u32>,
+    /// `ratelimit-reset`: how long until the window frees up.
+    pub reset: Option<Duration>,
+}
+
+/// How an attempt sent under a [`Permit`] ended, as far as the rate limit is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Zendesk answered past its rate limit (2xx, or a 4xx other than 429).
+    Admitted,
+    /// 429 (the caller has already called [`Budget::pause_until`]).
+    RateLimited,
+    /// No answer, or one that says nothing about the limit (5xx, 408).
+    Unknown,
+}
+
+/// The right to send one request, from [`Budget::acquire`]. When it is the half-open probe, its
+/// [`Outcome`] decides whether the requests waiting behind it go; dropping it unreported counts as
+/// [`Outcome::Unknown`] (a cancelled caller must not hold the others back forever).
+#[derive(Debug)]
+pub struct Permit<'a> {
+    budget: &'a Budget,
+    probe: bool,
+}
+
+impl Permit<'_> {
+    /// Whether this request is the one that goes alone (after a pause, or with the account low).
+    pub fn is_probe(&self) -> bool {
+        self.probe
+    }
+
+    /// Reports how the request ended.
+    pub fn finish(mut self, outcome: Outcome) {
+        if std::mem::take(&mut self.probe) {
+            self.budget.resolve_probe(outcome);
+        }
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        if self.probe {
+            self.budget.resolve_probe(Outcome::Unknown);
+        }
+    }
+}
+
+/// The half-open state after a pause or while the account is nearly spent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Probe {
+    /// Requests go as the limits allow.
+    #[default]
+    Closed,
+    /// The next request goes alone.
+    Due,
+    /// A request is going alone; the others wait for its answer.
+    InFlight,
+}
+
+/// What Zendesk last said about the account's window.
+#[derive(Debug, Clone, Copy)]
+struct ServerView {
+    /// Its `remaining`, minus what we sent since.
+    remaining: u32,
+    /// When the window frees up, when Zendesk said.
+    reset_at: Option<Instant>,
+}
 
 /// The request budget shared by everything that calls one Zendesk account.
 pub struct Budget {
@@ -48,6 +138,8 @@ pub struct Budget {
     turn: tokio::sync::Mutex<()>,
     /// Queue for the export limit (export requests wait here first).
     export_turn: tokio::sync::Mutex<()>,
+    /// Bumped whenever a probe is answered; the waiter at the head of the queue watches it.
+    probe_answered: tokio::sync::watch::Sender<u64>,
 }
 
 #[derive(Default)]
@@ -55,6 +147,10 @@ struct State {
     sent: VecDeque<Instant>,
     export_sent: VecDeque<Instant>,
     paused_until: Option<Instant>,
+    probe: Probe,
+    /// The account's limit as Zendesk last reported it (`X-Rate-Limit`).
+    account_limit: Option<u32>,
+    server: Option<ServerView>,
     total_sent: u64,
     total_rate_limited: u64,
     responses: BTreeMap<(String, u16), u64>,
@@ -81,6 +177,11 @@ impl State {
     }
 }
 
+enum Wait {
+    Until(Instant),
+    ForProbe,
+}
+
 /// A snapshot of the budget's counters, for metrics and `deskline check`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BudgetStats {
@@ -95,6 +196,9 @@ pub struct BudgetStats {
     pub total_rate_limited: u64,
     /// How long requests are still paused by a 429 (zero when not paused).
     pub paused_for: Duration,
+    /// The account's own limit as Zendesk last reported it (`X-Rate-Limit`), when it did: a value
+    /// below `limit` means the configured budget is more than the plan allows.
+    pub account_limit: Option<u32>,
     /// Response counts by (endpoint template such as `GET /api/v2/users/{id}`, HTTP status);
     /// status [`NO_RESPONSE`] (0) counts attempts that got no response.
     pub responses: BTreeMap<(String, u16), u64>,
@@ -112,6 +216,7 @@ impl Budget {
             state: Mutex::new(State::default()),
             turn: tokio::sync::Mutex::new(()),
             export_turn: tokio::sync::Mutex::new(()),
+            probe_answered: tokio::sync::watch::channel(0).0,
         }
     }
 
@@ -127,7 +232,7 @@ impl Budget {
 
     /// Waits until one more request may be sent, then records it as sent now. `export` marks an
     /// incremental-export request, which also takes the export limit.
-    pub async fn acquire(&self, export: bool) {
+    pub async fn acquire(&self, export: bool) -> Permit<'_> {
         let _export_turn = if export {
             let guard = self.export_turn.lock().await;
             // Wait for the export limit before joining the common queue, so an export held back
@@ -151,36 +256,110 @@ impl Budget {
 
         let _turn = self.turn.lock().await;
         loop {
+            // Subscribed before looking, so a probe answered in between still wakes us.
+            let mut answered = self.probe_answered.subscribe();
             let wait = {
                 let now = Instant::now();
                 let mut st = self.state.lock();
                 st.prune(now);
+                if st
+                    .server
+                    .is_some_and(|v| v.reset_at.is_some_and(|r| r <= now))
+                {
+                    st.server = None;
+                }
                 let mut ready = st.paused_until.filter(|&p| p > now);
+                let server_free = match st.server {
+                    Some(ServerView {
+                        remaining: 0,
+                        reset_at: Some(at),
+                    }) => Some(at),
+                    Some(ServerView {
+                        remaining: 0,
+                        reset_at: None,
+                    }) => {
+                        // Spent, and Zendesk did not say until when: one probe finds out (a 429
+                        // brings an exact Retry-After).
+                        st.server = None;
+                        if st.probe == Probe::Closed {
+                            st.probe = Probe::Due;
+                        }
+                        None
+                    }
+                    _ => None,
+                };
                 for at in [
                     State::free_at(&st.sent, self.limit),
                     export
                         .then(|| State::free_at(&st.export_sent, self.export_limit))
                         .flatten(),
+                    server_free,
                 ]
                 .into_iter()
                 .flatten()
                 {
                     ready = Some(ready.map_or(at, |r| r.max(at)));
                 }
-                if ready.is_none() {
-                    st.sent.push_back(now);
-                    if export {
-                        st.export_sent.push_back(now);
+                match ready {
+                    Some(at) => Wait::Until(at),
+                    None if st.probe == Probe::InFlight => Wait::ForProbe,
+                    None => {
+                        let low = st.server.is_some_and(|v| v.remaining <= LOW_REMAINING);
+                        let probe = st.probe == Probe::Due || low;
+                        if probe {
+                            st.probe = Probe::InFlight;
+                        }
+                        st.sent.push_back(now);
+                        if export {
+                            st.export_sent.push_back(now);
+                        }
+                        if let Some(v) = &mut st.server {
+                            v.remaining = v.remaining.saturating_sub(1);
+                        }
+                        st.total_sent += 1;
+                        return Permit {
+                            budget: self,
+                            probe,
+                        };
                     }
-                    st.total_sent += 1;
                 }
-                ready
             };
             match wait {
-                None => return,
                 // A pause set while we sleep only moves the time later; the loop re-checks.
-                Some(at) => tokio::time::sleep_until(at).await,
+                Wait::Until(at) => tokio::time::sleep_until(at).await,
+                // The sender lives as long as `self`, so this only returns on an answer.
+                Wait::ForProbe => {
+                    let _ = answered.changed().await;
+                }
             }
+        }
+    }
+
+    fn resolve_probe(&self, outcome: Outcome) {
+        {
+            let mut st = self.state.lock();
+            let now = Instant::now();
+            st.probe = match outcome {
+                // A pause set by a request that was already out when the probe went keeps the
+                // budget half-open.
+                Outcome::Admitted if st.paused_until.is_none_or(|p| p <= now) => Probe::Closed,
+                _ => Probe::Due,
+            };
+        }
+        self.probe_answered.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Takes in what Zendesk's rate-limit headers say about the account (see the module docs).
+    pub fn observe(&self, h: RateLimitHeaders) {
+        let mut st = self.state.lock();
+        if let Some(l) = h.limit.filter(|&l| l > 0) {
+            st.account_limit = Some(l);
+        }
+        if let Some(remaining) = h.remaining {
+            st.server = Some(ServerView {
+                remaining,
+                reset_at: h.reset.map(|r| Instant::now() + r.min(WINDOW)),
+            });
         }
     }
 
@@ -190,6 +369,9 @@ impl Budget {
         let mut st = self.state.lock();
         if st.paused_until.is_none_or(|p| p < until) {
             st.paused_until = Some(until);
+        }
+        if st.probe == Probe::Closed {
+            st.probe = Probe::Due;
         }
     }
 
@@ -232,6 +414,7 @@ impl Budget {
                 .paused_until
                 .map_or(Duration::ZERO, |p| p.saturating_duration_since(now)),
             responses: st.responses.clone(),
+            account_limit: st.account_limit,
         }
     }
 }
@@ -424,6 +607,148 @@ mod tests {
         let res = tokio::time::timeout(Duration::from_secs(1), budget.acquire(false)).await;
         assert!(res.is_err());
         assert_eq!(budget.stats().total_sent, 1);
+    }
+
+    /// Starts a task that acquires and reports when it got its permit, holding the permit until
+    /// told how the request ended.
+    fn sender(
+        budget: &Arc<Budget>,
+    ) -> (
+        tokio::task::JoinHandle<()>,
+        tokio::sync::oneshot::Receiver<bool>,
+        tokio::sync::oneshot::Sender<Outcome>,
+    ) {
+        let (got_tx, got_rx) = tokio::sync::oneshot::channel();
+        let (out_tx, out_rx) = tokio::sync::oneshot::channel::<Outcome>();
+        let b = budget.clone();
+        let task = tokio::spawn(async move {
+            let permit = b.acquire(false).await;
+            let _ = got_tx.send(permit.is_probe());
+            if let Ok(o) = out_rx.await {
+                permit.finish(o);
+            }
+        });
+        (task, got_rx, out_tx)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_pause_one_probe_goes_first_and_success_releases_the_rest() {
+        let budget = Arc::new(Budget::new(100, 10));
+        let t0 = Instant::now();
+        budget.pause_until(t0 + Duration::from_secs(10));
+        let (probe, mut probe_got, probe_out) = sender(&budget);
+        tokio::task::yield_now().await;
+        let mut others: Vec<_> = (0..3).map(|_| sender(&budget)).collect();
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        assert_eq!((&mut probe_got).await, Ok(true), "the first waiter probes");
+        assert_eq!(budget.stats().total_sent, 1);
+        // However long the probe takes, nobody else goes.
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        for (_, got, _) in &mut others {
+            assert!(got.try_recv().is_err(), "sent while the probe was out");
+        }
+        probe_out.send(Outcome::Admitted).unwrap();
+        probe.await.unwrap();
+        for (task, got, out) in others {
+            assert_eq!(got.await, Ok(false), "released as ordinary requests");
+            out.send(Outcome::Admitted).unwrap();
+            task.await.unwrap();
+        }
+        assert_eq!(budget.stats().total_sent, 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_that_meets_a_429_pauses_again_and_the_next_one_probes() {
+        let budget = Arc::new(Budget::new(100, 10));
+        let t0 = Instant::now();
+        budget.pause_until(t0 + Duration::from_secs(5));
+        let (probe, probe_got, probe_out) = sender(&budget);
+        tokio::task::yield_now().await;
+        let (second, second_got, second_out) = sender(&budget);
+        assert_eq!(probe_got.await, Ok(true));
+        assert_eq!(Instant::now() - t0, Duration::from_secs(5));
+        // The probe's 429: the client pauses, then reports.
+        budget.pause_until(Instant::now() + Duration::from_secs(20));
+        probe_out.send(Outcome::RateLimited).unwrap();
+        probe.await.unwrap();
+        assert_eq!(second_got.await, Ok(true), "the next request probes again");
+        assert_eq!(Instant::now() - t0, Duration::from_secs(25));
+        second_out.send(Outcome::Admitted).unwrap();
+        second.await.unwrap();
+        // Closed again: requests go together.
+        let p1 = budget.acquire(false).await;
+        let p2 = budget.acquire(false).await;
+        assert!(!p1.is_probe() && !p2.is_probe());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_inconclusive_or_dropped_probe_hands_the_probe_to_the_next_waiter() {
+        let budget = Arc::new(Budget::new(100, 10));
+        budget.pause_until(Instant::now() + Duration::from_secs(1));
+        let first = budget.acquire(false).await;
+        assert!(first.is_probe());
+        let (t, got, out) = sender(&budget);
+        tokio::task::yield_now().await;
+        first.finish(Outcome::Unknown); // a 503 says nothing about the limit
+        assert_eq!(got.await, Ok(true));
+        let (t2, got2, _out2) = sender(&budget);
+        tokio::task::yield_now().await;
+        drop(out); // the caller was cancelled: its permit is dropped unreported
+        t.await.unwrap();
+        assert_eq!(got2.await, Ok(true));
+        t2.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn zendesk_headers_slow_us_down_before_a_429() {
+        let budget = Arc::new(Budget::new(100, 10));
+        // Another integration spent most of the account: 3 left, the window frees in 7 s.
+        budget.observe(RateLimitHeaders {
+            limit: Some(100),
+            remaining: Some(3),
+            reset: Some(Duration::from_secs(7)),
+        });
+        let t0 = Instant::now();
+        // Low: one at a time.
+        let p = budget.acquire(false).await;
+        assert!(p.is_probe());
+        let (t, mut got, out) = sender(&budget);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(
+            got.try_recv().is_err(),
+            "a second request went while one was out"
+        );
+        p.finish(Outcome::Admitted);
+        assert_eq!((&mut got).await, Ok(true));
+        out.send(Outcome::Admitted).unwrap();
+        t.await.unwrap();
+        budget.acquire(false).await.finish(Outcome::Admitted);
+        // All three used: the next waits for the reset Zendesk announced.
+        budget.acquire(false).await.finish(Outcome::Admitted);
+        assert_eq!(Instant::now() - t0, Duration::from_secs(7));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn spent_without_a_reset_sends_one_probe() {
+        let budget = Arc::new(Budget::new(100, 10));
+        budget.observe(RateLimitHeaders {
+            limit: Some(700),
+            remaining: Some(0),
+            reset: None,
+        });
+        let p = budget.acquire(false).await;
+        assert!(p.is_probe(), "nothing left and no reset: probe");
+        p.finish(Outcome::Admitted);
+        budget.observe(RateLimitHeaders {
+            limit: Some(700),
+            remaining: Some(200),
+            reset: None,
+        });
+        assert!(
+            !budget.acquire(false).await.is_probe(),
+            "plenty left: closed"
+        );
+        assert_eq!(budget.stats().account_limit, Some(700));
     }
 
     #[test]

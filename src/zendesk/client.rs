@@ -38,11 +38,12 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, de::DeserializeOwned};
 use serde_json::Value;
 
-use super::{Budget, ZendeskError, budget::NO_RESPONSE, models::*};
-use crate::{
-    config::{Config, ConfigError, Credentials},
-    phone::E164,
+use super::{
+    Budget, Rejection, ZendeskError,
+    budget::{NO_RESPONSE, Outcome, RateLimitHeaders},
+    models::*,
 };
+use crate::phone::E164;
 
 /// Where an export read starts: the first call of a cursor export takes a start time, later calls
 /// the cursor of the previous page.
@@ -63,6 +64,7 @@ pub enum Retry {
     Once,
 }
 
+/// The client's own options (the app's config converts into them: `Config::client_options`).
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
     /// `https://{subdomain}.zendesk.com` (or the simulator's loopback URL), no trailing slash.
@@ -75,16 +77,23 @@ pub struct ClientOptions {
     pub max_retries: u32,
 }
 
-impl ClientOptions {
-    pub fn from_config(cfg: &Config) -> Result<Self, ConfigError> {
-        Ok(Self {
-            base_url: cfg.zendesk.url.trim_end_matches('/').to_owned(),
-            credentials: cfg.credentials()?,
-            requests_per_minute: cfg.zendesk.requests_per_minute,
-            export_requests_per_minute: cfg.zendesk.export_requests_per_minute,
-            timeout: Duration::from_secs(cfg.zendesk.timeout_seconds),
-            max_retries: 3,
-        })
+/// How the client authenticates to Zendesk (ZENDESK.md §1). `Debug` never prints a token.
+#[derive(Clone)]
+pub enum Credentials {
+    /// `{email}/token` + API token, HTTP Basic.
+    ApiToken { email: String, token: SecretString },
+    /// OAuth bearer token.
+    OAuth { token: SecretString },
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::ApiToken { email, .. } => {
+                write!(f, "ApiToken {{ email: {email:?}, token: [REDACTED] }}")
+            }
+            Self::OAuth { .. } => f.write_str("OAuth { token: [REDACTED] }"),
+        }
     }
 }
 
@@ -144,7 +153,7 @@ impl Client {
     /// Builds the client. Fails (as [`ZendeskError::Permanent`] with status 0, nothing was sent) when
     /// the base URL is not an `http(s)` URL or the credentials cannot form a header.
     pub fn new(opts: ClientOptions) -> Result<Self, ZendeskError> {
-        let local = |message: String| ZendeskError::Permanent { status: 0, message };
+        let local = |message: String| ZendeskError::Local { message };
         let base_url = opts.base_url.trim_end_matches('/').to_owned();
         let parsed = Url::parse(&base_url)
             .map_err(|e| local(format!("zendesk base URL is not a URL: {e}")))?;
@@ -284,6 +293,7 @@ impl Client {
         if ids.len() > SHOW_MANY_MAX {
             return Err(ZendeskError::Permanent {
                 status: 400,
+                reason: Rejection::TooManyValues,
                 message: format!(
                     "TooManyValues: show_many takes at most {SHOW_MANY_MAX} ids, got {} (not sent)",
                     ids.len()
@@ -457,6 +467,7 @@ impl Client {
         if idempotency_key.is_empty() || idempotency_key.len() > 255 {
             return Err(ZendeskError::Permanent {
                 status: 400,
+                reason: Rejection::Other,
                 message: "Idempotency-Key must be 1 to 255 characters (not sent)".to_owned(),
             });
         }
@@ -523,19 +534,15 @@ impl Client {
     /// `base_url` + `path` (which may carry its own query string).
     fn api_url(&self, path: &str) -> Result<Url, ZendeskError> {
         if !path.starts_with("/api/v2/") {
-            return Err(ZendeskError::Permanent {
-                status: 0,
+            return Err(ZendeskError::Local {
                 message: format!(
                     "request path must start with /api/v2/ (got {:?}, not sent)",
                     endpoint_template(&Method::GET, path).trim_start_matches("GET ")
                 ),
             });
         }
-        Url::parse(&format!("{}{}", self.inner.base_url, path)).map_err(|e| {
-            ZendeskError::Permanent {
-                status: 0,
-                message: format!("invalid request path: {e} (not sent)"),
-            }
+        Url::parse(&format!("{}{}", self.inner.base_url, path)).map_err(|e| ZendeskError::Local {
+            message: format!("invalid request path: {e} (not sent)"),
         })
     }
 
@@ -624,8 +631,7 @@ impl Client {
     ) -> Result<T, ZendeskError> {
         let endpoint = endpoint_template(&method, url.path());
         let body = match body {
-            Some(v) => Some(serde_json::to_vec(v).map_err(|e| ZendeskError::Permanent {
-                status: 0,
+            Some(v) => Some(serde_json::to_vec(v).map_err(|e| ZendeskError::Local {
                 message: format!("cannot serialize the request body: {e} (not sent)"),
             })?),
             None => None,
@@ -639,8 +645,7 @@ impl Client {
                     headers.append(n, v);
                 }
                 _ => {
-                    return Err(ZendeskError::Permanent {
-                        status: 0,
+                    return Err(ZendeskError::Local {
                         message: "an extra header is not a valid HTTP header (not sent)".to_owned(),
                     });
                 }
@@ -656,7 +661,7 @@ impl Client {
         let mut transient_retries = 0u32;
         let mut rate_limit_retries = 0u32;
         loop {
-            self.inner.budget.acquire(export).await;
+            let permit = self.inner.budget.acquire(export).await;
             let mut req = self
                 .inner
                 .http
@@ -666,14 +671,21 @@ impl Client {
                 req = req.body(b.clone());
             }
             let err = match self.attempt::<T>(req, &endpoint).await {
-                Ok(v) => return Ok(v),
+                Ok(v) => {
+                    permit.finish(Outcome::Admitted);
+                    return Ok(v);
+                }
                 Err(e) => e,
             };
+            if let ZendeskError::RateLimited { retry_after } = &err.error {
+                // Paused before the probe (if this was one) is resolved, so nobody slips through.
+                self.inner
+                    .budget
+                    .pause_until(tokio::time::Instant::now() + *retry_after);
+            }
+            permit.finish(rate_limit_outcome(&err.error));
             match &err.error {
                 ZendeskError::RateLimited { retry_after } => {
-                    self.inner
-                        .budget
-                        .pause_until(tokio::time::Instant::now() + *retry_after);
                     if rate_limit_retries >= MAX_RATE_LIMIT_RETRIES {
                         return Err(err.error);
                     }
@@ -700,7 +712,9 @@ impl Client {
                     );
                     tokio::time::sleep(delay).await;
                 }
-                ZendeskError::Auth { .. } | ZendeskError::Permanent { .. } => {
+                ZendeskError::Auth { .. }
+                | ZendeskError::Permanent { .. }
+                | ZendeskError::Local { .. } => {
                     return Err(err.error);
                 }
             }
@@ -725,6 +739,12 @@ impl Client {
         };
         let status = resp.status();
         self.inner.budget.record_response(endpoint, status.as_u16());
+        if status != StatusCode::TOO_MANY_REQUESTS {
+            // A 429's own headers say "0 left" without a reset; its Retry-After governs instead.
+            self.inner
+                .budget
+                .observe(rate_limit_headers(resp.headers()));
+        }
         let retry_after = resp
             .headers()
             .get(header::RETRY_AFTER)
@@ -766,6 +786,7 @@ impl Client {
         }
         let code = status.as_u16();
         let message = self.scrub(&zendesk_message(&bytes, status));
+        let reason = rejection(code, &bytes);
         let error = match code {
             401 | 403 => ZendeskError::Auth {
                 status: code,
@@ -778,6 +799,7 @@ impl Client {
             },
             _ => ZendeskError::Permanent {
                 status: code,
+                reason,
                 message,
             },
         };
@@ -872,6 +894,42 @@ fn malformed(e: impl std::fmt::Display) -> ZendeskError {
     ZendeskError::Transient {
         status: None,
         message: format!("malformed response: {e}"),
+    }
+}
+
+/// What an attempt's end says about the account's rate limit (see [`Outcome`]).
+fn rate_limit_outcome(e: &ZendeskError) -> Outcome {
+    match e {
+        ZendeskError::RateLimited { .. } => Outcome::RateLimited,
+        // A 5xx or a timeout may come from before the limit is checked; a 409 or a cut 2xx
+        // passed it.
+        ZendeskError::Transient {
+            status: Some(s), ..
+        } if *s < 500 && *s != 408 => Outcome::Admitted,
+        ZendeskError::Transient { .. } => Outcome::Unknown,
+        _ => Outcome::Admitted,
+    }
+}
+
+/// Zendesk's rate-limit headers (ZENDESK.md §6); unreadable values count as absent.
+fn rate_limit_headers(h: &HeaderMap) -> RateLimitHeaders {
+    let num = |name: &str| -> Option<u32> {
+        h.get(name)?
+            .to_str()
+            .ok()?
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .map(|n| n.min(u64::from(u32::MAX)) as u32)
+    };
+    let min = |a: Option<u32>, b: Option<u32>| match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    RateLimitHeaders {
+        limit: min(num("ratelimit-limit"), num("x-rate-limit")),
+        remaining: min(num("ratelimit-remaining"), num("x-rate-limit-remaining")),
+        reset: num("ratelimit-reset").map(|s| Duration::from_secs(u64::from(s))),
     }
 }
 
@@ -1039,6 +1097,63 @@ fn json_message(obj: &serde_json::Map<String, Value>) -> Option<String> {
         message = parts.join("; ");
     }
     (!message.is_empty()).then_some(message)
+}
+
+/// What a 4xx means (ZENDESK.md §9), from the `error` code and `details`, never from the
+/// human-readable descriptions except the closed-ticket one, which carries no code of its own.
+fn rejection(status: u16, body: &[u8]) -> Rejection {
+    #[derive(Deserialize, Default)]
+    #[serde(default)]
+    struct Body {
+        error: Value,
+        details: serde_json::Map<String, Value>,
+    }
+    #[derive(Deserialize, Default)]
+    #[serde(default)]
+    struct Detail {
+        error: Option<String>,
+        description: Option<String>,
+    }
+    let body: Body = serde_json::from_slice(body).unwrap_or_default();
+    let code = body.error.as_str().unwrap_or("");
+    let details = |field: &str| -> Vec<Detail> {
+        match body.details.get(field) {
+            Some(Value::Array(items)) => items
+                .iter()
+                .filter_map(|i| serde_json::from_value(i.clone()).ok())
+                .collect(),
+            _ => Vec::new(),
+        }
+    };
+    if status == 404 || code == "RecordNotFound" {
+        return Rejection::NotFound;
+    }
+    match code {
+        "IdempotentRequestError" => return Rejection::IdempotencyConflict,
+        "TooManyValues" => return Rejection::TooManyValues,
+        _ => {}
+    }
+    if status == 422 {
+        let closed = details("status").iter().any(|d| {
+            d.description
+                .as_deref()
+                .is_some_and(|t| t.to_ascii_lowercase().contains("closed"))
+        });
+        if closed {
+            return Rejection::TicketClosed;
+        }
+        for field in body.details.keys() {
+            let duplicate = details(field)
+                .iter()
+                .any(|d| matches!(d.error.as_deref(), Some("DuplicateValue" | "taken")));
+            if duplicate {
+                return Rejection::Duplicate {
+                    field: field.clone(),
+                };
+            }
+        }
+    }
+    Rejection::Other
 }
 
 /// Plain text or an HTML error page, reduced to readable text.

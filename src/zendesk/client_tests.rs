@@ -573,7 +573,9 @@ async fn unprocessable_is_permanent_with_zendesks_message() {
         .await
         .unwrap_err();
     match &err {
-        ZendeskError::Permanent { status, message } => {
+        ZendeskError::Permanent {
+            status, message, ..
+        } => {
             assert_eq!(*status, 422);
             assert_eq!(
                 message,
@@ -694,7 +696,7 @@ async fn other_client_errors_are_permanent() {
         .await
         .unwrap_err();
     assert!(
-        matches!(&err, ZendeskError::Permanent { status: 400, message } if message.starts_with("IdempotentRequestError")),
+        matches!(&err, ZendeskError::Permanent { status: 400, message, .. } if message.starts_with("IdempotentRequestError")),
         "{err:?}"
     );
     let (url, s) = server(vec![
@@ -1042,10 +1044,8 @@ async fn generic_request_checks_its_inputs() {
     let bad: Result<Value, _> = c
         .request(Method::GET, "/users/1", None, &[], false, Retry::Idempotent)
         .await;
-    assert!(matches!(
-        bad,
-        Err(ZendeskError::Permanent { status: 0, .. })
-    ));
+    // A local failure is its own variant now, not a fake HTTP status 0 (issue 11 item 2).
+    assert!(matches!(bad, Err(ZendeskError::Local { .. })));
     let bad: Result<Value, _> = c
         .request(
             Method::GET,
@@ -1100,4 +1100,85 @@ fn endpoint_templates_have_no_ids() {
         t(Method::GET, "/api/v2/incremental/users/cursor"),
         "GET /api/v2/incremental/users/cursor"
     );
+}
+
+// ---- classification of refusals (issue 11 item 2) ----
+
+/// Bodies as Zendesk sends them (ZENDESK.md §9 and the threads it cites).
+#[test]
+fn refusals_are_classified_from_codes_and_details() {
+    let cases: &[(u16, &str, Rejection)] = &[
+        (
+            422,
+            r#"{"error":"RecordInvalid","description":"Record validation errors","details":{"email":[{"description":"Email: jo@example.com is already being used by another user","error":"DuplicateValue"}]}}"#,
+            Rejection::Duplicate {
+                field: "email".into(),
+            },
+        ),
+        (
+            422,
+            r#"{"error":"RecordInvalid","description":"Record validation errors","details":{"name":[{"description":"Name: has already been taken","error":"DuplicateValue"}]}}"#,
+            Rejection::Duplicate {
+                field: "name".into(),
+            },
+        ),
+        (
+            422,
+            r#"{"error":"RecordInvalid","description":"Record validation errors","details":{"status":[{"description":"Status closed prevents ticket update"}]}}"#,
+            Rejection::TicketClosed,
+        ),
+        (
+            404,
+            r#"{"error":"RecordNotFound","description":"Not found"}"#,
+            Rejection::NotFound,
+        ),
+        (
+            400,
+            r#"{"error":"IdempotentRequestError","description":"Request body does not match the original request"}"#,
+            Rejection::IdempotencyConflict,
+        ),
+        (
+            400,
+            r#"{"error":"TooManyValues","description":"Parameter  cannot specify more than 100 values","max_count":100}"#,
+            Rejection::TooManyValues,
+        ),
+        // Validation of another kind, a merge refusal with only `error`, and a body that is not
+        // JSON: nothing a caller acts on.
+        (
+            422,
+            r#"{"error":"RecordInvalid","description":"Record validation errors","details":{"phone":[{"description":"Phone: is invalid","error":"InvalidValue"}]}}"#,
+            Rejection::Other,
+        ),
+        (
+            422,
+            r#"{"error":"Merge refused: the user has a closed ticket"}"#,
+            Rejection::Other,
+        ),
+        (400, "<html>Bad Request</html>", Rejection::Other),
+    ];
+    for (status, body, want) in cases {
+        assert_eq!(&super::rejection(*status, body.as_bytes()), want, "{body}");
+    }
+}
+
+#[tokio::test]
+async fn a_duplicate_is_a_permanent_rejection_with_its_field() {
+    let (url, _script) = server(vec![Reply::Json(
+        422,
+        json!({"error": "RecordInvalid", "description": "Record validation errors",
+               "details": {"name": [{"description": "Name: has already been taken", "error": "DuplicateValue"}]}}),
+    )])
+    .await;
+    let err = client(&url)
+        .create_or_update_organization(json!({"name": "Acme", "external_id": "x"}))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.rejection(),
+        Some(&Rejection::Duplicate {
+            field: "name".into()
+        })
+    );
+    assert_eq!(err.status(), Some(422));
+    assert!(!err.is_retryable());
 }

@@ -8,8 +8,8 @@ pub mod budget;
 mod client;
 pub mod models;
 
-pub use budget::{Budget, BudgetStats};
-pub use client::{Client, ClientOptions, ExportStart, Retry};
+pub use budget::{Budget, BudgetStats, Outcome, Permit, RateLimitHeaders};
+pub use client::{Client, ClientOptions, Credentials, ExportStart, Retry};
 
 use std::time::Duration;
 
@@ -28,12 +28,49 @@ pub enum ZendeskError {
     /// 401/403: the credentials or the role are wrong. Not retried.
     #[error("Zendesk refused the credentials (HTTP {status}): {message}")]
     Auth { status: u16, message: String },
-    /// Any other 4xx: permanent. `message` is Zendesk's own text (error, description, details).
+    /// Any other 4xx: permanent. `reason` is what Zendesk's error code and `details` mean, read
+    /// once here; `message` is Zendesk's own text (error, description, details).
     #[error("Zendesk rejected the request (HTTP {status}): {message}")]
-    Permanent { status: u16, message: String },
+    Permanent {
+        status: u16,
+        reason: Rejection,
+        message: String,
+    },
+    /// Nothing was sent: the request could not be built (a bad base URL or path, an invalid
+    /// header, a body that does not serialize, an argument Zendesk would refuse). Not retried.
+    #[error("Zendesk request not sent: {message}")]
+    Local { message: String },
+}
+
+/// What a permanent refusal means to a caller, from Zendesk's error code and `details`
+/// (ZENDESK.md §9). Callers decide on this, never on the message text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rejection {
+    /// 422 `RecordInvalid` with a `details.<field>[].error` of `DuplicateValue` (or `taken`): the
+    /// value must be unique and another record has it (an email, an organization name).
+    Duplicate { field: String },
+    /// 422 on a closed ticket (`details.status[]`: "Status closed prevents ticket update"): only a
+    /// follow-up ticket can take the comment.
+    TicketClosed,
+    /// 404 (`RecordNotFound`): the record is gone or never was.
+    NotFound,
+    /// 400 `IdempotentRequestError`: the `Idempotency-Key` was used with another body.
+    IdempotencyConflict,
+    /// 400 `TooManyValues`.
+    TooManyValues,
+    /// Any other refusal; the message says what.
+    Other,
 }
 
 impl ZendeskError {
+    /// The meaning of a permanent refusal (`None` for any other error).
+    pub fn rejection(&self) -> Option<&Rejection> {
+        match self {
+            Self::Permanent { reason, .. } => Some(reason),
+            _ => None,
+        }
+    }
+
     pub fn is_retryable(&self) -> bool {
         matches!(self, Self::RateLimited { .. } | Self::Transient { .. })
     }
@@ -43,6 +80,7 @@ impl ZendeskError {
             Self::RateLimited { .. } => Some(429),
             Self::Transient { status, .. } => *status,
             Self::Auth { status, .. } | Self::Permanent { status, .. } => Some(*status),
+            Self::Local { .. } => None,
         }
     }
 }
