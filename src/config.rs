@@ -113,12 +113,19 @@ fn default_timeout() -> u64 {
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
     pub data_dir: PathBuf,
+    /// PostgreSQL shared by several replicas (DESIGN §8), e.g.
+    /// `postgres://deskline@db:5432/deskline`; unset = the embedded SQLite queue in `data_dir`.
+    pub postgres_url: Option<SecretString>,
+    /// The same URL read from a file (it carries a password).
+    pub postgres_url_file: Option<PathBuf>,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
         Self {
             data_dir: PathBuf::from("./deskline-data"),
+            postgres_url: None,
+            postgres_url_file: None,
         }
     }
 }
@@ -198,6 +205,8 @@ pub struct SyncConfig {
     pub fields: Vec<FieldMapping>,
     /// Template for new organizations' names; `{name}` is the user's name, `{phone}` the number.
     pub organization_name: String,
+    /// How long a replica's claim on a job lasts without renewal (PostgreSQL only, DESIGN §8).
+    pub lease_seconds: u64,
 }
 
 impl Default for SyncConfig {
@@ -212,6 +221,7 @@ impl Default for SyncConfig {
             time_zone: "Europe/Kyiv".into(),
             fields: Vec::new(),
             organization_name: "{name}".into(),
+            lease_seconds: 30,
         }
     }
 }
@@ -373,6 +383,12 @@ impl Config {
                 ));
             }
         }
+        if self.sync.lease_seconds < 2 {
+            return Err(key_err(
+                "sync.lease_seconds",
+                "must be at least 2 (the holder renews it every third of it)",
+            ));
+        }
         jiff::tz::TimeZone::get(&self.sync.time_zone).map_err(|_| {
             key_err(
                 "sync.time_zone",
@@ -503,6 +519,30 @@ impl Config {
                 "zendesk.token",
                 "missing: set zendesk.email with zendesk.token (or zendesk.token_file), or zendesk.oauth_token",
             )),
+        }
+    }
+
+    /// The PostgreSQL URL (`storage.postgres_url` or the file `storage.postgres_url_file`), or
+    /// `None` for the embedded SQLite store.
+    pub fn postgres_url(&self) -> Result<Option<SecretString>, ConfigError> {
+        let s = &self.storage;
+        match (&s.postgres_url, &s.postgres_url_file) {
+            (Some(_), Some(_)) => Err(key_err(
+                "storage.postgres_url",
+                "set postgres_url or postgres_url_file, not both",
+            )),
+            (Some(u), None) => Ok(Some(u.clone())),
+            (None, Some(p)) => {
+                let key = "storage.postgres_url_file";
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| key_err(key, format!("cannot read {}: {e}", p.display())))?;
+                let text = text.trim();
+                if text.is_empty() {
+                    return Err(key_err(key, format!("{} is empty", p.display())));
+                }
+                Ok(Some(SecretString::from(text.to_owned())))
+            }
+            (None, None) => Ok(None),
         }
     }
 

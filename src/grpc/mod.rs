@@ -80,7 +80,7 @@ pub struct ServiceState {
 
 /// What `ReportCall` and `GetCallStatus` need.
 pub struct SyncApi {
-    pub queue: crate::sync::Queue,
+    pub queue: crate::sync::JobStore,
     pub worker: crate::sync::WorkerHandle,
 }
 

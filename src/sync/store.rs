@@ -1,0 +1,374 @@
+//! The one queue abstraction the worker and the gRPC handlers use: [`JobStore`], over the embedded
+//! SQLite [`Queue`] (one replica) or the shared [`PgQueue`] (several replicas, DESIGN §8).
+//!
+//! An enum rather than a trait object: two closed variants, async methods without boxing, and
+//! every caller sees in one place where the two differ (leases and the spool exist only with
+//! PostgreSQL).
+//!
+//! # The spool (PostgreSQL down)
+//! With PostgreSQL, `ReportCall` must still accept while the database is unreachable. A report
+//! whose enqueue fails with [`crate::pg::PgError::Unavailable`] goes into a local SQLite spool
+//! (`data_dir/spool/queue.sqlite3`, the same durable file format as the embedded queue), and is
+//! acknowledged once committed there. [`JobStore::forward_spool`] moves spooled reports into
+//! PostgreSQL when it is back: insert (`ON CONFLICT (call_id) DO NOTHING`), then mark the spool row
+//! done; a crash in between re-sends it, and the conflict makes that harmless. The worker only
+//! ever claims from PostgreSQL, so a spooled report is synced once, after forwarding.
+//!
+//! `duplicate` while spooling is as right as this replica can know: a `call_id` already in the
+//! spool is a duplicate; one already in PostgreSQL (accepted before the outage, or by another
+//! replica) cannot be seen and is answered `duplicate = false`. When such a report is forwarded,
+//! PostgreSQL's copy wins (the first report wins) and the spooled one is dropped with a log line.
+//! With PostgreSQL up, a report whose `call_id` still waits in this replica's spool is answered
+//! `duplicate = true`. `GetCallStatus` answers `QUEUED` for a report still in the spool.
+
+use std::{
+    collections::BTreeMap,
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    CallReport, CallStatus, SyncState,
+    pg::{OwnColumn, PgQueue, PgQueueError},
+    queue::{Job, Progress, Queue, QueueError},
+};
+use crate::phone::E164;
+
+/// The spool's directory inside `storage.data_dir`.
+pub const SPOOL_DIR: &str = "spool";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Sqlite(#[from] QueueError),
+    #[error(transparent)]
+    Postgres(PgQueueError),
+    #[error("another replica took over the job (its lease ran out)")]
+    LeaseLost,
+    #[error("queue row {call_id:?} is unreadable: {message}")]
+    Corrupt { call_id: String, message: String },
+}
+
+impl From<PgQueueError> for StoreError {
+    fn from(e: PgQueueError) -> Self {
+        match e {
+            PgQueueError::LeaseLost => StoreError::LeaseLost,
+            PgQueueError::Corrupt { call_id, message } => StoreError::Corrupt { call_id, message },
+            other => StoreError::Postgres(other),
+        }
+    }
+}
+
+impl StoreError {
+    /// PostgreSQL cannot be reached right now (not a bug; it comes back).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Postgres(PgQueueError::Pg(e)) if e.is_unavailable())
+    }
+
+    fn corrupt(e: QueueError) -> StoreError {
+        match e {
+            QueueError::Corrupt { call_id, message } => StoreError::Corrupt { call_id, message },
+            other => StoreError::Sqlite(other),
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+/// Cheap to clone.
+#[derive(Clone, Debug)]
+pub enum JobStore {
+    Sqlite(Queue),
+    Postgres(Arc<Shared>),
+}
+
+/// PostgreSQL with its local spool.
+#[derive(Debug)]
+pub struct Shared {
+    pg: PgQueue,
+    spool: Queue,
+    /// Reports in the spool not yet forwarded (for the metric and to skip spool reads when 0).
+    spooled: AtomicU64,
+    /// Wakes the forwarder after a report was spooled.
+    spool_notify: Notify,
+}
+
+impl From<Queue> for JobStore {
+    fn from(q: Queue) -> Self {
+        JobStore::Sqlite(q)
+    }
+}
+
+impl JobStore {
+    /// PostgreSQL with its spool in `data_dir/spool`.
+    pub fn postgres(pg: PgQueue, data_dir: &Path) -> Result<Self> {
+        let spool = Queue::open(&data_dir.join(SPOOL_DIR))?;
+        Ok(JobStore::Postgres(Arc::new(Shared {
+            pg,
+            spool,
+            spooled: AtomicU64::new(u64::MAX),
+            spool_notify: Notify::new(),
+        })))
+    }
+
+    /// How often the holder of a claim must renew it; `None` when claims need no lease (SQLite).
+    pub fn renew_every(&self) -> Option<Duration> {
+        match self {
+            JobStore::Sqlite(_) => None,
+            JobStore::Postgres(s) => Some(s.pg.lease() / 3),
+        }
+    }
+
+    /// The longest the worker may sleep without looking at the queue: other replicas enqueue and
+    /// finish jobs without waking this one, so PostgreSQL is polled often.
+    pub fn max_idle(&self) -> Option<Duration> {
+        match self {
+            JobStore::Sqlite(_) => None,
+            JobStore::Postgres(_) => Some(Duration::from_millis(500)),
+        }
+    }
+
+    /// Stores the report; `true` when its `call_id` was already accepted (see the module doc
+    /// for what is knowable while PostgreSQL is down). Returns only after a commit.
+    pub async fn enqueue(&self, r: &CallReport) -> Result<bool> {
+        match self {
+            JobStore::Sqlite(q) => Ok(q.enqueue(r).await?),
+            JobStore::Postgres(s) => {
+                if s.spooled.load(Ordering::Relaxed) > 0
+                    && s.spool
+                        .status(&r.call_id)
+                        .await?
+                        .is_some_and(|st| st.state != SyncState::Done)
+                {
+                    return Ok(true);
+                }
+                match s.pg.enqueue(r).await {
+                    Ok(dup) => Ok(dup),
+                    Err(PgQueueError::Pg(e)) if e.is_unavailable() => {
+                        let dup = s.spool.enqueue(r).await?;
+                        if !dup {
+                            tracing::warn!(call_id = %r.call_id, error = %e, "PostgreSQL is unavailable: the report is spooled locally");
+                            s.spooled.fetch_add(1, Ordering::Relaxed);
+                            s.spool_notify.notify_one();
+                        }
+                        Ok(dup)
+                    }
+                    Err(e) => Err(e.into()),
+                }
+            }
+        }
+    }
+
+    pub async fn status(&self, call_id: &str) -> Result<Option<CallStatus>> {
+        match self {
+            JobStore::Sqlite(q) => Ok(q.status(call_id).await?),
+            JobStore::Postgres(s) => {
+                let found = s.pg.status(call_id).await;
+                if let Ok(Some(st)) = found {
+                    return Ok(Some(st));
+                }
+                match s.spool.status(call_id).await? {
+                    // Waiting in the spool: accepted, not yet in the shared queue.
+                    Some(st) if st.state != SyncState::Done => Ok(Some(CallStatus {
+                        state: SyncState::Queued,
+                        attempts: 0,
+                        last_error: String::new(),
+                        next_attempt_at: None,
+                        ..st
+                    })),
+                    _ => Ok(found?),
+                }
+            }
+        }
+    }
+
+    /// Jobs per state, every state present (for metrics).
+    pub async fn counts(&self) -> Result<BTreeMap<SyncState, u64>> {
+        match self {
+            JobStore::Sqlite(q) => Ok(q.counts().await?),
+            JobStore::Postgres(s) => Ok(s.pg.counts().await?),
+        }
+    }
+
+    /// Reports waiting in the local spool (0 without PostgreSQL).
+    pub async fn spooled(&self) -> Result<u64> {
+        match self {
+            JobStore::Sqlite(_) => Ok(0),
+            JobStore::Postgres(s) => {
+                let c = s.spool.counts().await?;
+                let n = c[&SyncState::Queued] + c[&SyncState::InProgress];
+                s.spooled.store(n, Ordering::Relaxed);
+                Ok(n)
+            }
+        }
+    }
+
+    pub(crate) async fn claim(&self) -> Result<Option<Job>> {
+        match self {
+            JobStore::Sqlite(q) => q.claim().await.map_err(StoreError::corrupt),
+            JobStore::Postgres(s) => Ok(s.pg.claim().await?),
+        }
+    }
+
+    /// Extends the claim's lease (no-op in SQLite); [`StoreError::LeaseLost`] if it is gone.
+    pub(crate) async fn renew(&self, job: &Job) -> Result<()> {
+        match self {
+            JobStore::Sqlite(_) => Ok(()),
+            JobStore::Postgres(s) => Ok(s.pg.renew(job).await?),
+        }
+    }
+
+    pub(crate) async fn save_progress(&self, job: &Job, p: &Progress) -> Result<()> {
+        match self {
+            JobStore::Sqlite(q) => Ok(q.save_progress(job.seq, p).await?),
+            JobStore::Postgres(s) => Ok(s.pg.save_progress(job, p).await?),
+        }
+    }
+
+    pub(crate) async fn finish(&self, job: &Job) -> Result<()> {
+        match self {
+            JobStore::Sqlite(q) => Ok(q.finish(job.seq).await?),
+            JobStore::Postgres(s) => Ok(s.pg.finish(job).await?),
+        }
+    }
+
+    pub(crate) async fn fail(&self, job: &Job, error: String) -> Result<()> {
+        match self {
+            JobStore::Sqlite(q) => Ok(q.fail(job.seq, error).await?),
+            JobStore::Postgres(s) => Ok(s.pg.fail(job, error).await?),
+        }
+    }
+
+    pub(crate) async fn retry_at(&self, job: &Job, at_ms: i64, error: String) -> Result<()> {
+        match self {
+            JobStore::Sqlite(q) => Ok(q.retry_at(job.seq, at_ms, error).await?),
+            JobStore::Postgres(s) => Ok(s.pg.retry_at(job, at_ms, error).await?),
+        }
+    }
+
+    pub(crate) async fn release(&self, job: &Job) -> Result<()> {
+        match self {
+            JobStore::Sqlite(q) => Ok(q.release(job.seq).await?),
+            JobStore::Postgres(s) => Ok(s.pg.release(job).await?),
+        }
+    }
+
+    pub(crate) async fn next_due_ms(&self) -> Result<Option<i64>> {
+        match self {
+            JobStore::Sqlite(q) => Ok(q.next_due_ms().await?),
+            JobStore::Postgres(s) => Ok(s.pg.next_due_ms().await?),
+        }
+    }
+
+    /// The user this deployment created for `phone`.
+    pub(crate) async fn own_user(&self, phone: E164) -> Result<Option<i64>> {
+        match self {
+            JobStore::Sqlite(q) => Ok(q.own_user(phone).await?),
+            JobStore::Postgres(s) => Ok(s.pg.own_user(phone).await?),
+        }
+    }
+
+    pub(crate) async fn remember_user(&self, phone: E164, user_id: i64) -> Result<()> {
+        match self {
+            JobStore::Sqlite(q) => Ok(q.remember_user(phone, user_id).await?),
+            JobStore::Postgres(s) => Ok(s.pg.remember(OwnColumn::User, phone, user_id).await?),
+        }
+    }
+
+    /// Records an organization or ticket this deployment created for `phone`, so the number's
+    /// next job finds it on any replica. SQLite needs no record: one process, one index, and
+    /// the index has every write of this process.
+    pub(crate) async fn remember_organization(&self, phone: E164, id: i64) -> Result<()> {
+        match self {
+            JobStore::Sqlite(_) => Ok(()),
+            JobStore::Postgres(s) => Ok(s.pg.remember(OwnColumn::Organization, phone, id).await?),
+        }
+    }
+
+    pub(crate) async fn remember_ticket(&self, phone: E164, id: i64) -> Result<()> {
+        match self {
+            JobStore::Sqlite(_) => Ok(()),
+            JobStore::Postgres(s) => Ok(s.pg.remember(OwnColumn::Ticket, phone, id).await?),
+        }
+    }
+
+    /// The ticket this deployment last created for `phone` (PostgreSQL only).
+    pub(crate) async fn own_ticket(&self, phone: E164) -> Result<Option<i64>> {
+        match self {
+            JobStore::Sqlite(_) => Ok(None),
+            JobStore::Postgres(s) => Ok(s.pg.own_ticket(phone).await?),
+        }
+    }
+
+    /// Moves spooled reports into PostgreSQL until `shutdown` (a no-op for SQLite). Each report
+    /// is inserted, then marked done in the spool; the worker is woken (`on_forward`) after each.
+    pub async fn forward_spool(
+        self,
+        shutdown: CancellationToken,
+        on_forward: impl Fn() + Send + Sync,
+    ) -> anyhow::Result<()> {
+        let JobStore::Postgres(s) = self else {
+            return Ok(());
+        };
+        let mut delay = Duration::from_millis(200);
+        loop {
+            let wait = match s.forward_one().await {
+                Ok(true) => {
+                    on_forward();
+                    delay = Duration::from_millis(200);
+                    continue;
+                }
+                Ok(false) => {
+                    s.spooled.store(0, Ordering::Relaxed);
+                    Duration::from_secs(5)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "spooled reports cannot be forwarded yet");
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                    delay
+                }
+            };
+            tokio::select! {
+                () = s.spool_notify.notified() => {}
+                () = tokio::time::sleep(wait) => {}
+                () = shutdown.cancelled() => return Ok(()),
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// Forwards one spooled report; `false` when the spool is empty.
+    async fn forward_one(&self) -> Result<bool> {
+        let Some(job) = self.spool.claim().await.map_err(StoreError::corrupt)? else {
+            return Ok(false);
+        };
+        match self.pg.enqueue(&job.report).await {
+            Ok(dup) => {
+                if dup {
+                    tracing::warn!(call_id = %job.report.call_id, "a spooled report was already in PostgreSQL: the first report wins, the spooled one is dropped");
+                } else {
+                    tracing::info!(call_id = %job.report.call_id, "a spooled report moved to PostgreSQL");
+                }
+                self.spool.finish(job.seq).await?;
+                let _ = self
+                    .spooled
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                        Some(n.saturating_sub(1))
+                    });
+                Ok(true)
+            }
+            Err(e) => {
+                self.spool.release(job.seq).await?;
+                Err(e.into())
+            }
+        }
+    }
+}
