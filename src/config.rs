@@ -263,13 +263,14 @@ const UTM_KEYS: [&str; 5] = [
 
 /// Keys whose environment values are not plain strings.
 const ARRAY_KEYS: [&str; 3] = ["server.tokens", "sync.create", "sync.fields"];
-const SCALAR_KEYS: [&str; 7] = [
+const SCALAR_KEYS: [&str; 8] = [
     "zendesk.requests_per_minute",
     "zendesk.export_requests_per_minute",
     "zendesk.timeout_seconds",
     "index.poll_seconds",
     "sync.talk_app_id",
     "sync.comment_public",
+    "sync.lease_seconds",
     "routing.directory",
 ];
 
@@ -687,6 +688,56 @@ mod tests {
         assert!(
             matches!(c.credentials().unwrap(), Credentials::ApiToken { token, .. } if token.expose_secret() == "123456789")
         );
+    }
+
+    #[test]
+    fn postgres_url_and_lease() {
+        let c = load(MIN, &[]).unwrap();
+        assert!(c.postgres_url().unwrap().is_none(), "SQLite by default");
+        assert_eq!(c.sync.lease_seconds, 30);
+        let c = load(
+            MIN,
+            &[
+                (
+                    "DESKLINE_STORAGE__POSTGRES_URL",
+                    "postgres://deskline:pw-9f3@db:5432/deskline",
+                ),
+                ("DESKLINE_SYNC__LEASE_SECONDS", "10"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            c.postgres_url().unwrap().unwrap().expose_secret(),
+            "postgres://deskline:pw-9f3@db:5432/deskline"
+        );
+        assert_eq!(c.sync.lease_seconds, 10);
+        assert!(!format!("{c:?}").contains("pw-9f3"), "the URL is a secret");
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pg-url");
+        std::fs::write(&file, "postgres://x@y/z\n").unwrap();
+        let with_file = format!(
+            "{MIN}\n[storage]\npostgres_url_file = \"{}\"\n",
+            file.display()
+        );
+        let c = load(&with_file, &[]).unwrap();
+        assert_eq!(
+            c.postgres_url().unwrap().unwrap().expose_secret(),
+            "postgres://x@y/z"
+        );
+        let both = load(
+            &with_file,
+            &[("DESKLINE_STORAGE__POSTGRES_URL", "postgres://a@b/c")],
+        )
+        .unwrap();
+        assert!(
+            both.postgres_url()
+                .unwrap_err()
+                .to_string()
+                .starts_with("storage.postgres_url:")
+        );
+        let err = load(MIN, &[("DESKLINE_SYNC__LEASE_SECONDS", "1")]).unwrap_err();
+        assert!(err.to_string().starts_with("sync.lease_seconds:"), "{err}");
     }
 
     #[test]

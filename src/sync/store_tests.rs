@@ -489,3 +489,43 @@ async fn postgres_down_reports_are_spooled_and_forwarded_once() {
         ]
     );
 }
+
+/// `deskline check` reads the schema version without changing it: a fresh schema is "missing" its
+/// steps (the next `serve` migrates), a migrated one is current.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_check_reports_reachability_and_schema_version() {
+    let Some(schema) = TestSchema::new().await else {
+        return;
+    };
+    let config = |url: &str| {
+        crate::config::Config::from_toml_and_env(
+            &format!(
+                "[zendesk]\nurl = \"https://acme.zendesk.com\"\nemail = \"ops@acme.com\"\ntoken = \"t0ken-value\"\n\
+                 [storage]\npostgres_url = \"{url}\"\n"
+            ),
+            std::path::Path::new("t.toml"),
+            std::iter::empty(),
+        )
+        .unwrap()
+    };
+    let text = |c| async move {
+        crate::check::storage(&c)
+            .await
+            .iter()
+            .map(|f| f.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let before = text(config(&schema.url())).await;
+    assert!(before.contains("schema version 0 of 1"), "{before}");
+    let _pool = schema.pool().await;
+    let after = text(config(&schema.url())).await;
+    assert!(
+        after.starts_with("note: PostgreSQL reachable; schema version 1 (current)"),
+        "{after}"
+    );
+    // Migrating again changes nothing.
+    assert_eq!(crate::pg::migrate(&_pool).await.unwrap(), 0);
+    let down = text(config("postgres://postgres@127.0.0.1:1/test")).await;
+    assert!(down.starts_with("problem: storage.postgres_url:"), "{down}");
+}
