@@ -267,15 +267,6 @@ impl Service {
                 spawn_named("sync", worker.run(stop_background.clone())),
             ),
             (
-                "spool",
-                spawn_named("spool", {
-                    let handle = worker_handle.clone();
-                    queue
-                        .clone()
-                        .forward_spool(stop_background.clone(), move || handle.notify())
-                }),
-            ),
-            (
                 "health",
                 spawn_named(
                     "health",
@@ -283,6 +274,19 @@ impl Service {
                 ),
             ),
         ];
+        if matches!(queue, crate::sync::JobStore::Postgres(_)) {
+            // Only with PostgreSQL: a background task that ends counts as a failure of the service.
+            let handle = worker_handle.clone();
+            background.push((
+                "spool",
+                spawn_named(
+                    "spool",
+                    queue
+                        .clone()
+                        .forward_spool(stop_background.clone(), move || handle.notify()),
+                ),
+            ));
+        }
         if let Some(listener) = metrics_listener {
             // Stopped with the background tasks, so a scrape during shutdown still answers.
             let (metrics, stop) = (metrics.clone(), stop_background.clone());

@@ -183,7 +183,9 @@ impl JobStore {
                         next_attempt_at: None,
                         ..st
                     })),
-                    _ => Ok(found?),
+                    // Forwarded between the two reads: PostgreSQL has it now.
+                    Some(_) => Ok(s.pg.status(call_id).await?),
+                    None => Ok(found?),
                 }
             }
         }
