@@ -437,6 +437,7 @@ async fn open_store(
     );
     let pg = crate::sync::PgQueue::new(pool, Duration::from_secs(config.sync.lease_seconds), owner);
     crate::sync::JobStore::postgres(pg, data_dir)
+        .await
         .context("cannot open the local spool in storage.data_dir")
 }
 

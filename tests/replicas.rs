@@ -464,5 +464,23 @@ async fn postgres_unreachable_mid_load_spools_and_forwards_without_loss_or_dupli
         "the reports of the two phases during the outage went through the spool"
     );
     assert_synced_once(&sim, &numbers, &ids);
+    // Each number's calls landed in the order they were reported, through the outage.
+    for (i, n) in numbers.iter().enumerate() {
+        let digits = n.trim_start_matches('+').to_owned();
+        let order: Vec<String> = sim.with_store(|s| {
+            let user = s.find_users_by_phone_digits(&digits)[0];
+            let ticket = s.tickets_of_requester(user)[0];
+            s.comments(ticket)
+                .into_iter()
+                .filter_map(|c| {
+                    let body = c.body.or(c.plain_body).unwrap_or_default();
+                    body.lines()
+                        .find_map(|l| l.trim().strip_prefix("Call ID: ").map(str::to_owned))
+                })
+                .collect()
+        });
+        let expected: Vec<String> = (0..3).map(|p| format!("p{p}-{i}")).collect();
+        assert_eq!(order, expected, "{n}");
+    }
     sim.shutdown().await;
 }

@@ -14,12 +14,16 @@
 //! done; a crash in between re-sends it, and the conflict makes that harmless. The worker only
 //! ever claims from PostgreSQL, so a spooled report is synced once, after forwarding.
 //!
+//! While the spool holds reports, new reports go into it too, behind them (until the forwarder
+//! finds it empty): the forwarder moves them in order, so a number's reports keep their order
+//! through an outage, and a PostgreSQL that hangs rather than refuses costs one timeout, not one
+//! per report.
+//!
 //! `duplicate` while spooling is as right as this replica can know: a `call_id` already in the
 //! spool is a duplicate; one already in PostgreSQL (accepted before the outage, or by another
 //! replica) cannot be seen and is answered `duplicate = false`. When such a report is forwarded,
 //! PostgreSQL's copy wins (the first report wins) and the spooled one is dropped with a log line.
-//! With PostgreSQL up, a report whose `call_id` still waits in this replica's spool is answered
-//! `duplicate = true`. `GetCallStatus` answers `QUEUED` for a report still in the spool.
+//! `GetCallStatus` answers `QUEUED` for a report still in the spool.
 
 use std::{
     collections::BTreeMap,
@@ -96,6 +100,10 @@ pub struct Shared {
     spool: Queue,
     /// Reports in the spool not yet forwarded (for the metric and to skip spool reads when 0).
     spooled: AtomicU64,
+    /// Held while a report is spooled and while the forwarder decides the spool is empty, so
+    /// "empty" is never declared with a report being added (which would let a later report of
+    /// the same number overtake it into PostgreSQL).
+    spool_gate: tokio::sync::Mutex<()>,
     /// Wakes the forwarder after a report was spooled.
     spool_notify: Notify,
 }
@@ -108,12 +116,15 @@ impl From<Queue> for JobStore {
 
 impl JobStore {
     /// PostgreSQL with its spool in `data_dir/spool`.
-    pub fn postgres(pg: PgQueue, data_dir: &Path) -> Result<Self> {
+    pub async fn postgres(pg: PgQueue, data_dir: &Path) -> Result<Self> {
         let spool = Queue::open(&data_dir.join(SPOOL_DIR))?;
+        // A spool left by a previous run is drained before new reports bypass it.
+        let left = spool.counts().await?[&SyncState::Queued];
         Ok(JobStore::Postgres(Arc::new(Shared {
             pg,
             spool,
-            spooled: AtomicU64::new(u64::MAX),
+            spooled: AtomicU64::new(left),
+            spool_gate: tokio::sync::Mutex::new(()),
             spool_notify: Notify::new(),
         })))
     }
@@ -141,24 +152,17 @@ impl JobStore {
         match self {
             JobStore::Sqlite(q) => Ok(q.enqueue(r).await?),
             JobStore::Postgres(s) => {
-                if s.spooled.load(Ordering::Relaxed) > 0
-                    && s.spool
-                        .status(&r.call_id)
-                        .await?
-                        .is_some_and(|st| st.state != SyncState::Done)
-                {
-                    return Ok(true);
+                // While the spool holds reports, new ones queue behind them: the forwarder keeps
+                // their order (so a number's reports stay in order), and a PostgreSQL that hangs
+                // costs one timeout, not one per report.
+                if s.spooled.load(Ordering::Acquire) > 0 {
+                    return s.spool_report(r, "reports are waiting in the spool").await;
                 }
                 match s.pg.enqueue(r).await {
                     Ok(dup) => Ok(dup),
                     Err(PgQueueError::Pg(e)) if e.is_unavailable() => {
-                        let dup = s.spool.enqueue(r).await?;
-                        if !dup {
-                            tracing::warn!(call_id = %r.call_id, error = %e, "PostgreSQL is unavailable: the report is spooled locally");
-                            s.spooled.fetch_add(1, Ordering::Relaxed);
-                            s.spool_notify.notify_one();
-                        }
-                        Ok(dup)
+                        s.spool_report(r, &format!("PostgreSQL is unavailable: {e}"))
+                            .await
                     }
                     Err(e) => Err(e.into()),
                 }
@@ -205,9 +209,7 @@ impl JobStore {
             JobStore::Sqlite(_) => Ok(0),
             JobStore::Postgres(s) => {
                 let c = s.spool.counts().await?;
-                let n = c[&SyncState::Queued] + c[&SyncState::InProgress];
-                s.spooled.store(n, Ordering::Relaxed);
-                Ok(n)
+                Ok(c[&SyncState::Queued] + c[&SyncState::InProgress])
             }
         }
     }
@@ -327,10 +329,7 @@ impl JobStore {
                     delay = Duration::from_millis(200);
                     continue;
                 }
-                Ok(false) => {
-                    s.spooled.store(0, Ordering::Relaxed);
-                    Duration::from_secs(5)
-                }
+                Ok(false) => Duration::from_secs(5),
                 Err(e) => {
                     tracing::warn!(error = %e, "spooled reports cannot be forwarded yet");
                     delay = (delay * 2).min(Duration::from_secs(2));
@@ -347,9 +346,29 @@ impl JobStore {
 }
 
 impl Shared {
+    /// Accepts `r` into the spool; `true` when the spool already has its `call_id`.
+    async fn spool_report(&self, r: &CallReport, why: &str) -> Result<bool> {
+        let _gate = self.spool_gate.lock().await;
+        let dup = self.spool.enqueue(r).await?;
+        if !dup {
+            tracing::warn!(call_id = %r.call_id, why, "the report is spooled locally");
+            self.spooled.fetch_add(1, Ordering::AcqRel);
+            self.spool_notify.notify_one();
+        }
+        Ok(dup)
+    }
+
     /// Forwards one spooled report; `false` when the spool is empty.
     async fn forward_one(&self) -> Result<bool> {
-        let Some(job) = self.spool.claim().await.map_err(StoreError::corrupt)? else {
+        let claimed = {
+            let _gate = self.spool_gate.lock().await;
+            let claimed = self.spool.claim().await.map_err(StoreError::corrupt)?;
+            if claimed.is_none() {
+                self.spooled.store(0, Ordering::Release);
+            }
+            claimed
+        };
+        let Some(job) = claimed else {
             return Ok(false);
         };
         match self.pg.enqueue(&job.report).await {
@@ -360,11 +379,6 @@ impl Shared {
                     tracing::info!(call_id = %job.report.call_id, "a spooled report moved to PostgreSQL");
                 }
                 self.spool.finish(job.seq).await?;
-                let _ = self
-                    .spooled
-                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                        Some(n.saturating_sub(1))
-                    });
                 Ok(true)
             }
             Err(e) => {

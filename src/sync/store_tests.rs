@@ -55,7 +55,7 @@ impl Backend {
 
     /// A store over the same data, as a (re)started process sees it: SQLite reopens the file
     /// (which re-queues interrupted jobs), PostgreSQL starts another replica.
-    fn open(&self) -> JobStore {
+    async fn open(&self) -> JobStore {
         let n = self.replicas.fetch_add(1, Ordering::Relaxed);
         match &self.pg {
             None => {
@@ -69,15 +69,16 @@ impl Backend {
                 PgQueue::new(pool.clone(), LEASE, format!("test-replica-{n}")),
                 &self.dir.path().join(format!("replica-{n}")),
             )
+            .await
             .unwrap(),
         }
     }
 
     /// Another replica running beside `first` (SQLite: the same handle, one process).
-    fn replica(&self, first: &JobStore) -> JobStore {
+    async fn replica(&self, first: &JobStore) -> JobStore {
         match &self.pg {
             None => first.clone(),
-            Some(_) => self.open(),
+            Some(_) => self.open().await,
         }
     }
 }
@@ -132,7 +133,7 @@ suite!(
 );
 
 async fn duplicate_call_id_changes_nothing(b: Backend) {
-    let q = b.open();
+    let q = b.open().await;
     let first = report("c1", 380441234567);
     assert!(!q.enqueue(&first).await.unwrap());
     let mut second = report("c1", 380501112233);
@@ -148,7 +149,7 @@ async fn duplicate_call_id_changes_nothing(b: Backend) {
 
 async fn reports_survive_reopen_and_an_interrupted_job_resumes_from_its_steps(b: Backend) {
     {
-        let q = b.open();
+        let q = b.open().await;
         q.enqueue(&report("c1", 380441234567)).await.unwrap();
         q.enqueue(&report("c2", 380441234568)).await.unwrap();
         let job = q.claim().await.unwrap().unwrap();
@@ -160,7 +161,7 @@ async fn reports_survive_reopen_and_an_interrupted_job_resumes_from_its_steps(b:
         q.save_progress(&job, &p).await.unwrap();
         // Dropped without finishing or renewing: a crash.
     }
-    let q = b.open();
+    let q = b.open().await;
     let st = q.status("c1").await.unwrap().unwrap();
     assert_eq!((st.attempts, st.user_id, st.created_user), (1, 7, true));
     // c2 was never claimed; c1 comes back: at once in SQLite (reopen re-queues it), after its
@@ -194,7 +195,7 @@ async fn reports_survive_reopen_and_an_interrupted_job_resumes_from_its_steps(b:
 }
 
 async fn state_machine(b: Backend) {
-    let q = b.open();
+    let q = b.open().await;
     for (i, id) in ["a", "b", "c"].iter().enumerate() {
         q.enqueue(&report(id, 380441234560 + i as u64))
             .await
@@ -249,7 +250,7 @@ async fn state_machine(b: Backend) {
 }
 
 async fn one_job_per_number_at_a_time(b: Backend) {
-    let q = b.open();
+    let q = b.open().await;
     q.enqueue(&report("n1-a", 380441234567)).await.unwrap();
     q.enqueue(&report("n1-b", 380441234567)).await.unwrap();
     q.enqueue(&report("n2-a", 380501112233)).await.unwrap();
@@ -259,7 +260,7 @@ async fn one_job_per_number_at_a_time(b: Backend) {
     assert_eq!(second.report.call_id, "n2-a", "n1-b waits for n1-a");
     assert!(q.claim().await.unwrap().is_none());
     // Nor can another replica take it.
-    let r2 = b.replica(&q);
+    let r2 = b.replica(&q).await;
     assert!(r2.claim().await.unwrap().is_none());
     q.finish(&first).await.unwrap();
     let third = r2.claim().await.unwrap().unwrap();
@@ -270,7 +271,7 @@ async fn one_job_per_number_at_a_time(b: Backend) {
 /// overtake it (it could create a second ticket, or reuse the first job's possibly created one
 /// and comment twice).
 async fn a_retrying_job_keeps_later_jobs_of_its_number_waiting(b: Backend) {
-    let q = b.open();
+    let q = b.open().await;
     q.enqueue(&report("n1-a", 380441234567)).await.unwrap();
     q.enqueue(&report("n1-b", 380441234567)).await.unwrap();
     let first = q.claim().await.unwrap().unwrap();
@@ -293,19 +294,19 @@ async fn a_retrying_job_keeps_later_jobs_of_its_number_waiting(b: Backend) {
 async fn own_users_survive_reopen(b: Backend) {
     let phone = E164::from_digits(380441234567).unwrap();
     {
-        let q = b.open();
+        let q = b.open().await;
         assert_eq!(q.own_user(phone).await.unwrap(), None);
         q.remember_user(phone, 42).await.unwrap();
     }
-    let q = b.open();
+    let q = b.open().await;
     assert_eq!(q.own_user(phone).await.unwrap(), Some(42));
 }
 
 async fn concurrent_enqueue_of_one_id_stores_one_job(b: Backend) {
-    let first = b.open();
+    let first = b.open().await;
     let mut tasks = Vec::new();
     for _ in 0..8 {
-        let q = b.replica(&first);
+        let q = b.replica(&first).await;
         tasks.push(tokio::spawn(async move {
             q.enqueue(&report("same", 380441234567)).await.unwrap()
         }));
@@ -323,7 +324,7 @@ async fn concurrent_enqueue_of_one_id_stores_one_job(b: Backend) {
 /// Several claimers at once (replicas with PostgreSQL): every job is taken exactly once, jobs of
 /// one number strictly one after the other and in order.
 async fn concurrent_claims_take_each_job_once_and_each_number_once(b: Backend) {
-    let first = b.open();
+    let first = b.open().await;
     let numbers = 6u64;
     let per_number = 5u64;
     for k in 0..per_number {
@@ -338,7 +339,7 @@ async fn concurrent_claims_take_each_job_once_and_each_number_once(b: Backend) {
     let done = std::sync::Arc::new(parking_lot::Mutex::new(Vec::<String>::new()));
     let mut tasks = Vec::new();
     for _ in 0..4 {
-        let q = b.replica(&first);
+        let q = b.replica(&first).await;
         let (busy, done) = (busy.clone(), done.clone());
         tasks.push(tokio::spawn(async move {
             let mut idle = 0;
@@ -387,8 +388,8 @@ async fn postgres_a_lost_lease_fences_the_old_holder() {
     let Some(b) = Backend::postgres().await else {
         return;
     };
-    let a = b.open();
-    let r2 = b.open();
+    let a = b.open().await;
+    let r2 = b.open().await;
     a.enqueue(&report("c1", 380441234567)).await.unwrap();
     let old = a.claim().await.unwrap().unwrap();
     a.renew(&old).await.unwrap();
@@ -435,7 +436,9 @@ async fn postgres_down_reports_are_spooled_and_forwarded_once() {
     let dir = tempfile::tempdir().unwrap();
     let pool =
         crate::pg::pool(&secrecy::SecretString::from(schema.url_via(proxy.addr)), 4).unwrap();
-    let q = JobStore::postgres(PgQueue::new(pool, LEASE, "spooler"), dir.path()).unwrap();
+    let q = JobStore::postgres(PgQueue::new(pool, LEASE, "spooler"), dir.path())
+        .await
+        .unwrap();
     // Accepted before the outage.
     assert!(!q.enqueue(&report("before", 380441234567)).await.unwrap());
 
@@ -471,6 +474,7 @@ async fn postgres_down_reports_are_spooled_and_forwarded_once() {
         PgQueue::new(schema.pool().await, LEASE, "checker"),
         &dir.path().join("checker"),
     )
+    .await
     .unwrap();
     let counts = direct.counts().await.unwrap();
     assert_eq!(counts[&SyncState::Queued], 3, "before, s1, s2: once each");
