@@ -9,7 +9,7 @@
 //!
 //! # Migrations
 //! [`MIGRATIONS`] is an append-only list of named steps. At start every replica runs [`migrate`]:
-//! one transaction that first takes `pg_advisory_xact_lock(MIGRATION_LOCK)`, so replicas starting
+//! one transaction that first takes `pg_advisory_xact_lock` ([`LOCK_NAMESPACE`], per schema), so replicas starting
 //! together apply each step exactly once (the others wait for the lock, then find the steps
 //! recorded in `deskline_migrations`). A step is never edited once released; later work appends
 //! its own. A database migrated by a newer release (names this binary does not know) is accepted
@@ -26,8 +26,10 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use secrecy::{ExposeSecret, SecretString};
 use tokio_postgres::NoTls;
 
-/// Key of the advisory lock held while migrating ("DLMIGRAT" as ASCII bytes).
-pub const MIGRATION_LOCK: i64 = 0x444c_4d49_4752_4154;
+/// First key of the advisory lock held while migrating (`'DSKL'`, the namespace `cluster` uses
+/// too); the second is `hashtext(current_schema() || ':migrations')`, so two schemas (two accounts,
+/// or two tests) migrate without waiting for each other.
+pub const LOCK_NAMESPACE: i32 = 0x4453_4b4c;
 
 /// The longest any single store operation may take before PostgreSQL counts as unavailable.
 pub const OP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -147,8 +149,11 @@ pub async fn migrate(pool: &Pool) -> Result<usize, PgError> {
     timed(async {
         let mut client = pool.get().await?;
         let tx = client.transaction().await?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
-            .await?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock($1, hashtext(current_schema() || ':migrations'))",
+            &[&LOCK_NAMESPACE],
+        )
+        .await?;
         tx.batch_execute(
             "CREATE TABLE IF NOT EXISTS deskline_migrations (
                  name       TEXT PRIMARY KEY,

@@ -533,3 +533,27 @@ async fn postgres_check_reports_reachability_and_schema_version() {
     let down = text(config("postgres://postgres@127.0.0.1:1/test")).await;
     assert!(down.starts_with("problem: storage.postgres_url:"), "{down}");
 }
+
+/// Replicas starting together: every one migrates at once, each step is applied exactly once and
+/// none fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_concurrent_migrations_apply_each_step_once() {
+    let Some(schema) = TestSchema::new().await else {
+        return;
+    };
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let pool = crate::pg::pool(&schema.secret_url(), 2).unwrap();
+        tasks.push(tokio::spawn(async move {
+            crate::pg::migrate(&pool).await.unwrap()
+        }));
+    }
+    let mut applied = 0;
+    for t in tasks {
+        applied += t.await.unwrap();
+    }
+    assert_eq!(applied, crate::pg::MIGRATIONS.len());
+    let pool = crate::pg::pool(&schema.secret_url(), 1).unwrap();
+    let v = crate::pg::schema_version(&pool).await.unwrap();
+    assert!(v.missing.is_empty() && v.newer.is_empty(), "{v:?}");
+}
