@@ -23,7 +23,8 @@
 //! spool is a duplicate; one already in PostgreSQL (accepted before the outage, or by another
 //! replica) cannot be seen and is answered `duplicate = false`. When such a report is forwarded,
 //! PostgreSQL's copy wins (the first report wins) and the spooled one is dropped with a log line.
-//! `GetCallStatus` answers `QUEUED` for a report still in the spool.
+//! `GetCallStatus` answers `QUEUED` for a report still in this replica's spool; another replica
+//! cannot see it (`NOT_FOUND`) until it is forwarded.
 
 use std::{
     collections::BTreeMap,
