@@ -103,7 +103,7 @@ fn bench(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let queue = queue_with_history(dir.path());
     let index: SharedIndex = Arc::new(parking_lot::RwLock::new(Index::new()));
-    let metrics = Metrics::new(index, None, Some(queue.clone()));
+    let metrics = Metrics::new(index, None, Some(queue.clone().into()));
     let old = rusqlite::Connection::open(queue.path()).unwrap();
 
     // The counters agree with the history before anything is timed.

@@ -271,8 +271,7 @@ impl Service {
         // `ready` turns true once health says SERVING (at once when the snapshot was complete).
         let (ready_tx, ready) = watch::channel(*loaded.borrow());
 
-        let queue = crate::sync::Queue::open(&data_dir)
-            .context("cannot open the call queue in storage.data_dir")?;
+        let queue = open_store(&config, &data_dir, addr).await?;
         let worker = crate::sync::Worker::new(
             queue.clone(),
             client.clone(),
@@ -314,6 +313,16 @@ impl Service {
                 stop_background.clone(),
             ),
         );
+        if matches!(queue, crate::sync::JobStore::Postgres(_)) {
+            // Only with PostgreSQL: a background task that ends counts as a failure of the service.
+            let handle = worker_handle.clone();
+            tasks.spawn(
+                "spool",
+                queue
+                    .clone()
+                    .forward_spool(stop_background.clone(), move || handle.notify()),
+            );
+        }
         if let Some(listener) = metrics_listener {
             // Stopped with the background tasks, so a scrape during shutdown still answers.
             let (metrics, stop) = (metrics.clone(), stop_background.clone());
@@ -572,6 +581,41 @@ impl Ended {
             _ => Err(self.failure()),
         }
     }
+}
+
+/// The call queue: PostgreSQL (migrated now, with the spool in `data_dir`) when
+/// `storage.postgres_url` is set, else the embedded SQLite queue in `data_dir`. A replica needs
+/// PostgreSQL to start; one already running rides out an outage on its spool.
+async fn open_store(
+    config: &Config,
+    data_dir: &std::path::Path,
+    addr: SocketAddr,
+) -> anyhow::Result<crate::sync::JobStore> {
+    let Some(url) = config.postgres_url()? else {
+        let queue = crate::sync::Queue::open(data_dir)
+            .context("cannot open the call queue in storage.data_dir")?;
+        return Ok(queue.into());
+    };
+    let pool = crate::pg::pool(&url, 16)?;
+    let applied = crate::pg::migrate(&pool)
+        .await
+        .context("storage.postgres_url: cannot prepare the database schema")?;
+    let version = crate::pg::schema_version(&pool).await?;
+    crate::pg::require_current(&version)?;
+    info!(
+        migrations_applied_now = applied,
+        schema_version = version.applied,
+        "PostgreSQL store ready"
+    );
+    let owner = format!(
+        "{}:{}@{addr}",
+        std::env::var("HOSTNAME").unwrap_or_else(|_| "deskline".into()),
+        std::process::id()
+    );
+    let pg = crate::sync::PgQueue::new(pool, Duration::from_secs(config.sync.lease_seconds), owner);
+    crate::sync::JobStore::postgres(pg, data_dir)
+        .await
+        .context("cannot open the local spool in storage.data_dir")
 }
 
 async fn load_snapshot(path: &std::path::Path) -> Index {

@@ -281,7 +281,7 @@ pub async fn run(config: &Config) -> Result<Vec<Finding>, CheckError> {
     let user_fields = client.user_fields().await.map_err(&zerr)?;
     let organization_fields = client.organization_fields().await.map_err(&zerr)?;
     let ticket_fields = client.ticket_fields().await.map_err(&zerr)?;
-    Ok(compare(
+    let mut findings = compare(
         config,
         &Facts {
             me,
@@ -290,7 +290,60 @@ pub async fn run(config: &Config) -> Result<Vec<Finding>, CheckError> {
             organization_fields,
             ticket_fields,
         },
-    ))
+    );
+    findings.extend(storage(config).await);
+    Ok(findings)
+}
+
+/// The shared store: with `storage.postgres_url`, is the database reachable and is its schema the
+/// one this binary expects? (Read only: `deskline serve` migrates at start.)
+pub async fn storage(config: &Config) -> Vec<Finding> {
+    let url = match config.postgres_url() {
+        Ok(Some(url)) => url,
+        Ok(None) => {
+            return vec![finding(
+                Severity::Note,
+                format!(
+                    "storage: embedded SQLite queue in {} (one replica; set storage.postgres_url for several)",
+                    config.storage.data_dir.display()
+                ),
+            )];
+        }
+        Err(e) => return vec![finding(Severity::Problem, e.to_string())],
+    };
+    let version = match crate::pg::pool(&url, 1) {
+        Ok(pool) => crate::pg::schema_version(&pool).await,
+        Err(e) => Err(e),
+    };
+    match version {
+        Err(e) => vec![finding(
+            Severity::Problem,
+            format!("storage.postgres_url: {e}"),
+        )],
+        Ok(v) if !v.newer.is_empty() => vec![finding(
+            Severity::Warning,
+            format!(
+                "PostgreSQL reachable; its schema has steps this release does not know ({}): a newer release migrated it",
+                v.newer.join(", ")
+            ),
+        )],
+        Ok(v) if !v.missing.is_empty() => vec![finding(
+            Severity::Note,
+            format!(
+                "PostgreSQL reachable; schema version {} of {} (missing {}): the next `deskline serve` migrates it",
+                v.applied,
+                v.known,
+                v.missing.join(", ")
+            ),
+        )],
+        Ok(v) => vec![finding(
+            Severity::Note,
+            format!(
+                "PostgreSQL reachable; schema version {} (current)",
+                v.applied
+            ),
+        )],
+    }
 }
 
 #[cfg(test)]

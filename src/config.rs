@@ -437,6 +437,12 @@ impl Config {
                 )));
             }
         }
+        if self.sync.lease_seconds == 1 {
+            report(Err(key_err(
+                "sync.lease_seconds",
+                "must be at least 2 (the holder renews it every third of it)",
+            )));
+        }
         if jiff::tz::TimeZone::get(&self.sync.time_zone).is_err() {
             report(Err(key_err(
                 "sync.time_zone",
@@ -1172,6 +1178,56 @@ mod tests {
         assert!(
             matches!(c.credentials().unwrap(), Credentials::ApiToken { token, .. } if token.expose_secret() == "123456789")
         );
+    }
+
+    #[test]
+    fn postgres_url_and_lease() {
+        let c = load(MIN, &[]).unwrap();
+        assert!(c.postgres_url().unwrap().is_none(), "SQLite by default");
+        assert_eq!(c.sync.lease_seconds, 30);
+        let c = load(
+            MIN,
+            &[
+                (
+                    "DESKLINE_STORAGE__POSTGRES_URL",
+                    "postgres://deskline:pw-9f3@db:5432/deskline",
+                ),
+                ("DESKLINE_SYNC__LEASE_SECONDS", "10"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            c.postgres_url().unwrap().unwrap().expose_secret(),
+            "postgres://deskline:pw-9f3@db:5432/deskline"
+        );
+        assert_eq!(c.sync.lease_seconds, 10);
+        assert!(!format!("{c:?}").contains("pw-9f3"), "the URL is a secret");
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pg-url");
+        std::fs::write(&file, "postgres://x@y/z\n").unwrap();
+        let with_file = format!(
+            "{MIN}\n[storage]\npostgres_url_file = \"{}\"\n",
+            file.display()
+        );
+        let c = load(&with_file, &[]).unwrap();
+        assert_eq!(
+            c.postgres_url().unwrap().unwrap().expose_secret(),
+            "postgres://x@y/z"
+        );
+        let both = load(
+            &with_file,
+            &[("DESKLINE_STORAGE__POSTGRES_URL", "postgres://a@b/c")],
+        )
+        .unwrap();
+        assert!(
+            both.postgres_url()
+                .unwrap_err()
+                .to_string()
+                .starts_with("storage.postgres_url:")
+        );
+        let err = load(MIN, &[("DESKLINE_SYNC__LEASE_SECONDS", "1")]).unwrap_err();
+        assert!(err.to_string().starts_with("sync.lease_seconds:"), "{err}");
     }
 
     #[test]

@@ -9,7 +9,9 @@
 //! - [`routing`]: the routing and caller-ID decisions, pure functions over the index.
 //! - [`cluster`]: coordination of several replicas through PostgreSQL: lease, shared budget,
 //!   change log, shared snapshot.
-//! - [`sync`]: the durable post-call queue and the worker that writes calls into Zendesk.
+//! - [`sync`]: the durable post-call queue (SQLite, or PostgreSQL for replicas) and the worker that
+//!   writes calls into Zendesk.
+//! - [`pg`]: the PostgreSQL pool and the schema migrations shared by replicas.
 //! - [`grpc`]: the tonic service: validation, auth, proto ↔ domain conversion, status mapping.
 //! - [`config`], [`app`]: typed configuration; starting, supervising and stopping the tasks.
 //! - [`check`], [`demo`]: the operator's `deskline check` and the newcomer's `deskline demo`.
@@ -30,6 +32,7 @@ pub mod follow;
 pub mod grpc;
 pub mod index;
 pub mod metrics;
+pub mod pg;
 pub mod phone;
 pub mod routing;
 pub mod sync;

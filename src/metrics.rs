@@ -53,7 +53,7 @@ use tonic::{Code, Status};
 use crate::{
     index::{Export, SharedIndex},
     routing::ReasonKind,
-    sync::{Queue, SyncState},
+    sync::{JobStore, SyncState},
     zendesk::{Client, budget::NO_RESPONSE},
 };
 
@@ -79,6 +79,9 @@ pub mod names {
     /// Gauge `{state}`: post-call jobs by state (`queued`, `in_progress`, `retry_wait`, `done`,
     /// `failed`).
     pub const SYNC_JOBS: &str = "deskline_sync_jobs";
+    /// Gauge: reports in this replica's local spool, accepted while PostgreSQL was unreachable and
+    /// not yet forwarded (always 0 with the embedded SQLite store).
+    pub const SYNC_SPOOLED: &str = "deskline_sync_spooled";
     /// Counter `deskline_zendesk_responses_total{endpoint, status}`: Zendesk requests by endpoint
     /// template and HTTP status (`none` when no response came).
     pub const ZENDESK_RESPONSES: &str = "deskline_zendesk_responses";
@@ -172,7 +175,8 @@ pub struct Metrics {
     decisions: [Counter; 6],
     unauthenticated: Counter,
     live: Arc<Live>,
-    queue: Option<Queue>,
+    queue: Option<JobStore>,
+    spooled: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -183,7 +187,7 @@ impl std::fmt::Debug for Metrics {
 
 impl Metrics {
     /// Metrics over one account's index, Zendesk client (its budget's counters) and queue.
-    pub fn new(index: SharedIndex, client: Option<Client>, queue: Option<Queue>) -> Self {
+    pub fn new(index: SharedIndex, client: Option<Client>, queue: Option<JobStore>) -> Self {
         let mut registry = Registry::default();
         let rpc_requests = Family::<RpcLabels, Counter>::default();
         let rpc_duration = Family::<RpcLabels, Histogram, fn() -> Histogram>::new_with_constructor(
@@ -220,6 +224,14 @@ impl Metrics {
             "RouteCall answers by reason category",
             decisions_family,
         );
+        let spooled = prometheus_client::metrics::gauge::Gauge::default();
+        if queue.is_some() {
+            registry.register(
+                names::SYNC_SPOOLED,
+                "Reports in the local spool waiting for PostgreSQL",
+                spooled.clone(),
+            );
+        }
         let live = Arc::new(Live {
             index,
             client,
@@ -235,6 +247,7 @@ impl Metrics {
             unauthenticated,
             live,
             queue,
+            spooled,
         }
     }
 
@@ -285,6 +298,12 @@ impl Metrics {
                 }
             };
             *self.live.queue_counts.lock() = counts;
+            match queue.spooled().await {
+                Ok(n) => {
+                    self.spooled.set(n as i64);
+                }
+                Err(e) => tracing::warn!(error = %e, "metrics: the spool could not be read"),
+            }
         }
         let mut out = String::with_capacity(8 * 1024);
         prometheus_text::encode(&mut out, &self.registry)?;

@@ -132,7 +132,7 @@ pub struct ServiceState {
 
 /// What `ReportCall` and `GetCallStatus` need.
 pub struct SyncApi {
-    pub queue: crate::sync::Queue,
+    pub queue: crate::sync::JobStore,
     pub worker: crate::sync::WorkerHandle,
 }
 
@@ -324,9 +324,10 @@ impl ResolverService {
 
 /// A queue failure as the client sees it: a task that died inside the queue is a bug (INTERNAL),
 /// anything else is storage that may come back (UNAVAILABLE).
-fn queue_error(what: &'static str, e: &crate::sync::QueueError) -> ApiError {
+fn queue_error(what: &'static str, e: &crate::sync::StoreError) -> ApiError {
+    use crate::sync::{QueueError, StoreError};
     match e {
-        crate::sync::QueueError::Task(_) => ApiError::internal(e),
+        StoreError::Sqlite(QueueError::Task(_)) => ApiError::internal(e),
         _ => ApiError::storage(what, e),
     }
 }
@@ -564,16 +565,22 @@ mod tests {
 
     #[test]
     fn storage_errors_show_a_reference_not_the_cause() {
-        let cause = crate::sync::QueueError::Sqlite(rusqlite::Error::SqliteFailure(
-            rusqlite::ffi::Error::new(5),
-            Some("database is locked".into()),
+        let cause = crate::sync::StoreError::from(crate::sync::QueueError::Sqlite(
+            rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(5),
+                Some("database is locked".into()),
+            ),
         ));
         let s: Status = queue_error("the report was not stored", &cause).into();
         assert_eq!(s.code(), tonic::Code::Unavailable);
         assert!(!s.message().contains("locked"), "{}", s.message());
         assert!(s.message().contains("(ref "), "{}", s.message());
         assert!(cause_chain(&cause).contains("database is locked"));
-        let s: Status = queue_error("x", &crate::sync::QueueError::Task("panicked".into())).into();
+        let s: Status = queue_error(
+            "x",
+            &crate::sync::QueueError::Task("panicked".into()).into(),
+        )
+        .into();
         assert_eq!(s.code(), tonic::Code::Internal);
         assert!(!s.message().contains("panicked"), "{}", s.message());
     }

@@ -32,11 +32,23 @@
 //!
 //! Jobs for the same client number never run at the same time (the claim skips numbers with a job
 //! in progress), so concurrent calls from a new number create one user, one organization and one
-//! ticket: the second job finds what the first one wrote in the index.
+//! ticket: the second job finds what the first one wrote in the index, or, with several replicas,
+//! in the records PostgreSQL keeps per number (`own_user_id`, `own_ticket_id`; the user's own
+//! organization comes with the user from Zendesk).
+//!
+//! # Two stores, one abstraction
+//! [`JobStore`] is what the worker and the gRPC handlers use: the embedded SQLite [`Queue`] (one
+//! replica; the default) or [`PgQueue`] (several replicas on one PostgreSQL, DESIGN §8: claims
+//! carry a renewed lease, see [`pg`]), with a local spool when PostgreSQL is down (see `store`).
+//! One test suite (`store_tests`) runs against both.
 
 mod comment;
+pub mod pg;
 mod queue;
 mod settings;
+mod store;
+#[cfg(test)]
+mod store_tests;
 mod worker;
 #[cfg(test)]
 mod worker_tests;
@@ -47,8 +59,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::phone::E164;
 
+pub use pg::PgQueue;
 pub use queue::{Queue, QueueError};
 pub use settings::SyncSettings;
+pub use store::{JobStore, SPOOL_DIR, StoreError};
 pub use worker::{Worker, WorkerHandle};
 
 /// How often finished jobs past `storage.retention_days` are deleted (and once at start).
@@ -58,7 +72,7 @@ pub const HOUSEKEEPING_EVERY: std::time::Duration = std::time::Duration::from_se
 /// A failed purge is logged and tried again next time: old rows cost disk, not correctness, and a
 /// queue that really broke stops the worker, which stops the process.
 pub async fn housekeeping(
-    queue: Queue,
+    queue: JobStore,
     retention: std::time::Duration,
     stop: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {

@@ -136,6 +136,9 @@ pub(crate) struct Job {
     /// Including the current one.
     pub attempts: u32,
     pub progress: Progress,
+    /// The claim's fencing token (PostgreSQL: every write of the holder carries it, see
+    /// `sync::pg`); always 0 in SQLite, where one process owns the file.
+    pub lease: i64,
 }
 
 pub(crate) fn now_ms() -> i64 {
@@ -500,6 +503,7 @@ impl Queue {
                 report,
                 attempts: attempts + 1,
                 progress,
+                lease: 0,
             }))
         })
         .await

@@ -18,7 +18,8 @@ use tracing::Instrument;
 
 use super::{
     CallReport, Direction, Outcome, SyncSettings, comment,
-    queue::{Job, Queue, QueueError, now_ms},
+    queue::{Job, now_ms},
+    store::{JobStore, StoreError},
 };
 use crate::{
     config::FieldEntity,
@@ -37,7 +38,7 @@ enum StepError {
     #[error(transparent)]
     Zendesk(#[from] ZendeskError),
     #[error(transparent)]
-    Queue(#[from] QueueError),
+    Queue(#[from] StoreError),
     /// Not a Zendesk answer but just as final (e.g. no usable organization name).
     #[error("{0}")]
     Permanent(String),
@@ -60,7 +61,7 @@ pub struct Worker {
 }
 
 struct Inner {
-    queue: Queue,
+    queue: JobStore,
     client: zendesk::Client,
     index: SharedIndex,
     settings: SyncSettings,
@@ -77,14 +78,14 @@ struct UserInfo {
 
 impl Worker {
     pub fn new(
-        queue: Queue,
+        queue: impl Into<JobStore>,
         client: zendesk::Client,
         index: SharedIndex,
         settings: SyncSettings,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
-                queue,
+                queue: queue.into(),
                 client,
                 index,
                 settings,
@@ -163,20 +164,35 @@ impl Worker {
                 }
                 Ok(None) => {
                     drop(permit);
+                    let idle = inner
+                        .queue
+                        .max_idle()
+                        .map_or(inner.settings.idle_poll, |m| {
+                            m.min(inner.settings.idle_poll)
+                        });
                     let wait = match inner.queue.next_due_ms().await {
                         Ok(Some(due)) => Duration::from_millis((due - now_ms()).max(0) as u64),
-                        _ => inner.settings.idle_poll,
+                        _ => idle,
                     }
-                    .min(inner.settings.idle_poll);
+                    .min(idle);
                     tokio::select! {
                         () = woken => {}
                         () = tokio::time::sleep(wait) => {}
                         () = shutdown.cancelled() => break Ok(()),
                     }
                 }
-                Err(QueueError::Corrupt { call_id, message }) => {
+                Err(StoreError::Corrupt { call_id, message }) => {
                     // The row is marked FAILED by the claim; go on with the others.
                     tracing::error!(%call_id, %message, "unreadable job failed");
+                }
+                Err(e) if e.is_unavailable() => {
+                    // PostgreSQL is down: reports go to the spool meanwhile; wait, never give up.
+                    drop(permit);
+                    tracing::warn!(error = %e, "cannot claim a job: PostgreSQL is unavailable");
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        () = shutdown.cancelled() => break Ok(()),
+                    }
                 }
                 Err(e) => {
                     drop(permit);
@@ -201,14 +217,21 @@ impl Worker {
 
 impl Inner {
     async fn process(&self, mut job: Job, shutdown: CancellationToken) {
-        let seq = job.seq;
         let attempts = job.attempts;
+        // The claim as taken (seq, number, lease token): what every state change is fenced by.
+        let claim = job.clone();
         let result = tokio::select! {
             r = self.sync_job(&mut job) => r,
+            lost = self.keep_lease(&claim) => {
+                // Another replica resumes the job from its recorded steps; anything this one
+                // had in flight is a step that is safe to repeat (see the module doc of `sync`).
+                tracing::warn!(error = %lost, "lost the job's lease: stopped working on it");
+                return;
+            }
             () = shutdown.cancelled() => {
                 // Every step is safe to repeat or checked before repeating, so a step cut short
                 // is simply done again by the next start.
-                if let Err(e) = self.queue.release(seq).await {
+                if let Err(e) = self.queue.release(&claim).await {
                     tracing::error!(error = %e, "cannot release the job at shutdown");
                 }
                 return;
@@ -217,27 +240,50 @@ impl Inner {
         let recorded = match result {
             Ok(()) => {
                 tracing::info!("call synced");
-                self.queue.finish(seq).await
+                self.queue.finish(&claim).await
+            }
+            Err(StepError::Queue(StoreError::LeaseLost)) => {
+                tracing::warn!("lost the job's lease: another replica resumes it");
+                return;
             }
             Err(StepError::Zendesk(e)) if e.is_retryable() => {
                 let delay = self.backoff(attempts, &e);
                 tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "call sync will retry");
                 self.queue
-                    .retry_at(seq, now_ms() + delay.as_millis() as i64, e.to_string())
+                    .retry_at(&claim, now_ms() + delay.as_millis() as i64, e.to_string())
                     .await
             }
             Err(StepError::Queue(e)) => {
                 tracing::error!(error = %e, "queue error during the job; it will be retried");
                 let at = now_ms() + self.settings.retry_base.as_millis() as i64;
-                self.queue.retry_at(seq, at, e.to_string()).await
+                self.queue.retry_at(&claim, at, e.to_string()).await
             }
             Err(e) => {
                 tracing::warn!(error = %e, "call sync failed permanently");
-                self.queue.fail(seq, e.to_string()).await
+                self.queue.fail(&claim, e.to_string()).await
             }
         };
         if let Err(e) = recorded {
-            tracing::error!(error = %e, "cannot record the job's state; it resumes after a restart");
+            tracing::error!(error = %e, "cannot record the job's state; it resumes after a restart or when its lease runs out");
+        }
+    }
+
+    /// Renews the claim's lease every third of its length; returns only when the lease is lost
+    /// (never for SQLite, whose claims need no lease). A renewal that fails because PostgreSQL
+    /// is briefly unreachable is retried until the lease would have run out.
+    async fn keep_lease(&self, claim: &Job) -> StoreError {
+        let Some(every) = self.queue.renew_every() else {
+            return std::future::pending().await;
+        };
+        let mut last_ok = tokio::time::Instant::now();
+        loop {
+            tokio::time::sleep(every).await;
+            match self.queue.renew(claim).await {
+                Ok(()) => last_ok = tokio::time::Instant::now(),
+                Err(StoreError::LeaseLost) => return StoreError::LeaseLost,
+                Err(e) if last_ok.elapsed() >= every * 3 => return e,
+                Err(e) => tracing::warn!(error = %e, "cannot renew the job's lease yet"),
+            }
         }
     }
 
@@ -261,7 +307,7 @@ impl Inner {
     }
 
     async fn save(&self, job: &Job) -> Result<(), StepError> {
-        Ok(self.queue.save_progress(job.seq, &job.progress).await?)
+        Ok(self.queue.save_progress(job, &job.progress).await?)
     }
 
     async fn sync_job(&self, job: &mut Job) -> Result<(), StepError> {
@@ -485,6 +531,9 @@ impl Inner {
             .write()
             .apply_user(&linked, &self.settings.parser);
         job.progress.created_organization = true;
+        self.queue
+            .remember_organization(r.client_e164, org.id)
+            .await?;
         tracing::info!(organization_id = org.id, "created the organization");
         Ok(Some(org.id))
     }
@@ -500,6 +549,17 @@ impl Inner {
         }
         if job.progress.created_user {
             return Ok(None);
+        }
+        // Another replica may have created the number's ticket; its index has it, ours may not.
+        if let Some(id) = self.queue.own_ticket(job.report.client_e164).await? {
+            match self.client.show_ticket(id).await {
+                Ok(t) if t.is_open() && t.requester_id == Some(user_id) => {
+                    self.index.write().apply_ticket(&t);
+                    return Ok(Some(t.id));
+                }
+                Ok(_) | Err(ZendeskError::Permanent { status: 404, .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
         let tickets = self.client.requested_tickets(user_id).await?;
         let mut open: Vec<&Ticket> = tickets.iter().filter(|t| t.is_open()).collect();
@@ -560,6 +620,9 @@ impl Inner {
         let key = comment::idempotency_key(&job.report.call_id);
         let ticket = self.client.create_ticket(body, &key).await?;
         self.index.write().apply_ticket(&ticket);
+        self.queue
+            .remember_ticket(job.report.client_e164, ticket.id)
+            .await?;
         job.progress.ticket_id = ticket.id;
         job.progress.created_ticket = true;
         job.progress.comment_added = true;
