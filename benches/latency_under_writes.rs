@@ -50,7 +50,11 @@ fn main() {
     let sizes: Vec<usize> = std::env::var("DESKLINE_BENCH_SIZES")
         .unwrap_or_else(|_| "1000000".into())
         .split(',')
-        .map(|s| s.trim().parse().expect("DESKLINE_BENCH_SIZES: customer counts"))
+        .map(|s| {
+            s.trim()
+                .parse()
+                .expect("DESKLINE_BENCH_SIZES: customer counts")
+        })
         .collect();
     let secs: u64 = std::env::var("DESKLINE_BENCH_SECS")
         .map(|s| s.parse().expect("DESKLINE_BENCH_SECS: seconds"))
@@ -329,14 +333,16 @@ fn client(addr: std::net::SocketAddr, n: usize, phase: Duration) -> Vec<Duration
 }
 
 /// The index's write API as this build has it: the only part of the bench that follows the code
-/// under test. Busy writes go to the shared index the way the sync worker writes; twin writes go to
-/// a private index at the same cost.
+/// under test. Busy writes go to the shared index the way the sync worker writes (through the one
+/// writer, awaiting its acknowledgement); twin writes go to a private index at the same cost.
 mod writes {
+    use deskline::index::{Change, IndexWriter};
+
     use super::*;
 
     #[derive(Clone)]
     pub struct Target {
-        shared: SharedIndex,
+        writer: IndexWriter,
         private: Arc<parking_lot::Mutex<Index>>,
         parser: deskline::phone::PhoneParser,
     }
@@ -344,46 +350,45 @@ mod writes {
     impl Target {
         pub async fn new(index: Index) -> Self {
             Self {
-                shared: Arc::new(parking_lot::RwLock::new(index)),
+                writer: IndexWriter::spawn(index),
                 private: Arc::new(parking_lot::Mutex::new(Index::new())),
                 parser: common::parser(),
             }
         }
 
         pub fn readers(&self) -> SharedIndex {
-            self.shared.clone()
+            self.writer.index().clone()
         }
 
         pub async fn user(&self, mode: Mode, u: &User) {
             let p = &self.parser;
             match mode {
-                Mode::Busy => self.shared.write().apply_user(u, p),
+                Mode::Busy => self.writer.apply(Change::user(u, p)).await.expect("writer"),
                 Mode::Twin => self.private.lock().apply_user(u, p),
             }
         }
 
         pub async fn organization(&self, mode: Mode, o: &Organization) {
             match mode {
-                Mode::Busy => self.shared.write().apply_organization(o),
+                Mode::Busy => self
+                    .writer
+                    .apply(Change::organization(o))
+                    .await
+                    .expect("writer"),
                 Mode::Twin => self.private.lock().apply_organization(o),
             }
         }
 
         pub async fn ticket(&self, mode: Mode, t: &Ticket) {
             match mode {
-                Mode::Busy => self.shared.write().apply_ticket(t),
+                Mode::Busy => self.writer.apply(Change::ticket(t)).await.expect("writer"),
                 Mode::Twin => self.private.lock().apply_ticket(t),
             }
         }
 
-        /// As the follower saves: the encode on a blocking thread under the read lock.
+        /// As the follower saves: through the writer (a frozen view, encoded on its own thread).
         pub async fn save(&self, path: &std::path::Path) {
-            let (index, path) = (self.shared.clone(), path.to_owned());
-            tokio::task::spawn_blocking(move || {
-                deskline::index::snapshot::save(&index.read(), &path).expect("save")
-            })
-            .await
-            .expect("save task");
+            self.writer.save(path.to_owned()).await.expect("save");
         }
     }
 }

@@ -22,7 +22,7 @@ use super::{
 };
 use crate::{
     config::FieldEntity,
-    index::SharedIndex,
+    index::{Change, IndexWriter, SharedIndex, WriterStopped},
     phone::{E164, mask},
     routing,
     zendesk::{
@@ -38,6 +38,9 @@ enum StepError {
     Zendesk(#[from] ZendeskError),
     #[error(transparent)]
     Queue(#[from] QueueError),
+    /// The index writer has stopped: retried like a queue error (the process is going down).
+    #[error(transparent)]
+    Index(#[from] WriterStopped),
     /// Not a Zendesk answer but just as final (e.g. no usable organization name).
     #[error("{0}")]
     Permanent(String),
@@ -62,7 +65,9 @@ pub struct Worker {
 struct Inner {
     queue: Queue,
     client: zendesk::Client,
+    /// For reads; writes go through `writer` and are visible here once it acknowledged them.
     index: SharedIndex,
+    writer: IndexWriter,
     settings: SyncSettings,
     notify: Arc<Notify>,
 }
@@ -79,14 +84,15 @@ impl Worker {
     pub fn new(
         queue: Queue,
         client: zendesk::Client,
-        index: SharedIndex,
+        writer: IndexWriter,
         settings: SyncSettings,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 queue,
                 client,
-                index,
+                index: writer.index().clone(),
+                writer,
                 settings,
                 notify: Arc::new(Notify::new()),
             }),
@@ -226,7 +232,7 @@ impl Inner {
                     .retry_at(seq, now_ms() + delay.as_millis() as i64, e.to_string())
                     .await
             }
-            Err(StepError::Queue(e)) => {
+            Err(e @ (StepError::Queue(_) | StepError::Index(_))) => {
                 tracing::error!(error = %e, "queue error during the job; it will be retried");
                 let at = now_ms() + self.settings.retry_base.as_millis() as i64;
                 self.queue.retry_at(seq, at, e.to_string()).await
@@ -340,7 +346,9 @@ impl Inner {
         if let Some(id) = self.queue.own_user(phone).await? {
             match self.client.show_user(id).await {
                 Ok(u) if u.is_active() => {
-                    self.index.write().apply_user(&u, &self.settings.parser);
+                    self.writer
+                        .apply(Change::user(&u, &self.settings.parser))
+                        .await?;
                     return Ok(Some(user_info(&u)));
                 }
                 // Deleted or suspended since: look further.
@@ -366,7 +374,7 @@ impl Inner {
                 )
             })
         {
-            self.index.write().apply_user(u, parser);
+            self.writer.apply(Change::user(u, parser)).await?;
             return Ok(Some(user_info(u)));
         }
         if !self.settings.create_user {
@@ -393,7 +401,9 @@ impl Inner {
         }
         let u = self.client.create_or_update_user(body).await?;
         self.queue.remember_user(phone, u.id).await?;
-        self.index.write().apply_user(&u, &self.settings.parser);
+        self.writer
+            .apply(Change::user(&u, &self.settings.parser))
+            .await?;
         job.progress.created_user = true;
         tracing::info!(user_id = u.id, phone = %mask(&phone.to_string()), "created the end-user");
         Ok(Some(user_info(&u)))
@@ -471,16 +481,16 @@ impl Inner {
             }
             Err(e) => return Err(e.into()),
         };
-        self.index.write().apply_organization(&org);
+        self.writer.apply(Change::organization(&org)).await?;
         // Recorded only after the link below: the upsert above is safe to repeat, a missing link
         // would not be repaired if the organization counted as done.
         let linked = self
             .client
             .update_user(user.id, json!({ "organization_id": org.id }))
             .await?;
-        self.index
-            .write()
-            .apply_user(&linked, &self.settings.parser);
+        self.writer
+            .apply(Change::user(&linked, &self.settings.parser))
+            .await?;
         job.progress.created_organization = true;
         tracing::info!(organization_id = org.id, "created the organization");
         Ok(Some(org.id))
@@ -500,12 +510,9 @@ impl Inner {
         }
         let tickets = self.client.requested_tickets(user_id).await?;
         let mut open: Vec<&Ticket> = tickets.iter().filter(|t| t.is_open()).collect();
-        {
-            let mut index = self.index.write();
-            for t in &open {
-                index.apply_ticket(t);
-            }
-        }
+        self.writer
+            .apply(Change::Tickets(open.iter().map(|&t| t.clone()).collect()))
+            .await?;
         // DESIGN §3 rule 4 as far as Zendesk's answer tells: assigned first, then the latest.
         open.sort_by_key(|t| {
             (
@@ -556,7 +563,7 @@ impl Inner {
         };
         let key = comment::idempotency_key(&job.report.call_id);
         let ticket = self.client.create_ticket(body, &key).await?;
-        self.index.write().apply_ticket(&ticket);
+        self.writer.apply(Change::ticket(&ticket)).await?;
         job.progress.ticket_id = ticket.id;
         job.progress.created_ticket = true;
         job.progress.comment_added = true;
@@ -652,7 +659,7 @@ impl Inner {
             .await
         {
             Ok(t) => {
-                self.index.write().apply_ticket(&t);
+                self.writer.apply(Change::ticket(&t)).await?;
                 job.progress.comment_added = true;
                 job.progress.comment_uncertain = false;
                 self.save(job).await?;
@@ -660,14 +667,14 @@ impl Inner {
             }
             Err(e @ ZendeskError::Permanent { status: 422, .. }) if is_closed(&e) => {
                 tracing::info!(ticket_id, "ticket is closed: creating a follow-up");
-                self.forget_ticket(ticket_id);
+                self.forget_ticket(ticket_id).await?;
                 job.progress.comment_uncertain = false;
                 job.progress.ticket_id = 0;
                 self.create_ticket(job, Some(ticket_id)).await
             }
             Err(ZendeskError::Permanent { status: 404, .. }) => {
                 tracing::info!(ticket_id, "ticket is gone: creating a new one");
-                self.forget_ticket(ticket_id);
+                self.forget_ticket(ticket_id).await?;
                 job.progress.comment_uncertain = false;
                 job.progress.ticket_id = 0;
                 if self.settings.create_ticket {
@@ -689,12 +696,8 @@ impl Inner {
     }
 
     /// Drops a ticket the index still thinks is open (closed or deleted in Zendesk).
-    fn forget_ticket(&self, id: i64) {
-        self.index.write().apply_ticket(&Ticket {
-            id,
-            status: Some("closed".into()),
-            ..Ticket::default()
-        });
+    async fn forget_ticket(&self, id: i64) -> Result<(), StepError> {
+        Ok(self.writer.apply(Change::TicketGone(id)).await?)
     }
 
     // ---- step 5: the call record ----

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use super::{test_support::report, *};
 use crate::{
     config::{Config, Credentials, FieldEntity, FieldMapping},
-    index::{Index, SharedIndex},
+    index::{Index, IndexWriter, SharedIndex},
     phone::E164,
     routing,
     sim::{self, Faults, NewTicket, NewUser, Role, SimConfig, SimHandle, Status, Store},
@@ -25,6 +25,7 @@ struct Harness {
     sim: SimHandle,
     queue: Queue,
     index: SharedIndex,
+    writer: IndexWriter,
     handle: WorkerHandle,
     shutdown: CancellationToken,
     worker: tokio::task::JoinHandle<anyhow::Result<()>>,
@@ -134,11 +135,12 @@ async fn harness(
     })
     .unwrap();
     client.set_backoff_base(Duration::from_millis(10));
-    let index: SharedIndex = std::sync::Arc::new(parking_lot::RwLock::new(Index::new()));
+    let writer = IndexWriter::spawn(Index::new());
+    let index: SharedIndex = writer.index().clone();
     warm(&index, &sim, &settings);
     let dir = tempfile::tempdir().unwrap();
     let queue = Queue::open(dir.path()).unwrap();
-    let worker = Worker::new(queue.clone(), client, index.clone(), settings);
+    let worker = Worker::new(queue.clone(), client, writer.clone(), settings);
     let handle = worker.handle();
     let shutdown = CancellationToken::new();
     let worker = tokio::spawn(worker.run(shutdown.clone()));
@@ -146,6 +148,7 @@ async fn harness(
         sim,
         queue,
         index,
+        writer,
         handle,
         shutdown,
         worker,
@@ -695,7 +698,7 @@ async fn crash_after_an_unrecorded_create_makes_no_duplicate() {
     let worker = Worker::new(
         queue.clone(),
         client,
-        h.index.clone(),
+        h.writer.clone(),
         settings_for(&h.sim.url()),
     );
     h.handle = worker.handle();
