@@ -65,7 +65,20 @@ pub struct SimConfig {
     pub search_delay: Duration,
     /// Honour `include=identities` on the users export (unverified on real Zendesk). Default true.
     pub export_identities: bool,
+    /// How `users/show_many` treats `include=identities`. TEST SETTING. Default: honoured.
+    pub show_many: ShowMany,
     pub faults: Faults,
+}
+
+/// `users/show_many` misbehaviour, for the identity fetches' tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ShowMany {
+    #[default]
+    Sideload,
+    /// Answers without the `identities` key (sideload not honoured).
+    NoIdentitiesKey,
+    /// Answers 503.
+    Unavailable,
 }
 
 impl Default for SimConfig {
@@ -80,6 +93,7 @@ impl Default for SimConfig {
             one_minute_rule: Duration::from_secs(60),
             search_delay: Duration::from_secs(60),
             export_identities: true,
+            show_many: ShowMany::Sideload,
             faults: Faults::default(),
         }
     }
