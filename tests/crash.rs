@@ -588,15 +588,16 @@ async fn identities_still_to_fetch_survive_a_kill() {
 
     sim.set_config(|c| c.show_many = sim::ShowMany::Sideload);
     let d = Deskline::start(dir.path(), &sim, 1).await;
-    eventually(
-        "the second identity to be fetched after the restart",
-        DEADLINE,
-        || {
-            let f = found(&d);
-            async move { f.await.and_then(|found| found.then_some(())) }
-        },
-    )
-    .await;
+    let started = tokio::time::Instant::now();
+    while found(&d).await != Some(true) {
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the second identity was not fetched after the restart:\n{}\nfirst run:\n{}",
+            d.log_text(),
+            std::fs::read_to_string(dir.path().join("round-0.log")).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     d.kill();
     sim.shutdown().await;
 }
