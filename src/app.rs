@@ -40,7 +40,7 @@ use crate::{
     config::Config,
     follow::{Follower, FollowerOptions},
     grpc::{self, Auth, ServiceState},
-    index::{Index, SharedIndex, snapshot},
+    index::{Index, IndexWriter, SharedIndex, snapshot},
     phone::PhoneParser,
     proto::resolver_server::ResolverServer,
     routing::Directory,
@@ -253,14 +253,16 @@ impl Service {
         let parser = PhoneParser::new(&config.phone.default_region).map_err(anyhow::Error::msg)?;
         let snapshot_path = data_dir.join("index.snapshot");
         let index = load_snapshot(&snapshot_path).await;
-        let index: SharedIndex = Arc::new(parking_lot::RwLock::new(index));
+        // The one writer of the index (see `index::writer`); everything else reads `index`.
+        let writer = IndexWriter::spawn(index);
+        let index: SharedIndex = writer.index().clone();
         let client =
             Client::new(config.client_options()?).context("cannot build the Zendesk client")?;
 
         let (reporter, health) = tonic_health::server::health_reporter();
         let (follower, loaded) = Follower::new(
             client.clone(),
-            index.clone(),
+            writer.clone(),
             parser.clone(),
             FollowerOptions::new(
                 Duration::from_secs(config.index.poll_seconds),
@@ -275,7 +277,7 @@ impl Service {
         let worker = crate::sync::Worker::new(
             queue.clone(),
             client.clone(),
-            index.clone(),
+            writer.clone(),
             crate::sync::SyncSettings::from_config(&config)?,
         );
         let worker_handle = worker.handle();

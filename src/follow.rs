@@ -17,11 +17,21 @@
 //! The index is marked fresh per export when a read reaches `end_of_stream`; `index_age_ms` in answers
 //! is the age of the oldest of the three.
 //!
+//! Every change goes through the index's one writer ([`IndexWriter`]): a page, its cursor and (at
+//! the end) the export's freshness are one message, so a snapshot holds a page with its cursor or
+//! neither.
+//!
 //! Phone identities: the users export is asked for `include=identities`. Whether real Zendesk honours
 //! that on the export is unverified, so when a page comes back without the sideload, the follower
 //! fetches the identities of that page's end-users through `users/show_many?include=identities`
 //! (100 users a request) in a background task that spends the shared request budget like everything
-//! else, and applies them as they arrive.
+//! else, and applies them as they arrive. The ids waiting for that fetch are part of the index
+//! (sent with the page and its cursor, saved in the snapshot, removed only once their identities are
+//! applied), so a restart fetches what the last run had not, although the cursor moved past those
+//! users. The users export waits while more than [`MAX_PENDING_IDENTITIES`] are waiting. A
+//! `show_many` answer without the `identities` key at all (the sideload not honoured) says nothing
+//! about identities: it is logged once and each user's identities are read from
+//! `users/{id}/identities` instead, never taken as "no identities".
 
 use std::{
     path::PathBuf,
@@ -32,12 +42,12 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::{
-    index::{Export, Index, SharedIndex, UserBatch, snapshot},
+    index::{Change, CursorMove, Export, IndexWriter, SharedIndex, UserBatch, WriterStopped},
     phone::PhoneParser,
     zendesk::{
         Client, ExportStart, ZendeskError,
@@ -49,6 +59,9 @@ use crate::{
 pub const PER_PAGE: u32 = 1000;
 /// Users per `show_many` request.
 const SHOW_MANY_BATCH: usize = 100;
+/// Users whose identities may wait to be fetched before the users export waits for them (8 bytes
+/// each in the index and its snapshot).
+pub const MAX_PENDING_IDENTITIES: usize = 50_000;
 
 #[derive(Debug, Clone)]
 pub struct FollowerOptions {
@@ -79,11 +92,17 @@ enum CycleError {
     Zendesk(#[from] ZendeskError),
     #[error("shutting down")]
     Cancelled,
+    #[error(transparent)]
+    Index(#[from] WriterStopped),
 }
 
 pub struct Follower {
     client: Client,
+    writer: IndexWriter,
     index: SharedIndex,
+    /// Wakes the identity fetcher (ids were added) and the users export (ids were fetched).
+    identities_added: Notify,
+    identities_fetched: Notify,
     parser: PhoneParser,
     opts: FollowerOptions,
     loaded: watch::Sender<bool>,
@@ -99,16 +118,20 @@ impl Follower {
     /// finished warm-up).
     pub fn new(
         client: Client,
-        index: SharedIndex,
+        writer: IndexWriter,
         parser: PhoneParser,
         opts: FollowerOptions,
     ) -> (Self, watch::Receiver<bool>) {
+        let index = writer.index().clone();
         let already = index.read().is_loaded();
         let (tx, rx) = watch::channel(already);
         (
             Self {
                 client,
+                writer,
                 index,
+                identities_added: Notify::new(),
+                identities_fetched: Notify::new(),
                 parser,
                 opts,
                 loaded: tx,
@@ -124,8 +147,7 @@ impl Follower {
     /// the routing path keeps answering from what the index has.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let this = Arc::new(self);
-        let (id_tx, id_rx) = mpsc::unbounded_channel::<Vec<i64>>();
-        let fetcher = tokio::spawn(identity_fetcher(this.clone(), id_rx, shutdown.clone()));
+        let fetcher = tokio::spawn(identity_fetcher(this.clone(), shutdown.clone()));
         let mut last_snapshot = Instant::now();
         let mut failures = 0u32;
         loop {
@@ -141,7 +163,7 @@ impl Follower {
                     shutdown.child_token(),
                 ))
             });
-            let result = this.cycle(&id_tx, &shutdown).await;
+            let result = this.cycle(&shutdown).await;
             if let Some(p) = progress {
                 p.abort();
             }
@@ -150,11 +172,11 @@ impl Follower {
                 Ok(records) => {
                     failures = 0;
                     if warming {
-                        let counts = {
-                            let mut idx = this.index.write();
-                            idx.set_loaded();
-                            idx.counts()
-                        };
+                        if this.writer.apply(Change::Loaded).await.is_err() {
+                            fetcher.abort();
+                            anyhow::bail!(WriterStopped);
+                        }
+                        let counts = this.index.read().counts();
                         let secs = started.elapsed().as_secs_f64();
                         info!(
                             records,
@@ -176,6 +198,10 @@ impl Follower {
                     debug!(records, "exports followed");
                 }
                 Err(CycleError::Cancelled) => break,
+                Err(CycleError::Index(e)) => {
+                    fetcher.abort();
+                    return Err(e.into());
+                }
                 Err(CycleError::Zendesk(e)) => {
                     failures += 1;
                     wait = backoff(failures, this.opts.poll);
@@ -204,27 +230,19 @@ impl Follower {
     }
 
     /// Reads all three exports to their end; returns how many records were applied.
-    async fn cycle(
-        &self,
-        id_tx: &mpsc::UnboundedSender<Vec<i64>>,
-        shutdown: &CancellationToken,
-    ) -> Result<u64, CycleError> {
+    async fn cycle(&self, shutdown: &CancellationToken) -> Result<u64, CycleError> {
         for r in &self.reading {
             r.store(true, Ordering::Relaxed);
         }
         let (u, t, o) = tokio::try_join!(
-            self.read_users(id_tx, shutdown),
+            self.read_users(shutdown),
             self.read_tickets(shutdown),
             self.read_organizations(shutdown)
         )?;
         Ok(u + t + o)
     }
 
-    async fn read_users(
-        &self,
-        id_tx: &mpsc::UnboundedSender<Vec<i64>>,
-        shutdown: &CancellationToken,
-    ) -> Result<u64, CycleError> {
+    async fn read_users(&self, shutdown: &CancellationToken) -> Result<u64, CycleError> {
         let start = cursor_or_start(self.index.read().cursors().users.clone());
         let fetch = |start: ExportStart| async move {
             let page = self.client.export_users(&start, true, PER_PAGE).await?;
@@ -262,11 +280,12 @@ impl Follower {
             })?;
             Ok(prepared)
         };
-        let apply = |idx: &mut Index, (batch, wanted): (UserBatch, Vec<i64>)| {
-            idx.apply_user_batch(batch);
+        let apply = |(batch, wanted): (UserBatch, Vec<i64>)| {
+            let mut changes = vec![Change::Users(batch)];
             if !wanted.is_empty() {
-                let _ = id_tx.send(wanted);
+                changes.push(Change::IdentitiesPending(wanted));
             }
+            changes
         };
         self.pipelined(Export::Users, start, fetch, apply, shutdown)
             .await
@@ -283,11 +302,7 @@ impl Follower {
                 end_of_stream: page.end_of_stream,
             })
         };
-        let apply = |idx: &mut Index, tickets: Vec<Ticket>| {
-            for t in &tickets {
-                idx.apply_ticket(t);
-            }
-        };
+        let apply = |tickets: Vec<Ticket>| vec![Change::Tickets(tickets)];
         self.pipelined(Export::Tickets, start, fetch, apply, shutdown)
             .await
     }
@@ -300,22 +315,20 @@ impl Follower {
             let start = self.index.read().cursors().organizations.unwrap_or(0);
             let page = cancellable(shutdown, self.client.export_organizations(start)).await??;
             let n = page.organizations.len() as u64;
-            {
-                let mut idx = self.index.write();
-                for o in &page.organizations {
-                    idx.apply_organization(o);
-                }
-                let next = match page.end_time {
-                    // A full page whose records all share `start`'s second would come back forever.
-                    Some(end) if end <= start && !page.end_of_stream => start + 1,
-                    Some(end) => end.max(start),
-                    None => start,
-                };
-                idx.cursors_mut().organizations = Some(next);
-                if page.end_of_stream {
-                    idx.mark_fresh(Export::Organizations, now_ms());
-                }
+            let next = match page.end_time {
+                // A full page whose records all share `start`'s second would come back forever.
+                Some(end) if end <= start && !page.end_of_stream => start + 1,
+                Some(end) => end.max(start),
+                None => start,
+            };
+            let mut changes = vec![
+                Change::Organizations(page.organizations),
+                Change::Cursor(CursorMove::Organizations(next)),
+            ];
+            if page.end_of_stream {
+                changes.push(Change::Fresh(Export::Organizations, now_ms()));
             }
+            self.writer.apply_all(changes).await?;
             total += n;
             self.counted(Export::Organizations, n);
             if page.end_of_stream || n == 0 {
@@ -328,8 +341,8 @@ impl Follower {
     /// Reads a cursor export from `start` to `end_of_stream`, fetching the next pages while the
     /// current one is applied, so Zendesk's serving, the decoding and the index writes overlap
     /// instead of taking turns (on the warm-up of a large account that is the difference between
-    /// the sum and the slowest of the three). Each page is applied with `apply` under the write
-    /// lock, together with its cursor and, at `end_of_stream`, the export's freshness. Returns the
+    /// the sum and the slowest of the three). Each page's changes (`apply`) go to the writer as
+    /// one message with its cursor and, at `end_of_stream`, the export's freshness. Returns the
     /// records applied.
     ///
     /// The stored cursor only moves with an applied page, so an error (passed on after the pages
@@ -339,7 +352,7 @@ impl Follower {
         export: Export,
         start: ExportStart,
         mut fetch: F,
-        mut apply: impl FnMut(&mut Index, B),
+        mut apply: impl FnMut(B) -> Vec<Change>,
         shutdown: &CancellationToken,
     ) -> Result<u64, CycleError>
     where
@@ -379,30 +392,36 @@ impl Follower {
             let mut total = 0u64;
             while let Some(page) = rx.recv().await {
                 let page = page?;
-                {
-                    let mut idx = self.index.write();
-                    apply(&mut idx, page.batch);
-                    if let Some(c) = page.after_cursor {
-                        let cursors = idx.cursors_mut();
-                        match export {
-                            Export::Users => cursors.users = Some(c),
-                            Export::Tickets => cursors.tickets = Some(c),
-                            // Time-based: read by `read_organizations`, never here.
-                            Export::Organizations => {}
-                        }
+                let mut changes = apply(page.batch);
+                let pending = changes
+                    .iter()
+                    .any(|c| matches!(c, Change::IdentitiesPending(_)));
+                if pending {
+                    self.wait_for_identity_fetches().await;
+                }
+                match (export, page.after_cursor) {
+                    (Export::Users, Some(c)) => changes.push(Change::Cursor(CursorMove::Users(c))),
+                    (Export::Tickets, Some(c)) => {
+                        changes.push(Change::Cursor(CursorMove::Tickets(c)))
                     }
-                    if page.end_of_stream {
-                        idx.mark_fresh(export, now_ms());
-                    }
+                    // Time-based: read by `read_organizations`, never here.
+                    _ => {}
+                }
+                if page.end_of_stream {
+                    changes.push(Change::Fresh(export, now_ms()));
+                }
+                self.writer.apply_all(changes).await?;
+                if pending {
+                    self.identities_added.notify_one();
                 }
                 total += page.records;
                 self.counted(export, page.records);
             }
-            Ok::<u64, ZendeskError>(total)
+            Ok::<u64, CycleError>(total)
         };
         let ((), total) = cancellable(shutdown, async { tokio::join!(producer, consumer) }).await?;
         self.reading[export_slot(export)].store(false, Ordering::Relaxed);
-        Ok(total?)
+        total
     }
 
     fn counted(&self, export: Export, n: u64) {
@@ -410,18 +429,25 @@ impl Follower {
         self.per_export[export_slot(export)].fetch_add(n, Ordering::Relaxed);
     }
 
+    /// Bounds the users waiting for their identities: the users export waits (cursor and all)
+    /// while too many do.
+    async fn wait_for_identity_fetches(&self) {
+        while self.index.read().pending_identities_len() > MAX_PENDING_IDENTITIES {
+            let fetched = self.identities_fetched.notified();
+            tokio::select! {
+                () = fetched => {}
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
     async fn save_snapshot(&self) {
-        let index = self.index.clone();
-        let path = self.opts.snapshot_path.clone();
         let started = Instant::now();
-        let result =
-            tokio::task::spawn_blocking(move || snapshot::save(&index.read(), &path)).await;
-        match result {
-            Ok(Ok(())) => debug!(took = ?started.elapsed(), "snapshot saved"),
-            Ok(Err(e)) => {
+        match self.writer.save(self.opts.snapshot_path.clone()).await {
+            Ok(()) => debug!(took = ?started.elapsed(), "snapshot saved"),
+            Err(e) => {
                 error!(error = %e, "saving the index snapshot failed; a restart would re-read more of the exports")
             }
-            Err(e) => error!(error = %e, "the snapshot task failed"),
         }
     }
 }
@@ -446,53 +472,95 @@ struct Fetched<B> {
 /// Pages a cursor export may be fetched (and decoded, and prepared) ahead of the one being applied.
 const PREFETCH_PAGES: usize = 2;
 
-/// Fetches phone identities for users whose export page had no identities sideload.
-async fn identity_fetcher(
-    this: Arc<Follower>,
-    mut rx: mpsc::UnboundedReceiver<Vec<i64>>,
-    shutdown: CancellationToken,
-) {
-    let mut pending: Vec<i64> = Vec::new();
-    let mut warned = false;
+/// Fetches phone identities for the users the index lists as pending (their export page had no
+/// identities sideload; the list survives restarts in the snapshot).
+async fn identity_fetcher(this: Arc<Follower>, shutdown: CancellationToken) {
+    let mut announced = false;
+    let mut warned_no_sideload = false;
     loop {
-        while let Ok(ids) = rx.try_recv() {
-            pending.extend(ids);
-        }
-        if pending.is_empty() {
+        let batch = this.index.read().pending_identities(SHOW_MANY_BATCH);
+        if batch.is_empty() {
+            let added = this.identities_added.notified();
             tokio::select! {
-                _ = shutdown.cancelled() => return,
-                got = rx.recv() => match got {
-                    Some(ids) => pending.extend(ids),
-                    None => return,
-                },
+                () = shutdown.cancelled() => return,
+                () = added => {}
+                // Pending ids loaded from a snapshot are not announced.
+                () = tokio::time::sleep(Duration::from_secs(5)) => {}
             }
             continue;
         }
-        if !warned {
+        if !announced {
             info!(
+                pending = this.index.read().pending_identities_len(),
                 "the users export returned no identities sideload: fetching phone identities through users/show_many"
             );
-            warned = true;
+            announced = true;
         }
-        let batch: Vec<i64> = pending
-            .drain(..pending.len().min(SHOW_MANY_BATCH))
-            .collect();
-        match cancellable(&shutdown, this.client.show_many_users(&batch)).await {
+        let fetched = match cancellable(
+            &shutdown,
+            fetch_identities(&this, &batch, &mut warned_no_sideload),
+        )
+        .await
+        {
             Err(_) => return,
-            Ok(Ok(found)) => {
-                let ids = UserBatch::identities_only(&found.users, &found.identities, &this.parser);
-                this.index.write().apply_user_batch(ids);
+            Ok(r) => r,
+        };
+        match fetched {
+            Ok(change) => {
+                let done = this
+                    .writer
+                    .apply_all(vec![change, Change::IdentitiesFetched(batch)])
+                    .await;
+                if done.is_err() {
+                    return;
+                }
+                this.identities_fetched.notify_waiters();
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 warn!(error = %e, users = batch.len(), "fetching phone identities failed; will retry");
-                pending.extend(batch);
                 tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_secs(5)) => {}
                 }
             }
         }
     }
+}
+
+/// The phone identities of `ids` as one change: from `show_many` with the sideload, or, when the
+/// answer has no `identities` key at all, from each user's identities endpoint. Users missing from
+/// the answer are gone (deleted): nothing to fetch for them.
+async fn fetch_identities(
+    this: &Follower,
+    ids: &[i64],
+    warned_no_sideload: &mut bool,
+) -> Result<Change, ZendeskError> {
+    let found = this.client.show_many_users(ids).await?;
+    let identities = match found.identities {
+        Some(list) => list,
+        None => {
+            if !*warned_no_sideload {
+                warn!(
+                    "users/show_many answered without the identities sideload: reading each user's identities instead"
+                );
+                *warned_no_sideload = true;
+            }
+            let mut all = Vec::new();
+            for u in &found.users {
+                match this.client.user_identities(u.id).await {
+                    Ok(list) => all.extend(list),
+                    Err(ZendeskError::Permanent { status: 404, .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            all
+        }
+    };
+    Ok(Change::Users(UserBatch::identities_only(
+        &found.users,
+        &identities,
+        &this.parser,
+    )))
 }
 
 async fn progress_logger(this: Arc<Follower>, started: Instant, stop: CancellationToken) {

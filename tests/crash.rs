@@ -534,3 +534,68 @@ async fn sigkill_during_snapshot_writes_never_serves_half_read_data() {
     );
     sim.shutdown().await;
 }
+
+/// Issue 10 item 4: the users export came without identities, the page and its cursor were applied
+/// and saved, and the process was killed before `users/show_many` answered. The restarted process
+/// must still fetch those users' identities (the ids waiting for them are saved with the cursor),
+/// although the export has nothing new to say about them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identities_still_to_fetch_survive_a_kill() {
+    let (mut store, a) = one_ticket_account("+380441234567");
+    store
+        .add_phone_identity(a.customer, "+380 67 123 45 67")
+        .unwrap();
+    let sim = start_sim(store, |c| {
+        c.export_identities = false;
+        // show_many never answers until the restart.
+        c.show_many = sim::ShowMany::Unavailable;
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let second = "+380671234567";
+    let found = |d: &Deskline| {
+        let addr = d.addr;
+        async move {
+            let mut c = client(addr).await;
+            let r = c
+                .lookup_caller(proto::LookupCallerRequest {
+                    number: second.into(),
+                })
+                .await
+                .ok()?
+                .into_inner();
+            Some(r.found)
+        }
+    };
+
+    let d = Deskline::start(dir.path(), &sim, 0).await;
+    let snapshot = dir.path().join("data").join("index.snapshot");
+    // Killed only once the warm-up is saved and show_many has been refused at least once.
+    eventually("warm-up saved, show_many refused", DEADLINE, || {
+        let refused = sim
+            .requests()
+            .iter()
+            .any(|q| q.path.contains("show_many") && q.status == 503);
+        let ready = snapshot.exists();
+        async move { (refused && ready).then_some(()) }
+    })
+    .await;
+    let found_before = found(&d).await.expect("LookupCaller answers");
+    assert!(!found_before, "the second identity cannot be known yet");
+    d.kill();
+
+    sim.set_config(|c| c.show_many = sim::ShowMany::Sideload);
+    let d = Deskline::start(dir.path(), &sim, 1).await;
+    let started = tokio::time::Instant::now();
+    while found(&d).await != Some(true) {
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the second identity was not fetched after the restart:\n{}\nfirst run:\n{}",
+            d.log_text(),
+            std::fs::read_to_string(dir.path().join("round-0.log")).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    d.kill();
+    sim.shutdown().await;
+}

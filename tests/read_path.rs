@@ -873,3 +873,58 @@ async fn generated_account_matches_an_independent_oracle() {
     service.shutdown().await.unwrap();
     sim.shutdown().await;
 }
+
+/// A `show_many` answer without the `identities` key (sideload not honoured) says nothing about
+/// identities: the phones already known stay, and the identities are read per user instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn show_many_without_the_identities_key_wipes_no_phone() {
+    let (store, r) = rules_store();
+    let sim = start_sim(store, |_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let service = start_service(&config_text(
+        &sim,
+        dir.path(),
+        &format!("{}\n[index]\npoll_seconds = 1\n", directory()),
+    ))
+    .await;
+    wait_loaded(&service).await;
+    let c = client(service.addr()).await;
+    let second_routes = || {
+        let mut c = c.clone();
+        async move { agent_id(&route(&mut c, "+380671234567").await) == r.ivan }
+    };
+    assert!(second_routes().await, "known from the export's sideload");
+
+    // From now on neither the export nor show_many sideloads identities; the customer changes, so
+    // the export brings the user again and the follower asks show_many for its identities.
+    sim.set_config(|c| {
+        c.export_identities = false;
+        c.show_many = deskline_sim::ShowMany::NoIdentitiesKey;
+        c.one_minute_rule = Duration::ZERO;
+    });
+    sim.clear_requests();
+    sim.with_store(|s| {
+        s.update_user(
+            r.c2,
+            deskline_sim::UserPatch {
+                name: Some("Renamed".into()),
+                ..Default::default()
+            },
+        )
+    })
+    .unwrap();
+    eventually(
+        "show_many answered, then the identities read per user",
+        DEADLINE,
+        || {
+            let reqs = sim.requests();
+            let show_many = reqs.iter().any(|q| q.path.contains("show_many"));
+            let per_user = reqs.iter().any(|q| q.path.contains("/identities"));
+            async move { (show_many && per_user).then_some(()) }
+        },
+    )
+    .await;
+    assert!(second_routes().await, "the second identity was wiped");
+    service.shutdown().await.unwrap();
+    sim.shutdown().await;
+}

@@ -898,9 +898,17 @@ fn show_many(app: &App, q: &Query) -> Reply {
         Ok(ids) => ids,
         Err(r) => return r,
     };
-    let with_ids = q
-        .get("include")
-        .is_some_and(|v| v.split(',').any(|x| x == "identities"));
+    let mode = app.cfg.read().show_many;
+    if mode == crate::ShowMany::Unavailable {
+        return Reply::error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Unavailable",
+            "show_many held",
+        );
+    }
+    let with_ids = mode == crate::ShowMany::Sideload
+        && q.get("include")
+            .is_some_and(|v| v.split(',').any(|x| x == "identities"));
     let s = app.store.read();
     let recs: Vec<_> = ids.iter().filter_map(|&id| s.user_rec(id)).collect();
     let users: Vec<UserOut> = recs.iter().map(|u| UserOut::new(&app.base, u)).collect();

@@ -79,7 +79,20 @@ pub struct SimConfig {
     /// Send the rate-limit headers (`X-Rate-Limit*`, `ratelimit-*`) as Zendesk does. Default true.
     /// TEST SETTING: off, a client cannot see the budget coming to an end and meets 429 storms.
     pub rate_limit_headers: bool,
+    /// How `users/show_many` treats `include=identities`. TEST SETTING. Default: honoured.
+    pub show_many: ShowMany,
     pub faults: Faults,
+}
+
+/// `users/show_many` misbehaviour, for the identity fetches' tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ShowMany {
+    #[default]
+    Sideload,
+    /// Answers without the `identities` key (sideload not honoured).
+    NoIdentitiesKey,
+    /// Answers 503.
+    Unavailable,
 }
 
 impl Default for SimConfig {
@@ -95,6 +108,7 @@ impl Default for SimConfig {
             search_delay: Duration::from_secs(60),
             export_identities: true,
             rate_limit_headers: true,
+            show_many: ShowMany::Sideload,
             faults: Faults::default(),
         }
     }

@@ -3,9 +3,9 @@
 //! # Format (one file, version 1)
 //! ```text
 //! "DESKLIDX"  magic, 8 bytes
-//! u32 LE      format version
+//! u32 LE      format version (2; version 1 files, without the last field, are still read)
 //! …           postcard body: customers, identities, agents, open tickets, organizations,
-//!             cursors, fresh times, loaded flag
+//!             cursors, fresh times, loaded flag, users whose identities are still to be fetched
 //! u64 LE      length of magic + version + body
 //! u32 LE      crc32 (crc32fast) of magic + version + body
 //! ```
@@ -19,6 +19,9 @@
 //!   from the exports instead.
 //! - The cursors are saved with the records they produced, so resuming from them never skips a
 //!   change (at worst a page is applied twice, which is harmless: applying is idempotent).
+//! - A save encodes a [`Frozen`] view: the index as it stood between two changes of the writer,
+//!   taken in an `Arc` clone per chunk of records (see `store`), so the index keeps changing while
+//!   the file is written and the file is still one consistent point in time.
 
 use std::{
     fs::{self, File},
@@ -31,10 +34,15 @@ use serde::{
     ser::{SerializeSeq, SerializeTuple},
 };
 
-use super::{AgentRec, Cursors, CustomerRec, Index, OpenStatus, TicketRec, name_key, store::Store};
+use rustc_hash::FxHashMap;
+
+use super::{
+    AgentRec, Cursors, CustomerRec, IdentRec, Index, OpenStatus, OrgRec, TicketRec, name_key,
+    store::Frozen as FrozenStore,
+};
 
 const MAGIC: &[u8; 8] = b"DESKLIDX";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 const HEADER_LEN: usize = 12;
 const TRAILER_LEN: usize = 12;
 
@@ -46,8 +54,45 @@ pub enum SnapshotError {
     Corrupt(String, String),
 }
 
+/// The index as it stood when [`Frozen::of`] was called, for a save that runs while it changes.
+pub struct Frozen {
+    customers: FrozenStore<CustomerRec>,
+    identities: FrozenStore<IdentRec>,
+    tickets: FrozenStore<TicketRec>,
+    orgs: FrozenStore<OrgRec>,
+    /// Few (agents and admins): copied.
+    agents: FxHashMap<i64, AgentRec>,
+    cursors: Cursors,
+    fresh: [Option<i64>; 3],
+    loaded: bool,
+    pending: Vec<i64>,
+}
+
+impl Frozen {
+    /// Cheap: an `Arc` clone per chunk of 1024 records, plus a copy of the agents and of the
+    /// pending-identities list (both small).
+    pub fn of(ix: &Index) -> Self {
+        Self {
+            customers: ix.customers.frozen(),
+            identities: ix.identities.frozen(),
+            tickets: ix.tickets.frozen(),
+            orgs: ix.orgs.frozen(),
+            agents: ix.agents.clone(),
+            cursors: ix.cursors.clone(),
+            fresh: ix.fresh,
+            loaded: ix.loaded,
+            pending: ix.pending_identities.iter().copied().collect(),
+        }
+    }
+}
+
 /// Writes atomically (temp file, fsync, rename, fsync of the directory).
 pub fn save(index: &Index, path: &Path) -> Result<(), SnapshotError> {
+    save_frozen(&Frozen::of(index), path)
+}
+
+/// [`save`] of a view taken earlier (what the index writer does, see [`super::writer`]).
+pub fn save_frozen(index: &Frozen, path: &Path) -> Result<(), SnapshotError> {
     let file_name = path.file_name().ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -67,7 +112,7 @@ pub fn save(index: &Index, path: &Path) -> Result<(), SnapshotError> {
     result.map_err(SnapshotError::Io)
 }
 
-fn write_file(index: &Index, tmp: &Path) -> io::Result<()> {
+fn write_file(index: &Frozen, tmp: &Path) -> io::Result<()> {
     let file = File::create(tmp)?;
     let mut w = CrcWriter {
         inner: BufWriter::with_capacity(1 << 20, file),
@@ -114,7 +159,7 @@ pub fn load(path: &Path) -> Result<Option<Index>, SnapshotError> {
         return Err(corrupt("not a Deskline index snapshot (bad magic)".into()));
     }
     let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
-    if version != VERSION {
+    if version != VERSION && version != 1 {
         return Err(corrupt(format!(
             "format version {version}, this build reads {VERSION}"
         )));
@@ -131,9 +176,16 @@ pub fn load(path: &Path) -> Result<Option<Index>, SnapshotError> {
     if crc32fast::hash(content) != crc {
         return Err(corrupt("checksum mismatch".into()));
     }
-    let body: BodyIn<'_> = postcard::from_bytes(&content[HEADER_LEN..])
+    let (body, rest): (BodyIn<'_>, _) = postcard::take_from_bytes(&content[HEADER_LEN..])
         .map_err(|e| corrupt(format!("cannot decode: {e}")))?;
-    build(body).map(Some).map_err(corrupt)
+    let pending: Vec<i64> = if version == 1 {
+        Vec::new()
+    } else {
+        postcard::from_bytes(rest).map_err(|e| corrupt(format!("cannot decode: {e}")))?
+    };
+    let mut ix = build(body).map_err(corrupt)?;
+    ix.pending_identities = pending.into_iter().collect();
+    Ok(Some(ix))
 }
 
 struct CrcWriter<W> {
@@ -185,8 +237,9 @@ struct TicketRow<'a> {
     status: OpenStatus,
 }
 
-/// Field order must match [`BodyIn`]: postcard encodes a struct as the tuple of its fields.
-struct Body<'a>(&'a Index);
+/// Field order must match [`BodyIn`] (then the pending list): postcard encodes a struct as the
+/// tuple of its fields.
+struct Body<'a>(&'a Frozen);
 
 #[derive(Deserialize)]
 struct BodyIn<'a> {
@@ -207,11 +260,9 @@ struct BodyIn<'a> {
 impl Serialize for Body<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let ix = self.0;
-        let mut t = s.serialize_tuple(8)?;
+        let mut t = s.serialize_tuple(9)?;
         t.serialize_element(&Rows(&ix.customers, customer_row))?;
-        t.serialize_element(&Seq(ix.identities.len(), || {
-            ix.identities.iter().map(|(id, p)| (*id, &**p))
-        }))?;
+        t.serialize_element(&Rows(&ix.identities, identity_row))?;
         t.serialize_element(&Seq(ix.agents.len(), || {
             ix.agents
                 .iter()
@@ -224,12 +275,11 @@ impl Serialize for Body<'_> {
                 })
         }))?;
         t.serialize_element(&Rows(&ix.tickets, ticket_row))?;
-        t.serialize_element(&Seq(ix.orgs.len(), || {
-            ix.orgs.iter().map(|(id, n)| (*id, &**n))
-        }))?;
+        t.serialize_element(&Rows(&ix.orgs, org_row))?;
         t.serialize_element(&ix.cursors)?;
         t.serialize_element(&ix.fresh)?;
         t.serialize_element(&ix.loaded)?;
+        t.serialize_element(&ix.pending)?;
         t.end()
     }
 }
@@ -243,6 +293,14 @@ fn customer_row(c: &CustomerRec) -> CustomerRow<'_> {
         updated_at: i64::from(c.updated_at),
         suspended: c.suspended,
     }
+}
+
+fn identity_row(i: &IdentRec) -> (i64, &[u64]) {
+    (i.user, &i.phones)
+}
+
+fn org_row(o: &OrgRec) -> (i64, &str) {
+    (o.id, &o.name)
 }
 
 fn ticket_row(t: &TicketRec) -> TicketRow<'_> {
@@ -274,18 +332,17 @@ where
     }
 }
 
-/// The live records of a [`Store`], each mapped to its row.
-struct Rows<'a, T, F>(&'a Store<T>, F);
+/// The live records of a frozen store, each mapped to its row.
+struct Rows<'a, T, F>(&'a FrozenStore<T>, F);
 
 impl<'a, T, F, R> Serialize for Rows<'a, T, F>
 where
-    T: super::store::Keyed,
     F: Fn(&'a T) -> R,
     R: Serialize,
 {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut seq = s.serialize_seq(Some(self.0.len()))?;
-        for (_, rec) in self.0.iter() {
+        for rec in self.0.iter() {
             seq.serialize_element(&(self.1)(rec))?;
         }
         seq.end()
@@ -294,16 +351,17 @@ where
 
 fn build(body: BodyIn<'_>) -> Result<Index, String> {
     let mut ix = Index::new();
-    ix.identities.reserve(body.identities.len());
-    for (id, phones) in body.identities {
-        if ix
-            .identities
-            .insert(id, phones.into_boxed_slice())
-            .is_some()
-        {
-            return Err(format!("identities of user {id} appear twice"));
-        }
-    }
+    let identities: Vec<IdentRec> = body
+        .identities
+        .into_iter()
+        .map(|(user, phones)| IdentRec {
+            user,
+            phones: phones.into_boxed_slice(),
+        })
+        .collect();
+    ix.identities
+        .bulk_load(identities)
+        .map_err(|id| format!("identities of user {id} appear twice"))?;
     // The stores and the tables derived from them are filled in bulk, each table sized once and
     // swept in bucket order (see `store::insert_in_bucket_order`): what keeps a restart linear in
     // the account's size.
@@ -352,10 +410,17 @@ fn build(body: BodyIn<'_>) -> Result<Index, String> {
         .bulk_load(tickets)
         .map_err(|id| format!("ticket {id} appears twice"))?;
     ix.index_loaded();
-    ix.orgs.reserve(body.orgs.len());
-    for (id, name) in body.orgs {
-        ix.orgs.insert(id, name.into());
-    }
+    let orgs: Vec<OrgRec> = body
+        .orgs
+        .into_iter()
+        .map(|(id, name)| OrgRec {
+            id,
+            name: name.into(),
+        })
+        .collect();
+    ix.orgs
+        .bulk_load(orgs)
+        .map_err(|id| format!("organization {id} appears twice"))?;
     ix.cursors = body.cursors;
     ix.fresh = body.fresh;
     ix.loaded = body.loaded;
@@ -499,10 +564,58 @@ mod tests {
         let path = dir.path().join("index.snapshot");
         save(&sample(), &path).unwrap();
         let mut b = fs::read(&path).unwrap();
-        b[8] = 2;
+        b[8] = 3;
         fs::write(&path, &b).unwrap();
         let err = load(&path).unwrap_err();
-        assert!(err.to_string().contains("version 2"), "{err}");
+        assert!(err.to_string().contains("version 3"), "{err}");
+    }
+
+    /// A save encodes the index as it was when the view was taken, while the index goes on
+    /// changing in every store (the chunks it shares are copied on write, not changed under it).
+    #[test]
+    fn a_frozen_view_is_saved_as_it_was() {
+        let p = PhoneParser::new("UA").unwrap();
+        let mut ix = sample();
+        ix.add_pending_identities(vec![5, 6]);
+        let frozen = Frozen::of(&ix);
+        let before = ix.counts();
+        ix.apply_user(
+            &User {
+                id: 1,
+                active: Some(false),
+                ..Default::default()
+            },
+            &p,
+        );
+        ix.apply_ticket(&Ticket {
+            id: 78,
+            status: Some("open".into()),
+            requester_id: Some(3),
+            ..Default::default()
+        });
+        ix.apply_organization(&Organization {
+            id: 9,
+            deleted_at: Some("2024-06-01T00:00:00Z".into()),
+            ..Default::default()
+        });
+        ix.remove_pending_identities(&[5]);
+        ix.cursors_mut().users = Some("later".into());
+        assert_ne!(ix.counts(), before);
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.snapshot");
+        save_frozen(&frozen, &path).unwrap();
+        drop(frozen);
+        let back = load(&path).unwrap().unwrap();
+        assert_eq!(back.counts(), before);
+        assert_eq!(back.customer(1).map(|c| c.id), Some(1));
+        assert!(back.open_ticket(78).is_none());
+        assert_eq!(back.organization_name(9), Some("Acme"));
+        assert_eq!(back.pending_identities(10), vec![5, 6]);
+        assert_ne!(back.cursors().users.as_deref(), Some("later"));
+        // The live index kept its own changes.
+        assert!(ix.customer(1).is_none());
+        assert_eq!(ix.pending_identities(10), vec![6]);
     }
 
     /// The bulk rebuild on load (tables filled in bucket order) gives the same answers as the

@@ -10,7 +10,7 @@
 //!
 //! [`iter_hash`]: hashbrown::HashTable::iter_hash
 
-use std::hash::BuildHasher;
+use std::{hash::BuildHasher, sync::Arc};
 
 use hashbrown::HashTable;
 use rustc_hash::FxBuildHasher;
@@ -27,9 +27,26 @@ pub(crate) trait Keyed {
     fn key(&self) -> i64;
 }
 
+/// Records a chunk holds. A chunk is the unit a snapshot shares and a write copies: 1024 records
+/// of 48 bytes (and their strings) are copied in tens of microseconds, under the writer's lock,
+/// once per chunk per snapshot; the chunk table stays small enough (1k entries per million
+/// records) to stay in cache for lookups.
+pub(crate) const CHUNK: usize = 1024;
+const CHUNK_BITS: u32 = CHUNK.trailing_zeros();
+
+/// One chunk of a slab, shared with snapshots being written ([`Store::frozen`]).
+pub(crate) type Chunk<T> = Arc<[Option<T>]>;
+
 /// A slab of records plus a unique index on their key.
+///
+/// The slab is a list of fixed-size chunks behind `Arc`s, copy-on-write: [`Store::frozen`] hands
+/// out the current chunks for a snapshot to encode at its pace (a clone of the list, not of the
+/// records), and a later write to a chunk still held by a snapshot copies that chunk first. With
+/// no snapshot running no chunk is shared and writes go straight in.
 pub(crate) struct Store<T> {
-    items: Vec<Option<T>>,
+    chunks: Vec<Chunk<T>>,
+    /// Slots handed out so far (the next new slot when `free` is empty).
+    used: u32,
     free: Vec<u32>,
     by_key: HashTable<u32>,
 }
@@ -37,22 +54,39 @@ pub(crate) struct Store<T> {
 impl<T> Default for Store<T> {
     fn default() -> Self {
         Self {
-            items: Vec::new(),
+            chunks: Vec::new(),
+            used: 0,
             free: Vec::new(),
             by_key: HashTable::new(),
         }
     }
 }
 
-impl<T: Keyed> Store<T> {
+#[inline]
+fn split(slot: u32) -> (usize, usize) {
+    ((slot >> CHUNK_BITS) as usize, slot as usize & (CHUNK - 1))
+}
+
+/// The record in `slot` of a chunk list, if any.
+#[inline]
+pub(crate) fn record<T>(chunks: &[Chunk<T>], slot: u32) -> Option<&T> {
+    let (c, i) = split(slot);
+    chunks.get(c)?[i].as_ref()
+}
+
+fn empty_chunk<T>() -> Chunk<T> {
+    (0..CHUNK).map(|_| None).collect()
+}
+
+impl<T: Keyed + Clone> Store<T> {
     pub(crate) fn len(&self) -> usize {
         self.by_key.len()
     }
 
     pub(crate) fn slot(&self, key: i64) -> Option<u32> {
-        let items = &self.items;
+        let chunks = &self.chunks;
         self.by_key
-            .find(fx(key as u64), |&s| key_of(items, s) == key)
+            .find(fx(key as u64), |&s| key_of(chunks, s) == key)
             .copied()
     }
 
@@ -64,14 +98,22 @@ impl<T: Keyed> Store<T> {
     /// slot here is a bug in the index, not bad input.
     #[inline]
     pub(crate) fn at(&self, slot: u32) -> &T {
-        self.items[slot as usize]
-            .as_ref()
-            .expect("index slot points at a live record")
+        record(&self.chunks, slot).expect("index slot points at a live record")
+    }
+
+    /// The slot's entry, writable: its chunk is copied first if a snapshot still holds it.
+    fn entry_mut(&mut self, slot: u32) -> &mut Option<T> {
+        let (c, i) = split(slot);
+        let chunk = &mut self.chunks[c];
+        if Arc::get_mut(chunk).is_none() {
+            *chunk = chunk.iter().cloned().collect();
+        }
+        &mut Arc::get_mut(chunk).expect("a chunk just copied is not shared")[i]
     }
 
     #[inline]
     pub(crate) fn at_mut(&mut self, slot: u32) -> &mut T {
-        self.items[slot as usize]
+        self.entry_mut(slot)
             .as_mut()
             .expect("index slot points at a live record")
     }
@@ -80,62 +122,76 @@ impl<T: Keyed> Store<T> {
     pub(crate) fn insert_new(&mut self, rec: T) -> u32 {
         let hash = fx(rec.key() as u64);
         let slot = match self.free.pop() {
-            Some(s) => {
-                self.items[s as usize] = Some(rec);
-                s
-            }
+            Some(s) => s,
             None => {
-                let s = u32::try_from(self.items.len()).expect("fewer than 2^32 records");
-                self.items.push(Some(rec));
+                let s = self.used;
+                self.used = s.checked_add(1).expect("fewer than 2^32 records");
+                if split(s).0 == self.chunks.len() {
+                    self.chunks.push(empty_chunk());
+                }
                 s
             }
         };
-        let items = &self.items;
+        *self.entry_mut(slot) = Some(rec);
+        let chunks = &self.chunks;
         self.by_key
-            .insert_unique(hash, slot, |&s| fx(key_of(items, s) as u64));
+            .insert_unique(hash, slot, |&s| fx(key_of(chunks, s) as u64));
         slot
     }
 
     pub(crate) fn remove(&mut self, key: i64) -> Option<(u32, T)> {
-        let items = &self.items;
+        let chunks = &self.chunks;
         let entry = self
             .by_key
-            .find_entry(fx(key as u64), |&s| key_of(items, s) == key)
+            .find_entry(fx(key as u64), |&s| key_of(chunks, s) == key)
             .ok()?;
         let (slot, _) = entry.remove();
-        let rec = self.items[slot as usize].take()?;
+        let rec = self.entry_mut(slot).take()?;
         self.free.push(slot);
         Some((slot, rec))
     }
 
     pub(crate) fn iter(&self) -> impl Iterator<Item = (u32, &T)> {
-        self.items
-            .iter()
-            .enumerate()
-            .filter_map(|(s, r)| r.as_ref().map(|r| (s as u32, r)))
+        iter_chunks(&self.chunks)
+    }
+
+    /// The current chunks, for a snapshot to read while the store goes on changing (see the type
+    /// doc). Costs one `Arc` clone per chunk.
+    pub(crate) fn frozen(&self) -> Frozen<T> {
+        Frozen {
+            chunks: self.chunks.clone(),
+            len: self.len(),
+        }
     }
 
     /// Fills an empty store with `recs` (slots 0, 1, … in their order), inserting the key table in
     /// bucket order (see [`insert_in_bucket_order`]). A key that appears twice is returned as the
     /// error and leaves the store empty.
     pub(crate) fn bulk_load(&mut self, recs: Vec<T>) -> Result<(), i64> {
-        debug_assert!(self.items.is_empty() && self.free.is_empty());
+        debug_assert!(self.chunks.is_empty() && self.free.is_empty());
         let n = u32::try_from(recs.len()).map_err(|_| i64::MIN)?;
         let entries: Vec<(u64, u32)> = recs
             .iter()
             .zip(0..n)
             .map(|(r, slot)| (fx(r.key() as u64), slot))
             .collect();
-        self.items = recs.into_iter().map(Some).collect();
-        let items = &self.items;
+        let mut recs = recs.into_iter();
+        let mut left = recs.len();
+        while left > 0 {
+            let chunk: Chunk<T> = (0..CHUNK).map(|_| recs.next()).collect();
+            self.chunks.push(chunk);
+            left = left.saturating_sub(CHUNK);
+        }
+        self.used = n;
+        let chunks = &self.chunks;
         let dup = insert_in_bucket_order(
             &mut self.by_key,
             entries,
-            |&s| fx(key_of(items, s) as u64),
-            |&a, &b| key_of(items, a) == key_of(items, b),
+            |&s| fx(key_of(chunks, s) as u64),
+            |&a, &b| key_of(chunks, a) == key_of(chunks, b),
         );
         if let Some(slot) = dup {
-            let key = key_of(&self.items, slot);
+            let key = key_of(&self.chunks, slot);
             *self = Self::default();
             return Err(key);
         }
@@ -143,9 +199,33 @@ impl<T: Keyed> Store<T> {
     }
 
     /// The slab, for the side tables that hash slots by some other field of the record.
-    pub(crate) fn items(&self) -> &[Option<T>] {
-        &self.items
+    pub(crate) fn chunks(&self) -> &[Chunk<T>] {
+        &self.chunks
     }
+}
+
+/// A store's records as they were when [`Store::frozen`] was called.
+pub(crate) struct Frozen<T> {
+    chunks: Vec<Chunk<T>>,
+    len: usize,
+}
+
+impl<T> Frozen<T> {
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &T> {
+        iter_chunks(&self.chunks).map(|(_, r)| r)
+    }
+}
+
+fn iter_chunks<T>(chunks: &[Chunk<T>]) -> impl Iterator<Item = (u32, &T)> {
+    chunks
+        .iter()
+        .flat_map(|c| c.iter())
+        .enumerate()
+        .filter_map(|(s, r)| r.as_ref().map(|r| (s as u32, r)))
 }
 
 /// Inserts `(hash, value)` pairs into `table`, sized for them first, in the order of the bucket
@@ -180,6 +260,6 @@ pub(crate) fn insert_in_bucket_order<E: Copy>(
 }
 
 #[inline]
-fn key_of<T: Keyed>(items: &[Option<T>], slot: u32) -> i64 {
-    items[slot as usize].as_ref().map_or(i64::MIN, Keyed::key)
+fn key_of<T: Keyed>(chunks: &[Chunk<T>], slot: u32) -> i64 {
+    record(chunks, slot).map_or(i64::MIN, Keyed::key)
 }

@@ -23,7 +23,7 @@ use super::{
 };
 use crate::{
     config::FieldEntity,
-    index::SharedIndex,
+    index::{Change, IndexWriter, SharedIndex, WriterStopped},
     phone::{E164, mask},
     routing,
     zendesk::{
@@ -39,6 +39,9 @@ enum StepError {
     Zendesk(#[from] ZendeskError),
     #[error(transparent)]
     Queue(#[from] StoreError),
+    /// The index writer has stopped: retried like a queue error (the process is going down).
+    #[error(transparent)]
+    Index(#[from] WriterStopped),
     /// Not a Zendesk answer but just as final (e.g. no usable organization name).
     #[error("{0}")]
     Permanent(String),
@@ -63,7 +66,9 @@ pub struct Worker {
 struct Inner {
     queue: JobStore,
     client: zendesk::Client,
+    /// For reads; writes go through `writer` and are visible here once it acknowledged them.
     index: SharedIndex,
+    writer: IndexWriter,
     settings: SyncSettings,
     notify: Arc<Notify>,
 }
@@ -80,14 +85,15 @@ impl Worker {
     pub fn new(
         queue: impl Into<JobStore>,
         client: zendesk::Client,
-        index: SharedIndex,
+        writer: IndexWriter,
         settings: SyncSettings,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 queue: queue.into(),
                 client,
-                index,
+                index: writer.index().clone(),
+                writer,
                 settings,
                 notify: Arc::new(Notify::new()),
             }),
@@ -253,7 +259,7 @@ impl Inner {
                     .retry_at(&claim, now_ms() + delay.as_millis() as i64, e.to_string())
                     .await
             }
-            Err(StepError::Queue(e)) => {
+            Err(e @ (StepError::Queue(_) | StepError::Index(_))) => {
                 tracing::error!(error = %e, "queue error during the job; it will be retried");
                 let at = now_ms() + self.settings.retry_base.as_millis() as i64;
                 self.queue.retry_at(&claim, at, e.to_string()).await
@@ -386,7 +392,9 @@ impl Inner {
         if let Some(id) = self.queue.own_user(phone).await? {
             match self.client.show_user(id).await {
                 Ok(u) if u.is_active() => {
-                    self.index.write().apply_user(&u, &self.settings.parser);
+                    self.writer
+                        .apply(Change::user(&u, &self.settings.parser))
+                        .await?;
                     return Ok(Some(user_info(&u)));
                 }
                 // Deleted or suspended since: look further.
@@ -415,7 +423,7 @@ impl Inner {
                 )
             })
         {
-            self.index.write().apply_user(u, parser);
+            self.writer.apply(Change::user(u, parser)).await?;
             return Ok(Some(user_info(u)));
         }
         if !self.settings.create_user {
@@ -442,7 +450,9 @@ impl Inner {
         }
         let u = self.client.create_or_update_user(body).await?;
         self.queue.remember_user(phone, u.id).await?;
-        self.index.write().apply_user(&u, &self.settings.parser);
+        self.writer
+            .apply(Change::user(&u, &self.settings.parser))
+            .await?;
         job.progress.created_user = true;
         tracing::info!(user_id = u.id, phone = %mask(&phone.to_string()), "created the end-user");
         Ok(Some(user_info(&u)))
@@ -520,16 +530,16 @@ impl Inner {
             }
             Err(e) => return Err(e.into()),
         };
-        self.index.write().apply_organization(&org);
+        self.writer.apply(Change::organization(&org)).await?;
         // Recorded only after the link below: the upsert above is safe to repeat, a missing link
         // would not be repaired if the organization counted as done.
         let linked = self
             .client
             .update_user(user.id, json!({ "organization_id": org.id }))
             .await?;
-        self.index
-            .write()
-            .apply_user(&linked, &self.settings.parser);
+        self.writer
+            .apply(Change::user(&linked, &self.settings.parser))
+            .await?;
         job.progress.created_organization = true;
         self.queue
             .remember_organization(r.client_e164, org.id)
@@ -554,7 +564,7 @@ impl Inner {
         if let Some(id) = self.queue.own_ticket(job.report.client_e164).await? {
             match self.client.show_ticket(id).await {
                 Ok(t) if t.is_open() && t.requester_id == Some(user_id) => {
-                    self.index.write().apply_ticket(&t);
+                    self.writer.apply(Change::ticket(&t)).await?;
                     return Ok(Some(t.id));
                 }
                 Ok(_) | Err(ZendeskError::Permanent { status: 404, .. }) => {}
@@ -563,12 +573,9 @@ impl Inner {
         }
         let tickets = self.client.requested_tickets(user_id).await?;
         let mut open: Vec<&Ticket> = tickets.iter().filter(|t| t.is_open()).collect();
-        {
-            let mut index = self.index.write();
-            for t in &open {
-                index.apply_ticket(t);
-            }
-        }
+        self.writer
+            .apply(Change::Tickets(open.iter().map(|&t| t.clone()).collect()))
+            .await?;
         // DESIGN §3 rule 4 as far as Zendesk's answer tells: assigned first, then the latest.
         open.sort_by_key(|t| {
             (
@@ -619,7 +626,7 @@ impl Inner {
         };
         let key = comment::idempotency_key(&job.report.call_id);
         let ticket = self.client.create_ticket(body, &key).await?;
-        self.index.write().apply_ticket(&ticket);
+        self.writer.apply(Change::ticket(&ticket)).await?;
         self.queue
             .remember_ticket(job.report.client_e164, ticket.id)
             .await?;
@@ -718,7 +725,7 @@ impl Inner {
             .await
         {
             Ok(t) => {
-                self.index.write().apply_ticket(&t);
+                self.writer.apply(Change::ticket(&t)).await?;
                 job.progress.comment_added = true;
                 job.progress.comment_uncertain = false;
                 self.save(job).await?;
@@ -729,7 +736,7 @@ impl Inner {
                 ..
             }) => {
                 tracing::info!(ticket_id, "ticket is closed: creating a follow-up");
-                self.forget_ticket(ticket_id);
+                self.forget_ticket(ticket_id).await?;
                 job.progress.comment_uncertain = false;
                 job.progress.ticket_id = 0;
                 self.create_ticket(job, Some(ticket_id)).await
@@ -739,7 +746,7 @@ impl Inner {
                 ..
             }) => {
                 tracing::info!(ticket_id, "ticket is gone: creating a new one");
-                self.forget_ticket(ticket_id);
+                self.forget_ticket(ticket_id).await?;
                 job.progress.comment_uncertain = false;
                 job.progress.ticket_id = 0;
                 if self.settings.create_ticket {
@@ -761,12 +768,8 @@ impl Inner {
     }
 
     /// Drops a ticket the index still thinks is open (closed or deleted in Zendesk).
-    fn forget_ticket(&self, id: i64) {
-        self.index.write().apply_ticket(&Ticket {
-            id,
-            status: Some("closed".into()),
-            ..Ticket::default()
-        });
+    async fn forget_ticket(&self, id: i64) -> Result<(), StepError> {
+        Ok(self.writer.apply(Change::TicketGone(id)).await?)
     }
 
     // ---- step 5: the call record ----

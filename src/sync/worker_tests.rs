@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use super::{test_support::report, *};
 use crate::{
     config::{Config, Credentials, FieldEntity, FieldMapping},
-    index::{Index, SharedIndex},
+    index::{Index, IndexWriter, SharedIndex},
     phone::E164,
     routing,
     zendesk::{Client, ClientOptions},
@@ -32,6 +32,7 @@ struct Harness {
     sim: SimHandle,
     queue: Queue,
     index: SharedIndex,
+    writer: IndexWriter,
     handle: WorkerHandle,
     shutdown: CancellationToken,
     worker: tokio::task::JoinHandle<anyhow::Result<()>>,
@@ -141,11 +142,12 @@ async fn harness(
     })
     .unwrap();
     client.set_backoff_base(Duration::from_millis(10));
-    let index: SharedIndex = std::sync::Arc::new(parking_lot::RwLock::new(Index::new()));
+    let writer = IndexWriter::spawn(Index::new());
+    let index: SharedIndex = writer.index().clone();
     warm(&index, &sim, &settings);
     let dir = tempfile::tempdir().unwrap();
     let queue = Queue::open(dir.path()).unwrap();
-    let worker = Worker::new(queue.clone(), client, index.clone(), settings);
+    let worker = Worker::new(queue.clone(), client, writer.clone(), settings);
     let handle = worker.handle();
     let shutdown = CancellationToken::new();
     let worker = tokio::spawn(worker.run(shutdown.clone()));
@@ -153,6 +155,7 @@ async fn harness(
         sim,
         queue,
         index,
+        writer,
         handle,
         shutdown,
         worker,
@@ -704,7 +707,7 @@ async fn crash_after_an_unrecorded_create_makes_no_duplicate() {
     let worker = Worker::new(
         queue.clone(),
         client,
-        h.index.clone(),
+        h.writer.clone(),
         settings_for(&h.sim.url()),
     );
     h.handle = worker.handle();

@@ -831,7 +831,7 @@ async fn show_many_users_limits_and_query() {
         "nothing sent for an empty or oversized list"
     );
     let r = c.show_many_users(&[1, 2]).await.unwrap();
-    assert_eq!(r.identities[0].user_id, 2);
+    assert_eq!(r.identities.as_ref().unwrap()[0].user_id, 2);
     assert_eq!(
         query_of(&script.requests()[0].uri),
         vec![

@@ -236,7 +236,9 @@ pub struct OrganizationsPage {
 #[serde(default)]
 pub struct UsersWithIdentities {
     pub users: Vec<User>,
-    pub identities: Vec<Identity>,
+    /// `None` when the answer has no `identities` key: the sideload was not honoured, which says
+    /// nothing about the users' identities (not the same as an empty list).
+    pub identities: Option<Vec<Identity>>,
 }
 
 /// A ticket comment (`GET /api/v2/tickets/{id}/comments`).

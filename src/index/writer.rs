@@ -1,0 +1,294 @@
+//! The index's one writer: a dedicated OS thread that applies every [`Change`], fed by a bounded
+//! channel. See the [module doc](super) for why and what readers see.
+//!
+//! Writers on tokio (the follower, the sync worker's jobs) only send and await the writer's
+//! acknowledgement, so none of them ever holds or waits for the index lock on a tokio worker thread.
+//! The writer takes the write lock for one message at a time, and a large message (an export page)
+//! is applied in pieces of [`PIECE`] records with the lock handed fairly to waiting readers between
+//! them, so a lookup waits at most for one piece.
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, mpsc as std_mpsc},
+    time::Instant,
+};
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Export, Index, SharedIndex, UserBatch, snapshot};
+use crate::{
+    phone::PhoneParser,
+    zendesk::models::{Organization, Ticket, User},
+};
+
+/// Records applied under one hold of the write lock (about 100 µs of work at most).
+const PIECE: usize = 128;
+/// Messages the channel holds before senders wait (backpressure on a warm-up, never a lock).
+const QUEUE: usize = 64;
+
+/// One change to the index. Every source of changes (the exports, the sync worker's writes, and
+/// next webhooks and other replicas' change logs) speaks this, so they all go through one writer.
+#[derive(Debug)]
+pub enum Change {
+    /// Users (an export page, a write's answer, a `show_many` answer), phones parsed by the sender
+    /// ([`UserBatch::prepare`]), with or without their phone identities.
+    Users(UserBatch),
+    /// Tickets in Zendesk's current view: open ones are kept, any other status removes the ticket.
+    Tickets(Vec<Ticket>),
+    /// A ticket known to be closed or deleted.
+    TicketGone(i64),
+    Organizations(Vec<Organization>),
+    /// An export read up to here (stored with the index and saved in its snapshot).
+    Cursor(CursorMove),
+    /// `export` was read to its end at Unix milliseconds.
+    Fresh(Export, i64),
+    /// A full warm-up completed.
+    Loaded,
+    /// Users whose phone identities are still to be fetched (the users export came without
+    /// them); kept in the index and its snapshot until [`Change::IdentitiesFetched`].
+    IdentitiesPending(Vec<i64>),
+    /// Those users' identities were applied (or they need none any more).
+    IdentitiesFetched(Vec<i64>),
+}
+
+/// Where an export stands after a page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CursorMove {
+    Users(String),
+    Tickets(String),
+    /// The organizations export's next `start_time`.
+    Organizations(i64),
+}
+
+impl Change {
+    /// One user as a write (or a search) returned it.
+    pub fn user(user: &User, parser: &PhoneParser) -> Self {
+        Self::Users(UserBatch::prepare(std::slice::from_ref(user), None, parser))
+    }
+
+    pub fn ticket(ticket: &Ticket) -> Self {
+        Self::Tickets(vec![ticket.clone()])
+    }
+
+    pub fn organization(org: &Organization) -> Self {
+        Self::Organizations(vec![org.clone()])
+    }
+}
+
+/// The writer thread has stopped (it only does when it panicked): nothing can be applied.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the index writer has stopped")]
+pub struct WriterStopped;
+
+enum Msg {
+    Apply(Vec<Change>, oneshot::Sender<()>),
+    Save(
+        PathBuf,
+        oneshot::Sender<Result<(), snapshot::SnapshotError>>,
+    ),
+}
+
+/// The handle writers hold: cheap to clone; the thread ends when the last handle is dropped.
+#[derive(Clone)]
+pub struct IndexWriter {
+    tx: mpsc::Sender<Msg>,
+    index: SharedIndex,
+}
+
+impl std::fmt::Debug for IndexWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IndexWriter").finish_non_exhaustive()
+    }
+}
+
+impl IndexWriter {
+    /// Starts the writer thread over `index`; readers use the returned handle's [`index`](Self::index).
+    pub fn spawn(index: Index) -> Self {
+        let index: SharedIndex = Arc::new(parking_lot::RwLock::new(index));
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let shared = index.clone();
+        std::thread::Builder::new()
+            .name("index-writer".into())
+            .spawn(move || run(shared, rx))
+            .expect("spawn the index writer thread");
+        Self { tx, index }
+    }
+
+    /// The index, for reading (lookups take [`super::read_for_lookup`]).
+    pub fn index(&self) -> &SharedIndex {
+        &self.index
+    }
+
+    /// Applies `change` and returns once it is in the index: a read that starts after this
+    /// returns sees it (the sync worker's read-your-writes, DESIGN §4 step 6).
+    pub async fn apply(&self, change: Change) -> Result<(), WriterStopped> {
+        self.apply_all(vec![change]).await
+    }
+
+    /// Applies `changes` in order, as one message: a snapshot holds all of them or none (so a
+    /// page and the cursor after it are saved together).
+    pub async fn apply_all(&self, changes: Vec<Change>) -> Result<(), WriterStopped> {
+        let (ack, done) = oneshot::channel();
+        self.tx
+            .send(Msg::Apply(changes, ack))
+            .await
+            .map_err(|_| WriterStopped)?;
+        done.await.map_err(|_| WriterStopped)
+    }
+
+    /// Saves a snapshot to `path` (atomically, see [`snapshot::save`]): the writer takes a frozen
+    /// view between two changes (an `Arc` clone per chunk of records, see [`super::store`]) and a
+    /// separate thread encodes and writes it while the writer goes on. Saves run one at a time.
+    pub async fn save(&self, path: PathBuf) -> Result<(), snapshot::SnapshotError> {
+        let (reply, done) = oneshot::channel();
+        let stopped = || snapshot::SnapshotError::Io(std::io::Error::other(WriterStopped));
+        self.tx
+            .send(Msg::Save(path, reply))
+            .await
+            .map_err(|_| stopped())?;
+        done.await.map_err(|_| stopped())?
+    }
+}
+
+type SaveJob = (
+    snapshot::Frozen,
+    PathBuf,
+    oneshot::Sender<Result<(), snapshot::SnapshotError>>,
+);
+
+fn run(index: SharedIndex, mut rx: mpsc::Receiver<Msg>) {
+    let mut saver: Option<std_mpsc::Sender<SaveJob>> = None;
+    while let Some(msg) = rx.blocking_recv() {
+        match msg {
+            Msg::Apply(changes, ack) => {
+                let mut guard = index.write();
+                for change in changes {
+                    apply(&mut guard, change);
+                }
+                drop(guard);
+                // The sender may have given up waiting (cancelled job): the change stands anyway.
+                let _ = ack.send(());
+            }
+            Msg::Save(path, reply) => {
+                let started = Instant::now();
+                let frozen = snapshot::Frozen::of(&index.read());
+                tracing::debug!(took = ?started.elapsed(), "snapshot view taken");
+                let tx = saver.get_or_insert_with(spawn_saver);
+                if let Err(std_mpsc::SendError((_, _, reply))) = tx.send((frozen, path, reply)) {
+                    let _ = reply.send(Err(snapshot::SnapshotError::Io(std::io::Error::other(
+                        "the snapshot thread has stopped",
+                    ))));
+                    saver = None;
+                }
+            }
+        }
+    }
+}
+
+fn spawn_saver() -> std_mpsc::Sender<SaveJob> {
+    let (tx, rx) = std_mpsc::channel::<SaveJob>();
+    std::thread::Builder::new()
+        .name("index-snapshot".into())
+        .spawn(move || {
+            for (frozen, path, reply) in rx {
+                let _ = reply.send(snapshot::save_frozen(&frozen, &path));
+            }
+        })
+        .expect("spawn the snapshot thread");
+    tx
+}
+
+/// Applies one change, handing the lock to waiting readers every [`PIECE`] records.
+fn apply(guard: &mut parking_lot::RwLockWriteGuard<'_, Index>, change: Change) {
+    match change {
+        Change::Users(batch) => {
+            for piece in batch.into_pieces(PIECE) {
+                guard.apply_user_batch(piece);
+                parking_lot::RwLockWriteGuard::bump(guard);
+            }
+        }
+        Change::Tickets(tickets) => {
+            for piece in tickets.chunks(PIECE) {
+                for t in piece {
+                    guard.apply_ticket(t);
+                }
+                parking_lot::RwLockWriteGuard::bump(guard);
+            }
+        }
+        Change::TicketGone(id) => guard.remove_ticket(id),
+        Change::Organizations(orgs) => {
+            for piece in orgs.chunks(PIECE) {
+                for o in piece {
+                    guard.apply_organization(o);
+                }
+                parking_lot::RwLockWriteGuard::bump(guard);
+            }
+        }
+        Change::Cursor(m) => {
+            let c = guard.cursors_mut();
+            match m {
+                CursorMove::Users(s) => c.users = Some(s),
+                CursorMove::Tickets(s) => c.tickets = Some(s),
+                CursorMove::Organizations(t) => c.organizations = Some(t),
+            }
+        }
+        Change::Fresh(export, at_ms) => guard.mark_fresh(export, at_ms),
+        Change::Loaded => guard.set_loaded(),
+        Change::IdentitiesPending(ids) => guard.add_pending_identities(ids),
+        Change::IdentitiesFetched(ids) => guard.remove_pending_identities(&ids),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn customer(id: i64, phone: &str) -> User {
+        User {
+            id,
+            name: Some(format!("Customer {id}")),
+            phone: Some(phone.into()),
+            role: Some("end-user".into()),
+            ..Default::default()
+        }
+    }
+
+    /// Read-your-writes: once `apply` returned, a read sees the change; a page larger than a piece
+    /// lands whole; a save is the index at the moment it was asked for.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn applied_changes_are_visible_and_saved() {
+        let p = PhoneParser::new("UA").unwrap();
+        let w = IndexWriter::spawn(Index::new());
+        w.apply(Change::user(&customer(1, "044 123 45 67"), &p))
+            .await
+            .unwrap();
+        let e = p.parse("+380441234567").unwrap();
+        assert_eq!(w.index().read().customer_ids_by_phone(e), vec![1]);
+
+        let page: Vec<User> = (0..1000)
+            .map(|i| customer(100 + i, &format!("+38050{:07}", i)))
+            .collect();
+        w.apply_all(vec![
+            Change::Users(UserBatch::prepare(&page, None, &p)),
+            Change::Cursor(CursorMove::Users("c1".into())),
+        ])
+        .await
+        .unwrap();
+        assert_eq!(w.index().read().counts().customers, 1001);
+        assert_eq!(w.index().read().cursors().users.as_deref(), Some("c1"));
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.snapshot");
+        let save = w.save(path.clone());
+        let gone = User {
+            active: Some(false),
+            ..customer(1, "")
+        };
+        let (saved, applied) = tokio::join!(save, w.apply(Change::user(&gone, &p)));
+        saved.unwrap();
+        applied.unwrap();
+        assert!(w.index().read().customer(1).is_none());
+        let back = snapshot::load(&path).unwrap().unwrap();
+        assert_eq!(back.counts().customers, 1001, "saved before the delete");
+    }
+}
