@@ -304,14 +304,6 @@ pub struct TlsPem {
 /// The Zendesk client's own credentials type; the config resolves into it ([`Config::credentials`]).
 pub use crate::zendesk::Credentials;
 
-const UTM_KEYS: [&str; 5] = [
-    "utm_source",
-    "utm_medium",
-    "utm_campaign",
-    "utm_term",
-    "utm_content",
-];
-
 impl Config {
     /// Reads `path`, applies `DESKLINE_*` environment overrides and validates everything.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -475,7 +467,7 @@ impl Config {
         }
         for (i, f) in self.sync.fields.iter().enumerate() {
             let key = format!("sync.fields[{i}]");
-            let source_ok = UTM_KEYS.contains(&f.source.as_str())
+            let source_ok = crate::sync::UTM_KEYS.contains(&f.source.as_str())
                 || f.source == "scheme_name"
                 || f.source == "line_number"
                 || f.source

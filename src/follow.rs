@@ -39,7 +39,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use tokio::sync::{Notify, mpsc, watch};
@@ -332,7 +332,7 @@ impl Follower {
             total += n;
             self.counted(Export::Organizations, n);
             if page.end_of_stream || n == 0 {
-                self.reading[export_slot(Export::Organizations)].store(false, Ordering::Relaxed);
+                self.reading[Export::Organizations.idx()].store(false, Ordering::Relaxed);
                 return Ok(total);
             }
         }
@@ -420,13 +420,13 @@ impl Follower {
             Ok::<u64, CycleError>(total)
         };
         let ((), total) = cancellable(shutdown, async { tokio::join!(producer, consumer) }).await?;
-        self.reading[export_slot(export)].store(false, Ordering::Relaxed);
+        self.reading[export.idx()].store(false, Ordering::Relaxed);
         total
     }
 
     fn counted(&self, export: Export, n: u64) {
         self.records.fetch_add(n, Ordering::Relaxed);
-        self.per_export[export_slot(export)].fetch_add(n, Ordering::Relaxed);
+        self.per_export[export.idx()].fetch_add(n, Ordering::Relaxed);
     }
 
     /// Bounds the users waiting for their identities: the users export waits (cursor and all)
@@ -449,15 +449,6 @@ impl Follower {
                 error!(error = %e, "saving the index snapshot failed; a restart would re-read more of the exports")
             }
         }
-    }
-}
-
-/// Where an export's counters sit in `Follower::per_export` and `Follower::reading`.
-fn export_slot(export: Export) -> usize {
-    match export {
-        Export::Users => 0,
-        Export::Tickets => 1,
-        Export::Organizations => 2,
     }
 }
 
@@ -617,15 +608,14 @@ async fn cancellable<T>(
 
 /// 5 s, 10 s, 20 s … capped at the larger of the poll interval and 5 minutes.
 fn backoff(failures: u32, poll: Duration) -> Duration {
-    let step = Duration::from_secs(5).saturating_mul(1 << failures.saturating_sub(1).min(8));
-    step.min(poll.max(Duration::from_secs(300)))
+    crate::clock::exponential(
+        Duration::from_secs(5),
+        failures.saturating_sub(1),
+        poll.max(Duration::from_secs(300)),
+    )
 }
 
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
+pub use crate::clock::now_ms;
 
 #[cfg(test)]
 mod tests {

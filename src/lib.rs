@@ -1,6 +1,7 @@
 //! Deskline puts a PBX / call-tracking platform and one Zendesk account on speaking terms.
 //!
 //! Modules, each with one room of the house (see `../shared/DESIGN.md` for the contracts):
+//! - [`clock`]: the one wall clock (Unix ms) and the one retry schedule.
 //! - [`phone`]: any number to E.164 for a default region (libphonenumber port).
 //! - [`zendesk`]: the HTTP client: auth, the shared request budget, retries, serde models.
 //! - [`index`]: the in-memory read model (customers by phone, open tickets, agents, organizations)
@@ -24,6 +25,7 @@
 
 pub mod app;
 pub mod check;
+pub mod clock;
 pub mod cluster;
 pub mod config;
 #[cfg(feature = "sim")]

@@ -20,13 +20,7 @@
 //! - `/healthz` answers 200 `ok` once the index has been loaded (warm-up done or snapshot read), 503
 //!   before: the same readiness as `grpc.health.v1`, for load balancers that only speak HTTP.
 
-use std::{
-    collections::BTreeMap,
-    future::Future,
-    net::SocketAddr,
-    sync::Arc,
-    time::{Instant, SystemTime},
-};
+use std::{collections::BTreeMap, future::Future, net::SocketAddr, sync::Arc, time::Instant};
 
 use axum::{
     Router,
@@ -320,11 +314,7 @@ struct Live {
     queue_counts: Mutex<Option<BTreeMap<SyncState, u64>>>,
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
+pub(crate) use crate::clock::now_ms;
 
 /// Encodes one gauge family from `(label value, value)` pairs.
 fn gauges<V: prometheus_client::encoding::EncodeGaugeValue + Clone>(

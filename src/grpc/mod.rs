@@ -7,10 +7,7 @@
 
 mod calls;
 
-use std::{
-    sync::Arc,
-    time::{Instant, SystemTime},
-};
+use std::{sync::Arc, time::Instant};
 
 use secrecy::{ExposeSecret, SecretString};
 use subtle::ConstantTimeEq;
@@ -147,11 +144,7 @@ impl ResolverService {
     }
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
+use crate::clock::now_ms;
 
 fn check_len(field: &'static str, value: &str, max: usize) -> Result<(), ApiError> {
     if value.len() > max {

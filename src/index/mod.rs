@@ -130,7 +130,8 @@ impl Export {
         }
     }
 
-    fn idx(self) -> usize {
+    /// Its position in [`Export::ALL`]: the slot of per-export arrays (cursors, counters).
+    pub fn idx(self) -> usize {
         match self {
             Export::Users => 0,
             Export::Tickets => 1,

@@ -13,7 +13,7 @@ use std::{
     time::Instant,
 };
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{Export, Index, SharedIndex, UserBatch, snapshot};
 use crate::{
@@ -93,6 +93,9 @@ enum Msg {
 pub struct IndexWriter {
     tx: mpsc::Sender<Msg>,
     index: SharedIndex,
+    /// True once the index is complete (loaded from a snapshot or warmed up), as the writer saw it
+    /// after its last change: waiters are woken instead of polling the index.
+    loaded: watch::Receiver<bool>,
 }
 
 impl std::fmt::Debug for IndexWriter {
@@ -106,12 +109,18 @@ impl IndexWriter {
     pub fn spawn(index: Index) -> Self {
         let index: SharedIndex = Arc::new(parking_lot::RwLock::new(index));
         let (tx, rx) = mpsc::channel(QUEUE);
+        let (loaded_tx, loaded) = watch::channel(index.read().is_loaded());
         let shared = index.clone();
         std::thread::Builder::new()
             .name("index-writer".into())
-            .spawn(move || run(shared, rx))
+            .spawn(move || run(shared, rx, loaded_tx))
             .expect("spawn the index writer thread");
-        Self { tx, index }
+        Self { tx, index, loaded }
+    }
+
+    /// Turns true when the index is complete; `wait_for(|l| *l)` instead of polling `is_loaded`.
+    pub fn loaded(&self) -> watch::Receiver<bool> {
+        self.loaded.clone()
     }
 
     /// The index, for reading (lookups take [`super::read_for_lookup`]).
@@ -156,7 +165,7 @@ type SaveJob = (
     oneshot::Sender<Result<(), snapshot::SnapshotError>>,
 );
 
-fn run(index: SharedIndex, mut rx: mpsc::Receiver<Msg>) {
+fn run(index: SharedIndex, mut rx: mpsc::Receiver<Msg>, loaded: watch::Sender<bool>) {
     let mut saver: Option<std_mpsc::Sender<SaveJob>> = None;
     while let Some(msg) = rx.blocking_recv() {
         match msg {
@@ -165,7 +174,9 @@ fn run(index: SharedIndex, mut rx: mpsc::Receiver<Msg>) {
                 for change in changes {
                     apply(&mut guard, change);
                 }
+                let is_loaded = guard.is_loaded();
                 drop(guard);
+                loaded.send_if_modified(|l| std::mem::replace(l, is_loaded) != is_loaded);
                 // The sender may have given up waiting (cancelled job): the change stands anyway.
                 let _ = ack.send(());
             }

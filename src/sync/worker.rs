@@ -10,7 +10,6 @@
 
 use std::{sync::Arc, time::Duration};
 
-use rand::Rng;
 use serde_json::{Map, Value, json};
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -127,17 +126,19 @@ impl Worker {
         // Step 1 finds the user in the index first; Zendesk search, the fallback, does not see
         // users changed in the last minutes. A job run on a half-warmed index would miss such a
         // customer and create a second user, organization and ticket for the number, so jobs wait
-        // (durably queued) until the index is loaded. Polled: the index has no change signal, and
-        // a start-up wait of a tenth of a second more does not matter.
-        if !inner.index.read().is_loaded() {
+        // (durably queued) until the index is loaded; the index writer signals it.
+        let mut loaded = inner.writer.loaded();
+        if !*loaded.borrow() {
             tracing::info!("sync waits for the index to load before writing to Zendesk");
-            while !inner.index.read().is_loaded() {
-                tokio::select! {
-                    () = tokio::time::sleep(Duration::from_millis(100)) => {}
-                    () = shutdown.cancelled() => {
-                        tracing::info!("sync worker stopped");
-                        return Ok(());
+            tokio::select! {
+                r = loaded.wait_for(|l| *l) => {
+                    if r.is_err() {
+                        anyhow::bail!("the index writer stopped before the index was loaded");
                     }
+                }
+                () = shutdown.cancelled() => {
+                    tracing::info!("sync worker stopped");
+                    return Ok(());
                 }
             }
         }
@@ -297,18 +298,16 @@ impl Inner {
     /// each with ±50 % jitter so a burst of failed jobs does not come back as one burst.
     fn backoff(&self, attempts: u32, e: &ZendeskError) -> Duration {
         let s = &self.settings;
-        let base = match e {
-            ZendeskError::RateLimited { retry_after } => *retry_after,
-            _ => {
-                let exp = attempts.saturating_sub(1).min(20);
-                s.retry_base.saturating_mul(1u32 << exp).min(s.retry_max)
-            }
-        };
-        let jitter: f64 = rand::rng().random_range(0.5..1.5);
         match e {
             // Never earlier than Zendesk asked.
-            ZendeskError::RateLimited { .. } => base.mul_f64(jitter.max(1.0)),
-            _ => base.mul_f64(jitter),
+            ZendeskError::RateLimited { retry_after } => {
+                crate::clock::jittered(*retry_after).max(*retry_after)
+            }
+            _ => crate::clock::jittered(crate::clock::exponential(
+                s.retry_base,
+                attempts.saturating_sub(1),
+                s.retry_max,
+            )),
         }
     }
 

@@ -29,7 +29,6 @@ use std::{
 };
 
 use base64::Engine as _;
-use rand::Rng as _;
 use reqwest::{
     Method, StatusCode, Url,
     header::{self, HeaderMap, HeaderName, HeaderValue},
@@ -837,8 +836,7 @@ impl Client {
 
     fn backoff(&self, retry: u32) -> Duration {
         let base = Duration::from_millis(self.inner.backoff_base_ms.load(Ordering::Relaxed));
-        let exp = base.saturating_mul(1u32 << retry.min(16)).min(MAX_BACKOFF);
-        exp.mul_f64(rand::rng().random_range(0.5..1.5))
+        crate::clock::jittered(crate::clock::exponential(base, retry, MAX_BACKOFF))
     }
 
     fn scrub(&self, message: &str) -> String {
