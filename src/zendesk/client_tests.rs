@@ -1441,7 +1441,8 @@ fn absent_options_are_left_out() {
 }
 
 /// Every settable field of the call record (ZENDESK.md §7's recorded list, less `id`, `account_id`,
-/// `created_at` and `updated_at`, which are Zendesk's) has its place in [`CallCreate`].
+/// `created_at` and `updated_at`, which are Zendesk's, plus the documented
+/// `call_recording_consent`) has its place in [`CallCreate`].
 #[test]
 fn call_create_covers_every_documented_field() {
     let documented = "ticket_id end_user_id organization_id brand_id app_id agent_id from_line \
@@ -1451,7 +1452,7 @@ fn call_create_covers_every_documented_field() {
         ivr_action ivr_routed_to ivr_destination_group_name talk_time hold_time consultation_time \
         wrap_up_time completion_status call_abandoned_position customer_requested_voicemail \
         voicemail outside_business_hours overflowed overflowed_to call_disposition recording_url \
-        recording_time not_recording_time call_recording_consent_action \
+        recording_time not_recording_time call_recording_consent call_recording_consent_action \
         recording_control_interactions transcript external_id";
     let s = |v: &str| Some(v.to_owned());
     let full = CallCreate {
@@ -1496,7 +1497,8 @@ fn call_create_covers_every_documented_field() {
         recording_url: s("https://pbx.example/rec/abc.mp3"),
         recording_time: Some(230),
         not_recording_time: Some(0),
-        call_recording_consent_action: s("always"),
+        call_recording_consent: s("always"),
+        call_recording_consent_action: s("caller_opted_in"),
         recording_control_interactions: Some(0),
         transcript: s("Hello"),
         external_id: s("pbx-call-1"),

@@ -152,10 +152,11 @@ pub enum CallDirection {
 
 /// `POST /api/v2/calls` `{"call": …}`: a Talk Partner Edition call record with every field of
 /// ZENDESK.md §7 that a client may set (`id`, `account_id`, `created_at`, `updated_at` are
-/// Zendesk's). The five mandatory fields are plain values; build with [`CallCreate::new`] and set
-/// the rest. Times are ISO-8601 UTC, durations whole seconds. Fields whose exact type the sources
-/// do not show (`call_disposition`, `recording_control_interactions`, the `ivr_*` texts) are
-/// UNVERIFIED and typed as the recordings suggest.
+/// Zendesk's), plus `call_recording_consent`, which §7 lists among the documented values and
+/// Zendesk's call reference lists as writable. The five mandatory fields are plain values; build
+/// with [`CallCreate::new`] and set the rest. Times are ISO-8601 UTC, durations whole seconds.
+/// `call_disposition` is a string in Zendesk's call reference; the types of
+/// `recording_control_interactions` (a count here) and the `ivr_*` texts are UNVERIFIED.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct CallCreate {
     /// The Zendesk Apps Framework app id of the integration.
@@ -250,6 +251,10 @@ pub struct CallCreate {
     pub recording_time: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub not_recording_time: Option<u32>,
+    /// The account's consent setting for the line: `always|opt_in|opt_out|never`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub call_recording_consent: Option<String>,
+    /// The caller's choice, e.g. `caller_opted_in`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub call_recording_consent_action: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -316,6 +321,7 @@ impl CallCreate {
             recording_url: None,
             recording_time: None,
             not_recording_time: None,
+            call_recording_consent: None,
             call_recording_consent_action: None,
             recording_control_interactions: None,
             transcript: None,
