@@ -50,6 +50,8 @@ pub struct Facts {
     pub user_fields: Vec<FieldDef>,
     pub organization_fields: Vec<FieldDef>,
     pub ticket_fields: Vec<FieldDef>,
+    /// The account's request limit per minute as Zendesk reported it (`X-Rate-Limit`), if it did.
+    pub account_limit: Option<u32>,
 }
 
 fn finding(severity: Severity, message: impl Into<String>) -> Finding {
@@ -124,6 +126,20 @@ pub fn compare(config: &Config, facts: &Facts) -> Vec<Finding> {
                 "the API user {} is {:?}, not an admin: Zendesk's incremental exports are admin-only",
                 facts.me.email.as_deref().unwrap_or("?"),
                 facts.me.role.as_deref().unwrap_or("unknown")
+            ),
+        ));
+    }
+    let budget = config.zendesk.requests_per_minute;
+    if let Some(limit) = facts.account_limit
+        && limit < budget
+    {
+        // The budget still holds (the client follows Zendesk's `remaining` count), but the service
+        // plans for more than the plan gives, and shares the account with every other integration.
+        out.push(finding(
+            Warning,
+            format!(
+                "zendesk.requests_per_minute is {budget} but Zendesk reports an account limit \
+                 (X-Rate-Limit) of {limit} requests a minute: set it to {limit} or less"
             ),
         ));
     }
@@ -281,6 +297,7 @@ pub async fn run(config: &Config) -> Result<Vec<Finding>, CheckError> {
     let user_fields = client.user_fields().await.map_err(&zerr)?;
     let organization_fields = client.organization_fields().await.map_err(&zerr)?;
     let ticket_fields = client.ticket_fields().await.map_err(&zerr)?;
+    let account_limit = client.budget().stats().account_limit;
     let mut findings = compare(
         config,
         &Facts {
@@ -289,6 +306,7 @@ pub async fn run(config: &Config) -> Result<Vec<Finding>, CheckError> {
             user_fields,
             organization_fields,
             ticket_fields,
+            account_limit,
         },
     );
     findings.extend(storage(config).await);
@@ -387,6 +405,7 @@ mod tests {
                 id: 360001,
                 ..Default::default()
             }],
+            account_limit: None,
         }
     }
 
@@ -462,5 +481,31 @@ mod tests {
                 .iter()
                 .any(|f| f.severity == Severity::Problem && f.message.contains("admin-only"))
         );
+    }
+
+    #[test]
+    fn a_budget_above_the_account_limit_is_a_warning() {
+        let cfg = config("requests_per_minute = 700\n");
+        let warned = |limit: Option<u32>| {
+            let mut f = facts(vec![]);
+            f.account_limit = limit;
+            compare(&cfg, &f)
+                .iter()
+                .filter(|f| f.message.contains("X-Rate-Limit"))
+                .map(|f| (f.severity, f.message.clone()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            warned(Some(400)),
+            vec![(
+                Severity::Warning,
+                "zendesk.requests_per_minute is 700 but Zendesk reports an account limit \
+                 (X-Rate-Limit) of 400 requests a minute: set it to 400 or less"
+                    .to_owned()
+            )]
+        );
+        assert!(warned(Some(700)).is_empty());
+        assert!(warned(Some(2500)).is_empty());
+        assert!(warned(None).is_empty(), "Zendesk did not say");
     }
 }

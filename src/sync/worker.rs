@@ -10,7 +10,6 @@
 
 use std::{sync::Arc, time::Duration};
 
-use serde_json::{Map, Value, json};
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
@@ -28,6 +27,10 @@ use crate::{
     zendesk::{
         self, Rejection, ZendeskError,
         models::{Ticket, User, format_time},
+        requests::{
+            CallCreate, CallDirection, Comment, CustomFieldValue, FieldValues, OrganizationCreate,
+            Role, TicketCreate, TicketCreateJson, TicketUpdate, UserCreate, UserUpdate,
+        },
     },
 };
 
@@ -434,20 +437,18 @@ impl Inner {
         } else {
             r.client_name.trim().to_owned()
         };
-        let mut body = json!({
-            "name": name,
-            "phone": phone.to_string(),
-            "role": "end-user",
+        let request = UserCreate {
+            name,
+            phone: Some(phone.to_string()),
+            role: Some(Role::EndUser),
             // create_or_update matches on external_id, so a retry after a lost answer finds the
             // user the first attempt created instead of making a second one.
-            "external_id": format!("deskline:{phone}"),
-            "skip_verify_email": true,
-        });
-        let fields = self.mapped_fields(r, FieldEntity::User);
-        if !fields.is_empty() {
-            body["user_fields"] = Value::Object(fields);
-        }
-        let u = self.client.create_or_update_user(body).await?;
+            external_id: format!("deskline:{phone}"),
+            organization_id: None,
+            skip_verify_email: Some(true),
+            user_fields: field_values(&self.settings, FieldEntity::User, r),
+        };
+        let u = self.client.create_or_update_user(&request).await?;
         self.queue.remember_user(phone, u.id).await?;
         self.writer
             .apply(Change::user(&u, &self.settings.parser))
@@ -499,25 +500,18 @@ impl Inner {
         } else {
             name.trim().to_owned()
         };
-        let mut body = json!({
-            "name": name,
+        let mut request = OrganizationCreate {
+            name: name.clone(),
             // Keyed on the number, so a retry (or another job of the number) upserts the same one.
-            "external_id": format!("deskline-org:{}", r.client_e164),
-        });
-        let fields = self.mapped_fields(r, FieldEntity::Organization);
-        if !fields.is_empty() {
-            body["organization_fields"] = Value::Object(fields);
-        }
-        let org = match self
-            .client
-            .create_or_update_organization(body.clone())
-            .await
-        {
+            external_id: format!("deskline-org:{}", r.client_e164),
+            organization_fields: field_values(&self.settings, FieldEntity::Organization, r),
+        };
+        let org = match self.client.create_or_update_organization(&request).await {
             Ok(o) => o,
             // Names are unique in Zendesk: another organization already has this one.
             Err(e) if is_duplicate_name(&e) => {
-                body["name"] = json!(format!("{name} ({phone})"));
-                match self.client.create_or_update_organization(body).await {
+                request.name = format!("{name} ({phone})");
+                match self.client.create_or_update_organization(&request).await {
                     Ok(o) => o,
                     Err(e2) if is_duplicate_name(&e2) => {
                         return Err(StepError::Permanent(format!(
@@ -534,7 +528,13 @@ impl Inner {
         // would not be repaired if the organization counted as done.
         let linked = self
             .client
-            .update_user(user.id, json!({ "organization_id": org.id }))
+            .update_user(
+                user.id,
+                &UserUpdate {
+                    organization_id: Some(org.id),
+                    ..UserUpdate::default()
+                },
+            )
             .await?;
         self.writer
             .apply(Change::user(&linked, &self.settings.parser))
@@ -611,20 +611,23 @@ impl Inner {
         job: &mut Job,
         followup_of: Option<i64>,
     ) -> Result<(), StepError> {
-        let body: Value = match &job.progress.ticket_request {
-            Some(saved) => serde_json::from_str(saved).map_err(|e| {
+        // The persisted text is resent as is, never re-serialized: the replay must be byte for byte
+        // the first attempt's body, including one persisted by an earlier version of Deskline.
+        let body = match &job.progress.ticket_request {
+            Some(saved) => TicketCreateJson::from_stored(saved.clone()).map_err(|e| {
                 StepError::Permanent(format!("stored ticket request is unreadable: {e}"))
             })?,
             None => {
-                let body = self.ticket_body(job, followup_of);
-                job.progress.ticket_request = Some(body.to_string());
+                let body = TicketCreateJson::new(&self.ticket_body(job, followup_of))
+                    .map_err(|e| StepError::Permanent(format!("ticket request: {e}")))?;
+                job.progress.ticket_request = Some(body.as_str().to_owned());
                 job.progress.ticket_first_sent_ms = Some(now_ms());
                 self.save(job).await?;
                 body
             }
         };
         let key = comment::idempotency_key(&job.report.call_id);
-        let ticket = self.client.create_ticket(body, &key).await?;
+        let ticket = self.client.create_ticket(&body, &key).await?;
         self.writer.apply(Change::ticket(&ticket)).await?;
         self.queue
             .remember_ticket(job.report.client_e164, ticket.id)
@@ -643,7 +646,7 @@ impl Inner {
     }
 
     /// Deterministic for the job (no clock in it), and persisted before it is first sent.
-    fn ticket_body(&self, job: &Job, followup_of: Option<i64>) -> Value {
+    fn ticket_body(&self, job: &Job, followup_of: Option<i64>) -> TicketCreate {
         let r = &job.report;
         let s = &self.settings;
         let (assignee, author) = {
@@ -655,38 +658,31 @@ impl Inner {
                 .and_then(|n| index.agent_by_name(n));
             (employee.or(senior), employee)
         };
-        let mut comment = json!({ "body": comment::body(r, s), "public": s.comment_public });
-        if let Some(a) = author {
-            comment["author_id"] = json!(a);
+        TicketCreate {
+            subject: comment::subject(r),
+            comment: Comment {
+                body: comment::body(r, s),
+                public: s.comment_public,
+                author_id: author,
+            },
+            requester_id: job.progress.user_id,
+            organization_id: Some(job.progress.organization_id).filter(|&o| o != 0),
+            assignee_id: assignee,
+            priority: Some(s.ticket_priority.clone()),
+            kind: Some(s.ticket_type.clone()),
+            // Ticket fields are addressed by numeric id; a mapping naming anything else is
+            // reported by `deskline check` and skipped here.
+            custom_fields: s
+                .fields_for(FieldEntity::Ticket)
+                .filter_map(|f| {
+                    Some(CustomFieldValue {
+                        id: f.field.parse::<i64>().ok()?,
+                        value: comment::field_value(r, &f.source)?.to_owned(),
+                    })
+                })
+                .collect(),
+            via_followup_source_id: followup_of,
         }
-        let mut t = json!({
-            "subject": comment::subject(r),
-            "comment": comment,
-            "requester_id": job.progress.user_id,
-            "priority": s.ticket_priority,
-            "type": s.ticket_type,
-        });
-        if job.progress.organization_id != 0 {
-            t["organization_id"] = json!(job.progress.organization_id);
-        }
-        if let Some(a) = assignee {
-            t["assignee_id"] = json!(a);
-        }
-        let fields: Vec<Value> = s
-            .fields_for(FieldEntity::Ticket)
-            .filter_map(|f| {
-                let id = f.field.parse::<i64>().ok()?;
-                let v = comment::field_value(r, &f.source)?;
-                Some(json!({ "id": id, "value": v }))
-            })
-            .collect();
-        if !fields.is_empty() {
-            t["custom_fields"] = Value::Array(fields);
-        }
-        if let Some(src) = followup_of {
-            t["via_followup_source_id"] = json!(src);
-        }
-        t
     }
 
     // ---- step 4: the comment on a reused ticket ----
@@ -710,19 +706,18 @@ impl Inner {
             }
         }
         let r = &job.report;
-        let mut c = json!({ "body": comment::body(r, &self.settings), "public": self.settings.comment_public });
-        let author = non_empty(&r.employee_name).and_then(|n| self.index.read().agent_by_name(n));
-        if let Some(a) = author {
-            c["author_id"] = json!(a);
-        }
+        let update = TicketUpdate {
+            comment: Comment {
+                body: comment::body(r, &self.settings),
+                public: self.settings.comment_public,
+                author_id: non_empty(&r.employee_name)
+                    .and_then(|n| self.index.read().agent_by_name(n)),
+            },
+        };
         // An intent record: if the answer is lost (or we crash), the retry checks first.
         job.progress.comment_uncertain = true;
         self.save(job).await?;
-        match self
-            .client
-            .update_ticket(ticket_id, json!({ "comment": c }))
-            .await
-        {
+        match self.client.update_ticket(ticket_id, &update).await {
             Ok(t) => {
                 self.writer.apply(Change::ticket(&t)).await?;
                 job.progress.comment_added = true;
@@ -786,38 +781,27 @@ impl Inner {
             .map(|p| p.to_string())
             .unwrap_or_else(|| r.line_number.clone());
         let (from, to, direction) = match r.direction {
-            Direction::Incoming => (client_line, line, "inbound"),
-            Direction::Outgoing | Direction::Callback => (line, client_line, "outbound"),
+            Direction::Incoming => (client_line, line, CallDirection::Inbound),
+            Direction::Outgoing | Direction::Callback => {
+                (line, client_line, CallDirection::Outbound)
+            }
         };
         let ended = r.started_at + i64::from(r.wait_seconds) + i64::from(r.duration_seconds);
-        let mut call = json!({
-            "app_id": app_id,
-            "from_line": from,
-            "to_line": to,
-            "call_started_at": format_time(r.started_at),
-            "call_ended_at": format_time(ended),
-            "direction": direction,
-            "duration": r.duration_seconds,
-            "talk_time": r.duration_seconds,
-            "wait_time": r.wait_seconds,
-            "end_user_id": job.progress.user_id,
-            "callback": r.direction == Direction::Callback,
-        });
-        if r.outcome == Outcome::Answered {
-            call["completion_status"] = json!("completed");
-        }
-        if job.progress.ticket_id != 0 {
-            call["ticket_id"] = json!(job.progress.ticket_id);
-        }
-        if !r.recording_url.is_empty() {
-            call["recording_url"] = json!(r.recording_url);
-        }
-        let agent = non_empty(&r.employee_name).and_then(|n| self.index.read().agent_by_name(n));
-        if let Some(a) = agent {
-            call["agent_id"] = json!(a);
-        }
-        let created = self.client.create_call(call).await?;
-        job.progress.call_record_id = created.get("id").and_then(Value::as_i64).unwrap_or(0);
+        let call = CallCreate {
+            call_ended_at: Some(format_time(ended)),
+            duration: Some(r.duration_seconds),
+            talk_time: Some(r.duration_seconds),
+            wait_time: Some(r.wait_seconds),
+            end_user_id: Some(job.progress.user_id),
+            callback: Some(r.direction == Direction::Callback),
+            completion_status: (r.outcome == Outcome::Answered).then(|| "completed".to_owned()),
+            ticket_id: Some(job.progress.ticket_id).filter(|&t| t != 0),
+            recording_url: (!r.recording_url.is_empty()).then(|| r.recording_url.clone()),
+            agent_id: non_empty(&r.employee_name).and_then(|n| self.index.read().agent_by_name(n)),
+            ..CallCreate::new(app_id, from, to, format_time(r.started_at), direction)
+        };
+        let created = self.client.create_call(&call).await?;
+        job.progress.call_record_id = created.id;
         if job.progress.call_record_id == 0 {
             return Err(StepError::Permanent(
                 "Zendesk created the call record but returned no id".into(),
@@ -825,15 +809,19 @@ impl Inner {
         }
         self.save(job).await
     }
+}
 
-    // ---- helpers ----
-
-    fn mapped_fields(&self, r: &CallReport, entity: FieldEntity) -> Map<String, Value> {
-        self.settings
-            .fields_for(entity)
-            .filter_map(|f| comment::field_value(r, &f.source).map(|v| (f.field.clone(), json!(v))))
-            .collect()
-    }
+/// The mapped custom user or organization fields, keyed by field key (DESIGN §4); sources the
+/// report leaves empty are left out.
+fn field_values(s: &SyncSettings, entity: FieldEntity, r: &CallReport) -> FieldValues {
+    s.fields_for(entity)
+        .filter_map(|f| {
+            Some((
+                f.field.clone(),
+                comment::field_value(r, &f.source)?.to_owned(),
+            ))
+        })
+        .collect()
 }
 
 fn user_info(u: &User) -> UserInfo {

@@ -34,13 +34,16 @@ use reqwest::{
     header::{self, HeaderMap, HeaderName, HeaderValue},
 };
 use secrecy::{ExposeSecret, SecretString};
-use serde::{Deserialize, de::DeserializeOwned};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use serde_json::Value;
 
 use super::{
     Budget, Rejection, ZendeskError,
     budget::{NO_RESPONSE, Outcome, RateLimitHeaders},
     models::*,
+    requests::{
+        CallCreate, OrganizationCreate, TicketCreateJson, TicketUpdate, UserCreate, UserUpdate,
+    },
 };
 use crate::phone::E164;
 
@@ -114,6 +117,8 @@ const SEARCH_RESULT_CAP: usize = 1000;
 const SHOW_MANY_MAX: usize = 100;
 /// A list longer than this many pages is a loop in the links, not an account.
 const MAX_PAGES: usize = 10_000;
+/// Zendesk accepts `Idempotency-Key`s of up to this many characters (ZENDESK.md §4).
+const MAX_IDEMPOTENCY_KEY_CHARS: usize = 255;
 /// Error messages taken from a response body are cut to this many characters.
 const MAX_MESSAGE_CHARS: usize = 300;
 
@@ -149,7 +154,7 @@ struct AttemptError {
 }
 
 impl Client {
-    /// Builds the client. Fails (as [`ZendeskError::Permanent`] with status 0, nothing was sent) when
+    /// Builds the client. Fails (as [`ZendeskError::Local`], nothing was sent) when
     /// the base URL is not an `http(s)` URL or the credentials cannot form a header.
     pub fn new(opts: ClientOptions) -> Result<Self, ZendeskError> {
         let local = |message: String| ZendeskError::Local { message };
@@ -237,6 +242,7 @@ impl Client {
         retry: Retry,
     ) -> Result<T, ZendeskError> {
         let url = self.api_url(path)?;
+        let body = body.map(serialize).transpose()?;
         self.send(method, url, body, extra_headers, export, retry)
             .await
     }
@@ -403,124 +409,130 @@ impl Client {
     }
 
     // ---- writes ----
-    /// `POST users/create_or_update` with `{"user": body}`: matches on email or external_id, so it
-    /// is safe to repeat.
-    pub async fn create_or_update_user(&self, body: Value) -> Result<User, ZendeskError> {
-        let body = serde_json::json!({ "user": body });
+    /// `POST users/create_or_update` with `{"user": …}`: matches on external_id, so it is safe to
+    /// repeat.
+    pub async fn create_or_update_user(&self, user: &UserCreate) -> Result<User, ZendeskError> {
         let env: UserEnvelope = self
-            .request(
+            .write(
                 Method::POST,
                 "/api/v2/users/create_or_update",
-                Some(&body),
+                enveloped("user", user)?,
                 &[],
-                false,
                 Retry::Idempotent,
             )
             .await?;
         Ok(env.user)
     }
 
-    /// `PUT users/{id}` with `{"user": body}`. Setting the same fields twice gives the same user, so
-    /// it is retried like a read.
-    pub async fn update_user(&self, id: i64, body: Value) -> Result<User, ZendeskError> {
-        let body = serde_json::json!({ "user": body });
+    /// `PUT users/{id}` with `{"user": …}`. Setting the same fields twice gives the same user, so it
+    /// is retried like a read.
+    pub async fn update_user(&self, id: i64, user: &UserUpdate) -> Result<User, ZendeskError> {
         let env: UserEnvelope = self
-            .request(
+            .write(
                 Method::PUT,
                 &format!("/api/v2/users/{id}"),
-                Some(&body),
+                enveloped("user", user)?,
                 &[],
-                false,
                 Retry::Idempotent,
             )
             .await?;
         Ok(env.user)
     }
 
-    /// `POST organizations/create_or_update` with `{"organization": body}` (matches on external_id).
+    /// `POST organizations/create_or_update` with `{"organization": …}` (matches on external_id).
     pub async fn create_or_update_organization(
         &self,
-        body: Value,
+        organization: &OrganizationCreate,
     ) -> Result<Organization, ZendeskError> {
-        let body = serde_json::json!({ "organization": body });
         let env: OrganizationEnvelope = self
-            .request(
+            .write(
                 Method::POST,
                 "/api/v2/organizations/create_or_update",
-                Some(&body),
+                enveloped("organization", organization)?,
                 &[],
-                false,
                 Retry::Idempotent,
             )
             .await?;
         Ok(env.organization)
     }
 
-    /// `POST tickets` with `{"ticket": body}` and the `Idempotency-Key` header. Zendesk replays the
+    /// `POST tickets` with `{"ticket": …}` and the `Idempotency-Key` header. Zendesk replays the
     /// first response for a repeated key and body (for 2 hours), so this is retried like a read.
+    /// The body is sent exactly as `ticket` holds it (see [`TicketCreateJson`]). A key that is
+    /// empty or longer than 255 characters is refused here, unsent.
     pub async fn create_ticket(
         &self,
-        body: Value,
+        ticket: &TicketCreateJson,
         idempotency_key: &str,
     ) -> Result<Ticket, ZendeskError> {
-        if idempotency_key.is_empty() || idempotency_key.len() > 255 {
-            return Err(ZendeskError::Permanent {
-                status: 400,
-                reason: Rejection::Other,
-                message: "Idempotency-Key must be 1 to 255 characters (not sent)".to_owned(),
+        let chars = idempotency_key.chars().count();
+        if chars == 0 || chars > MAX_IDEMPOTENCY_KEY_CHARS {
+            return Err(ZendeskError::Local {
+                message: format!(
+                    "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters, not {chars} (not sent)"
+                ),
             });
         }
-        let body = serde_json::json!({ "ticket": body });
         let env: TicketEnvelope = self
-            .request(
+            .write(
                 Method::POST,
                 "/api/v2/tickets",
-                Some(&body),
+                enveloped_raw("ticket", ticket.as_str().as_bytes()),
                 &[("Idempotency-Key", idempotency_key)],
-                false,
                 Retry::Idempotent,
             )
             .await?;
         Ok(env.ticket)
     }
 
-    /// `PUT tickets/{id}` with `{"ticket": body}` (a comment, fields). Sent once: see [`Retry::Once`].
-    pub async fn update_ticket(&self, id: i64, body: Value) -> Result<Ticket, ZendeskError> {
-        let body = serde_json::json!({ "ticket": body });
+    /// `PUT tickets/{id}` with `{"ticket": …}` (a comment). Sent once: see [`Retry::Once`].
+    pub async fn update_ticket(
+        &self,
+        id: i64,
+        ticket: &TicketUpdate,
+    ) -> Result<Ticket, ZendeskError> {
         let env: TicketEnvelope = self
-            .request(
+            .write(
                 Method::PUT,
                 &format!("/api/v2/tickets/{id}"),
-                Some(&body),
+                enveloped("ticket", ticket)?,
                 &[],
-                false,
                 Retry::Once,
             )
             .await?;
         Ok(env.ticket)
     }
 
-    /// `POST calls` (Talk Partner Edition) with `{"call": body}`; returns the `call` object. Sent
+    /// `POST calls` (Talk Partner Edition) with `{"call": …}`; returns the created record. Sent
     /// once: see [`Retry::Once`].
-    pub async fn create_call(&self, body: Value) -> Result<Value, ZendeskError> {
-        let body = serde_json::json!({ "call": body });
-        let mut resp: Value = self
-            .request(
+    pub async fn create_call(&self, call: &CallCreate) -> Result<Call, ZendeskError> {
+        let env: CallEnvelope = self
+            .write(
                 Method::POST,
                 "/api/v2/calls",
-                Some(&body),
+                enveloped("call", call)?,
                 &[],
-                false,
                 Retry::Once,
             )
             .await?;
-        match resp.get_mut("call").map(Value::take) {
-            Some(call @ Value::Object(_)) => Ok(call),
-            _ => Err(malformed("the response has no `call` object")),
-        }
+        Ok(env.call)
     }
 
     // ---- internals ----
+
+    /// A write with an already serialized body.
+    async fn write<T: DeserializeOwned + Send + 'static>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Vec<u8>,
+        extra_headers: &[(&str, &str)],
+        retry: Retry,
+    ) -> Result<T, ZendeskError> {
+        let url = self.api_url(path)?;
+        self.send(method, url, Some(body), extra_headers, false, retry)
+            .await
+    }
 
     async fn get<T: DeserializeOwned + Send + 'static>(
         &self,
@@ -623,18 +635,12 @@ impl Client {
         &self,
         method: Method,
         url: Url,
-        body: Option<&Value>,
+        body: Option<Vec<u8>>,
         extra_headers: &[(&str, &str)],
         export: bool,
         retry: Retry,
     ) -> Result<T, ZendeskError> {
         let endpoint = endpoint_template(&method, url.path());
-        let body = match body {
-            Some(v) => Some(serde_json::to_vec(v).map_err(|e| ZendeskError::Local {
-                message: format!("cannot serialize the request body: {e} (not sent)"),
-            })?),
-            None => None,
-        };
         let mut headers = HeaderMap::new();
         for (name, value) in extra_headers {
             let name = HeaderName::from_bytes(name.as_bytes());
@@ -865,6 +871,34 @@ struct TicketEnvelope {
 #[derive(Deserialize)]
 struct OrganizationEnvelope {
     organization: Organization,
+}
+
+#[derive(Deserialize)]
+struct CallEnvelope {
+    call: Call,
+}
+
+fn serialize(body: &impl Serialize) -> Result<Vec<u8>, ZendeskError> {
+    serde_json::to_vec(body).map_err(|e| ZendeskError::Local {
+        message: format!("cannot serialize the request body: {e} (not sent)"),
+    })
+}
+
+/// `{"<key>":<body>}`, compact, as `serde_json` writes it.
+fn enveloped(key: &'static str, body: &impl Serialize) -> Result<Vec<u8>, ZendeskError> {
+    Ok(enveloped_raw(key, &serialize(body)?))
+}
+
+/// `{"<key>":<json>}` around JSON text that is sent unchanged. `key` is one of our own envelope
+/// names (plain ASCII, nothing to escape).
+fn enveloped_raw(key: &'static str, json: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(json.len() + key.len() + 5);
+    out.extend_from_slice(b"{\"");
+    out.extend_from_slice(key.as_bytes());
+    out.extend_from_slice(b"\":");
+    out.extend_from_slice(json);
+    out.push(b'}');
+    out
 }
 
 fn export_start_params(start: &ExportStart) -> Vec<(&'static str, String)> {

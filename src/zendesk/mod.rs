@@ -1,5 +1,6 @@
 //! The Zendesk HTTP client: auth, one shared request budget, retries, typed errors, and the export,
-//! read and write calls Deskline makes (ZENDESK.md).
+//! read and write calls Deskline makes (ZENDESK.md). What it reads is typed in [`models`], what it
+//! writes in [`requests`].
 //!
 //! OWNER: zendesk helper. The signatures below are the contract other modules build on: add to them,
 //! don't change them without updating every caller.
@@ -7,6 +8,7 @@
 pub mod budget;
 mod client;
 pub mod models;
+pub mod requests;
 
 pub use budget::{Budget, BudgetStats, Outcome, Permit, RateLimitHeaders};
 pub use client::{Client, ClientOptions, Credentials, ExportStart, Retry};

@@ -254,6 +254,18 @@ pub struct Comment {
     pub created_at: Option<String>,
 }
 
+/// A Talk Partner Edition call record as Zendesk returns it (`{"call": …}`, ZENDESK.md §7); only
+/// the fields Deskline reads.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Call {
+    pub id: i64,
+    pub ticket_id: Option<i64>,
+    pub end_user_id: Option<i64>,
+    pub agent_id: Option<i64>,
+    pub created_at: Option<String>,
+}
+
 /// A custom field definition (`ticket_fields`, `user_fields`, `organization_fields`).
 /// Ticket fields are addressed by `id`; user and organization fields by `key`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
