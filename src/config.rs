@@ -52,6 +52,34 @@ pub struct Config {
     pub routing: RoutingConfig,
     #[serde(default)]
     pub sync: SyncConfig,
+    #[serde(default)]
+    pub webhooks: WebhooksConfig,
+}
+
+/// Zendesk webhooks (DESIGN §9). Key names as the `config` branch defines them; this minimal
+/// version is replaced when that branch lands.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhooksConfig {
+    /// HTTP address of the webhook endpoint; unset = no webhooks.
+    pub listen: Option<SocketAddr>,
+    pub path: String,
+    pub signing_secret: Option<SecretString>,
+    pub signing_secret_file: Option<PathBuf>,
+    /// The URL Zendesk must call (`deskline webhooks install`, `deskline check`).
+    pub public_url: Option<String>,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            path: "/zendesk/webhook".into(),
+            signing_secret: None,
+            signing_secret_file: None,
+            public_url: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -316,10 +344,42 @@ impl Config {
         Ok(config)
     }
 
+    /// The webhook signing secret (`webhooks.signing_secret` or `_file`), if one is set.
+    pub fn webhook_secret(&self) -> Result<Option<SecretString>, ConfigError> {
+        let w = &self.webhooks;
+        match (&w.signing_secret, &w.signing_secret_file) {
+            (Some(_), Some(_)) => Err(key_err(
+                "webhooks.signing_secret",
+                "set signing_secret or signing_secret_file, not both",
+            )),
+            (Some(s), None) => Ok(Some(s.clone())),
+            (None, Some(p)) => {
+                let key = "webhooks.signing_secret_file";
+                let s = std::fs::read_to_string(p)
+                    .map_err(|e| key_err(key, format!("cannot read {}: {e}", p.display())))?;
+                match s.trim() {
+                    "" => Err(key_err(key, format!("{} is empty", p.display()))),
+                    s => Ok(Some(SecretString::from(s.to_owned()))),
+                }
+            }
+            (None, None) => Ok(None),
+        }
+    }
+
     /// Checks what types alone cannot, naming the key of each problem.
     pub fn validate(&self) -> Result<(), ConfigError> {
         validate_zendesk_url(&self.zendesk.url)?;
         self.credentials()?;
+        let secret = self.webhook_secret()?;
+        if self.webhooks.listen.is_some() && secret.is_none() {
+            return Err(key_err(
+                "webhooks.signing_secret",
+                "required with webhooks.listen (see `deskline webhooks install`)",
+            ));
+        }
+        if !self.webhooks.path.starts_with('/') {
+            return Err(key_err("webhooks.path", "must start with /"));
+        }
         if self.zendesk.requests_per_minute == 0 {
             return Err(key_err("zendesk.requests_per_minute", "must be at least 1"));
         }

@@ -89,6 +89,8 @@ pub struct DeliveryStats {
     pub dropped: u64,
     /// Invocations that failed every attempt.
     pub gave_up: u64,
+    /// POSTs planned but not finished yet (waiting, in flight or between retries).
+    pub pending: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -582,7 +584,9 @@ pub(crate) async fn run(app: Arc<App>, changed: Arc<tokio::sync::Notify>, stop: 
                     faults.clone(),
                     stop.clone(),
                 );
+                app.hooks.lock().stats.pending += 1;
                 tokio::spawn(async move {
+                    let _done = Pending(app.clone());
                     let mut delay = {
                         let mut rng = rand::rng();
                         let hi = faults.max_delay_ms.max(faults.min_delay_ms);
@@ -611,6 +615,16 @@ pub(crate) async fn run(app: Arc<App>, changed: Arc<tokio::sync::Notify>, stop: 
                 });
             }
         }
+    }
+}
+
+/// Counts a spawned delivery as finished however its task ends.
+struct Pending(Arc<App>);
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        let mut hooks = self.0.hooks.lock();
+        hooks.stats.pending = hooks.stats.pending.saturating_sub(1);
     }
 }
 
