@@ -389,6 +389,11 @@ impl Service {
             Some(client.clone()),
             Some(queue.clone()),
         ));
+        let follower = if config.webhooks.listen.is_some() {
+            follower.count_missed_webhooks(metrics.clone())
+        } else {
+            follower
+        };
         let metrics_listener = match config.server.metrics_listen {
             Some(addr) => Some(crate::metrics::bind(addr).await?),
             None => None,

@@ -92,6 +92,8 @@ pub struct Follower {
     per_export: [AtomicU64; 3],
     /// Which exports are being read right now.
     reading: [AtomicBool; 3],
+    /// Set when webhooks run: counts export rows that brought changes webhooks had not.
+    missed: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl Follower {
@@ -115,9 +117,17 @@ impl Follower {
                 records: AtomicU64::new(0),
                 per_export: Default::default(),
                 reading: Default::default(),
+                missed: None,
             },
             rx,
         )
+    }
+
+    /// With webhooks on: count the export's ticket rows that found the index behind
+    /// (`deskline_export_missed_by_webhooks_total`).
+    pub fn count_missed_webhooks(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.missed = Some(metrics);
+        self
     }
 
     /// Follows until `shutdown`. Zendesk errors never end it: it logs, backs off and tries again, and
@@ -284,8 +294,15 @@ impl Follower {
             })
         };
         let apply = |idx: &mut Index, tickets: Vec<Ticket>| {
+            let mut missed = 0;
             for t in &tickets {
+                if self.missed.is_some() && idx.is_loaded() && webhooks_missed(idx, t) {
+                    missed += 1;
+                }
                 idx.apply_ticket(t);
+            }
+            if let (Some(m), true) = (&self.missed, missed > 0) {
+                m.export_missed(Export::Tickets, missed);
             }
         };
         self.pipelined(Export::Tickets, start, fetch, apply, shutdown)
@@ -427,6 +444,25 @@ impl Follower {
 }
 
 /// Where an export's counters sit in `Follower::per_export` and `Follower::reading`.
+/// Whether applying export row `t` changes what the index holds of it: a change the webhooks had
+/// not delivered by the time the (60 s+ late) export brought it.
+fn webhooks_missed(idx: &Index, t: &Ticket) -> bool {
+    let held = idx.open_ticket(t.id);
+    match (t.is_open(), held) {
+        (true, None) => true,
+        (true, Some(h)) => {
+            let at = t
+                .updated_at
+                .as_deref()
+                .and_then(crate::zendesk::models::parse_time);
+            at.is_some_and(|at| at > h.updated_at)
+                || h.assignee_id != t.assignee_id
+                || Some(h.requester_id) != t.requester_id
+        }
+        (false, held) => held.is_some(),
+    }
+}
+
 fn export_slot(export: Export) -> usize {
     match export {
         Export::Users => 0,

@@ -510,3 +510,67 @@ async fn duplicated_and_reordered_deliveries_equal_a_clean_warm_up() {
     service.shutdown().await.unwrap();
     sim.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trigger_variant_delivers_ticket_changes() {
+    let _ = logs();
+    let (mut store, a) = one_ticket_account("+380441234567");
+    let mykola = store
+        .create_user(NewUser {
+            name: "Mykola Ivanenko".into(),
+            email: Some("mykola@deskline.test".into()),
+            role: Some(Role::Agent),
+            ..NewUser::default()
+        })
+        .unwrap();
+    let sim = start_sim(store, |_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let zd = zendesk_client(&sim, dir.path());
+    let first = install::install(&zd, "http://127.0.0.1:9/x", install::Mode::Trigger)
+        .await
+        .unwrap();
+    assert_eq!(
+        first.webhooks[0].0.subscriptions,
+        ["conditional_ticket_events"]
+    );
+    let secret = first.secrets[0].expose_secret().to_owned();
+    let text = config_text(
+        &sim,
+        dir.path(),
+        &format!(
+            "{POLL_10_MIN}{DIRECTORY}[webhooks]\nlisten = \"127.0.0.1:0\"\nsigning_secret = \"{secret}\"\n"
+        ),
+    );
+    let service = start_service(&text).await;
+    let url = format!(
+        "http://{}/zendesk/webhook",
+        service.webhooks_addr().unwrap()
+    );
+    let again = install::install(&zd, &url, install::Mode::Trigger)
+        .await
+        .unwrap();
+    assert_eq!(
+        again.trigger_id, first.trigger_id,
+        "the trigger is updated, not duplicated"
+    );
+    assert!(again.webhooks.iter().all(|(_, created)| !created));
+    wait_loaded(&service).await;
+    let mut c = client(service.addr()).await;
+    assert_eq!(ext(&route(&mut c, "+380441234567").await), "101");
+    sim.with_store(|s| {
+        s.update_ticket(
+            a.ticket,
+            TicketPatch {
+                assignee_id: Some(Some(mykola)),
+                ..Default::default()
+            },
+        )
+    })
+    .unwrap();
+    route_within_1s(&mut c, "+380441234567", "reassignment by trigger", |r| {
+        ext(r) == "102"
+    })
+    .await;
+    service.shutdown().await.unwrap();
+    sim.shutdown().await;
+}
