@@ -389,8 +389,9 @@ impl Service {
             Some(client.clone()),
             Some(queue.clone()),
         ));
+        let versions = crate::webhooks::apply::SharedVersions::default();
         let follower = if config.webhooks.listen.is_some() {
-            follower.count_missed_webhooks(metrics.clone())
+            follower.with_webhooks(metrics.clone(), versions.clone())
         } else {
             follower
         };
@@ -416,6 +417,7 @@ impl Service {
                     index.clone(),
                     parser.clone(),
                     metrics.clone(),
+                    versions.clone(),
                 );
                 Some((listener, router, applier))
             }

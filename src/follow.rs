@@ -92,8 +92,12 @@ pub struct Follower {
     per_export: [AtomicU64; 3],
     /// Which exports are being read right now.
     reading: [AtomicBool; 3],
-    /// Set when webhooks run: counts export rows that brought changes webhooks had not.
-    missed: Option<Arc<crate::metrics::Metrics>>,
+    /// Set when webhooks run: counts export rows that brought changes webhooks had not, and skips
+    /// ticket rows older than what webhooks applied.
+    webhooks: Option<(
+        Arc<crate::metrics::Metrics>,
+        crate::webhooks::apply::SharedVersions,
+    )>,
 }
 
 impl Follower {
@@ -117,16 +121,20 @@ impl Follower {
                 records: AtomicU64::new(0),
                 per_export: Default::default(),
                 reading: Default::default(),
-                missed: None,
+                webhooks: None,
             },
             rx,
         )
     }
 
     /// With webhooks on: count the export's ticket rows that found the index behind
-    /// (`deskline_export_missed_by_webhooks_total`).
-    pub fn count_missed_webhooks(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
-        self.missed = Some(metrics);
+    /// (`deskline_export_missed_by_webhooks_total`) and skip rows older than what webhooks applied.
+    pub fn with_webhooks(
+        mut self,
+        metrics: Arc<crate::metrics::Metrics>,
+        versions: crate::webhooks::apply::SharedVersions,
+    ) -> Self {
+        self.webhooks = Some((metrics, versions));
         self
     }
 
@@ -296,12 +304,17 @@ impl Follower {
         let apply = |idx: &mut Index, tickets: Vec<Ticket>| {
             let mut missed = 0;
             for t in &tickets {
-                if self.missed.is_some() && idx.is_loaded() && webhooks_missed(idx, t) {
-                    missed += 1;
+                if let Some((_, versions)) = &self.webhooks {
+                    if versions.export_row_is_older(t) {
+                        continue;
+                    }
+                    if idx.is_loaded() && webhooks_missed(idx, t) {
+                        missed += 1;
+                    }
                 }
                 idx.apply_ticket(t);
             }
-            if let (Some(m), true) = (&self.missed, missed > 0) {
+            if let (Some((m, _)), true) = (&self.webhooks, missed > 0) {
                 m.export_missed(Export::Tickets, missed);
             }
         };

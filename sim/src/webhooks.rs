@@ -482,10 +482,8 @@ fn collect(app: &App) -> Vec<Invocation> {
     let mut out = Vec::new();
     for e in &events {
         for w in hooks.webhooks.iter().filter(|w| w.status == "active") {
-            let short = e.kind.trim_start_matches("zen:event-type:");
+            // `conditional_ticket_events` webhooks get tickets through triggers only.
             if !w.subscriptions.iter().any(|s| s == &e.kind) {
-                // `conditional_ticket_events` webhooks get tickets through triggers only.
-                let _ = short;
                 continue;
             }
             let body = json!({

@@ -145,6 +145,16 @@ impl Versions {
         newer(self.tickets.get(&t.id), held).is_none_or(|(k, _)| at >= k)
     }
 
+    /// For the export follower (which holds the index's write lock): whether an export row is
+    /// strictly older than what webhooks already applied, so applying it would step the ticket back
+    /// until the export caught up (a minute or more later).
+    pub fn export_row_is_older(&self, t: &Ticket) -> bool {
+        let Some(at) = t.updated_at.as_deref().and_then(parse_time) else {
+            return false;
+        };
+        self.tickets.get(&t.id).is_some_and(|(k, _)| at < k)
+    }
+
     pub fn applied_ticket(&self, t: &Ticket) {
         if let Some(at) = t.updated_at.as_deref().and_then(parse_time) {
             self.tickets.insert(t.id, (at, digest_of(t)));
@@ -167,7 +177,7 @@ impl Versions {
     }
 }
 
-/// Shared by the endpoint and the applier.
+/// Shared by the applier and the export follower.
 pub type SharedVersions = Arc<Versions>;
 
 #[cfg(test)]

@@ -47,7 +47,7 @@ use crate::{
     phone::PhoneParser,
     zendesk::{Client, ZendeskError, models::Ticket},
 };
-use apply::{IndexChange, Verdict, Versions, apply_change};
+use apply::{IndexChange, Verdict, apply_change};
 use parse::Change;
 
 /// Zendesk's event bodies are a few KiB; anything this big is not one of them.
@@ -71,7 +71,7 @@ pub struct Applier {
     client: Client,
     index: SharedIndex,
     parser: PhoneParser,
-    versions: Versions,
+    versions: apply::SharedVersions,
     metrics: Arc<Metrics>,
 }
 
@@ -83,6 +83,7 @@ pub fn endpoint(
     index: SharedIndex,
     parser: PhoneParser,
     metrics: Arc<Metrics>,
+    versions: apply::SharedVersions,
 ) -> (Router, Applier) {
     let (tx, rx) = mpsc::channel(QUEUE);
     let state = Arc::new(Endpoint {
@@ -100,7 +101,7 @@ pub fn endpoint(
         client,
         index,
         parser,
-        versions: Versions::default(),
+        versions,
         metrics,
     };
     (router, applier)
