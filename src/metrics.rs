@@ -692,7 +692,7 @@ mod tests {
         let text = m.render().await.unwrap();
         let age = line_value(&text, r#"deskline_index_age_seconds{export="users"}"#).unwrap();
         assert!((5.0..60.0).contains(&age), "{text}");
-        assert!(!text.contains(r#"export="tickets""#));
+        assert!(!text.contains(r#"deskline_index_age_seconds{export="tickets"}"#));
         assert!(m.ready());
     }
 
