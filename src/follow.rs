@@ -247,15 +247,31 @@ impl Follower {
         let fetch = |start: ExportStart| async move {
             let page = self.client.export_users(&start, true, PER_PAGE).await?;
             let parser = self.parser.clone();
+            let versions = self.webhooks.as_ref().map(|(_, v)| v.clone());
             // Phone parsing is most of a user's cost: done here, ahead of and outside the lock.
             let prepared = tokio::task::spawn_blocking(move || {
                 let UsersCursorPage {
-                    users,
-                    identities,
+                    mut users,
+                    mut identities,
                     after_cursor,
                     end_of_stream,
                     ..
                 } = page;
+                let records = users.len() as u64;
+                // Rows older than what webhooks applied would step those users back.
+                if let Some(v) = versions {
+                    let older: Vec<i64> = users
+                        .iter()
+                        .filter(|u| v.export_user_is_older(u))
+                        .map(|u| u.id)
+                        .collect();
+                    if !older.is_empty() {
+                        users.retain(|u| !older.contains(&u.id));
+                        if let Some(list) = identities.as_mut() {
+                            list.retain(|i| !older.contains(&i.user_id));
+                        }
+                    }
+                }
                 // Without the sideload, the end-users' identities come through show_many.
                 let wanted: Vec<i64> = match identities {
                     Some(_) => Vec::new(),
@@ -268,7 +284,7 @@ impl Follower {
                 let batch = UserBatch::prepare(&users, identities.as_deref(), &parser);
                 Fetched {
                     batch: (batch, wanted),
-                    records: users.len() as u64,
+                    records,
                     after_cursor,
                     end_of_stream,
                 }

@@ -145,9 +145,10 @@ impl Versions {
         newer(self.tickets.get(&t.id), held).is_none_or(|(k, _)| at >= k)
     }
 
-    /// For the export follower (which holds the index's write lock): whether an export row is
-    /// strictly older than what webhooks already applied, so applying it would step the ticket back
-    /// until the export caught up (a minute or more later).
+    /// For the export follower: whether an export row is strictly older than what webhooks already
+    /// applied. Export rows show a record's state when the page was read; a page read just before a
+    /// webhook change and applied just after it would otherwise step the record back until the
+    /// next poll.
     pub fn export_row_is_older(&self, t: &Ticket) -> bool {
         let Some(at) = t.updated_at.as_deref().and_then(parse_time) else {
             return false;
@@ -168,6 +169,14 @@ impl Versions {
         };
         let held = index.read().customer(u.id).map(|c| (c.updated_at, 0));
         newer(self.users.get(&u.id), held).is_none_or(|(k, _)| at >= k)
+    }
+
+    /// As [`Versions::export_row_is_older`], for a row of the users export.
+    pub fn export_user_is_older(&self, u: &User) -> bool {
+        let Some(at) = u.updated_at.as_deref().and_then(parse_time) else {
+            return false;
+        };
+        self.users.get(&u.id).is_some_and(|(k, _)| at < k)
     }
 
     pub fn applied_user(&self, u: &User) {
