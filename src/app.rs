@@ -81,6 +81,25 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Zendesk webhooks (DESIGN §9).
+    Webhooks {
+        #[command(subcommand)]
+        command: WebhooksCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum WebhooksCommand {
+    /// Create or update the webhook for `webhooks.public_url` (idempotent) and print its signing
+    /// secret and where to put it.
+    Install {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Deliver ticket changes through a trigger and `conditional_ticket_events` (for accounts
+        /// without ticket event subscriptions) instead of ticket event types.
+        #[arg(long)]
+        trigger: bool,
+    },
 }
 
 /// `main` in a few lines: parse, log to stderr, run.
@@ -101,6 +120,9 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Serve { config } => serve_command(config).await,
             Command::Check { config } => check_command(config).await,
+            Command::Webhooks {
+                command: WebhooksCommand::Install { config, trigger },
+            } => webhooks_install_command(config, trigger).await,
             #[cfg(feature = "sim")]
             Command::Sim(args) => report(deskline_sim::run_cli(args).await),
             #[cfg(feature = "sim")]
@@ -161,10 +183,30 @@ async fn check_command(config_path: PathBuf) -> ExitCode {
             for f in &findings {
                 println!("{f}");
             }
-            let problems = findings
+            let mut problems = findings
                 .iter()
                 .filter(|f| f.severity == crate::check::Severity::Problem)
                 .count();
+            if config.webhooks.listen.is_some() || config.webhooks.public_url.is_some() {
+                let line = match config
+                    .client_options()
+                    .map_err(anyhow::Error::from)
+                    .and_then(|o| Client::new(o).map_err(anyhow::Error::from))
+                {
+                    Ok(client) => {
+                        crate::webhooks::install::check_line(
+                            &client,
+                            config.webhooks.public_url.as_deref(),
+                        )
+                        .await
+                    }
+                    Err(e) => format!("webhooks: PROBLEM: {e:#}"),
+                };
+                if line.contains("PROBLEM") {
+                    problems += 1;
+                }
+                println!("{line}");
+            }
             let warnings = findings
                 .iter()
                 .filter(|f| f.severity == crate::check::Severity::Warning)
@@ -175,6 +217,66 @@ async fn check_command(config_path: PathBuf) -> ExitCode {
             } else {
                 ExitCode::SUCCESS
             }
+        }
+    }
+}
+
+async fn webhooks_install_command(config_path: PathBuf, trigger: bool) -> ExitCode {
+    use crate::webhooks::install;
+    use secrecy::ExposeSecret as _;
+    let config = match load_config(&config_path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let Some(url) = config.webhooks.public_url.clone() else {
+        eprintln!("deskline: config error: webhooks.public_url: required to install the webhook");
+        return ExitCode::from(2);
+    };
+    let client = match config
+        .client_options()
+        .map_err(anyhow::Error::from)
+        .and_then(|o| Client::new(o).map_err(anyhow::Error::from))
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("deskline: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let mode = if trigger {
+        install::Mode::Trigger
+    } else {
+        install::Mode::Events
+    };
+    match install::install(&client, &url, mode).await {
+        Err(e) => {
+            eprintln!("deskline: webhook not installed: {e}");
+            ExitCode::FAILURE
+        }
+        Ok(done) => {
+            for ((w, created), secret) in done.webhooks.iter().zip(&done.secrets) {
+                let verb = if *created { "created" } else { "updated" };
+                println!("{verb} webhook {} ({:?}) -> {}", w.id, w.name, w.endpoint);
+                println!(
+                    "signing secret: {}\n  put it in webhooks.signing_secret_file (one line, \
+                     readable only by deskline) or DESKLINE_WEBHOOKS__SIGNING_SECRET",
+                    secret.expose_secret()
+                );
+            }
+            if let Some(t) = done.trigger_id {
+                println!(
+                    "trigger {t} ({:?}) notifies the tickets webhook",
+                    install::TRIGGER_TITLE
+                );
+            }
+            if done.webhooks.len() > 1 {
+                println!(
+                    "note: the trigger variant has two webhooks with one secret each; Deskline \
+                     verifies one secret, so reset both to the same value or put the users webhook \
+                     on its own path"
+                );
+            }
+            ExitCode::SUCCESS
         }
     }
 }
@@ -215,6 +317,8 @@ pub struct Service {
     addr: SocketAddr,
     /// Where `/metrics` and `/healthz` are served (`server.metrics_listen`), if anywhere.
     metrics_addr: Option<SocketAddr>,
+    /// Where the Zendesk webhook endpoint is served (`webhooks.listen`), if anywhere.
+    webhooks_addr: Option<SocketAddr>,
     metrics: Arc<crate::metrics::Metrics>,
     index: SharedIndex,
     snapshot_path: PathBuf,
@@ -288,6 +392,12 @@ impl Service {
             Some(client.clone()),
             Some(queue.clone()),
         ));
+        let versions = crate::webhooks::apply::SharedVersions::default();
+        let follower = if config.webhooks.listen.is_some() {
+            follower.with_webhooks(metrics.clone(), versions.clone())
+        } else {
+            follower
+        };
         let metrics_listener = match config.server.metrics_listen {
             Some(addr) => Some(crate::metrics::bind(addr).await?),
             None => None,
@@ -297,9 +407,44 @@ impl Service {
             None => None,
         };
 
+        let webhooks = match config.webhooks.listen {
+            Some(addr) => {
+                let secret = config.webhook_signing_secret()?.ok_or_else(|| {
+                    anyhow::anyhow!("webhooks.signing_secret: required with webhooks.listen")
+                })?;
+                let listener = crate::webhooks::bind(addr).await?;
+                let (router, applier) = crate::webhooks::endpoint(
+                    &config.webhooks.path,
+                    secret,
+                    client.clone(),
+                    writer.clone(),
+                    parser.clone(),
+                    metrics.clone(),
+                    versions.clone(),
+                );
+                Some((listener, router, applier))
+            }
+            None => None,
+        };
+        let webhooks_addr = match &webhooks {
+            Some((l, _, _)) => Some(l.local_addr()?),
+            None => None,
+        };
+
         let stop_rpc = CancellationToken::new();
         let stop_background = CancellationToken::new();
         let mut tasks = Tasks::default();
+        if let Some((listener, router, applier)) = webhooks {
+            // The endpoint stops with the gRPC server (first stage), the applier with the
+            // background tasks; what is still queued then is left to the export.
+            let stop = stop_rpc.clone();
+            tasks.spawn("webhooks", async move {
+                crate::webhooks::serve(listener, router, stop.cancelled_owned())
+                    .await
+                    .context("the webhook server failed")
+            });
+            tasks.spawn("webhooks-apply", applier.run(stop_background.clone()));
+        }
         tasks.spawn("follower", follower.run(stop_background.clone()));
         tasks.spawn("sync", worker.run(stop_background.clone()));
         tasks.spawn(
@@ -366,6 +511,7 @@ impl Service {
         Ok(Self {
             addr,
             metrics_addr,
+            webhooks_addr,
             metrics,
             index,
             snapshot_path,
@@ -386,6 +532,10 @@ impl Service {
     /// The bound metrics address (port 0 in the config is resolved), `None` when metrics are off.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
+    }
+
+    pub fn webhooks_addr(&self) -> Option<SocketAddr> {
+        self.webhooks_addr
     }
 
     pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {

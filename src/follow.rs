@@ -47,7 +47,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::{
-    index::{Change, CursorMove, Export, IndexWriter, SharedIndex, UserBatch, WriterStopped},
+    index::{
+        Change, CursorMove, Export, Index, IndexWriter, SharedIndex, UserBatch, WriterStopped,
+    },
     phone::PhoneParser,
     zendesk::{
         Client, ExportStart, ZendeskError,
@@ -111,6 +113,12 @@ pub struct Follower {
     per_export: [AtomicU64; 3],
     /// Which exports are being read right now.
     reading: [AtomicBool; 3],
+    /// Set when webhooks run: counts export rows that brought changes webhooks had not, and skips
+    /// ticket rows older than what webhooks applied.
+    webhooks: Option<(
+        Arc<crate::metrics::Metrics>,
+        crate::webhooks::apply::SharedVersions,
+    )>,
 }
 
 impl Follower {
@@ -138,9 +146,21 @@ impl Follower {
                 records: AtomicU64::new(0),
                 per_export: Default::default(),
                 reading: Default::default(),
+                webhooks: None,
             },
             rx,
         )
+    }
+
+    /// With webhooks on: count the export's ticket rows that found the index behind
+    /// (`deskline_export_missed_by_webhooks_total`) and skip rows older than what webhooks applied.
+    pub fn with_webhooks(
+        mut self,
+        metrics: Arc<crate::metrics::Metrics>,
+        versions: crate::webhooks::apply::SharedVersions,
+    ) -> Self {
+        self.webhooks = Some((metrics, versions));
+        self
     }
 
     /// Follows until `shutdown`. Zendesk errors never end it: it logs, backs off and tries again, and
@@ -247,15 +267,31 @@ impl Follower {
         let fetch = |start: ExportStart| async move {
             let page = self.client.export_users(&start, true, PER_PAGE).await?;
             let parser = self.parser.clone();
+            let versions = self.webhooks.as_ref().map(|(_, v)| v.clone());
             // Phone parsing is most of a user's cost: done here, ahead of and outside the lock.
             let prepared = tokio::task::spawn_blocking(move || {
                 let UsersCursorPage {
-                    users,
-                    identities,
+                    mut users,
+                    mut identities,
                     after_cursor,
                     end_of_stream,
                     ..
                 } = page;
+                let records = users.len() as u64;
+                // Rows older than what webhooks applied would step those users back.
+                if let Some(v) = versions {
+                    let older: Vec<i64> = users
+                        .iter()
+                        .filter(|u| v.export_user_is_older(u))
+                        .map(|u| u.id)
+                        .collect();
+                    if !older.is_empty() {
+                        users.retain(|u| !older.contains(&u.id));
+                        if let Some(list) = identities.as_mut() {
+                            list.retain(|i| !older.contains(&i.user_id));
+                        }
+                    }
+                }
                 // Without the sideload, the end-users' identities come through show_many.
                 let wanted: Vec<i64> = match identities {
                     Some(_) => Vec::new(),
@@ -268,7 +304,7 @@ impl Follower {
                 let batch = UserBatch::prepare(&users, identities.as_deref(), &parser);
                 Fetched {
                     batch: (batch, wanted),
-                    records: users.len() as u64,
+                    records,
                     after_cursor,
                     end_of_stream,
                 }
@@ -302,7 +338,22 @@ impl Follower {
                 end_of_stream: page.end_of_stream,
             })
         };
-        let apply = |tickets: Vec<Ticket>| vec![Change::Tickets(tickets)];
+        // With webhooks: rows older than what webhooks applied are skipped (they would step the
+        // index back), and rows that change what the index holds are counted as missed by
+        // webhooks. Read under a short lookup lock; the writer applies the rest.
+        let apply = |mut tickets: Vec<Ticket>| {
+            if let Some((metrics, versions)) = &self.webhooks {
+                tickets.retain(|t| !versions.export_row_is_older(t));
+                let idx = crate::index::read_for_lookup(&self.index);
+                if idx.is_loaded() {
+                    let missed = tickets.iter().filter(|t| webhooks_missed(&idx, t)).count();
+                    if missed > 0 {
+                        metrics.export_missed(Export::Tickets, missed as u64);
+                    }
+                }
+            }
+            vec![Change::Tickets(tickets)]
+        };
         self.pipelined(Export::Tickets, start, fetch, apply, shutdown)
             .await
     }
@@ -449,6 +500,25 @@ impl Follower {
                 error!(error = %e, "saving the index snapshot failed; a restart would re-read more of the exports")
             }
         }
+    }
+}
+
+/// Whether applying export row `t` changes what the index holds of it: a change the webhooks had
+/// not delivered by the time the (60 s+ late) export brought it.
+fn webhooks_missed(idx: &Index, t: &Ticket) -> bool {
+    let held = idx.open_ticket(t.id);
+    match (t.is_open(), held) {
+        (true, None) => true,
+        (true, Some(h)) => {
+            let at = t
+                .updated_at
+                .as_deref()
+                .and_then(crate::zendesk::models::parse_time);
+            at.is_some_and(|at| at > h.updated_at)
+                || h.assignee_id != t.assignee_id
+                || Some(h.requester_id) != t.requester_id
+        }
+        (false, held) => held.is_some(),
     }
 }
 

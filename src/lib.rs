@@ -7,6 +7,8 @@
 //! - [`index`]: the in-memory read model (customers by phone, open tickets, agents, organizations)
 //!   and its snapshot on disk.
 //! - [`follow`]: follows Zendesk's incremental exports and feeds the index.
+//! - [`webhooks`]: the Zendesk webhook endpoint that keeps the index fresh within seconds, and
+//!   `deskline webhooks install`.
 //! - [`routing`]: the routing and caller-ID decisions, pure functions over the index.
 //! - [`cluster`]: coordination of several replicas through PostgreSQL: lease, shared budget,
 //!   change log, shared snapshot.
@@ -38,6 +40,7 @@ pub mod pg;
 pub mod phone;
 pub mod routing;
 pub mod sync;
+pub mod webhooks;
 pub mod zendesk;
 
 /// Generated from `proto/deskline/v1/resolver.proto`.

@@ -89,6 +89,65 @@ pub mod names {
     pub const ZENDESK_BUDGET_LIMIT: &str = "deskline_zendesk_budget_limit";
     /// Gauge: seconds requests are still held back by a 429's `Retry-After`.
     pub const ZENDESK_PAUSED_SECONDS: &str = "deskline_zendesk_paused_seconds";
+    /// Counter `deskline_webhook_deliveries_total{result}`: webhook requests by
+    /// [`WebhookResult`](super::WebhookResult).
+    pub const WEBHOOK_DELIVERIES: &str = "deskline_webhook_deliveries";
+    /// Gauge: seconds since a webhook event last changed the index; absent until one did.
+    pub const WEBHOOK_LAST_APPLIED_AGE_SECONDS: &str = "deskline_webhook_last_applied_age_seconds";
+    /// Counter `deskline_export_missed_by_webhooks_total{export}`: export rows newer than what
+    /// the index held, i.e. changes webhooks had not delivered (counted only with webhooks on).
+    pub const EXPORT_MISSED_BY_WEBHOOKS: &str = "deskline_export_missed_by_webhooks";
+}
+
+/// What became of one webhook request (the `result` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebhookResult {
+    /// Accepted and it changed the index.
+    Applied,
+    /// Accepted; the index already held this state or a newer one.
+    Stale,
+    /// A repeated invocation or event id: acknowledged, not applied again.
+    Duplicate,
+    /// Accepted but of a type Deskline does not use.
+    Ignored,
+    /// Accepted, but reading the entity from Zendesk failed (the export repairs it).
+    FetchFailed,
+    BadSignature,
+    /// Signature valid but the timestamp is more than 5 minutes off.
+    StaleTimestamp,
+    Malformed,
+    TooLarge,
+    /// The apply queue was full (503; Zendesk retries).
+    Overloaded,
+}
+
+impl WebhookResult {
+    pub const ALL: [WebhookResult; 10] = [
+        Self::Applied,
+        Self::Stale,
+        Self::Duplicate,
+        Self::Ignored,
+        Self::FetchFailed,
+        Self::BadSignature,
+        Self::StaleTimestamp,
+        Self::Malformed,
+        Self::TooLarge,
+        Self::Overloaded,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Applied => "applied",
+            Self::Stale => "stale",
+            Self::Duplicate => "duplicate",
+            Self::Ignored => "ignored",
+            Self::FetchFailed => "fetch_failed",
+            Self::BadSignature => "bad_signature",
+            Self::StaleTimestamp => "stale_timestamp",
+            Self::Malformed => "malformed",
+            Self::TooLarge => "too_large",
+            Self::Overloaded => "overloaded",
+        }
+    }
 }
 
 /// The Resolver's RPCs, as metric labels.
@@ -168,6 +227,10 @@ pub struct Metrics {
     /// Indexed by `ReasonKind as usize`.
     decisions: [Counter; 6],
     unauthenticated: Counter,
+    /// Indexed by `WebhookResult as usize`.
+    webhooks: [Counter; 10],
+    /// Indexed by `Export as usize` order of [`Export::ALL`].
+    export_missed: [Counter; 3],
     live: Arc<Live>,
     queue: Option<JobStore>,
     spooled: prometheus_client::metrics::gauge::Gauge,
@@ -226,10 +289,27 @@ impl Metrics {
                 spooled.clone(),
             );
         }
+        let webhooks_family = Family::<[(&'static str, &'static str); 1], Counter>::default();
+        let webhooks = WebhookResult::ALL
+            .map(|r| webhooks_family.get_or_create_owned(&[("result", r.as_str())]));
+        registry.register(
+            names::WEBHOOK_DELIVERIES,
+            "Zendesk webhook requests by result",
+            webhooks_family,
+        );
+        let missed_family = Family::<[(&'static str, &'static str); 1], Counter>::default();
+        let export_missed =
+            Export::ALL.map(|e| missed_family.get_or_create_owned(&[("export", e.as_str())]));
+        registry.register(
+            names::EXPORT_MISSED_BY_WEBHOOKS,
+            "Export rows newer than the index held: changes webhooks had not delivered",
+            missed_family,
+        );
         let live = Arc::new(Live {
             index,
             client,
             queue_counts: Mutex::new(None),
+            webhook_applied_ms: std::sync::atomic::AtomicI64::new(0),
         });
         registry.register_collector(Box::new(live.clone()));
         Self {
@@ -239,9 +319,33 @@ impl Metrics {
             rpc_ok,
             decisions,
             unauthenticated,
+            webhooks,
+            export_missed,
             live,
             queue,
             spooled,
+        }
+    }
+
+    /// Counts one webhook request by result; an applied one also restarts the age gauge.
+    pub fn webhook(&self, result: WebhookResult) {
+        self.webhooks[result as usize].inc();
+        if result == WebhookResult::Applied {
+            self.live
+                .webhook_applied_ms
+                .store(now_ms(), std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// The count of webhook requests with `result` so far (tests).
+    pub fn webhook_count(&self, result: WebhookResult) -> u64 {
+        self.webhooks[result as usize].get()
+    }
+
+    /// Counts export rows that brought a change webhooks had not delivered.
+    pub fn export_missed(&self, export: Export, n: u64) {
+        if let Some(i) = Export::ALL.iter().position(|e| *e == export) {
+            self.export_missed[i].inc_by(n);
         }
     }
 
@@ -312,6 +416,8 @@ struct Live {
     client: Option<Client>,
     /// Filled by [`Metrics::render`] just before encoding.
     queue_counts: Mutex<Option<BTreeMap<SyncState, u64>>>,
+    /// Unix ms when a webhook event last changed the index (0: never).
+    webhook_applied_ms: std::sync::atomic::AtomicI64,
 }
 
 pub(crate) use crate::clock::now_ms;
@@ -361,6 +467,19 @@ impl Collector for Live {
             MetricType::Gauge,
         )?)?;
         let now = now_ms();
+        let applied = self
+            .webhook_applied_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if applied > 0 {
+            ConstGauge::new(now.saturating_sub(applied).max(0) as f64 / 1000.0).encode(
+                encoder.encode_descriptor(
+                    names::WEBHOOK_LAST_APPLIED_AGE_SECONDS,
+                    "Seconds since a webhook event last changed the index",
+                    None,
+                    MetricType::Gauge,
+                )?,
+            )?;
+        }
         gauges(
             &mut encoder,
             names::INDEX_AGE_SECONDS,
@@ -582,7 +701,7 @@ mod tests {
         let text = m.render().await.unwrap();
         let age = line_value(&text, r#"deskline_index_age_seconds{export="users"}"#).unwrap();
         assert!((5.0..60.0).contains(&age), "{text}");
-        assert!(!text.contains(r#"export="tickets""#));
+        assert!(!text.contains(r#"deskline_index_age_seconds{export="tickets"}"#));
         assert!(m.ready());
     }
 

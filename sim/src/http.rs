@@ -28,6 +28,7 @@ pub(crate) struct App {
     pub(crate) token: String,
     pub(crate) cfg: RwLock<SimConfig>,
     pub(crate) store: RwLock<Store>,
+    pub(crate) hooks: Mutex<crate::webhooks::Hooks>,
     pub(crate) requests: Mutex<Vec<RequestRecord>>,
     limits: Mutex<Limits>,
     pub(crate) idempotency: Mutex<rustc_hash::FxHashMap<String, super::write::IdemEntry>>,
@@ -42,6 +43,7 @@ impl App {
             token: cfg.token.clone(),
             cfg: RwLock::new(cfg),
             store: RwLock::new(store),
+            hooks: Mutex::new(Default::default()),
             requests: Mutex::new(Vec::new()),
             limits: Mutex::new(Limits::default()),
             idempotency: Mutex::new(Default::default()),
@@ -561,6 +563,9 @@ fn route(
 ) -> Reply {
     use super::write;
     let id = |s: &str| s.parse::<i64>().ok();
+    if let Some(r) = crate::webhooks::route(app, method, segs, q, body) {
+        return r;
+    }
     match (method, segs) {
         (&Method::GET, ["incremental", "users", "cursor"]) => users_export(app, cfg, q),
         (&Method::GET, ["incremental", "tickets", "cursor"]) => tickets_export(app, cfg, q),

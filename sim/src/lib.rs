@@ -40,6 +40,7 @@ mod render;
 pub mod store;
 #[cfg(test)]
 mod tests;
+pub mod webhooks;
 pub mod wire;
 mod write;
 
@@ -82,6 +83,8 @@ pub struct SimConfig {
     /// How `users/show_many` treats `include=identities`. TEST SETTING. Default: honoured.
     pub show_many: ShowMany,
     pub faults: Faults,
+    /// How webhook deliveries are delayed, duplicated, reordered and dropped.
+    pub webhook_faults: webhooks::WebhookFaults,
 }
 
 /// `users/show_many` misbehaviour, for the identity fetches' tests.
@@ -110,6 +113,7 @@ impl Default for SimConfig {
             rate_limit_headers: true,
             show_many: ShowMany::Sideload,
             faults: Faults::default(),
+            webhook_faults: webhooks::WebhookFaults::default(),
         }
     }
 }
@@ -159,8 +163,14 @@ pub async fn start(listener: tokio::net::TcpListener, cfg: SimConfig, store: Sto
     let addr = listener
         .local_addr()
         .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
+    let changed = Arc::new(tokio::sync::Notify::new());
+    let mut store = store;
+    store.changed = Some(changed.clone());
+    store.dirty.clear();
     let app = Arc::new(http::App::new(format!("http://{addr}"), cfg, store));
+    app.hooks.lock().baseline(&app.store.read());
     let stop = CancellationToken::new();
+    tokio::spawn(webhooks::run(app.clone(), changed, stop.clone()));
     let router = axum::Router::new()
         .fallback(http::dispatch)
         .with_state(app.clone());
@@ -205,6 +215,10 @@ impl SimHandle {
     /// Holds the store lock: keep `f` short and don't block in it.
     pub fn with_store<R>(&self, f: impl FnOnce(&mut Store) -> R) -> R {
         f(&mut self.app.store.write())
+    }
+    /// What the webhook dispatcher did so far.
+    pub fn webhook_stats(&self) -> webhooks::DeliveryStats {
+        self.app.hooks.lock().stats.clone()
     }
     /// Every API request so far (admin requests excluded), oldest first.
     pub fn requests(&self) -> Vec<RequestRecord> {

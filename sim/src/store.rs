@@ -602,6 +602,19 @@ pub struct Store {
     last_ms: i64,
     next_identity: i64,
     next_comment: i64,
+    /// Records changed since the webhook dispatcher last looked (only while one runs: `changed`).
+    pub(crate) dirty: Vec<Dirty>,
+    /// Woken on every change when webhook delivery runs (see `crate::webhooks`).
+    pub(crate) changed: Option<std::sync::Arc<tokio::sync::Notify>>,
+    /// Users merged away (loser → winner), so the dispatcher can tell a merge from a deletion.
+    pub(crate) merged_into: FxHashMap<i64, i64>,
+}
+
+/// A record changed by a write, for the webhook dispatcher to diff against what it last saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dirty {
+    User(i64),
+    Ticket(i64),
 }
 
 impl Store {
@@ -803,7 +816,16 @@ impl Store {
         let u = &mut self.users[idx];
         u.updated_at = ms / 1000;
         u.log_pos = pos;
+        let id = u.id;
+        self.mark(Dirty::User(id));
         ms
+    }
+
+    fn mark(&mut self, d: Dirty) {
+        if let Some(n) = &self.changed {
+            self.dirty.push(d);
+            n.notify_one();
+        }
     }
 
     fn touch_org(&mut self, idx: usize) {
@@ -823,6 +845,10 @@ impl Store {
             t.updated_at = updated_at.unwrap_or(ms / 1000);
         }
         t.log_pos = pos;
+        let id = t.id;
+        if !system {
+            self.mark(Dirty::Ticket(id));
+        }
     }
 
     // ---- public reads --------------------------------------------------------------------------
@@ -1278,6 +1304,57 @@ impl Store {
         }
         self.touch_user(idx);
         Ok(id)
+    }
+
+    /// Changes the value of one of the user's extra identities (the ones [`Store::add_identity`]
+    /// added).
+    pub fn update_identity(
+        &mut self,
+        user_id: i64,
+        identity_id: i64,
+        value: &str,
+    ) -> Result<(), StoreError> {
+        let idx = self.user_idx(user_id).ok_or(StoreError::NotFound)?;
+        let now = self.stamp() / 1000;
+        let ident = self.users[idx]
+            .extra_mut()
+            .identities
+            .iter_mut()
+            .find(|i| i.id == identity_id)
+            .ok_or(StoreError::NotFound)?;
+        ident.value = value.trim().into();
+        ident.updated_at = now;
+        self.index_user_phones(idx as u32);
+        self.touch_user(idx);
+        Ok(())
+    }
+
+    /// Removes one of the user's extra identities.
+    pub fn remove_identity(&mut self, user_id: i64, identity_id: i64) -> Result<(), StoreError> {
+        let idx = self.user_idx(user_id).ok_or(StoreError::NotFound)?;
+        let list = &mut self.users[idx].extra_mut().identities;
+        let before = list.len();
+        list.retain(|i| i.id != identity_id);
+        if list.len() == before {
+            return Err(StoreError::NotFound);
+        }
+        self.touch_user(idx);
+        Ok(())
+    }
+
+    /// Merges end-user `loser` into `winner` the way Zendesk does: the loser's tickets get the
+    /// winner as requester (system change: no ticket event fires) and the loser is deleted.
+    pub fn merge_user(&mut self, loser: i64, winner: i64) -> Result<(), StoreError> {
+        if self.user_rec(winner).is_none() || loser == winner {
+            return Err(StoreError::NotFound);
+        }
+        for t in self.tickets_of_requester(loser) {
+            let idx = self.ticket_idx(t).ok_or(StoreError::NotFound)?;
+            self.tickets[idx].requester_id = winner;
+            self.touch_ticket(idx, None, false);
+        }
+        self.merged_into.insert(loser, winner);
+        self.delete_user(loser)
     }
 
     /// Adds a `phone_number` identity. Returns the identity id.

@@ -1631,3 +1631,139 @@ async fn export_responses_report_the_account_budget() {
     assert_eq!(header_num(&r, "ratelimit-remaining"), 49);
     h.shutdown().await;
 }
+
+/// A webhook subscribed to ticket and user events receives signed events with string ids for a
+/// reassignment, an identity added and a merge; a failing endpoint is retried with the same
+/// invocation id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_api_and_signed_delivery() {
+    use std::sync::Arc;
+    type Received = Vec<(axum::http::HeaderMap, Vec<u8>)>;
+    let got: Arc<parking_lot::Mutex<Received>> = Default::default();
+    let fail_first = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let (g, f) = (got.clone(), fail_first.clone());
+    let receiver = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |h: axum::http::HeaderMap, b: axum::body::Bytes| {
+            let (g, f) = (g.clone(), f.clone());
+            async move {
+                g.lock().push((h, b.to_vec()));
+                if f.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                    axum::http::StatusCode::INTERNAL_SERVER_ERROR
+                } else {
+                    axum::http::StatusCode::OK
+                }
+            }
+        }),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}/hook", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, receiver).await });
+    let mut st = Store::new();
+    let agent = st
+        .create_user(NewUser {
+            name: "Hook Agent".into(),
+            email: Some("hook.agent@sim.test".into()),
+            role: Some(Role::Admin),
+            ..NewUser::default()
+        })
+        .unwrap();
+    let end = |st: &mut Store, n: &str| {
+        st.create_user(NewUser {
+            name: n.into(),
+            ..NewUser::default()
+        })
+        .unwrap()
+    };
+    let (u1, u2) = (end(&mut st, "One"), end(&mut st, "Two"));
+    let ticket = st
+        .create_ticket(NewTicket {
+            requester_id: u2,
+            status: Some(Status::Open),
+            ..NewTicket::default()
+        })
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let h = start(
+        listener,
+        SimConfig {
+            email: "hook.agent@sim.test".into(),
+            ..SimConfig::default()
+        },
+        st,
+    )
+    .await;
+    let created = call(
+        &h,
+        Method::POST,
+        "/api/v2/webhooks",
+        Some(json!({ "webhook": { "name": "t", "endpoint": endpoint, "http_method": "POST",
+            "request_format": "json", "status": "active", "subscriptions": [
+            "zen:event-type:ticket.agent_assignment_changed", "zen:event-type:user.identity_created",
+            "zen:event-type:user.merged" ] } })),
+        &[],
+    )
+    .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.text);
+    let id = created.json()["webhook"]["id"].as_str().unwrap().to_owned();
+    let secret = get(&h, &format!("/api/v2/webhooks/{id}/signing_secret"))
+        .await
+        .json()["signing_secret"]["secret"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        get(&h, "/api/v2/webhooks").await.json()["webhooks"][0]["id"],
+        id
+    );
+    h.with_store(|s| {
+        s.update_ticket(
+            ticket,
+            TicketPatch {
+                assignee_id: Some(Some(agent)),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        s.add_phone_identity(u1, "+380501112233").unwrap();
+        s.merge_user(u2, u1).unwrap();
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while h.webhook_stats().delivered < 3 || h.webhook_stats().pending > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}",
+            h.webhook_stats()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let got = got.lock().clone();
+    assert_eq!(h.webhook_stats().failed, 1);
+    let mut types = Vec::new();
+    for (headers, body) in &got {
+        let hv = |k: &str| headers.get(k).unwrap().to_str().unwrap().to_owned();
+        let ts = hv("x-zendesk-webhook-signature-timestamp");
+        assert_eq!(
+            hv("x-zendesk-webhook-signature"),
+            webhooks::sign(secret.as_bytes(), &ts, body)
+        );
+        assert_eq!(hv("x-zendesk-webhook-id"), id);
+        let v: Value = serde_json::from_slice(body).unwrap();
+        assert!(v["detail"]["id"].is_string(), "{v}");
+        types.push(v["type"].as_str().unwrap().to_owned());
+    }
+    // The failed first POST was retried with the same invocation id.
+    let inv = |i: usize| got[i].0.get("x-zendesk-webhook-invocation-id").cloned();
+    assert!((1..got.len()).any(|i| inv(i) == inv(0)));
+    for t in [
+        "ticket.agent_assignment_changed",
+        "user.identity_created",
+        "user.merged",
+    ] {
+        assert!(
+            types.iter().any(|x| x.ends_with(t)),
+            "{t} missing from {types:?}"
+        );
+    }
+    h.shutdown().await;
+}

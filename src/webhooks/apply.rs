@@ -1,0 +1,231 @@
+//! Changes from webhooks into the index, never making it older than what it holds.
+//!
+//! Why a version memory next to the index: the index keeps only open tickets and live customers,
+//! so a late "open" event for a ticket that was solved since would find nothing to compare with.
+//! [`Versions`] remembers, per ticket and per user, the `updated_at` and a digest of the state last
+//! applied from a webhook (bounded by a moka TTL cache: an entry only has to outlive Zendesk's
+//! retries and reorderings, minutes). An event older than the newer of that memory and the index is
+//! stale. `updated_at` has one-second resolution, so two changes within a second delivered out of
+//! order are told apart by the digest: same second, different state is *ambiguous* and the ticket
+//! is read from Zendesk, whose answer is the current state and wins.
+//!
+//! All writes go through [`apply_change`], which hands them to the index's one writer
+//! ([`IndexWriter`]) and returns once they are visible.
+
+use std::{hash::BuildHasher as _, sync::Arc, time::Duration};
+
+use crate::{
+    index::{Change, IndexWriter, SharedIndex, UserBatch, WriterStopped},
+    phone::PhoneParser,
+    zendesk::models::{Identity, Ticket, User, parse_time},
+};
+
+/// A change the index understands, resolved from a webhook (and a read from Zendesk if needed).
+#[derive(Debug, Clone, PartialEq)]
+pub enum IndexChange {
+    /// Upsert, or removal when not open (`solved`, `closed`, `deleted`).
+    Ticket(Ticket),
+    /// Upsert (or suspend, role change, deletion via `active:false`) with the user's complete
+    /// identities, so identities added, changed or removed all land.
+    User {
+        user: User,
+        /// `None`: Zendesk did not sideload them (the key was missing); the known phones stay.
+        identities: Option<Vec<Identity>>,
+    },
+    /// Permanently gone or merged away (Zendesk answered 404).
+    UserGone(i64),
+}
+
+/// The one place webhooks write the index (see the module doc).
+pub async fn apply_change(
+    writer: &IndexWriter,
+    parser: &PhoneParser,
+    change: IndexChange,
+) -> Result<(), WriterStopped> {
+    let change = match change {
+        IndexChange::Ticket(t) => Change::Tickets(vec![t]),
+        IndexChange::User { user, identities } => {
+            // Phones parsed here, outside the writer, as the follower does.
+            Change::Users(UserBatch::prepare(
+                std::slice::from_ref(&user),
+                identities.as_deref(),
+                parser,
+            ))
+        }
+        IndexChange::UserGone(id) => {
+            let gone = User {
+                id,
+                active: Some(false),
+                ..User::default()
+            };
+            Change::user(&gone, parser)
+        }
+    };
+    writer.apply(change).await
+}
+
+/// What [`Versions::judge`] decided for a change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Apply,
+    Stale,
+    /// Same second as what is held but a different state: read the entity to decide.
+    Ambiguous,
+}
+
+/// The last applied `(updated_at, digest)` per ticket and per user (see the module doc).
+#[derive(Clone)]
+pub struct Versions {
+    tickets: moka::sync::Cache<i64, (i64, u64)>,
+    users: moka::sync::Cache<i64, (i64, u64)>,
+}
+
+impl Default for Versions {
+    fn default() -> Self {
+        let cache = || {
+            moka::sync::Cache::builder()
+                .max_capacity(1_000_000)
+                .time_to_live(Duration::from_secs(3600))
+                .build()
+        };
+        Self {
+            tickets: cache(),
+            users: cache(),
+        }
+    }
+}
+
+/// A digest of what the index keeps of a ticket.
+pub fn ticket_digest(status: &str, requester: i64, assignee: i64, subject: &str) -> u64 {
+    foldhash::fast::FixedState::with_seed(7).hash_one((status, requester, assignee, subject))
+}
+
+fn digest_of(t: &Ticket) -> u64 {
+    ticket_digest(
+        t.status.as_deref().unwrap_or_default(),
+        t.requester_id.unwrap_or(0),
+        t.assignee_id.unwrap_or(0),
+        t.subject.as_deref().unwrap_or_default(),
+    )
+}
+
+fn judge(known: Option<(i64, u64)>, new: (i64, u64)) -> Verdict {
+    match known {
+        None => Verdict::Apply,
+        Some((t, _)) if new.0 > t => Verdict::Apply,
+        Some((t, _)) if new.0 < t => Verdict::Stale,
+        Some((_, d)) if d == new.1 => Verdict::Stale,
+        Some(_) => Verdict::Ambiguous,
+    }
+}
+
+/// The newer of two `(time, digest)` versions.
+fn newer(a: Option<(i64, u64)>, b: Option<(i64, u64)>) -> Option<(i64, u64)> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(if b.0 > a.0 { b } else { a }),
+        (a, b) => a.or(b),
+    }
+}
+
+impl Versions {
+    /// Whether a ticket from an event's `detail` is newer than what is known of it.
+    pub fn judge_ticket(&self, index: &SharedIndex, t: &Ticket) -> Verdict {
+        let Some(at) = t.updated_at.as_deref().and_then(parse_time) else {
+            return Verdict::Ambiguous;
+        };
+        let held = index.read().open_ticket(t.id).map(|r| {
+            let d = ticket_digest(
+                r.status,
+                r.requester_id,
+                r.assignee_id.unwrap_or(0),
+                r.subject,
+            );
+            (r.updated_at, d)
+        });
+        judge(newer(self.tickets.get(&t.id), held), (at, digest_of(t)))
+    }
+
+    /// Whether Zendesk's current answer for a ticket may be applied: anything not older.
+    pub fn current_ticket_is_fresh(&self, index: &SharedIndex, t: &Ticket) -> bool {
+        let Some(at) = t.updated_at.as_deref().and_then(parse_time) else {
+            return true;
+        };
+        let held = index.read().open_ticket(t.id).map(|r| (r.updated_at, 0));
+        newer(self.tickets.get(&t.id), held).is_none_or(|(k, _)| at >= k)
+    }
+
+    /// For the export follower: whether an export row is strictly older than what webhooks already
+    /// applied. Export rows show a record's state when the page was read; a page read just before a
+    /// webhook change and applied just after it would otherwise step the record back until the
+    /// next poll.
+    pub fn export_row_is_older(&self, t: &Ticket) -> bool {
+        let Some(at) = t.updated_at.as_deref().and_then(parse_time) else {
+            return false;
+        };
+        self.tickets.get(&t.id).is_some_and(|(k, _)| at < k)
+    }
+
+    pub fn applied_ticket(&self, t: &Ticket) {
+        if let Some(at) = t.updated_at.as_deref().and_then(parse_time) {
+            self.tickets.insert(t.id, (at, digest_of(t)));
+        }
+    }
+
+    /// Whether Zendesk's current answer for a user may be applied: anything not older.
+    pub fn current_user_is_fresh(&self, index: &SharedIndex, u: &User) -> bool {
+        let Some(at) = u.updated_at.as_deref().and_then(parse_time) else {
+            return true;
+        };
+        let held = index.read().customer(u.id).map(|c| (c.updated_at, 0));
+        newer(self.users.get(&u.id), held).is_none_or(|(k, _)| at >= k)
+    }
+
+    /// As [`Versions::export_row_is_older`], for a row of the users export.
+    pub fn export_user_is_older(&self, u: &User) -> bool {
+        let Some(at) = u.updated_at.as_deref().and_then(parse_time) else {
+            return false;
+        };
+        self.users.get(&u.id).is_some_and(|(k, _)| at < k)
+    }
+
+    pub fn applied_user(&self, u: &User) {
+        if let Some(at) = u.updated_at.as_deref().and_then(parse_time) {
+            self.users.insert(u.id, (at, 0));
+        }
+    }
+}
+
+/// Shared by the applier and the export follower.
+pub type SharedVersions = Arc<Versions>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn older_never_wins() {
+        assert_eq!(judge(None, (5, 1)), Verdict::Apply);
+        assert_eq!(judge(Some((5, 1)), (6, 2)), Verdict::Apply);
+        assert_eq!(judge(Some((5, 1)), (4, 2)), Verdict::Stale);
+        assert_eq!(judge(Some((5, 1)), (5, 1)), Verdict::Stale);
+        assert_eq!(judge(Some((5, 1)), (5, 2)), Verdict::Ambiguous);
+    }
+
+    #[test]
+    fn a_late_open_event_does_not_reopen_a_solved_ticket() {
+        let index: SharedIndex = Default::default();
+        let v = Versions::default();
+        let t = |status: &str, at: &str| Ticket {
+            id: 1,
+            status: Some(status.into()),
+            requester_id: Some(2),
+            updated_at: Some(at.into()),
+            ..Ticket::default()
+        };
+        let solved = t("solved", "2024-05-01T10:00:05Z");
+        assert_eq!(v.judge_ticket(&index, &solved), Verdict::Apply);
+        v.applied_ticket(&solved);
+        let open = t("open", "2024-05-01T10:00:01Z");
+        assert_eq!(v.judge_ticket(&index, &open), Verdict::Stale);
+    }
+}
