@@ -95,6 +95,12 @@ pub mod names {
     pub const ZENDESK_BUDGET_LIMIT: &str = "deskline_zendesk_budget_limit";
     /// Gauge: seconds requests are still held back by a 429's `Retry-After`.
     pub const ZENDESK_PAUSED_SECONDS: &str = "deskline_zendesk_paused_seconds";
+    /// Gauge: 1 while this replica reserves its requests in the budget shared through PostgreSQL,
+    /// 0 without PostgreSQL or while it is unreachable (the local fallback budget).
+    pub const ZENDESK_BUDGET_SHARED: &str = "deskline_zendesk_budget_shared";
+    /// Gauge `{scope}`: requests of every replica in the shared budget's current window (`all`,
+    /// `export`); absent without PostgreSQL or when it does not answer.
+    pub const ZENDESK_CLUSTER_BUDGET_USED: &str = "deskline_zendesk_cluster_budget_used";
 }
 
 /// The Resolver's RPCs, as metric labels.
@@ -236,6 +242,7 @@ impl Metrics {
             index,
             client,
             queue_counts: Mutex::new(None),
+            shared_budget: Mutex::new(None),
         });
         registry.register_collector(Box::new(live.clone()));
         Self {
@@ -305,6 +312,9 @@ impl Metrics {
                 Err(e) => tracing::warn!(error = %e, "metrics: the spool could not be read"),
             }
         }
+        if let Some(client) = &self.live.client {
+            *self.live.shared_budget.lock() = client.budget().shared_usage().await;
+        }
         let mut out = String::with_capacity(8 * 1024);
         prometheus_text::encode(&mut out, &self.registry)?;
         Ok(out)
@@ -318,6 +328,8 @@ struct Live {
     client: Option<Client>,
     /// Filled by [`Metrics::render`] just before encoding.
     queue_counts: Mutex<Option<BTreeMap<SyncState, u64>>>,
+    /// The shared budget's use across replicas, filled by [`Metrics::render`].
+    shared_budget: Mutex<Option<crate::cluster::SharedBudgetUsage>>,
 }
 
 fn now_ms() -> i64 {
@@ -453,6 +465,26 @@ impl Collector for Live {
             None,
             MetricType::Gauge,
         )?)?;
+        ConstGauge::new(i64::from(client.budget().is_shared())).encode(
+            encoder.encode_descriptor(
+                names::ZENDESK_BUDGET_SHARED,
+                "1 while requests are reserved in the budget shared through PostgreSQL",
+                None,
+                MetricType::Gauge,
+            )?,
+        )?;
+        if let Some(usage) = self.shared_budget.lock().clone() {
+            gauges(
+                &mut encoder,
+                names::ZENDESK_CLUSTER_BUDGET_USED,
+                "Zendesk requests of every replica in the shared budget's window",
+                "scope",
+                [
+                    ("all", i64::from(usage.used)),
+                    ("export", i64::from(usage.export_used)),
+                ],
+            )?;
+        }
         Ok(())
     }
 }

@@ -521,8 +521,15 @@ async fn three_replicas_share_one_account_budget() {
         ("DESKLINE_ZENDESK__REQUESTS_PER_MINUTE", "40"),
         ("DESKLINE_ZENDESK__EXPORT_REQUESTS_PER_MINUTE", "10"),
     ];
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let metrics_text = metrics.to_string();
+    let mut env_a = env.to_vec();
+    env_a.push(("DESKLINE_SERVER__METRICS_LISTEN", &metrics_text));
     let (a, b, c) = tokio::join!(
-        Replica::start_env(dir.path(), "a", &sim, &url, &env),
+        Replica::start_env(dir.path(), "a", &sim, &url, &env_a),
         Replica::start_env(dir.path(), "b", &sim, &url, &env),
         Replica::start_env(dir.path(), "c", &sim, &url, &env),
     );
@@ -572,5 +579,25 @@ async fn three_replicas_share_one_account_budget() {
     assert!(busiest <= LIMIT, "a window held {busiest} > {LIMIT}");
     assert!(used >= 0.9, "budget use {:.1} % < 90 %", used * 100.0);
     assert_synced_once(&sim, &numbers, &ids);
+    // Replica a's metrics: it reserves in the shared budget and sees every replica's use.
+    let scraped = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .get(format!("http://{metrics}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        scraped.contains("deskline_zendesk_budget_shared 1"),
+        "{scraped}"
+    );
+    assert!(
+        scraped.contains("deskline_zendesk_cluster_budget_used{scope=\"all\"}"),
+        "{scraped}"
+    );
     sim.shutdown().await;
 }
