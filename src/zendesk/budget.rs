@@ -630,6 +630,27 @@ mod tests {
 
     use super::*;
 
+    /// PostgreSQL unreachable: the shared budget falls back to a third of the limits at once
+    /// (refused connection), says it is not shared, and holds the 11th request of a 30 budget.
+    #[tokio::test]
+    async fn shared_budget_unreachable_falls_back_to_a_share_of_the_limits() {
+        let url = secrecy::SecretString::from("postgres://postgres@127.0.0.1:1/none");
+        let pool = crate::pg::pool(&url, 1).unwrap();
+        let budget = Budget::new(30, 9);
+        budget.share(SharedBudget::new(
+            pool,
+            crate::cluster::SharedBudgetConfig::new("acct", "r", 30, 9),
+        ));
+        for _ in 0..10 {
+            budget.acquire(false).await.finish(Outcome::Admitted);
+        }
+        assert!(!budget.is_shared());
+        assert!(budget.shared_usage().await.is_none());
+        let held = tokio::time::timeout(Duration::from_millis(300), budget.acquire(false)).await;
+        assert!(held.is_err(), "the fallback allows only 30 / 3 a window");
+        assert_eq!(budget.stats().total_sent, 10);
+    }
+
     /// Checks that no window of `WINDOW` holds more than `limit` of `times`.
     fn max_in_window(times: &[Instant]) -> usize {
         let mut sorted = times.to_vec();
