@@ -360,8 +360,23 @@ impl Service {
         // The one writer of the index (see `index::writer`); everything else reads `index`.
         let writer = IndexWriter::spawn(index);
         let index: SharedIndex = writer.index().clone();
+        // The store first: with PostgreSQL, the client's budget is the account's shared one
+        // before its first request (the follower's warm-up included).
+        let (queue, pg_pool) = open_store(&config, &data_dir, addr).await?;
         let client =
             Client::new(config.client_options()?).context("cannot build the Zendesk client")?;
+        if let Some(pool) = pg_pool {
+            let budget = client.budget();
+            client.budget().share(crate::cluster::SharedBudget::new(
+                pool,
+                crate::cluster::SharedBudgetConfig::new(
+                    client.base_url(),
+                    replica_id(addr),
+                    budget.limit(),
+                    budget.export_limit(),
+                ),
+            ));
+        }
 
         let (reporter, health) = tonic_health::server::health_reporter();
         let (follower, loaded) = Follower::new(
@@ -377,7 +392,6 @@ impl Service {
         // `ready` turns true once health says SERVING (at once when the snapshot was complete).
         let (ready_tx, ready) = watch::channel(*loaded.borrow());
 
-        let queue = open_store(&config, &data_dir, addr).await?;
         let worker = crate::sync::Worker::new(
             queue.clone(),
             client.clone(),
@@ -742,11 +756,11 @@ async fn open_store(
     config: &Config,
     data_dir: &std::path::Path,
     addr: SocketAddr,
-) -> anyhow::Result<crate::sync::JobStore> {
+) -> anyhow::Result<(crate::sync::JobStore, Option<deadpool_postgres::Pool>)> {
     let Some(url) = config.postgres_url()? else {
         let queue = crate::sync::Queue::open(data_dir)
             .context("cannot open the call queue in storage.data_dir")?;
-        return Ok(queue.into());
+        return Ok((queue.into(), None));
     };
     let pool = crate::pg::pool(&url, 16)?;
     let applied = crate::pg::migrate(&pool)
@@ -759,15 +773,24 @@ async fn open_store(
         schema_version = version.applied,
         "PostgreSQL store ready"
     );
-    let owner = format!(
+    let pg = crate::sync::PgQueue::new(
+        pool.clone(),
+        Duration::from_secs(config.sync.lease_seconds),
+        replica_id(addr),
+    );
+    let store = crate::sync::JobStore::postgres(pg, data_dir)
+        .await
+        .context("cannot open the local spool in storage.data_dir")?;
+    Ok((store, Some(pool)))
+}
+
+/// This replica's name in PostgreSQL (job leases, budget reservations): host, process, address.
+fn replica_id(addr: SocketAddr) -> String {
+    format!(
         "{}:{}@{addr}",
         std::env::var("HOSTNAME").unwrap_or_else(|_| "deskline".into()),
         std::process::id()
-    );
-    let pg = crate::sync::PgQueue::new(pool, Duration::from_secs(config.sync.lease_seconds), owner);
-    crate::sync::JobStore::postgres(pg, data_dir)
-        .await
-        .context("cannot open the local spool in storage.data_dir")
+    )
 }
 
 async fn load_snapshot(path: &std::path::Path) -> Index {

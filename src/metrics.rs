@@ -97,6 +97,12 @@ pub mod names {
     /// Counter `deskline_export_missed_by_webhooks_total{export}`: export rows newer than what
     /// the index held, i.e. changes webhooks had not delivered (counted only with webhooks on).
     pub const EXPORT_MISSED_BY_WEBHOOKS: &str = "deskline_export_missed_by_webhooks";
+    /// Gauge: 1 while this replica reserves its requests in the budget shared through PostgreSQL,
+    /// 0 without PostgreSQL or while it is unreachable (the local fallback budget).
+    pub const ZENDESK_BUDGET_SHARED: &str = "deskline_zendesk_budget_shared";
+    /// Gauge `{scope}`: requests of every replica in the shared budget's current window (`all`,
+    /// `export`); absent without PostgreSQL or when it does not answer.
+    pub const ZENDESK_CLUSTER_BUDGET_USED: &str = "deskline_zendesk_cluster_budget_used";
 }
 
 /// What became of one webhook request (the `result` label).
@@ -310,6 +316,7 @@ impl Metrics {
             client,
             queue_counts: Mutex::new(None),
             webhook_applied_ms: std::sync::atomic::AtomicI64::new(0),
+            shared_budget: Mutex::new(None),
         });
         registry.register_collector(Box::new(live.clone()));
         Self {
@@ -403,6 +410,9 @@ impl Metrics {
                 Err(e) => tracing::warn!(error = %e, "metrics: the spool could not be read"),
             }
         }
+        if let Some(client) = &self.live.client {
+            *self.live.shared_budget.lock() = client.budget().shared_usage().await;
+        }
         let mut out = String::with_capacity(8 * 1024);
         prometheus_text::encode(&mut out, &self.registry)?;
         Ok(out)
@@ -418,6 +428,8 @@ struct Live {
     queue_counts: Mutex<Option<BTreeMap<SyncState, u64>>>,
     /// Unix ms when a webhook event last changed the index (0: never).
     webhook_applied_ms: std::sync::atomic::AtomicI64,
+    /// The shared budget's use across replicas, filled by [`Metrics::render`].
+    shared_budget: Mutex<Option<crate::cluster::SharedBudgetUsage>>,
 }
 
 pub(crate) use crate::clock::now_ms;
@@ -562,6 +574,26 @@ impl Collector for Live {
             None,
             MetricType::Gauge,
         )?)?;
+        ConstGauge::new(i64::from(client.budget().is_shared())).encode(
+            encoder.encode_descriptor(
+                names::ZENDESK_BUDGET_SHARED,
+                "1 while requests are reserved in the budget shared through PostgreSQL",
+                None,
+                MetricType::Gauge,
+            )?,
+        )?;
+        if let Some(usage) = self.shared_budget.lock().clone() {
+            gauges(
+                &mut encoder,
+                names::ZENDESK_CLUSTER_BUDGET_USED,
+                "Zendesk requests of every replica in the shared budget's window",
+                "scope",
+                [
+                    ("all", i64::from(usage.used)),
+                    ("export", i64::from(usage.export_used)),
+                ],
+            )?;
+        }
         Ok(())
     }
 }

@@ -8,7 +8,10 @@
 //! loopback until TLS is added.
 //!
 //! # Migrations
-//! [`MIGRATIONS`] is an append-only list of named steps. At start every replica runs [`migrate`]:
+//! [`migrations`] is an append-only list of named steps: the job store's ([`MIGRATIONS`]), then
+//! the cluster coordination tables ([`crate::cluster::migrations`]: lease, shared budget, change
+//! log, shared snapshot), so a replica's start creates everything replicas share. At start every
+//! replica runs [`migrate`]:
 //! one transaction that first takes `pg_advisory_xact_lock` ([`LOCK_NAMESPACE`], per schema), so replicas starting
 //! together apply each step exactly once (the others wait for the lock, then find the steps
 //! recorded in `deskline_migrations`). A step is never edited once released; later work appends
@@ -41,11 +44,22 @@ pub struct Migration {
     pub sql: &'static str,
 }
 
-/// Append only: later work adds its steps at the end.
+/// The job store's steps. Append only: later work adds its steps at the end.
 pub const MIGRATIONS: &[Migration] = &[Migration {
     name: "0001_sync_queue",
     sql: crate::sync::pg::SCHEMA_0001,
 }];
+
+/// Every step [`migrate`] applies, in order: [`MIGRATIONS`], then the cluster's
+/// (`cluster_0001_lease` …), whose SQL is idempotent so databases that already have some of those
+/// tables migrate cleanly.
+pub fn migrations() -> Vec<Migration> {
+    MIGRATIONS
+        .iter()
+        .copied()
+        .chain(crate::cluster::migrations().map(|&(name, sql)| Migration { name, sql }))
+        .collect()
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PgError {
@@ -144,7 +158,7 @@ pub fn pool(url: &SecretString, max_size: usize) -> Result<Pool, PgError> {
         .map_err(|e| PgError::Url(e.to_string()))
 }
 
-/// Applies the missing [`MIGRATIONS`] (see the module doc); returns how many were applied now.
+/// Applies the missing [`migrations`] (see the module doc); returns how many were applied now.
 pub async fn migrate(pool: &Pool) -> Result<usize, PgError> {
     timed(async {
         let mut client = pool.get().await?;
@@ -168,7 +182,7 @@ pub async fn migrate(pool: &Pool) -> Result<usize, PgError> {
             .map(|r| r.get(0))
             .collect();
         let mut count = 0;
-        for m in MIGRATIONS.iter().filter(|m| !applied.contains(m.name)) {
+        for m in migrations().iter().filter(|m| !applied.contains(m.name)) {
             tx.batch_execute(m.sql).await?;
             tx.execute(
                 "INSERT INTO deskline_migrations (name) VALUES ($1)",
@@ -213,14 +227,15 @@ pub async fn schema_version(pool: &Pool) -> Result<SchemaVersion, PgError> {
         } else {
             Vec::new()
         };
-        let known: HashSet<&str> = MIGRATIONS.iter().map(|m| m.name).collect();
+        let all = migrations();
+        let known: HashSet<&str> = all.iter().map(|m| m.name).collect();
         Ok(SchemaVersion {
-            applied: MIGRATIONS
+            applied: all
                 .iter()
                 .filter(|m| names.iter().any(|n| n == m.name))
                 .count(),
-            known: MIGRATIONS.len(),
-            missing: MIGRATIONS
+            known: all.len(),
+            missing: all
                 .iter()
                 .filter(|m| !names.iter().any(|n| n == m.name))
                 .map(|m| m.name.to_owned())
@@ -310,6 +325,17 @@ pub mod testing {
             let pool = super::pool(&self.secret_url(), 8).expect("pool");
             super::migrate(&pool).await.expect("migrate");
             pool
+        }
+
+        /// A new pool of `size` connections on this schema, not migrating (one per simulated
+        /// replica; migrate once with [`pool`](Self::pool) or [`super::migrate`] first).
+        pub fn pool_of(&self, size: usize) -> deadpool_postgres::Pool {
+            super::pool(&self.secret_url(), size).expect("pool")
+        }
+
+        /// Connection settings on this schema (what `ChangeLog::subscribe` takes).
+        pub fn config(&self) -> tokio_postgres::Config {
+            self.url().parse().expect("a postgres URL")
         }
     }
 

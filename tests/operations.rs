@@ -478,6 +478,9 @@ async fn metrics_serve_the_named_series_and_move_with_rpcs() {
     );
     before.get(r#"deskline_zendesk_budget_limit{scope="export"}"#);
     before.get("deskline_zendesk_paused_seconds");
+    // SQLite: the in-process budget, no cluster series.
+    assert_eq!(before.get("deskline_zendesk_budget_shared"), 0.0);
+    assert!(!before.1.contains("deskline_zendesk_cluster_budget_used"));
     assert!(
         before
             .1

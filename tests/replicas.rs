@@ -6,6 +6,9 @@
 //! - PostgreSQL unreachable mid-load (the replicas reach it through a TCP proxy the test cuts) →
 //!   reports are accepted into the local spool and forwarded later, none lost or duplicated.
 //!
+//! - one account budget: three replicas with a backlog of several minutes never send more than
+//!   `zendesk.requests_per_minute` in any minute together, and use at least 90 % of it.
+//!
 //! The database comes from `DESKLINE_TEST_POSTGRES_URL` (each test makes its own schema); without it
 //! these tests say "skipped" and pass. Waiting is on conditions with deadlines.
 
@@ -48,6 +51,17 @@ impl Drop for Replica {
 
 impl Replica {
     async fn start(dir: &Path, name: &str, sim: &SimHandle, postgres_url: &str) -> Replica {
+        Self::start_env(dir, name, sim, postgres_url, &[]).await
+    }
+
+    /// [`Replica::start`] with `DESKLINE_*` overrides in the environment.
+    async fn start_env(
+        dir: &Path,
+        name: &str,
+        sim: &SimHandle,
+        postgres_url: &str,
+        env: &[(&str, &str)],
+    ) -> Replica {
         let addr = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -66,6 +80,7 @@ impl Replica {
             .arg("--config")
             .arg(&config)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -482,5 +497,107 @@ async fn postgres_unreachable_mid_load_spools_and_forwards_without_loss_or_dupli
         let expected: Vec<String> = (0..3).map(|p| format!("p{p}-{i}")).collect();
         assert_eq!(order, expected, "{n}");
     }
+    sim.shutdown().await;
+}
+
+/// The account's budget is shared: three replicas, each configured with the account's whole
+/// limit, together stay within it in every 60 s window the simulator sees (Zendesk's window, which
+/// the shared budget uses too), meet no 429, and use at least 90 % of it while the backlog lasts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_share_one_account_budget() {
+    const LIMIT: usize = 40;
+    const WINDOW_MS: u64 = 60_000;
+    let Some(schema) = TestSchema::new().await else {
+        return;
+    };
+    let sim = start_sim(account(), |c| {
+        c.requests_per_minute = LIMIT as u32;
+        c.export_requests_per_minute = 10;
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = schema.url();
+    let env = [
+        ("DESKLINE_ZENDESK__REQUESTS_PER_MINUTE", "40"),
+        ("DESKLINE_ZENDESK__EXPORT_REQUESTS_PER_MINUTE", "10"),
+    ];
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let metrics_text = metrics.to_string();
+    let mut env_a = env.to_vec();
+    env_a.push(("DESKLINE_SERVER__METRICS_LISTEN", &metrics_text));
+    let (a, b, c) = tokio::join!(
+        Replica::start_env(dir.path(), "a", &sim, &url, &env_a),
+        Replica::start_env(dir.path(), "b", &sim, &url, &env),
+        Replica::start_env(dir.path(), "c", &sim, &url, &env),
+    );
+    let clients = vec![a.grpc().await, b.grpc().await, c.grpc().await];
+    // Sim time before the backlog: use is measured from the first request after it.
+    let before = sim.requests().last().map_or(0, |r| r.at_ms);
+    // New numbers cost several requests each: a backlog of about three windows.
+    let numbers: Vec<String> = (0..18).map(number).collect();
+    let ids: Vec<String> = (0..numbers.len()).map(|i| format!("budget-{i}")).collect();
+    let reports = ids
+        .iter()
+        .zip(&numbers)
+        .map(|(id, n)| report(id, n))
+        .collect();
+    report_spread(&clients, reports).await;
+    wait_all_done(&[&a, &b, &c], &ids, Duration::from_secs(400)).await;
+
+    let requests = sim.requests();
+    let limited = requests.iter().filter(|r| r.status == 429).count();
+    assert_eq!(limited, 0, "the simulator answered 429 {limited} times");
+    let times: Vec<u64> = requests.iter().map(|r| r.at_ms).collect();
+    let busiest = times
+        .iter()
+        .map(|&t| {
+            times
+                .iter()
+                .filter(|&&u| u >= t && u < t + WINDOW_MS)
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
+    let backlog: Vec<u64> = times.iter().copied().filter(|&t| t > before).collect();
+    let (first, last) = (backlog[0], *backlog.last().unwrap());
+    let windows = (last - first) / WINDOW_MS;
+    assert!(windows >= 2, "backlog too short: {} ms", last - first);
+    let in_windows = backlog
+        .iter()
+        .filter(|&&t| t < first + windows * WINDOW_MS)
+        .count();
+    let used = in_windows as f64 / (windows as f64 * LIMIT as f64);
+    println!(
+        "shared budget over 3 replicas: {} requests, busiest 60 s window {busiest}/{LIMIT}, \
+         {in_windows} in the first {windows} windows of the backlog = {:.1} % use",
+        requests.len(),
+        used * 100.0
+    );
+    assert!(busiest <= LIMIT, "a window held {busiest} > {LIMIT}");
+    assert!(used >= 0.9, "budget use {:.1} % < 90 %", used * 100.0);
+    assert_synced_once(&sim, &numbers, &ids);
+    // Replica a's metrics: it reserves in the shared budget and sees every replica's use.
+    let scraped = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .get(format!("http://{metrics}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        scraped.contains("deskline_zendesk_budget_shared 1"),
+        "{scraped}"
+    );
+    assert!(
+        scraped.contains("deskline_zendesk_cluster_budget_used{scope=\"all\"}"),
+        "{scraped}"
+    );
     sim.shutdown().await;
 }

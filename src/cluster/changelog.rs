@@ -525,7 +525,7 @@ mod tests {
     use super::*;
     use crate::cluster::{
         Lease,
-        testing::{TestDb, wait_for},
+        testing::{migrated, wait_for},
     };
 
     /// Notifications only: the safety-net poll never fires during a test.
@@ -550,14 +550,14 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn two_subscribers_get_every_change_in_order_under_concurrent_appends() {
-        let Some(db) = TestDb::new().await else {
+        let Some(db) = migrated().await else {
             return;
         };
         let (writers, each) = (4, 50);
-        let log = ChangeLog::new(db.pool(1), "reader");
+        let log = ChangeLog::new(db.pool_of(1), "reader");
         let mut subs = [
-            log.subscribe(db.config.clone(), 0, notify_only()),
-            log.subscribe(db.config.clone(), 0, notify_only()),
+            log.subscribe(db.config(), 0, notify_only()),
+            log.subscribe(db.config(), 0, notify_only()),
         ];
         for sub in &subs {
             let status = sub.watch_status();
@@ -573,7 +573,7 @@ mod tests {
         let mut tasks = Vec::new();
         for w in 0..writers {
             let (log, started) = (
-                ChangeLog::new(db.pool(1), format!("writer-{w}")),
+                ChangeLog::new(db.pool_of(1), format!("writer-{w}")),
                 started.clone(),
             );
             tasks.push(tokio::spawn(async move {
@@ -650,12 +650,12 @@ mod tests {
 
     #[tokio::test]
     async fn reconnect_re_reads_what_was_appended_while_away() {
-        let Some(db) = TestDb::new().await else {
+        let Some(db) = migrated().await else {
             return;
         };
-        let log = ChangeLog::new(db.pool(2), "writer");
+        let log = ChangeLog::new(db.pool_of(2), "writer");
         let app = format!("deskline-sub-{:x}", rand::random::<u32>());
-        let mut connect = db.config.clone();
+        let mut connect = db.config();
         connect.application_name(&app);
         let cfg = SubscriberConfig {
             reconnect_backoff: Duration::from_secs(1),
@@ -667,7 +667,7 @@ mod tests {
 
         // Kill the subscriber's connection, then append while it is away: those notifications
         // are lost, and the poll never fires, so only the re-read after reconnecting finds them.
-        let admin = db.pool(1);
+        let admin = db.pool_of(1);
         let killed: bool = admin
             .get()
             .await
@@ -711,13 +711,13 @@ mod tests {
 
     #[tokio::test]
     async fn fenced_append_and_prune() {
-        let Some(db) = TestDb::new().await else {
+        let Some(db) = migrated().await else {
             return;
         };
         let ttl = Duration::from_secs(30);
-        let a = Lease::new(db.pool(1), "follower", "a", ttl);
-        let b = Lease::new(db.pool(1), "follower", "b", ttl);
-        let log = ChangeLog::new(db.pool(1), "a");
+        let a = Lease::new(db.pool_of(1), "follower", "a", ttl);
+        let b = Lease::new(db.pool_of(1), "follower", "b", ttl);
+        let log = ChangeLog::new(db.pool_of(1), "a");
         let fa = a.try_take().await.unwrap().unwrap();
         let s1 = log.append(b"x", Some(&fa)).await.unwrap();
         a.release().await.unwrap();
@@ -742,7 +742,7 @@ mod tests {
             Err(ClusterError::Pruned { after: 0, pruned_through }) if pruned_through == s1
         ));
         // A subscription that starts too far back ends with the same error.
-        let mut sub = log.subscribe(db.config.clone(), 0, notify_only());
+        let mut sub = log.subscribe(db.config(), 0, notify_only());
         let end = tokio::time::timeout(Duration::from_secs(5), sub.next())
             .await
             .unwrap();

@@ -361,16 +361,16 @@ impl Lease {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::testing::TestDb;
+    use crate::cluster::testing::migrated;
 
     #[tokio::test]
     async fn two_holders_takeover_after_expiry_and_stale_holder_fenced() {
-        let Some(db) = TestDb::new().await else {
+        let Some(db) = migrated().await else {
             return;
         };
         let ttl = Duration::from_millis(800);
-        let a = Lease::new(db.pool(2), "follower", "replica-a", ttl);
-        let b = Lease::new(db.pool(2), "follower", "replica-b", ttl);
+        let a = Lease::new(db.pool_of(2), "follower", "replica-a", ttl);
+        let b = Lease::new(db.pool_of(2), "follower", "replica-b", ttl);
 
         let fa = a.try_take().await.unwrap().expect("free lease is taken");
         assert_eq!(fa.epoch, 1);
@@ -415,7 +415,7 @@ mod tests {
         ));
 
         // Fencing: a write under A's epoch is refused, B's goes through.
-        let pool = db.pool(1);
+        let pool = db.pool_of(1);
         let mut client = pool.get().await.unwrap();
         let tx = client.transaction().await.unwrap();
         assert!(matches!(
@@ -437,12 +437,12 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn keep_hands_over_when_the_holder_dies_and_at_once_when_it_stops() {
-        let Some(db) = TestDb::new().await else {
+        let Some(db) = migrated().await else {
             return;
         };
         let ttl = Duration::from_millis(1200);
-        let a = std::sync::Arc::new(Lease::new(db.pool(1), "follower", "a", ttl));
-        let b = std::sync::Arc::new(Lease::new(db.pool(1), "follower", "b", ttl));
+        let a = std::sync::Arc::new(Lease::new(db.pool_of(1), "follower", "a", ttl));
+        let b = std::sync::Arc::new(Lease::new(db.pool_of(1), "follower", "b", ttl));
         let start = |lease: &std::sync::Arc<Lease>| {
             let (tx, rx) = tokio::sync::watch::channel(None);
             let stop = tokio_util::sync::CancellationToken::new();
@@ -499,15 +499,15 @@ mod tests {
 
     #[tokio::test]
     async fn takeover_waits_for_a_fenced_write_in_flight() {
-        let Some(db) = TestDb::new().await else {
+        let Some(db) = migrated().await else {
             return;
         };
         let ttl = Duration::from_millis(300);
-        let a = Lease::new(db.pool(1), "follower", "replica-a", ttl);
-        let b = Lease::new(db.pool(1), "follower", "replica-b", ttl);
+        let a = Lease::new(db.pool_of(1), "follower", "replica-a", ttl);
+        let b = Lease::new(db.pool_of(1), "follower", "replica-b", ttl);
         let fa = a.try_take().await.unwrap().unwrap();
         // A checks its fence inside a transaction that stays open past the TTL.
-        let pool = db.pool(1);
+        let pool = db.pool_of(1);
         let mut client = pool.get().await.unwrap();
         let tx = client.transaction().await.unwrap();
         fa.check(&tx).await.unwrap();

@@ -274,7 +274,7 @@ mod tests {
     use tokio::{io::AsyncWriteExt as _, time::Instant};
 
     use super::*;
-    use crate::cluster::{ChangeLog, SubscriberConfig, testing::TestDb};
+    use crate::cluster::{ChangeLog, SubscriberConfig, testing::migrated};
 
     /// Deterministic incompressible bytes (xorshift), fast enough in a debug build.
     fn blob(len: usize, seed: u64) -> Vec<u8> {
@@ -290,8 +290,8 @@ mod tests {
         out
     }
 
-    async fn count(db: &TestDb, table: &str) -> i64 {
-        let client = db.pool(1).get().await.unwrap();
+    async fn count(db: &crate::pg::testing::TestSchema, table: &str) -> i64 {
+        let client = db.pool_of(1).get().await.unwrap();
         client
             .query_one(&format!("SELECT count(*) FROM {table}"), &[])
             .await
@@ -301,10 +301,10 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn round_trip_of_a_50_mb_blob_in_8_mib_chunks() {
-        let Some(db) = TestDb::new().await else {
+        let Some(db) = migrated().await else {
             return;
         };
-        let store = SharedSnapshot::new(db.pool(2), "replica-a");
+        let store = SharedSnapshot::new(db.pool_of(2), "replica-a");
         let data = blob(50 << 20, 7);
         let t = Instant::now();
         let meta = store.store(42, &data[..], None).await.unwrap().unwrap();
@@ -314,7 +314,7 @@ mod tests {
             (42, data.len() as u64, 7)
         );
         let largest: i32 = db
-            .pool(1)
+            .pool_of(1)
             .get()
             .await
             .unwrap()
@@ -339,10 +339,10 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn replacement_is_atomic_for_readers_and_writers() {
-        let Some(db) = TestDb::new().await else {
+        let Some(db) = migrated().await else {
             return;
         };
-        let store = SharedSnapshot::new(db.pool(4), "replica-a").with_chunk_size(1024);
+        let store = SharedSnapshot::new(db.pool_of(4), "replica-a").with_chunk_size(1024);
         assert!(store.latest().await.unwrap().is_none());
         assert!(store.load_latest_bytes().await.unwrap().is_none());
         let old = blob(10 * 1024, 1);
@@ -420,16 +420,16 @@ mod tests {
 
     #[tokio::test]
     async fn new_replica_loads_the_latest_snapshot_then_the_changes_after_it() {
-        let Some(db) = TestDb::new().await else {
+        let Some(db) = migrated().await else {
             return;
         };
         // The follower: changes 1..=5, a snapshot that includes the first three, two more changes.
-        let log = ChangeLog::new(db.pool(1), "follower");
+        let log = ChangeLog::new(db.pool_of(1), "follower");
         let mut seqs = Vec::new();
         for i in 0..5u8 {
             seqs.push(log.append(&[i], None).await.unwrap());
         }
-        let snapshots = SharedSnapshot::new(db.pool(1), "follower");
+        let snapshots = SharedSnapshot::new(db.pool_of(1), "follower");
         snapshots
             .store(seqs[2], &b"index through 3"[..], None)
             .await
@@ -442,14 +442,14 @@ mod tests {
         assert_eq!(log.prune_to_snapshot(Duration::ZERO).await.unwrap(), 3);
 
         // A new replica.
-        let (meta, bytes) = SharedSnapshot::new(db.pool(1), "new")
+        let (meta, bytes) = SharedSnapshot::new(db.pool_of(1), "new")
             .load_latest_bytes()
             .await
             .unwrap()
             .unwrap();
         assert_eq!((meta.seq, &bytes[..]), (seqs[2], &b"index through 3"[..]));
-        let mut sub = ChangeLog::new(db.pool(1), "new").subscribe(
-            db.config.clone(),
+        let mut sub = ChangeLog::new(db.pool_of(1), "new").subscribe(
+            db.config(),
             meta.seq,
             SubscriberConfig::default(),
         );

@@ -64,7 +64,7 @@ macro_rules! now_ms_sql {
     };
 }
 
-/// Schema step `0001_sync_queue` (see [`crate::pg::MIGRATIONS`]).
+/// Schema step `0001_sync_queue` (see [`crate::pg::migrations`]).
 pub const SCHEMA_0001: &str = "
 CREATE TABLE jobs (
     seq                  BIGSERIAL PRIMARY KEY,

@@ -29,6 +29,20 @@
 //! - Every wait uses `tokio::time`, so tests can run it under `tokio::time::pause()`.
 //! - `acquire` is cancel-safe: a dropped waiter records nothing and leaves its place in the queue.
 //!
+//! # Shared across replicas
+//! With PostgreSQL configured, [`Budget::share`] puts a [`crate::cluster::SharedBudget`] behind the
+//! same API: every [`Budget::acquire`] of every replica reserves its request (account or export
+//! kind) in PostgreSQL, a 429's pause ([`Budget::pause_until`]) is written there so every replica
+//! honours it, and the half-open probe after it is the cluster's single probe (its answer is
+//! reported when the [`Permit`] is finished). Callers do not branch. Rate-limit headers keep
+//! feeding this replica's local view only (they are reported, not obeyed, across replicas).
+//!
+//! **PostgreSQL down.** When a reservation fails or takes longer than [`crate::pg::OP_TIMEOUT`],
+//! the replica falls back, with a warning, to a local budget of the limits divided by
+//! [`FALLBACK_REPLICAS`] (so the expected number of replicas together still stay within the
+//! account's budget), and tries PostgreSQL again after [`SHARED_RETRY`]. A 429 met meanwhile pauses
+//! the local fallback and, best effort, the shared budget.
+//!
 //! The budget also keeps the counters behind Deskline's metrics ([`BudgetStats`]): per (endpoint
 //! template, HTTP status) counts whose labels never carry an id or a phone number.
 
@@ -40,6 +54,8 @@ use std::{
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
+use crate::cluster::{BudgetKind, Grant, Reservation, SharedBudget, SharedBudgetUsage};
+
 /// The length of the rate-limit window Zendesk enforces.
 pub const WINDOW: Duration = Duration::from_secs(60);
 /// Extra time each send stays in the log; see the module docs.
@@ -47,6 +63,12 @@ pub const SAFETY_MARGIN: Duration = Duration::from_millis(500);
 /// At most this many distinct (endpoint, status) labels are kept; later ones fold into `other`, so a
 /// caller passing an unexpected path cannot grow the metrics without bound.
 const MAX_LABELS: usize = 256;
+
+/// While PostgreSQL is unreachable each replica spends at most the limit divided by this.
+pub const FALLBACK_REPLICAS: u32 = 3;
+/// After a failed shared reservation, the fallback budget is used this long before PostgreSQL is
+/// tried again (so a down database costs one timeout per interval, not one per request).
+pub const SHARED_RETRY: Duration = Duration::from_secs(10);
 
 /// The status recorded for an attempt that got no HTTP response (timeout, connection error).
 pub const NO_RESPONSE: u16 = 0;
@@ -84,26 +106,118 @@ pub enum Outcome {
 pub struct Permit<'a> {
     budget: &'a Budget,
     probe: bool,
+    /// The cluster's probe, granted by the shared budget: its answer is reported there.
+    shared_probe: Option<(std::sync::Arc<SharedBudget>, Grant)>,
+    /// The permit of the local fallback budget, while PostgreSQL is unreachable.
+    fallback: Option<Box<Permit<'a>>>,
 }
 
 impl Permit<'_> {
     /// Whether this request is the one that goes alone (after a pause, or with the account low).
     pub fn is_probe(&self) -> bool {
         self.probe
+            || self.shared_probe.is_some()
+            || self.fallback.as_ref().is_some_and(|p| p.is_probe())
     }
 
     /// Reports how the request ended.
     pub fn finish(mut self, outcome: Outcome) {
+        self.resolve(outcome);
+    }
+
+    fn resolve(&mut self, outcome: Outcome) {
+        if let Some(mut p) = self.fallback.take() {
+            p.resolve(outcome);
+        }
         if std::mem::take(&mut self.probe) {
             self.budget.resolve_probe(outcome);
+        }
+        if let Some((shared, grant)) = self.shared_probe.take() {
+            let status = match outcome {
+                Outcome::Admitted => 200,
+                Outcome::RateLimited => 429,
+                Outcome::Unknown => NO_RESPONSE,
+            };
+            // Reported off the caller's path; an unreported probe expires after its timeout.
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    let reported =
+                        tokio::time::timeout(crate::pg::OP_TIMEOUT, shared.report(&grant, status))
+                            .await;
+                    if !matches!(reported, Ok(Ok(()))) {
+                        tracing::warn!("could not report the shared budget's probe answer");
+                    }
+                });
+            }
         }
     }
 }
 
 impl Drop for Permit<'_> {
     fn drop(&mut self) {
-        if self.probe {
-            self.budget.resolve_probe(Outcome::Unknown);
+        self.resolve(Outcome::Unknown);
+    }
+}
+
+/// The PostgreSQL side of a shared [`Budget`] (see the module docs).
+struct Shared {
+    budget: std::sync::Arc<SharedBudget>,
+    /// Used while PostgreSQL is unreachable: the limits ÷ [`FALLBACK_REPLICAS`].
+    fallback: Budget,
+    /// Until when the fallback is used without asking PostgreSQL.
+    down_until: Mutex<Option<Instant>>,
+    /// FIFO queues in front of the shared reservations, as in the local budget.
+    turn: tokio::sync::Mutex<()>,
+    export_turn: tokio::sync::Mutex<()>,
+}
+
+impl Shared {
+    /// A grant from PostgreSQL, or `None` when it is unreachable (then marked down for a while).
+    async fn reserve(&self, export: bool) -> Option<Grant> {
+        if self.down_until.lock().is_some_and(|t| t > Instant::now()) {
+            return None;
+        }
+        let kind = if export {
+            BudgetKind::Export
+        } else {
+            BudgetKind::Account
+        };
+        let _turn = if export {
+            self.export_turn.lock().await
+        } else {
+            self.turn.lock().await
+        };
+        loop {
+            let failed = match tokio::time::timeout(
+                crate::pg::OP_TIMEOUT,
+                self.budget.reserve(kind),
+            )
+            .await
+            {
+                Ok(Ok(Reservation::Go(grant))) => {
+                    if self.down_until.lock().take().is_some() {
+                        tracing::info!("shared Zendesk budget reachable again; using it");
+                    }
+                    return Some(grant);
+                }
+                Ok(Ok(Reservation::Wait(d))) => {
+                    tokio::time::sleep(d).await;
+                    continue;
+                }
+                Ok(Err(e)) => format!("{e}"),
+                Err(_) => "no answer in time".to_owned(),
+            };
+            let until = Instant::now() + SHARED_RETRY;
+            let was_up = self.down_until.lock().replace(until).is_none();
+            if was_up {
+                tracing::warn!(
+                    error = %failed,
+                    fallback_limit = self.fallback.limit,
+                    fallback_export_limit = self.fallback.export_limit,
+                    "shared Zendesk budget unreachable (PostgreSQL); using this replica's share of the limits"
+                );
+            }
+            return None;
         }
     }
 }
@@ -140,6 +254,8 @@ pub struct Budget {
     export_turn: tokio::sync::Mutex<()>,
     /// Bumped whenever a probe is answered; the waiter at the head of the queue watches it.
     probe_answered: tokio::sync::watch::Sender<u64>,
+    /// Set by [`Budget::share`]: requests are reserved in PostgreSQL across replicas.
+    shared: std::sync::OnceLock<Box<Shared>>,
 }
 
 #[derive(Default)]
@@ -217,7 +333,42 @@ impl Budget {
             turn: tokio::sync::Mutex::new(()),
             export_turn: tokio::sync::Mutex::new(()),
             probe_answered: tokio::sync::watch::channel(0).0,
+            shared: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Shares this budget with every replica through `budget` (see the module docs). Its limits
+    /// should be this budget's; the local limits stay as the fallback's basis. Only the first
+    /// call has an effect.
+    pub fn share(&self, budget: SharedBudget) {
+        let fallback = Budget::new(
+            (self.limit / FALLBACK_REPLICAS).max(1),
+            (self.export_limit / FALLBACK_REPLICAS).max(1),
+        );
+        let _ = self.shared.set(Box::new(Shared {
+            budget: std::sync::Arc::new(budget),
+            fallback,
+            down_until: Mutex::new(None),
+            turn: tokio::sync::Mutex::new(()),
+            export_turn: tokio::sync::Mutex::new(()),
+        }));
+    }
+
+    /// Whether requests are reserved in PostgreSQL right now (false without PostgreSQL, and
+    /// while it is unreachable).
+    pub fn is_shared(&self) -> bool {
+        self.shared
+            .get()
+            .is_some_and(|s| s.down_until.lock().is_none_or(|t| t <= Instant::now()))
+    }
+
+    /// The shared budget's use across every replica, when there is one and it answers.
+    pub async fn shared_usage(&self) -> Option<SharedBudgetUsage> {
+        let shared = self.shared.get()?;
+        tokio::time::timeout(crate::pg::OP_TIMEOUT, shared.budget.usage())
+            .await
+            .ok()?
+            .ok()
     }
 
     /// The account-wide limit (requests per minute).
@@ -233,6 +384,35 @@ impl Budget {
     /// Waits until one more request may be sent, then records it as sent now. `export` marks an
     /// incremental-export request, which also takes the export limit.
     pub async fn acquire(&self, export: bool) -> Permit<'_> {
+        if let Some(shared) = self.shared.get() {
+            // A 429 met here is written to PostgreSQL by a spawned task: honour it locally at
+            // once, so this replica sends nothing before the shared pause lands.
+            let paused = self.state.lock().paused_until;
+            if let Some(at) = paused.filter(|&p| p > Instant::now()) {
+                tokio::time::sleep_until(at).await;
+            }
+            let permit = match shared.reserve(export).await {
+                Some(grant) => Permit {
+                    budget: self,
+                    probe: false,
+                    shared_probe: grant.probe.then(|| (shared.budget.clone(), grant)),
+                    fallback: None,
+                },
+                None => Permit {
+                    budget: self,
+                    probe: false,
+                    shared_probe: None,
+                    fallback: Some(Box::new(Box::pin(shared.fallback.acquire(export)).await)),
+                },
+            };
+            let mut st = self.state.lock();
+            st.total_sent += 1;
+            st.sent.push_back(Instant::now());
+            if export {
+                st.export_sent.push_back(Instant::now());
+            }
+            return permit;
+        }
         let _export_turn = if export {
             let guard = self.export_turn.lock().await;
             // Wait for the export limit before joining the common queue, so an export held back
@@ -320,6 +500,8 @@ impl Budget {
                         return Permit {
                             budget: self,
                             probe,
+                            shared_probe: None,
+                            fallback: None,
                         };
                     }
                 }
@@ -366,6 +548,20 @@ impl Budget {
     /// Holds back every request of the account until `until` (a 429's `Retry-After`). A pause never
     /// shortens an existing one.
     pub fn pause_until(&self, until: Instant) {
+        if let Some(shared) = self.shared.get() {
+            shared.fallback.pause_until(until);
+            let budget = shared.budget.clone();
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    let paused =
+                        tokio::time::timeout(crate::pg::OP_TIMEOUT, budget.pause_until(until))
+                            .await;
+                    if !matches!(paused, Ok(Ok(()))) {
+                        tracing::warn!("could not pause the shared Zendesk budget (PostgreSQL)");
+                    }
+                });
+            }
+        }
         let mut st = self.state.lock();
         if st.paused_until.is_none_or(|p| p < until) {
             st.paused_until = Some(until);
@@ -433,6 +629,27 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+
+    /// PostgreSQL unreachable: the shared budget falls back to a third of the limits at once
+    /// (refused connection), says it is not shared, and holds the 11th request of a 30 budget.
+    #[tokio::test]
+    async fn shared_budget_unreachable_falls_back_to_a_share_of_the_limits() {
+        let url = secrecy::SecretString::from("postgres://postgres@127.0.0.1:1/none");
+        let pool = crate::pg::pool(&url, 1).unwrap();
+        let budget = Budget::new(30, 9);
+        budget.share(SharedBudget::new(
+            pool,
+            crate::cluster::SharedBudgetConfig::new("acct", "r", 30, 9),
+        ));
+        for _ in 0..10 {
+            budget.acquire(false).await.finish(Outcome::Admitted);
+        }
+        assert!(!budget.is_shared());
+        assert!(budget.shared_usage().await.is_none());
+        let held = tokio::time::timeout(Duration::from_millis(300), budget.acquire(false)).await;
+        assert!(held.is_err(), "the fallback allows only 30 / 3 a window");
+        assert_eq!(budget.stats().total_sent, 10);
+    }
 
     /// Checks that no window of `WINDOW` holds more than `limit` of `times`.
     fn max_in_window(times: &[Instant]) -> usize {
