@@ -33,10 +33,13 @@ pub(crate) struct App {
     limits: Mutex<Limits>,
     pub(crate) idempotency: Mutex<rustc_hash::FxHashMap<String, super::write::IdemEntry>>,
     started: Instant,
+    /// The seeded fault stream when [`Faults::seed`] is set.
+    fault_rng: Mutex<Option<rand::rngs::StdRng>>,
 }
 
 impl App {
     pub(crate) fn new(base: String, cfg: SimConfig, store: Store) -> Self {
+        let fault_rng = Mutex::new(cfg.faults.seed.map(rand::SeedableRng::seed_from_u64));
         App {
             base,
             email: cfg.email.clone(),
@@ -48,6 +51,7 @@ impl App {
             limits: Mutex::new(Limits::default()),
             idempotency: Mutex::new(Default::default()),
             started: Instant::now(),
+            fault_rng,
         }
     }
 }
@@ -286,14 +290,13 @@ pub(crate) async fn dispatch(State(app): State<Arc<App>>, req: Request) -> Respo
         record(r.status, Some("down"));
         return finish(r, None);
     }
-    if roll(faults.error_rate) {
-        let mut rng = rand::rng();
+    if app.roll(faults.error_rate) {
         let status = [
             StatusCode::INTERNAL_SERVER_ERROR,
             StatusCode::BAD_GATEWAY,
             StatusCode::SERVICE_UNAVAILABLE,
-        ][rng.random_range(0..3)];
-        let r = error_page(status, rng.random_bool(0.5));
+        ][app.pick(3)];
+        let r = error_page(status, app.pick(2) == 0);
         record(r.status, Some("error"));
         return finish(r, None);
     }
@@ -340,11 +343,11 @@ pub(crate) async fn dispatch(State(app): State<Arc<App>>, req: Request) -> Respo
         cfg.rate_limit_headers,
     );
 
-    if roll(faults.drop_rate) {
+    if app.roll(faults.drop_rate) {
         record(reply.status, Some("drop"));
         return finish(reply, Some(Mangle::Drop));
     }
-    if roll(faults.malformed_rate) {
+    if app.roll(faults.malformed_rate) {
         record(StatusCode::OK, Some("malformed"));
         return finish(reply, Some(Mangle::Truncate));
     }
@@ -352,8 +355,31 @@ pub(crate) async fn dispatch(State(app): State<Arc<App>>, req: Request) -> Respo
     finish(reply, None)
 }
 
-fn roll(rate: f64) -> bool {
-    rate > 0.0 && rand::rng().random_bool(rate.clamp(0.0, 1.0))
+impl App {
+    /// Starts the seeded fault stream over (or drops it for `None`).
+    pub(crate) fn reseed_faults(&self, seed: Option<u64>) {
+        *self.fault_rng.lock() = seed.map(rand::SeedableRng::seed_from_u64);
+    }
+
+    /// True with probability `rate`, from the seeded stream when there is one.
+    fn roll(&self, rate: f64) -> bool {
+        if rate <= 0.0 {
+            return false;
+        }
+        let rate = rate.clamp(0.0, 1.0);
+        match self.fault_rng.lock().as_mut() {
+            Some(rng) => rng.random_bool(rate),
+            None => rand::rng().random_bool(rate),
+        }
+    }
+
+    /// A number below `n`, from the seeded stream when there is one.
+    fn pick(&self, n: usize) -> usize {
+        match self.fault_rng.lock().as_mut() {
+            Some(rng) => rng.random_range(0..n),
+            None => rand::rng().random_range(0..n),
+        }
+    }
 }
 
 enum Mangle {
@@ -515,6 +541,7 @@ fn admin_handler(app: &App, method: &Method, path: &str, body: &[u8]) -> Reply {
     match (method, path) {
         (&Method::PUT, "faults") => match serde_json::from_slice::<Faults>(body) {
             Ok(f) => {
+                app.reseed_faults(f.seed);
                 app.cfg.write().faults = f.clone();
                 Reply::ok(&f)
             }

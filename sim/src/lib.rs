@@ -132,6 +132,10 @@ pub struct Faults {
     pub malformed_rate: f64,
     /// Every request answers 503, as if Zendesk were down.
     pub down: bool,
+    /// Draw the faults from a stream seeded with this value instead of the thread's random
+    /// generator, so a test sees the same faults in the same order of requests on every run.
+    /// Takes effect when the simulator starts or when the faults are set.
+    pub seed: Option<u64>,
 }
 
 /// One request as the simulator saw it.
@@ -204,6 +208,7 @@ impl SimHandle {
         &self.app.token
     }
     pub fn set_faults(&self, f: Faults) {
+        self.app.reseed_faults(f.seed);
         self.app.cfg.write().faults = f;
     }
     /// Changes the configuration at run time (limits, delays, faults). The email and token the

@@ -583,6 +583,30 @@ async fn export_rate_limit_is_json() {
     h.shutdown().await;
 }
 
+/// A seeded fault stream gives the same faults in the same order on every run, so a test that
+/// needs faults to happen does not depend on luck.
+#[tokio::test]
+async fn seeded_faults_repeat() {
+    let h = sim(SimConfig::default(), small()).await;
+    let mut runs = Vec::new();
+    for _ in 0..2 {
+        h.set_faults(Faults {
+            error_rate: 0.3,
+            seed: Some(42),
+            ..Faults::default()
+        });
+        let mut statuses = Vec::new();
+        for _ in 0..40 {
+            statuses.push(get(&h, "/api/v2/users/me").await.status.as_u16());
+        }
+        runs.push(statuses);
+    }
+    assert_eq!(runs[0], runs[1]);
+    let errors = runs[0].iter().filter(|s| **s >= 500).count();
+    assert!((1..40).contains(&errors), "{:?}", runs[0]);
+    h.shutdown().await;
+}
+
 #[tokio::test]
 async fn faults() {
     let h = sim(SimConfig::default(), small()).await;
