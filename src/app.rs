@@ -57,7 +57,7 @@ const RUNTIME_LINGER: Duration = Duration::from_millis(500);
     version,
     about = "Routes PBX calls by Zendesk ticket ownership, shows caller ID, syncs calls into Zendesk"
 )]
-pub struct Cli {
+pub(crate) struct Cli {
     #[command(subcommand)]
     command: Command,
 }
@@ -568,7 +568,7 @@ impl Service {
 
     /// Runs until SIGINT / SIGTERM, or until a task ends on its own (a failure: its cause is
     /// returned after the same ordered shutdown, so the process exits non-zero).
-    pub async fn run_until_signal(mut self) -> anyhow::Result<()> {
+    pub(crate) async fn run_until_signal(mut self) -> anyhow::Result<()> {
         let failure = tokio::select! {
             _ = shutdown_signal() => { info!("shutdown requested"); None }
             Some(ended) = self.tasks.next() => {

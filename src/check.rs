@@ -20,14 +20,14 @@ use crate::{
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Severity {
+pub(crate) enum Severity {
     Note,
     Warning,
     Problem,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Finding {
+pub(crate) struct Finding {
     pub severity: Severity,
     pub message: String,
 }
@@ -44,7 +44,7 @@ impl std::fmt::Display for Finding {
 }
 
 /// What Zendesk told us, gathered by [`run`].
-pub struct Facts {
+pub(crate) struct Facts {
     pub me: User,
     pub agents: Vec<User>,
     pub user_fields: Vec<FieldDef>,
@@ -116,7 +116,7 @@ fn how_they_differ(a: &str, b: &str) -> Vec<&'static str> {
 }
 
 /// Compares the configuration with what Zendesk has.
-pub fn compare(config: &Config, facts: &Facts) -> Vec<Finding> {
+pub(crate) fn compare(config: &Config, facts: &Facts) -> Vec<Finding> {
     use Severity::*;
     let mut out = Vec::new();
     if facts.me.role.as_deref() != Some("admin") {
@@ -275,7 +275,7 @@ pub fn compare(config: &Config, facts: &Facts) -> Vec<Finding> {
 
 /// Why the check could not even compare.
 #[derive(Debug, thiserror::Error)]
-pub enum CheckError {
+pub(crate) enum CheckError {
     #[error("config error: {0}")]
     Config(#[from] crate::config::ConfigError),
     #[error("Zendesk at {url}: {source}")]
@@ -283,7 +283,7 @@ pub enum CheckError {
 }
 
 /// Gathers the facts from Zendesk and compares.
-pub async fn run(config: &Config) -> Result<Vec<Finding>, CheckError> {
+pub(crate) async fn run(config: &Config) -> Result<Vec<Finding>, CheckError> {
     let mut opts = config.client_options()?;
     opts.max_retries = 1;
     let url = opts.base_url.clone();
@@ -315,7 +315,7 @@ pub async fn run(config: &Config) -> Result<Vec<Finding>, CheckError> {
 
 /// The shared store: with `storage.postgres_url`, is the database reachable and is its schema the
 /// one this binary expects? (Read only: `deskline serve` migrates at start.)
-pub async fn storage(config: &Config) -> Vec<Finding> {
+pub(crate) async fn storage(config: &Config) -> Vec<Finding> {
     let url = match config.postgres_url() {
         Ok(Some(url)) => url,
         Ok(None) => {

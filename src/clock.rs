@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rand::Rng as _;
 
 /// Milliseconds since the Unix epoch; 0 for a clock set before 1970, `i64::MAX` past year 292 M.
-pub fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
@@ -19,12 +19,12 @@ pub fn now_ms() -> i64 {
 }
 
 /// `base · 2^exponent`, never above `cap` (the exponent is clamped so the product cannot overflow).
-pub fn exponential(base: Duration, exponent: u32, cap: Duration) -> Duration {
+pub(crate) fn exponential(base: Duration, exponent: u32, cap: Duration) -> Duration {
     base.saturating_mul(1u32 << exponent.min(20)).min(cap)
 }
 
 /// `d` times a random factor in `[0.5, 1.5)`.
-pub fn jittered(d: Duration) -> Duration {
+pub(crate) fn jittered(d: Duration) -> Duration {
     d.mul_f64(rand::rng().random_range(0.5..1.5))
 }
 

@@ -49,8 +49,9 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
+    #[cfg(test)]
     /// The keys named, in the order reported.
-    pub fn keys(&self) -> Vec<&str> {
+    pub(crate) fn keys(&self) -> Vec<&str> {
         match self {
             Self::Key { key, .. } => vec![key.as_str()],
             Self::Several(all) => all.iter().flat_map(Self::keys).collect(),
@@ -295,7 +296,7 @@ impl Default for WebhooksConfig {
 }
 
 /// The gRPC server's certificate chain and private key, as PEM bytes read from the config's paths.
-pub struct TlsPem {
+pub(crate) struct TlsPem {
     pub cert: Vec<u8>,
     /// Secret, so `Debug` never prints it.
     pub key: SecretBox<Vec<u8>>,
@@ -306,7 +307,7 @@ pub use crate::zendesk::Credentials;
 
 impl Config {
     /// Reads `path`, applies `DESKLINE_*` environment overrides and validates everything.
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+    pub(crate) fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
@@ -336,17 +337,6 @@ impl Config {
         match config {
             Some(config) if problems.list.is_empty() => Ok(config),
             _ => Err(problems.into_error()),
-        }
-    }
-
-    /// Checks what types alone cannot, naming the key of each problem; reports all of them.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let mut problems = Problems::default();
-        self.check(&mut problems);
-        if problems.list.is_empty() {
-            Ok(())
-        } else {
-            Err(problems.into_error())
         }
     }
 
@@ -520,7 +510,7 @@ impl Config {
     /// Reads the gRPC TLS certificate and key (`server.tls_cert`, `server.tls_key`) when both are
     /// set. Each read error names its key; whether the PEM is usable is checked when the server
     /// is built (`grpc::tls_config`).
-    pub fn tls_pem(&self) -> Result<Option<TlsPem>, ConfigError> {
+    pub(crate) fn tls_pem(&self) -> Result<Option<TlsPem>, ConfigError> {
         let (Some(cert), Some(key)) = (&self.server.tls_cert, &self.server.tls_key) else {
             return Ok(None);
         };
@@ -548,7 +538,7 @@ impl Config {
     }
 
     /// Resolves the Zendesk credentials, reading token files.
-    pub fn credentials(&self) -> Result<Credentials, ConfigError> {
+    pub(crate) fn credentials(&self) -> Result<Credentials, ConfigError> {
         let z = &self.zendesk;
         let oauth = secret_or_file(
             "zendesk.oauth_token",
@@ -579,7 +569,7 @@ impl Config {
 
     /// `storage.postgres_url` or the contents of `storage.postgres_url_file`; `None` means the
     /// embedded SQLite queue.
-    pub fn postgres_url(&self) -> Result<Option<SecretString>, ConfigError> {
+    pub(crate) fn postgres_url(&self) -> Result<Option<SecretString>, ConfigError> {
         let s = &self.storage;
         let url = secret_or_file(
             "storage.postgres_url",
@@ -602,7 +592,7 @@ impl Config {
     }
 
     /// `webhooks.signing_secret` or the contents of `webhooks.signing_secret_file`.
-    pub fn webhook_signing_secret(&self) -> Result<Option<SecretString>, ConfigError> {
+    pub(crate) fn webhook_signing_secret(&self) -> Result<Option<SecretString>, ConfigError> {
         let w = &self.webhooks;
         secret_or_file(
             "webhooks.signing_secret",
@@ -612,13 +602,13 @@ impl Config {
     }
 
     /// Whether `sync.create` allows creating `e`.
-    pub fn may_create(&self, e: Entity) -> bool {
+    pub(crate) fn may_create(&self, e: Entity) -> bool {
         self.sync.create.contains(&e)
     }
 }
 
 /// `https://…`, or plain `http://` only to a loopback host (the simulator, tests).
-pub fn validate_zendesk_url(url: &str) -> Result<(), ConfigError> {
+pub(crate) fn validate_zendesk_url(url: &str) -> Result<(), ConfigError> {
     let parsed = reqwest::Url::parse(url)
         .map_err(|e| key_err("zendesk.url", format!("not a URL ({e}): {url:?}")))?;
     let host = parsed.host_str().unwrap_or_default();

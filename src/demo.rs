@@ -21,7 +21,7 @@ use deskline_sim::{self as sim, GenConfig, SimConfig};
 const USERS: usize = 2_000;
 
 #[derive(Debug, clap::Args)]
-pub struct DemoArgs {
+pub(crate) struct DemoArgs {
     /// Where the gRPC server listens (falls back to a free port when taken).
     #[arg(long, default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
@@ -30,7 +30,7 @@ pub struct DemoArgs {
     pub seed: u64,
 }
 
-pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let store = sim::generate(&GenConfig {
         users: USERS,
         tickets: 3_000,

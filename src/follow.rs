@@ -58,15 +58,15 @@ use crate::{
 };
 
 /// Records per export page (the documented maximum).
-pub const PER_PAGE: u32 = 1000;
+pub(crate) const PER_PAGE: u32 = 1000;
 /// Users per `show_many` request.
 const SHOW_MANY_BATCH: usize = 100;
 /// Users whose identities may wait to be fetched before the users export waits for them (8 bytes
 /// each in the index and its snapshot).
-pub const MAX_PENDING_IDENTITIES: usize = 50_000;
+pub(crate) const MAX_PENDING_IDENTITIES: usize = 50_000;
 
 #[derive(Debug, Clone)]
-pub struct FollowerOptions {
+pub(crate) struct FollowerOptions {
     pub poll: Duration,
     /// Where the snapshot lives (`{data_dir}/index.snapshot`).
     pub snapshot_path: PathBuf,
@@ -77,7 +77,7 @@ pub struct FollowerOptions {
 }
 
 impl FollowerOptions {
-    pub fn new(poll: Duration, snapshot_path: PathBuf) -> Self {
+    pub(crate) fn new(poll: Duration, snapshot_path: PathBuf) -> Self {
         Self {
             poll,
             snapshot_path,
@@ -98,7 +98,7 @@ enum CycleError {
     Index(#[from] WriterStopped),
 }
 
-pub struct Follower {
+pub(crate) struct Follower {
     client: Client,
     writer: IndexWriter,
     index: SharedIndex,
@@ -124,7 +124,7 @@ pub struct Follower {
 impl Follower {
     /// `loaded` turns true when the index is complete (at once when it came from a snapshot of a
     /// finished warm-up).
-    pub fn new(
+    pub(crate) fn new(
         client: Client,
         writer: IndexWriter,
         parser: PhoneParser,
@@ -154,7 +154,7 @@ impl Follower {
 
     /// With webhooks on: count the export's ticket rows that found the index behind
     /// (`deskline_export_missed_by_webhooks_total`) and skip rows older than what webhooks applied.
-    pub fn with_webhooks(
+    pub(crate) fn with_webhooks(
         mut self,
         metrics: Arc<crate::metrics::Metrics>,
         versions: crate::webhooks::apply::SharedVersions,
@@ -165,7 +165,7 @@ impl Follower {
 
     /// Follows until `shutdown`. Zendesk errors never end it: it logs, backs off and tries again, and
     /// the routing path keeps answering from what the index has.
-    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub(crate) async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let this = Arc::new(self);
         let fetcher = tokio::spawn(identity_fetcher(this.clone(), shutdown.clone()));
         let mut last_snapshot = Instant::now();
@@ -685,7 +685,7 @@ fn backoff(failures: u32, poll: Duration) -> Duration {
     )
 }
 
-pub use crate::clock::now_ms;
+pub(crate) use crate::clock::now_ms;
 
 #[cfg(test)]
 mod tests {

@@ -24,15 +24,16 @@
 //! shares no wire types with the client it tests; `deskline sim` and `deskline demo` link it through
 //! the default-on `sim` feature.
 #![forbid(unsafe_code)]
+#![warn(unreachable_pub)]
 
 pub mod app;
-pub mod check;
-pub mod clock;
-pub mod cluster;
+pub(crate) mod check;
+pub(crate) mod clock;
+pub(crate) mod cluster;
 pub mod config;
 #[cfg(feature = "sim")]
-pub mod demo;
-pub mod follow;
+pub(crate) mod demo;
+pub(crate) mod follow;
 pub mod grpc;
 pub mod index;
 pub mod metrics;

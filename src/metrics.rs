@@ -53,56 +53,57 @@ use crate::{
 
 /// Every metric Deskline exposes. Counters are registered without their `_total` suffix, which
 /// the encoder appends (the exposed name is given in each comment).
-pub mod names {
+pub(crate) mod names {
     /// Gauge `{kind}`: records in the index (`customers`, `agents`, `open_tickets`,
     /// `organizations`, `phones`).
-    pub const INDEX_RECORDS: &str = "deskline_index_records";
+    pub(crate) const INDEX_RECORDS: &str = "deskline_index_records";
     /// Gauge: 1 once the index has been loaded (warm-up done or snapshot read), else 0.
-    pub const INDEX_LOADED: &str = "deskline_index_loaded";
+    pub(crate) const INDEX_LOADED: &str = "deskline_index_loaded";
     /// Gauge `{export}`: seconds since each export (`users`, `tickets`, `organizations`) was last
     /// read to its end; absent until it was.
-    pub const INDEX_AGE_SECONDS: &str = "deskline_index_age_seconds";
+    pub(crate) const INDEX_AGE_SECONDS: &str = "deskline_index_age_seconds";
     /// Counter `deskline_rpc_requests_total{method, code}`.
-    pub const RPC_REQUESTS: &str = "deskline_rpc_requests";
+    pub(crate) const RPC_REQUESTS: &str = "deskline_rpc_requests";
     /// Histogram `{method, code}`: time spent in the handler.
-    pub const RPC_DURATION_SECONDS: &str = "deskline_rpc_duration_seconds";
+    pub(crate) const RPC_DURATION_SECONDS: &str = "deskline_rpc_duration_seconds";
     /// Counter `deskline_rpc_unauthenticated_total`: requests refused for a missing or wrong token.
-    pub const RPC_UNAUTHENTICATED: &str = "deskline_rpc_unauthenticated";
+    pub(crate) const RPC_UNAUTHENTICATED: &str = "deskline_rpc_unauthenticated";
     /// Counter `deskline_routing_decisions_total{reason}`: RouteCall answers by reason category.
-    pub const ROUTING_DECISIONS: &str = "deskline_routing_decisions";
+    pub(crate) const ROUTING_DECISIONS: &str = "deskline_routing_decisions";
     /// Gauge `{state}`: post-call jobs by state (`queued`, `in_progress`, `retry_wait`, `done`,
     /// `failed`).
-    pub const SYNC_JOBS: &str = "deskline_sync_jobs";
+    pub(crate) const SYNC_JOBS: &str = "deskline_sync_jobs";
     /// Gauge: reports in this replica's local spool, accepted while PostgreSQL was unreachable and
     /// not yet forwarded (always 0 with the embedded SQLite store).
-    pub const SYNC_SPOOLED: &str = "deskline_sync_spooled";
+    pub(crate) const SYNC_SPOOLED: &str = "deskline_sync_spooled";
     /// Counter `deskline_zendesk_responses_total{endpoint, status}`: Zendesk requests by endpoint
     /// template and HTTP status (`none` when no response came).
-    pub const ZENDESK_RESPONSES: &str = "deskline_zendesk_responses";
+    pub(crate) const ZENDESK_RESPONSES: &str = "deskline_zendesk_responses";
     /// Counter `deskline_zendesk_requests_sent_total`: every attempt sent, retries included.
-    pub const ZENDESK_REQUESTS_SENT: &str = "deskline_zendesk_requests_sent";
+    pub(crate) const ZENDESK_REQUESTS_SENT: &str = "deskline_zendesk_requests_sent";
     /// Counter `deskline_zendesk_rate_limited_total`: 429 responses.
-    pub const ZENDESK_RATE_LIMITED: &str = "deskline_zendesk_rate_limited";
+    pub(crate) const ZENDESK_RATE_LIMITED: &str = "deskline_zendesk_rate_limited";
     /// Gauge `{scope}`: requests sent in the last minute (`all`, `export`).
-    pub const ZENDESK_BUDGET_USED: &str = "deskline_zendesk_budget_used";
+    pub(crate) const ZENDESK_BUDGET_USED: &str = "deskline_zendesk_budget_used";
     /// Gauge `{scope}`: the per-minute limits (`all`, `export`).
-    pub const ZENDESK_BUDGET_LIMIT: &str = "deskline_zendesk_budget_limit";
+    pub(crate) const ZENDESK_BUDGET_LIMIT: &str = "deskline_zendesk_budget_limit";
     /// Gauge: seconds requests are still held back by a 429's `Retry-After`.
-    pub const ZENDESK_PAUSED_SECONDS: &str = "deskline_zendesk_paused_seconds";
+    pub(crate) const ZENDESK_PAUSED_SECONDS: &str = "deskline_zendesk_paused_seconds";
     /// Counter `deskline_webhook_deliveries_total{result}`: webhook requests by
     /// [`WebhookResult`](super::WebhookResult).
-    pub const WEBHOOK_DELIVERIES: &str = "deskline_webhook_deliveries";
+    pub(crate) const WEBHOOK_DELIVERIES: &str = "deskline_webhook_deliveries";
     /// Gauge: seconds since a webhook event last changed the index; absent until one did.
-    pub const WEBHOOK_LAST_APPLIED_AGE_SECONDS: &str = "deskline_webhook_last_applied_age_seconds";
+    pub(crate) const WEBHOOK_LAST_APPLIED_AGE_SECONDS: &str =
+        "deskline_webhook_last_applied_age_seconds";
     /// Counter `deskline_export_missed_by_webhooks_total{export}`: export rows newer than what
     /// the index held, i.e. changes webhooks had not delivered (counted only with webhooks on).
-    pub const EXPORT_MISSED_BY_WEBHOOKS: &str = "deskline_export_missed_by_webhooks";
+    pub(crate) const EXPORT_MISSED_BY_WEBHOOKS: &str = "deskline_export_missed_by_webhooks";
     /// Gauge: 1 while this replica reserves its requests in the budget shared through PostgreSQL,
     /// 0 without PostgreSQL or while it is unreachable (the local fallback budget).
-    pub const ZENDESK_BUDGET_SHARED: &str = "deskline_zendesk_budget_shared";
+    pub(crate) const ZENDESK_BUDGET_SHARED: &str = "deskline_zendesk_budget_shared";
     /// Gauge `{scope}`: requests of every replica in the shared budget's current window (`all`,
     /// `export`); absent without PostgreSQL or when it does not answer.
-    pub const ZENDESK_CLUSTER_BUDGET_USED: &str = "deskline_zendesk_cluster_budget_used";
+    pub(crate) const ZENDESK_CLUSTER_BUDGET_USED: &str = "deskline_zendesk_cluster_budget_used";
 }
 
 /// What became of one webhook request (the `result` label).
@@ -128,7 +129,7 @@ pub enum WebhookResult {
 }
 
 impl WebhookResult {
-    pub const ALL: [WebhookResult; 10] = [
+    pub(crate) const ALL: [WebhookResult; 10] = [
         Self::Applied,
         Self::Stale,
         Self::Duplicate,
@@ -140,7 +141,7 @@ impl WebhookResult {
         Self::TooLarge,
         Self::Overloaded,
     ];
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Applied => "applied",
             Self::Stale => "stale",
@@ -158,7 +159,7 @@ impl WebhookResult {
 
 /// The Resolver's RPCs, as metric labels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Method {
+pub(crate) enum Method {
     RouteCall,
     LookupCaller,
     ReportCall,
@@ -166,14 +167,14 @@ pub enum Method {
 }
 
 impl Method {
-    pub const ALL: [Method; 4] = [
+    pub(crate) const ALL: [Method; 4] = [
         Self::RouteCall,
         Self::LookupCaller,
         Self::ReportCall,
         Self::GetCallStatus,
     ];
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::RouteCall => "RouteCall",
             Self::LookupCaller => "LookupCaller",
@@ -184,7 +185,7 @@ impl Method {
 }
 
 /// The canonical gRPC name of a status code (`OK`, `INVALID_ARGUMENT`, …).
-pub fn code_label(code: Code) -> &'static str {
+pub(crate) fn code_label(code: Code) -> &'static str {
     match code {
         Code::Ok => "OK",
         Code::Cancelled => "CANCELLED",
@@ -335,7 +336,7 @@ impl Metrics {
     }
 
     /// Counts one webhook request by result; an applied one also restarts the age gauge.
-    pub fn webhook(&self, result: WebhookResult) {
+    pub(crate) fn webhook(&self, result: WebhookResult) {
         self.webhooks[result as usize].inc();
         if result == WebhookResult::Applied {
             self.live
@@ -350,7 +351,7 @@ impl Metrics {
     }
 
     /// Counts export rows that brought a change webhooks had not delivered.
-    pub fn export_missed(&self, export: Export, n: u64) {
+    pub(crate) fn export_missed(&self, export: Export, n: u64) {
         if let Some(i) = Export::ALL.iter().position(|e| *e == export) {
             self.export_missed[i].inc_by(n);
         }
@@ -358,7 +359,7 @@ impl Metrics {
 
     /// Records one finished RPC. Successful calls touch only pre-created handles.
     #[inline]
-    pub fn rpc<T>(&self, method: Method, started: Instant, result: &Result<T, Status>) {
+    pub(crate) fn rpc<T>(&self, method: Method, started: Instant, result: &Result<T, Status>) {
         let seconds = started.elapsed().as_secs_f64();
         match result {
             Ok(_) => {
@@ -376,17 +377,17 @@ impl Metrics {
 
     /// Counts one RouteCall answer by its reason category.
     #[inline]
-    pub fn decision(&self, kind: ReasonKind) {
+    pub(crate) fn decision(&self, kind: ReasonKind) {
         self.decisions[kind as usize].inc();
     }
 
     /// Counts one request refused by the bearer-token check.
-    pub fn unauthenticated(&self) {
+    pub(crate) fn unauthenticated(&self) {
         self.unauthenticated.inc();
     }
 
     /// Whether the index has been loaded (what `/healthz` reports).
-    pub fn ready(&self) -> bool {
+    pub(crate) fn ready(&self) -> bool {
         self.live.index.read().is_loaded()
     }
 
@@ -599,7 +600,7 @@ impl Collector for Live {
 }
 
 /// The metrics HTTP routes.
-pub fn router(metrics: Arc<Metrics>) -> Router {
+pub(crate) fn router(metrics: Arc<Metrics>) -> Router {
     Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(healthz_handler))
@@ -634,7 +635,7 @@ async fn healthz_handler(State(metrics): State<Arc<Metrics>>) -> Response {
 }
 
 /// Serves `/metrics` and `/healthz` on `listener` until `shutdown`.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -645,7 +646,7 @@ pub async fn serve(
 }
 
 /// Binds `server.metrics_listen`, naming the key when it cannot.
-pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+pub(crate) async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (server.metrics_listen): {e}"))

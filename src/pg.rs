@@ -32,20 +32,20 @@ use tokio_postgres::NoTls;
 /// First key of the advisory lock held while migrating (`'DSKL'`, the namespace `cluster` uses
 /// too); the second is `hashtext(current_schema() || ':migrations')`, so two schemas (two accounts,
 /// or two tests) migrate without waiting for each other.
-pub const LOCK_NAMESPACE: i32 = 0x4453_4b4c;
+pub(crate) const LOCK_NAMESPACE: i32 = 0x4453_4b4c;
 
 /// The longest any single store operation may take before PostgreSQL counts as unavailable.
-pub const OP_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const OP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One named schema step.
 #[derive(Debug, Clone, Copy)]
-pub struct Migration {
+pub(crate) struct Migration {
     pub name: &'static str,
     pub sql: &'static str,
 }
 
 /// The job store's steps. Append only: later work adds its steps at the end.
-pub const MIGRATIONS: &[Migration] = &[Migration {
+pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
     name: "0001_sync_queue",
     sql: crate::sync::pg::SCHEMA_0001,
 }];
@@ -53,7 +53,7 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
 /// Every step [`migrate`] applies, in order: [`MIGRATIONS`], then the cluster's
 /// (`cluster_0001_lease` …), whose SQL is idempotent so databases that already have some of those
 /// tables migrate cleanly.
-pub fn migrations() -> Vec<Migration> {
+pub(crate) fn migrations() -> Vec<Migration> {
     MIGRATIONS
         .iter()
         .copied()
@@ -62,7 +62,7 @@ pub fn migrations() -> Vec<Migration> {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum PgError {
+pub(crate) enum PgError {
     #[error("storage.postgres_url: {0}")]
     Url(String),
     #[error("PostgreSQL is unavailable: {0}")]
@@ -109,13 +109,13 @@ fn classify(e: tokio_postgres::Error) -> PgError {
 }
 
 impl PgError {
-    pub fn is_unavailable(&self) -> bool {
+    pub(crate) fn is_unavailable(&self) -> bool {
         matches!(self, PgError::Unavailable(_))
     }
 }
 
 /// Runs `f` under [`OP_TIMEOUT`]: a query on a half-dead connection must not hang a handler.
-pub async fn timed<T>(
+pub(crate) async fn timed<T>(
     f: impl std::future::Future<Output = Result<T, PgError>>,
 ) -> Result<T, PgError> {
     match tokio::time::timeout(OP_TIMEOUT, f).await {
@@ -128,7 +128,7 @@ pub async fn timed<T>(
 }
 
 /// A pool for `url` (connections are made lazily, so this succeeds while PostgreSQL is down).
-pub fn pool(url: &SecretString, max_size: usize) -> Result<Pool, PgError> {
+pub(crate) fn pool(url: &SecretString, max_size: usize) -> Result<Pool, PgError> {
     let mut cfg: tokio_postgres::Config = url
         .expose_secret()
         .parse()
@@ -159,7 +159,7 @@ pub fn pool(url: &SecretString, max_size: usize) -> Result<Pool, PgError> {
 }
 
 /// Applies the missing [`migrations`] (see the module doc); returns how many were applied now.
-pub async fn migrate(pool: &Pool) -> Result<usize, PgError> {
+pub(crate) async fn migrate(pool: &Pool) -> Result<usize, PgError> {
     timed(async {
         let mut client = pool.get().await?;
         let tx = client.transaction().await?;
@@ -200,7 +200,7 @@ pub async fn migrate(pool: &Pool) -> Result<usize, PgError> {
 
 /// What `deskline check` reports: the applied steps this binary knows, and the number it knows.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SchemaVersion {
+pub(crate) struct SchemaVersion {
     pub applied: usize,
     pub known: usize,
     /// Known steps not applied (empty when the schema is current).
@@ -210,7 +210,7 @@ pub struct SchemaVersion {
 }
 
 /// Reads the schema version without changing anything.
-pub async fn schema_version(pool: &Pool) -> Result<SchemaVersion, PgError> {
+pub(crate) async fn schema_version(pool: &Pool) -> Result<SchemaVersion, PgError> {
     timed(async {
         let client = pool.get().await?;
         let exists: bool = client
@@ -251,7 +251,7 @@ pub async fn schema_version(pool: &Pool) -> Result<SchemaVersion, PgError> {
 
 /// Fails when a step this binary knows is missing (used after [`migrate`] as a sanity check and
 /// by `deskline check`).
-pub fn require_current(v: &SchemaVersion) -> Result<(), PgError> {
+pub(crate) fn require_current(v: &SchemaVersion) -> Result<(), PgError> {
     match v.missing.first() {
         Some(m) => Err(PgError::Schema { missing: m.clone() }),
         None => Ok(()),
@@ -316,7 +316,7 @@ pub mod testing {
             format!("{}{addr}{}", &url[..start], &url[end..])
         }
 
-        pub fn secret_url(&self) -> SecretString {
+        pub(crate) fn secret_url(&self) -> SecretString {
             SecretString::from(self.url())
         }
 
@@ -327,14 +327,16 @@ pub mod testing {
             pool
         }
 
+        #[cfg(test)]
         /// A new pool of `size` connections on this schema, not migrating (one per simulated
         /// replica; migrate once with [`pool`](Self::pool) or [`super::migrate`] first).
-        pub fn pool_of(&self, size: usize) -> deadpool_postgres::Pool {
+        pub(crate) fn pool_of(&self, size: usize) -> deadpool_postgres::Pool {
             super::pool(&self.secret_url(), size).expect("pool")
         }
 
+        #[cfg(test)]
         /// Connection settings on this schema (what `ChangeLog::subscribe` takes).
-        pub fn config(&self) -> tokio_postgres::Config {
+        pub(crate) fn config(&self) -> tokio_postgres::Config {
             self.url().parse().expect("a postgres URL")
         }
     }

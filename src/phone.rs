@@ -104,7 +104,7 @@ impl fmt::Debug for PhoneParser {
 }
 
 /// The longest input we try to parse; anything longer is not a phone number.
-pub const MAX_INPUT_LEN: usize = 64;
+pub(crate) const MAX_INPUT_LEN: usize = 64;
 
 impl PhoneParser {
     /// `region` is an ISO 3166-1 alpha-2 code such as `UA` (case-insensitive).
@@ -119,7 +119,8 @@ impl PhoneParser {
         })
     }
 
-    pub fn region(&self) -> &str {
+    #[cfg(test)]
+    pub(crate) fn region(&self) -> &str {
         &self.region_code
     }
 
@@ -176,7 +177,7 @@ fn decimal_digits(n: u64) -> u32 {
 }
 
 /// Masks a number for logs at info level: keeps the country code's first digits and the last two.
-pub fn mask(raw: &str) -> String {
+pub(crate) fn mask(raw: &str) -> String {
     let digits: Vec<char> = raw.chars().filter(|c| c.is_ascii_digit()).collect();
     if digits.len() <= 4 {
         return "*".repeat(digits.len().max(1));

@@ -26,7 +26,7 @@ use crate::{
 };
 
 /// The key names are compared by: NFC, trimmed, inner whitespace collapsed to one space, lowercased.
-pub fn name_key(name: &str) -> String {
+pub(crate) fn name_key(name: &str) -> String {
     crate::index::name_key(name)
 }
 
@@ -49,26 +49,14 @@ impl Directory {
         Self { by_key }
     }
 
-    pub fn extension(&self, full_name: &str) -> Option<&str> {
+    #[cfg(test)]
+    pub(crate) fn extension(&self, full_name: &str) -> Option<&str> {
         self.extension_by_key(&name_key(full_name))
     }
 
     /// Lookup by an already computed [`name_key`] (the index keeps one per agent).
-    pub fn extension_by_key(&self, key: &str) -> Option<&str> {
+    pub(crate) fn extension_by_key(&self, key: &str) -> Option<&str> {
         self.by_key.get(key).map(String::as_str)
-    }
-
-    pub fn len(&self) -> usize {
-        self.by_key.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_key.is_empty()
-    }
-
-    /// The normalised names in the directory (for `deskline check`).
-    pub fn keys(&self) -> impl Iterator<Item = &str> {
-        self.by_key.keys().map(String::as_str)
     }
 }
 
@@ -128,7 +116,7 @@ pub enum ReasonKind {
 }
 
 impl ReasonKind {
-    pub const ALL: [ReasonKind; 6] = [
+    pub(crate) const ALL: [ReasonKind; 6] = [
         Self::Routed,
         Self::NoCustomer,
         Self::NoOpenTicket,
@@ -137,7 +125,7 @@ impl ReasonKind {
         Self::NoExtension,
     ];
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Routed => "routed",
             Self::NoCustomer => "no_customer",
@@ -161,7 +149,7 @@ pub struct RouteAnswer {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CallerAnswer {
+pub(crate) struct CallerAnswer {
     pub found: bool,
     /// The customer's name, with the organization in brackets when there is one.
     pub display_name: String,
@@ -241,10 +229,6 @@ impl Resolver {
             seen: (0..slots).map(|_| AtomicU64::new(0)).collect(),
             hasher,
         }
-    }
-
-    pub fn parser(&self) -> &PhoneParser {
-        &self.parser
     }
 
     pub fn resolve(&self, index: &Index, raw: &str) -> Result<E164, PhoneError> {
@@ -452,7 +436,7 @@ pub fn route(index: &Index, directory: &Directory, phone: E164) -> RouteAnswer {
 }
 
 /// DESIGN §3 rule 6.
-pub fn lookup_caller(index: &Index, phone: E164) -> CallerAnswer {
+pub(crate) fn lookup_caller(index: &Index, phone: E164) -> CallerAnswer {
     let f = find(index, phone);
     let lead = f.owned.map(|(t, _)| t).or(f.latest_open);
     let cust = lead

@@ -40,11 +40,10 @@ use std::{
 };
 
 use deadpool_postgres::Pool;
-use tokio::sync::Mutex;
 
 use super::{ClusterError, advisory_xact_lock, from_secs, secs};
 
-pub const MIGRATIONS: &[(&str, &str)] = &[(
+pub(crate) const MIGRATIONS: &[(&str, &str)] = &[(
     "cluster_0002_budget",
     "CREATE TABLE IF NOT EXISTS cluster_budget_sent (
         budget  text NOT NULL,
@@ -66,7 +65,7 @@ pub const MIGRATIONS: &[(&str, &str)] = &[(
 
 /// What a request counts against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum BudgetKind {
+pub(crate) enum BudgetKind {
     /// Any request (`zendesk.requests_per_minute`).
     Account,
     /// An incremental-export request (10 a minute), which also counts as an `Account` one.
@@ -74,7 +73,7 @@ pub enum BudgetKind {
 }
 
 impl BudgetKind {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             BudgetKind::Account => "account",
             BudgetKind::Export => "export",
@@ -92,7 +91,7 @@ impl BudgetKind {
 
 /// Settings of a shared budget.
 #[derive(Debug, Clone)]
-pub struct SharedBudgetConfig {
+pub(crate) struct SharedBudgetConfig {
     /// The budget's key: the Zendesk account (subdomain), so one database can serve several.
     pub name: String,
     /// This replica's id (recorded with each reservation, for diagnosis).
@@ -113,7 +112,7 @@ pub struct SharedBudgetConfig {
 
 impl SharedBudgetConfig {
     /// Zendesk's defaults: a 60 s window, 500 ms margin, 30 s probe timeout.
-    pub fn new(
+    pub(crate) fn new(
         name: impl Into<String>,
         replica: impl Into<String>,
         limit: u32,
@@ -134,7 +133,7 @@ impl SharedBudgetConfig {
 
 /// The answer to one reservation attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reservation {
+pub(crate) enum Reservation {
     /// Send the request now (it has been recorded).
     Go(Grant),
     /// Nothing was recorded; ask again after this long.
@@ -144,7 +143,7 @@ pub enum Reservation {
 /// A granted request. `probe` marks the single request let through after a pause: report its
 /// outcome with [`SharedBudget::report`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Grant {
+pub(crate) struct Grant {
     pub kind: BudgetKind,
     pub probe: bool,
     probe_id: Option<i64>,
@@ -152,7 +151,7 @@ pub struct Grant {
 
 /// The budget's use across all replicas (for metrics and `deskline check`).
 #[derive(Debug, Clone, PartialEq)]
-pub struct SharedBudgetUsage {
+pub(crate) struct SharedBudgetUsage {
     pub limit: u32,
     pub export_limit: u32,
     /// Reservations in the current window (all kinds, all replicas).
@@ -167,12 +166,15 @@ pub struct SharedBudgetUsage {
 }
 
 /// The account's request budget, shared through PostgreSQL.
-pub struct SharedBudget {
+pub(crate) struct SharedBudget {
     pool: Pool,
     cfg: SharedBudgetConfig,
-    /// Local FIFO queues, as in the in-process budget.
-    turn: Mutex<()>,
-    export_turn: Mutex<()>,
+    /// Local FIFO queues for [`acquire`](Self::acquire), as in the in-process budget (the service
+    /// waits through `zendesk::Budget`, which keeps its own).
+    #[cfg(test)]
+    turn: tokio::sync::Mutex<()>,
+    #[cfg(test)]
+    export_turn: tokio::sync::Mutex<()>,
     granted: AtomicU64,
 }
 
@@ -185,18 +187,16 @@ impl std::fmt::Debug for SharedBudget {
 }
 
 impl SharedBudget {
-    pub fn new(pool: Pool, cfg: SharedBudgetConfig) -> Self {
+    pub(crate) fn new(pool: Pool, cfg: SharedBudgetConfig) -> Self {
         Self {
             pool,
             cfg,
-            turn: Mutex::new(()),
-            export_turn: Mutex::new(()),
+            #[cfg(test)]
+            turn: Default::default(),
+            #[cfg(test)]
+            export_turn: Default::default(),
             granted: AtomicU64::new(0),
         }
-    }
-
-    pub fn config(&self) -> &SharedBudgetConfig {
-        &self.cfg
     }
 
     fn limit(&self, kind: BudgetKind) -> u32 {
@@ -207,8 +207,10 @@ impl SharedBudget {
     }
 
     /// Waits until one more request of `kind` may be sent by any replica, then returns its grant.
-    /// Cancel-safe: a dropped waiter has recorded nothing (each attempt is one transaction).
-    pub async fn acquire(&self, kind: BudgetKind) -> Result<Grant, ClusterError> {
+    /// Cancel-safe: a dropped waiter has recorded nothing (each attempt is one transaction). The
+    /// service waits through `zendesk::Budget`, which keeps the local queues; this is for tests.
+    #[cfg(test)]
+    pub(crate) async fn acquire(&self, kind: BudgetKind) -> Result<Grant, ClusterError> {
         // An export waits in its own queue only: holding the common one while it sleeps on the
         // (much smaller) export limit would stall every ordinary request of this replica.
         let _turn = match kind {
@@ -225,7 +227,7 @@ impl SharedBudget {
     }
 
     /// One attempt: either records a request of `kind` now, or says how long to wait.
-    pub async fn reserve(&self, kind: BudgetKind) -> Result<Reservation, ClusterError> {
+    pub(crate) async fn reserve(&self, kind: BudgetKind) -> Result<Reservation, ClusterError> {
         let name = &self.cfg.name;
         let keep = secs(self.cfg.window + self.cfg.margin);
         let mut client = self.pool.get().await?;
@@ -328,7 +330,7 @@ impl SharedBudget {
 
     /// Holds back every replica's requests for `retry_after` from now (a 429's `Retry-After`) and,
     /// after that, lets a single probe through until one is answered. Never shortens a pause.
-    pub async fn pause_for(&self, retry_after: Duration) -> Result<(), ClusterError> {
+    pub(crate) async fn pause_for(&self, retry_after: Duration) -> Result<(), ClusterError> {
         let client = self.pool.get().await?;
         client
             .execute(
@@ -344,7 +346,10 @@ impl SharedBudget {
     }
 
     /// [`SharedBudget::pause_for`] with a deadline on the local clock, like the in-process budget.
-    pub async fn pause_until(&self, until: tokio::time::Instant) -> Result<(), ClusterError> {
+    pub(crate) async fn pause_until(
+        &self,
+        until: tokio::time::Instant,
+    ) -> Result<(), ClusterError> {
         self.pause_for(until.saturating_duration_since(tokio::time::Instant::now()))
             .await
     }
@@ -352,7 +357,7 @@ impl SharedBudget {
     /// Reports the HTTP status of a granted request (`0` for no response). Only a probe's outcome
     /// matters: any answer but 429 ends the half-open state; no answer lets another probe go; a 429
     /// is followed by the caller's [`SharedBudget::pause_for`].
-    pub async fn report(&self, grant: &Grant, status: u16) -> Result<(), ClusterError> {
+    pub(crate) async fn report(&self, grant: &Grant, status: u16) -> Result<(), ClusterError> {
         let Some(id) = grant.probe_id else {
             return Ok(());
         };
@@ -375,7 +380,7 @@ impl SharedBudget {
     }
 
     /// The budget's use across all replicas now.
-    pub async fn usage(&self) -> Result<SharedBudgetUsage, ClusterError> {
+    pub(crate) async fn usage(&self) -> Result<SharedBudgetUsage, ClusterError> {
         let client = self.pool.get().await?;
         let keep = secs(self.cfg.window + self.cfg.margin);
         let row = client

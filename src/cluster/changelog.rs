@@ -45,9 +45,9 @@ use tokio_postgres::{AsyncMessage, NoTls};
 use super::{ClusterError, Fence, advisory_xact_lock, from_secs, secs};
 
 /// The `LISTEN/NOTIFY` channel; the payload is the appended seq.
-pub const CHANNEL: &str = "deskline_changes";
+pub(crate) const CHANNEL: &str = "deskline_changes";
 
-pub const MIGRATIONS: &[(&str, &str)] = &[(
+pub(crate) const MIGRATIONS: &[(&str, &str)] = &[(
     "cluster_0003_changelog",
     "CREATE TABLE IF NOT EXISTS cluster_changes (
         seq        bigserial PRIMARY KEY,
@@ -65,7 +65,7 @@ pub const MIGRATIONS: &[(&str, &str)] = &[(
 
 /// One change of the index, as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Change {
+pub(crate) struct Change {
     pub seq: i64,
     /// The replica that appended it.
     pub origin: String,
@@ -78,7 +78,7 @@ pub struct Change {
 
 /// How far a replica is behind the log (for metrics).
 #[derive(Debug, Clone, PartialEq)]
-pub struct ChangeLag {
+pub(crate) struct ChangeLag {
     /// The newest seq in the log (0 if empty).
     pub newest_seq: i64,
     /// Changes after `applied` still to apply.
@@ -89,7 +89,7 @@ pub struct ChangeLag {
 
 /// A subscription's state (for metrics).
 #[derive(Debug, Clone, PartialEq)]
-pub struct SubscriberStatus {
+pub(crate) struct SubscriberStatus {
     pub connected: bool,
     /// Connections lost and re-made since the start.
     pub reconnects: u64,
@@ -101,7 +101,7 @@ pub struct SubscriberStatus {
 
 /// Settings of a subscription.
 #[derive(Debug, Clone)]
-pub struct SubscriberConfig {
+pub(crate) struct SubscriberConfig {
     /// Re-read the table this often even without a notification.
     pub poll_interval: Duration,
     /// First wait before reconnecting; doubles up to `max_backoff`.
@@ -131,7 +131,7 @@ impl Default for SubscriberConfig {
 
 /// The shared change log.
 #[derive(Clone)]
-pub struct ChangeLog {
+pub(crate) struct ChangeLog {
     pool: Pool,
     origin: String,
 }
@@ -184,7 +184,7 @@ async fn read_after(
 
 impl ChangeLog {
     /// The log as seen by replica `origin`.
-    pub fn new(pool: Pool, origin: impl Into<String>) -> Self {
+    pub(crate) fn new(pool: Pool, origin: impl Into<String>) -> Self {
         Self {
             pool,
             origin: origin.into(),
@@ -193,7 +193,11 @@ impl ChangeLog {
 
     /// Appends one change and notifies every subscriber; returns its seq once committed. With a
     /// `fence`, refused ([`ClusterError::Fenced`]) unless that lease epoch is current and live.
-    pub async fn append(&self, payload: &[u8], fence: Option<&Fence>) -> Result<i64, ClusterError> {
+    pub(crate) async fn append(
+        &self,
+        payload: &[u8],
+        fence: Option<&Fence>,
+    ) -> Result<i64, ClusterError> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let seq = Self::append_in(&tx, &self.origin, payload, fence).await?;
@@ -203,7 +207,7 @@ impl ChangeLog {
 
     /// Appends within the caller's transaction (commit it soon: appends wait for it). The change
     /// and its notification take effect when that transaction commits.
-    pub async fn append_in(
+    pub(crate) async fn append_in(
         tx: &tokio_postgres::Transaction<'_>,
         origin: &str,
         payload: &[u8],
@@ -226,13 +230,17 @@ impl ChangeLog {
     }
 
     /// Up to `limit` changes after `after`, in seq order.
-    pub async fn read_after(&self, after: i64, limit: i64) -> Result<Vec<Change>, ClusterError> {
+    pub(crate) async fn read_after(
+        &self,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<Change>, ClusterError> {
         let client = self.pool.get().await?;
         read_after(&client, after, limit).await
     }
 
     /// The newest committed seq (0 if the log is empty).
-    pub async fn newest_seq(&self) -> Result<i64, ClusterError> {
+    pub(crate) async fn newest_seq(&self) -> Result<i64, ClusterError> {
         let client = self.pool.get().await?;
         let row = client
             .query_one("SELECT coalesce(max(seq), 0) FROM cluster_changes", &[])
@@ -241,7 +249,7 @@ impl ChangeLog {
     }
 
     /// How far a replica that applied everything through `applied` is behind.
-    pub async fn lag(&self, applied: i64) -> Result<ChangeLag, ClusterError> {
+    pub(crate) async fn lag(&self, applied: i64) -> Result<ChangeLag, ClusterError> {
         let client = self.pool.get().await?;
         let row = client
             .query_one(
@@ -262,7 +270,11 @@ impl ChangeLog {
     /// Deletes changes through `seq` (a seq included in the newest shared snapshot) that are older
     /// than `min_age`, so a replica a little behind can still follow on without a reload. Returns the
     /// number deleted.
-    pub async fn prune_through(&self, seq: i64, min_age: Duration) -> Result<u64, ClusterError> {
+    pub(crate) async fn prune_through(
+        &self,
+        seq: i64,
+        min_age: Duration,
+    ) -> Result<u64, ClusterError> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         // The highest seq actually deleted becomes the mark; nothing newer than it goes.
@@ -289,7 +301,7 @@ impl ChangeLog {
     }
 
     /// Prunes through the seq of the newest shared snapshot (see [`Self::prune_through`]).
-    pub async fn prune_to_snapshot(&self, min_age: Duration) -> Result<u64, ClusterError> {
+    pub(crate) async fn prune_to_snapshot(&self, min_age: Duration) -> Result<u64, ClusterError> {
         let seq = {
             let client = self.pool.get().await?;
             let row = client
@@ -303,7 +315,7 @@ impl ChangeLog {
     /// Follows the log from after `after` on a dedicated connection made with `connect` (the same
     /// settings as the pool's, `search_path` included). Ends with a [`ClusterError::Pruned`] item if
     /// the changes it needs were pruned; connection failures are retried, not yielded.
-    pub fn subscribe(
+    pub(crate) fn subscribe(
         &self,
         connect: tokio_postgres::Config,
         after: i64,
@@ -322,7 +334,7 @@ impl ChangeLog {
 }
 
 /// A replica's stream of changes; dropping it stops the follower task and closes its connection.
-pub struct Subscription {
+pub(crate) struct Subscription {
     rx: mpsc::Receiver<Result<Change, ClusterError>>,
     status: watch::Receiver<SubscriberStatus>,
     task: JoinHandle<()>,
@@ -338,16 +350,16 @@ impl std::fmt::Debug for Subscription {
 
 impl Subscription {
     /// The next change in seq order; `None` only after the task stopped.
-    pub async fn next(&mut self) -> Option<Result<Change, ClusterError>> {
+    pub(crate) async fn next(&mut self) -> Option<Result<Change, ClusterError>> {
         self.rx.recv().await
     }
 
-    pub fn status(&self) -> SubscriberStatus {
+    pub(crate) fn status(&self) -> SubscriberStatus {
         self.status.borrow().clone()
     }
 
     /// Watches the status (connected, reconnects, delivered seq).
-    pub fn watch_status(&self) -> watch::Receiver<SubscriberStatus> {
+    pub(crate) fn watch_status(&self) -> watch::Receiver<SubscriberStatus> {
         self.status.clone()
     }
 }
@@ -524,7 +536,7 @@ mod tests {
 
     use super::*;
     use crate::cluster::{
-        Lease,
+        lease::Lease,
         testing::{migrated, wait_for},
     };
 

@@ -32,7 +32,7 @@ use tokio::time::Instant;
 
 use super::{ClusterError, from_secs, secs};
 
-pub const MIGRATIONS: &[(&str, &str)] = &[(
+pub(crate) const MIGRATIONS: &[(&str, &str)] = &[(
     "cluster_0001_lease",
     "CREATE TABLE IF NOT EXISTS cluster_lease (
         name        text PRIMARY KEY,
@@ -45,7 +45,7 @@ pub const MIGRATIONS: &[(&str, &str)] = &[(
 
 /// Proof of holding a lease at a given epoch, carried by writes that only the holder may make.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Fence {
+pub(crate) struct Fence {
     pub name: String,
     pub holder: String,
     pub epoch: i64,
@@ -55,7 +55,10 @@ impl Fence {
     /// Inside the caller's transaction: refuses the write unless this fence is the lease's current,
     /// live holder, and holds a share lock on the lease row until the transaction ends so that no
     /// takeover can commit in between.
-    pub async fn check(&self, tx: &tokio_postgres::Transaction<'_>) -> Result<(), ClusterError> {
+    pub(crate) async fn check(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+    ) -> Result<(), ClusterError> {
         let live = tx
             .query_opt(
                 "SELECT 1 FROM cluster_lease
@@ -76,7 +79,7 @@ impl Fence {
 
 /// Who holds a lease, as the database sees it (for metrics and `deskline check`).
 #[derive(Debug, Clone, PartialEq)]
-pub struct LeaseStatus {
+pub(crate) struct LeaseStatus {
     /// The live holder, if any.
     pub holder: Option<String>,
     /// Whether the live holder is this replica.
@@ -96,7 +99,7 @@ struct Held {
 }
 
 /// One replica's handle on a named lease.
-pub struct Lease {
+pub(crate) struct Lease {
     pool: Pool,
     name: String,
     holder: String,
@@ -117,7 +120,7 @@ impl std::fmt::Debug for Lease {
 impl Lease {
     /// A handle on lease `name` for replica `holder` (a unique id per process), lasting `ttl`
     /// after each take or renewal. Renew well within the TTL (every `ttl / 3` is usual).
-    pub fn new(
+    pub(crate) fn new(
         pool: Pool,
         name: impl Into<String>,
         holder: impl Into<String>,
@@ -132,17 +135,9 @@ impl Lease {
         }
     }
 
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    pub fn holder(&self) -> &str {
-        &self.holder
-    }
-
     /// Takes the lease if it is free, expired or already ours. `Some(fence)` on success (a new
     /// epoch unless we still held it), `None` while another replica holds it.
-    pub async fn try_take(&self) -> Result<Option<Fence>, ClusterError> {
+    pub(crate) async fn try_take(&self) -> Result<Option<Fence>, ClusterError> {
         let client = self.pool.get().await?;
         let sent = Instant::now();
         let row = client
@@ -172,7 +167,7 @@ impl Lease {
 
     /// Extends our lease by the TTL. [`ClusterError::LeaseLost`] if it expired or was taken over:
     /// the caller must stop acting as holder at once (and may try [`Lease::try_take`] again).
-    pub async fn renew(&self) -> Result<Fence, ClusterError> {
+    pub(crate) async fn renew(&self) -> Result<Fence, ClusterError> {
         let Some(held) = *self.held.lock() else {
             return Err(self.lost(0));
         };
@@ -201,7 +196,7 @@ impl Lease {
 
     /// Gives the lease up now (if still ours), so another replica can take it without waiting for
     /// the TTL. The epoch stays, so the next holder's is higher.
-    pub async fn release(&self) -> Result<(), ClusterError> {
+    pub(crate) async fn release(&self) -> Result<(), ClusterError> {
         let Some(held) = self.held.lock().take() else {
             return Ok(());
         };
@@ -218,7 +213,7 @@ impl Lease {
 
     /// Our fence if we hold the lease by the local conservative deadline (no database round trip).
     /// `None` as soon as that deadline passes: stop following before anyone else can start.
-    pub fn held(&self) -> Option<Fence> {
+    pub(crate) fn held(&self) -> Option<Fence> {
         let mut held = self.held.lock();
         match *held {
             Some(h) if Instant::now() < h.valid_until => Some(self.fence(h.epoch)),
@@ -231,14 +226,14 @@ impl Lease {
     }
 
     /// How long our hold lasts by the local deadline (zero if not held).
-    pub fn remaining(&self) -> Duration {
+    pub(crate) fn remaining(&self) -> Duration {
         self.held.lock().map_or(Duration::ZERO, |h| {
             h.valid_until.saturating_duration_since(Instant::now())
         })
     }
 
     /// The lease as the database sees it now.
-    pub async fn status(&self) -> Result<LeaseStatus, ClusterError> {
+    pub(crate) async fn status(&self) -> Result<LeaseStatus, ClusterError> {
         let client = self.pool.get().await?;
         let row = client
             .query_opt(
@@ -276,7 +271,7 @@ impl Lease {
     /// unreachable). On `stop` it publishes `None` first, then releases the lease so another
     /// replica takes over at once. Meant to run as the follower's supervisor task: follow while the
     /// channel says `Some`, and pass that fence to every fenced write.
-    pub async fn keep(
+    pub(crate) async fn keep(
         &self,
         fence: tokio::sync::watch::Sender<Option<Fence>>,
         stop: tokio_util::sync::CancellationToken,

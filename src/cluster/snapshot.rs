@@ -29,7 +29,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::{ClusterError, Fence, advisory_xact_lock};
 
-pub const MIGRATIONS: &[(&str, &str)] = &[(
+pub(crate) const MIGRATIONS: &[(&str, &str)] = &[(
     "cluster_0004_snapshot",
     "CREATE TABLE IF NOT EXISTS cluster_snapshots (
         id         bigserial PRIMARY KEY,
@@ -50,11 +50,11 @@ pub const MIGRATIONS: &[(&str, &str)] = &[(
 )];
 
 /// The default chunk: large enough for few round trips, small enough for one message in memory.
-pub const CHUNK_SIZE: usize = 8 << 20;
+pub(crate) const CHUNK_SIZE: usize = 8 << 20;
 
 /// A stored snapshot's header.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SnapshotMeta {
+pub(crate) struct SnapshotMeta {
     pub id: i64,
     /// The newest change-log seq the snapshot includes.
     pub seq: i64,
@@ -67,7 +67,7 @@ pub struct SnapshotMeta {
 
 /// The shared snapshot store.
 #[derive(Clone)]
-pub struct SharedSnapshot {
+pub(crate) struct SharedSnapshot {
     pool: Pool,
     origin: String,
     chunk_size: usize,
@@ -97,7 +97,7 @@ fn meta(row: &tokio_postgres::Row) -> SnapshotMeta {
 }
 
 impl SharedSnapshot {
-    pub fn new(pool: Pool, origin: impl Into<String>) -> Self {
+    pub(crate) fn new(pool: Pool, origin: impl Into<String>) -> Self {
         Self {
             pool,
             origin: origin.into(),
@@ -106,7 +106,7 @@ impl SharedSnapshot {
     }
 
     /// Changes the chunk size (tests; the default suits production).
-    pub fn with_chunk_size(mut self, chunk_size: usize) -> Self {
+    pub(crate) fn with_chunk_size(mut self, chunk_size: usize) -> Self {
         self.chunk_size = chunk_size.max(1);
         self
     }
@@ -114,7 +114,7 @@ impl SharedSnapshot {
     /// Stores the blob read from `source` as the snapshot including change-log seq `seq`, replacing
     /// every older one in the same transaction. `None` if a snapshot with a higher seq is already
     /// stored (nothing changed).
-    pub async fn store(
+    pub(crate) async fn store(
         &self,
         seq: i64,
         mut source: impl AsyncRead + Unpin,
@@ -178,7 +178,7 @@ impl SharedSnapshot {
     }
 
     /// The latest snapshot's header, if any.
-    pub async fn latest(&self) -> Result<Option<SnapshotMeta>, ClusterError> {
+    pub(crate) async fn latest(&self) -> Result<Option<SnapshotMeta>, ClusterError> {
         let client = self.pool.get().await?;
         let row = client
             .query_opt(
@@ -193,7 +193,7 @@ impl SharedSnapshot {
 
     /// Writes the latest snapshot into `sink`, chunk by chunk, and returns its header (`None`, with
     /// nothing written, if there is none). Verifies size, chunk count and CRC-32.
-    pub async fn load_latest(
+    pub(crate) async fn load_latest(
         &self,
         mut sink: impl AsyncWrite + Unpin,
     ) -> Result<Option<SnapshotMeta>, ClusterError> {
@@ -249,7 +249,9 @@ impl SharedSnapshot {
     }
 
     /// [`Self::load_latest`] into memory.
-    pub async fn load_latest_bytes(&self) -> Result<Option<(SnapshotMeta, Vec<u8>)>, ClusterError> {
+    pub(crate) async fn load_latest_bytes(
+        &self,
+    ) -> Result<Option<(SnapshotMeta, Vec<u8>)>, ClusterError> {
         let mut buf = Vec::new();
         Ok(self.load_latest(&mut buf).await?.map(|m| (m, buf)))
     }
@@ -274,7 +276,10 @@ mod tests {
     use tokio::{io::AsyncWriteExt as _, time::Instant};
 
     use super::*;
-    use crate::cluster::{ChangeLog, SubscriberConfig, testing::migrated};
+    use crate::cluster::{
+        changelog::{ChangeLog, SubscriberConfig},
+        testing::migrated,
+    };
 
     /// Deterministic incompressible bytes (xorshift), fast enough in a debug build.
     fn blob(len: usize, seed: u64) -> Vec<u8> {

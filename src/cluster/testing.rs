@@ -6,14 +6,14 @@ use crate::pg::testing::TestSchema;
 
 /// A fresh schema with every migration applied, or `None` (after saying so) when the environment
 /// names no PostgreSQL. The schema is dropped with the value, also when the test panics.
-pub async fn migrated() -> Option<TestSchema> {
+pub(crate) async fn migrated() -> Option<TestSchema> {
     let db = TestSchema::new().await?;
     drop(db.pool().await);
     Some(db)
 }
 
 /// Waits for `cond` to hold, checking every few milliseconds, and fails the test at `deadline`.
-pub async fn wait_for<F, Fut>(what: &str, deadline: std::time::Duration, mut cond: F)
+pub(crate) async fn wait_for<F, Fut>(what: &str, deadline: std::time::Duration, mut cond: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,

@@ -9,7 +9,7 @@ use crate::{
 use super::{ApiError, invalid};
 
 /// Builds and validates a [`CallReport`]: every problem is an `INVALID_ARGUMENT` naming its field.
-pub fn report_from_proto(
+pub(super) fn report_from_proto(
     req: proto::ReportCallRequest,
     parser: &PhoneParser,
 ) -> Result<CallReport, ApiError> {
@@ -70,7 +70,7 @@ pub fn report_from_proto(
     Ok(report)
 }
 
-pub fn status_to_proto(s: CallStatus) -> proto::GetCallStatusResponse {
+pub(super) fn status_to_proto(s: CallStatus) -> proto::GetCallStatusResponse {
     use proto::get_call_status_response::SyncState as P;
     let state = match s.state {
         SyncState::Queued => P::Queued,

@@ -134,12 +134,12 @@ pub struct SyncApi {
 }
 
 #[derive(Clone)]
-pub struct ResolverService {
+pub(crate) struct ResolverService {
     state: Arc<ServiceState>,
 }
 
 impl ResolverService {
-    pub fn new(state: Arc<ServiceState>) -> Self {
+    pub(crate) fn new(state: Arc<ServiceState>) -> Self {
         Self { state }
     }
 }
@@ -383,7 +383,7 @@ fn customer_to_proto(base: &str, c: CustomerView) -> proto::Customer {
 }
 
 /// Converts a routing answer to its proto form.
-pub fn route_to_proto(
+pub(crate) fn route_to_proto(
     base: &str,
     a: routing::RouteAnswer,
     index_age_ms: i64,
@@ -403,7 +403,7 @@ pub fn route_to_proto(
 }
 
 /// Converts a caller-ID answer to its proto form.
-pub fn caller_to_proto(
+pub(crate) fn caller_to_proto(
     base: &str,
     a: routing::CallerAnswer,
     index_age_ms: i64,
@@ -446,7 +446,7 @@ impl Auth {
     }
 
     /// Counts refused requests in `metrics` (the handlers never see them).
-    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
         self.metrics = Some(metrics);
         self
     }
@@ -498,7 +498,7 @@ pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 /// Serves the Resolver (with auth), `grpc.health.v1` and reflection on `listener` until `shutdown`.
 /// The rustls server configuration for `server.tls_cert` / `server.tls_key`, checked now (a bad
 /// PEM or a key that does not match fails here, at start-up, not at the first connection).
-pub fn tls_config(
+pub(crate) fn tls_config(
     pem: &crate::config::TlsPem,
 ) -> Result<tonic::transport::ServerTlsConfig, tonic::transport::Error> {
     use secrecy::ExposeSecret as _;

@@ -70,7 +70,7 @@
 
 pub mod snapshot;
 mod store;
-pub mod writer;
+pub(crate) mod writer;
 
 use std::sync::Arc;
 
@@ -96,13 +96,13 @@ pub type SharedIndex = Arc<parking_lot::RwLock<Index>>;
 /// behind itself until the save ended. A recursive read gets in while other readers hold the lock,
 /// so lookups continue through a save; a waiting writer still gets the lock as soon as the readers
 /// drain, which at a microsecond a lookup happens at once.
-pub fn read_for_lookup(index: &SharedIndex) -> parking_lot::RwLockReadGuard<'_, Index> {
+pub(crate) fn read_for_lookup(index: &SharedIndex) -> parking_lot::RwLockReadGuard<'_, Index> {
     index.read_recursive()
 }
 
 /// Where each export stands; persisted with the index so a restart resumes without a full re-export.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Cursors {
+pub(crate) struct Cursors {
     /// `after_cursor` of the last users-export page read.
     pub users: Option<String>,
     /// `after_cursor` of the last tickets-export page read.
@@ -119,10 +119,10 @@ pub enum Export {
 }
 
 impl Export {
-    pub const ALL: [Export; 3] = [Export::Users, Export::Tickets, Export::Organizations];
+    pub(crate) const ALL: [Export; 3] = [Export::Users, Export::Tickets, Export::Organizations];
 
     /// A low-cardinality name (metric label, logs).
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Export::Users => "users",
             Export::Tickets => "tickets",
@@ -131,7 +131,7 @@ impl Export {
     }
 
     /// Its position in [`Export::ALL`]: the slot of per-export arrays (cursors, counters).
-    pub fn idx(self) -> usize {
+    pub(crate) fn idx(self) -> usize {
         match self {
             Export::Users => 0,
             Export::Tickets => 1,
@@ -155,7 +155,7 @@ pub struct Counts {
 /// The key names are compared by (DESIGN §3 rule 5): NFC, trimmed, inner whitespace collapsed to
 /// one space, lowercased. Lives here so the index can precompute it for agents; `routing` re-exports
 /// it as [`crate::routing::name_key`].
-pub fn name_key(name: &str) -> String {
+pub(crate) fn name_key(name: &str) -> String {
     let nfc: String = name.nfc().collect();
     let mut out = String::with_capacity(nfc.len());
     for word in nfc.split_whitespace() {
@@ -320,7 +320,7 @@ pub struct TicketRef<'a> {
 
 /// An agent or admin as the index knows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AgentRef<'a> {
+pub(crate) struct AgentRef<'a> {
     pub id: i64,
     pub name: &'a str,
     pub email: &'a str,
@@ -332,7 +332,7 @@ pub struct AgentRef<'a> {
 
 impl AgentRef<'_> {
     /// Whether tickets assigned to this agent can decide a route (DESIGN §3 rule 4).
-    pub fn is_usable(&self) -> bool {
+    pub(crate) fn is_usable(&self) -> bool {
         self.active && !self.suspended
     }
 }
@@ -523,7 +523,11 @@ impl UserBatch {
 
     /// Only the phone identities of `users` (as `users/show_many?include=identities` returns them),
     /// for a page whose users were applied without them; the users themselves are left as they are.
-    pub fn identities_only(users: &[User], identities: &[Identity], parser: &PhoneParser) -> Self {
+    pub(crate) fn identities_only(
+        users: &[User],
+        identities: &[Identity],
+        parser: &PhoneParser,
+    ) -> Self {
         Self {
             users: Vec::new(),
             identities: Some(group_phones(
@@ -570,6 +574,7 @@ fn group_phones(
     by_user
 }
 
+#[cfg(test)]
 /// The sorted, deduplicated digits of the phone identities among `identities`.
 fn phones_of<'a>(identities: impl Iterator<Item = &'a Identity>, parser: &PhoneParser) -> Vec<u64> {
     let mut phones: Vec<u64> = identities
@@ -683,8 +688,9 @@ impl Index {
         }
     }
 
+    #[cfg(test)]
     /// Replaces the phone-number identities known for `user_id` (other identity types ignored).
-    pub fn apply_identities(
+    pub(crate) fn apply_identities(
         &mut self,
         user_id: i64,
         identities: &[Identity],
@@ -736,17 +742,17 @@ impl Index {
         }
     }
 
-    pub fn cursors(&self) -> &Cursors {
+    pub(crate) fn cursors(&self) -> &Cursors {
         &self.cursors
     }
 
     /// Up to `n` of the users whose phone identities are still to be fetched, lowest ids first.
-    pub fn pending_identities(&self, n: usize) -> Vec<i64> {
+    pub(crate) fn pending_identities(&self, n: usize) -> Vec<i64> {
         self.pending_identities.iter().take(n).copied().collect()
     }
 
     /// How many users' phone identities are still to be fetched.
-    pub fn pending_identities_len(&self) -> usize {
+    pub(crate) fn pending_identities_len(&self) -> usize {
         self.pending_identities.len()
     }
 
@@ -760,22 +766,22 @@ impl Index {
         }
     }
 
-    pub fn cursors_mut(&mut self) -> &mut Cursors {
+    pub(crate) fn cursors_mut(&mut self) -> &mut Cursors {
         &mut self.cursors
     }
 
     /// Records that `export` was read to its end at `at_ms` (Unix milliseconds).
-    pub fn mark_fresh(&mut self, export: Export, at_ms: i64) {
+    pub(crate) fn mark_fresh(&mut self, export: Export, at_ms: i64) {
         self.fresh[export.idx()] = Some(at_ms);
     }
 
     /// When `export` was last read to its end (Unix milliseconds); `None` until it was.
-    pub fn fresh_at(&self, export: Export) -> Option<i64> {
+    pub(crate) fn fresh_at(&self, export: Export) -> Option<i64> {
         self.fresh[export.idx()]
     }
 
     /// Milliseconds since the oldest of the three exports was last read to its end; `None` until all were.
-    pub fn age_ms(&self, now_ms: i64) -> Option<i64> {
+    pub(crate) fn age_ms(&self, now_ms: i64) -> Option<i64> {
         let mut oldest = i64::MAX;
         for f in self.fresh {
             oldest = oldest.min(f?);
@@ -784,7 +790,7 @@ impl Index {
     }
 
     /// True once a full warm-up completed (or a snapshot of one was loaded).
-    pub fn is_loaded(&self) -> bool {
+    pub(crate) fn is_loaded(&self) -> bool {
         self.loaded
     }
 
@@ -803,13 +809,13 @@ impl Index {
     }
 
     /// Whether any active customer has this number (the cheap check behind `E164::candidate`).
-    pub fn has_phone(&self, phone: E164) -> bool {
+    pub(crate) fn has_phone(&self, phone: E164) -> bool {
         let p = phone.digits();
         self.phones.find(fx(p), |e| e.phone() == p).is_some()
     }
 
     /// The active, unsuspended customers on `phone`, in no particular order.
-    pub fn customers_by_phone(&self, phone: E164) -> impl Iterator<Item = CustomerRef<'_>> {
+    pub(crate) fn customers_by_phone(&self, phone: E164) -> impl Iterator<Item = CustomerRef<'_>> {
         let p = phone.digits();
         self.phones
             .iter_hash(fx(p))
@@ -839,18 +845,18 @@ impl Index {
             .map(ticket_ref)
     }
 
-    pub fn open_ticket(&self, id: i64) -> Option<TicketRef<'_>> {
+    pub(crate) fn open_ticket(&self, id: i64) -> Option<TicketRef<'_>> {
         self.tickets.get(id).map(ticket_ref)
     }
 
     /// Any agent or admin seen, whatever their state.
-    pub fn agent(&self, id: i64) -> Option<AgentRef<'_>> {
+    pub(crate) fn agent(&self, id: i64) -> Option<AgentRef<'_>> {
         self.agents.get(&id).map(|a| agent_ref(id, a))
     }
 
     /// The active, unsuspended agent/admin whose [`name_key`] matches `full_name`; the lowest id
     /// when several share the name (deterministic; `deskline check` lists such clashes).
-    pub fn agent_by_name(&self, full_name: &str) -> Option<i64> {
+    pub(crate) fn agent_by_name(&self, full_name: &str) -> Option<i64> {
         let key = name_key(full_name);
         self.agent_keys
             .get(key.as_str())?
@@ -878,8 +884,9 @@ impl Index {
         out
     }
 
+    #[cfg(test)]
     /// The name of any known user (customer or agent).
-    pub fn user_name(&self, id: i64) -> Option<&str> {
+    pub(crate) fn user_name(&self, id: i64) -> Option<&str> {
         match self.customers.get(id) {
             Some(c) => Some(&c.name),
             None => self.agents.get(&id).map(|a| &*a.name),
@@ -887,13 +894,13 @@ impl Index {
     }
 
     /// The organization of a known end-user, when it has one.
-    pub fn user_organization(&self, id: i64) -> Option<i64> {
+    pub(crate) fn user_organization(&self, id: i64) -> Option<i64> {
         self.customers
             .get(id)
             .and_then(|c| (c.org != 0).then_some(c.org))
     }
 
-    pub fn organization_name(&self, id: i64) -> Option<&str> {
+    pub(crate) fn organization_name(&self, id: i64) -> Option<&str> {
         self.orgs.get(id).map(|o| &*o.name)
     }
 

@@ -55,7 +55,7 @@ pub enum SnapshotError {
 }
 
 /// The index as it stood when [`Frozen::of`] was called, for a save that runs while it changes.
-pub struct Frozen {
+pub(crate) struct Frozen {
     customers: FrozenStore<CustomerRec>,
     identities: FrozenStore<IdentRec>,
     tickets: FrozenStore<TicketRec>,
@@ -71,7 +71,7 @@ pub struct Frozen {
 impl Frozen {
     /// Cheap: an `Arc` clone per chunk of 1024 records, plus a copy of the agents and of the
     /// pending-identities list (both small).
-    pub fn of(ix: &Index) -> Self {
+    pub(crate) fn of(ix: &Index) -> Self {
         Self {
             customers: ix.customers.frozen(),
             identities: ix.identities.frozen(),
@@ -92,7 +92,7 @@ pub fn save(index: &Index, path: &Path) -> Result<(), SnapshotError> {
 }
 
 /// [`save`] of a view taken earlier (what the index writer does, see [`super::writer`]).
-pub fn save_frozen(index: &Frozen, path: &Path) -> Result<(), SnapshotError> {
+pub(crate) fn save_frozen(index: &Frozen, path: &Path) -> Result<(), SnapshotError> {
     let file_name = path.file_name().ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::InvalidInput,

@@ -119,7 +119,7 @@ impl IndexWriter {
     }
 
     /// Turns true when the index is complete; `wait_for(|l| *l)` instead of polling `is_loaded`.
-    pub fn loaded(&self) -> watch::Receiver<bool> {
+    pub(crate) fn loaded(&self) -> watch::Receiver<bool> {
         self.loaded.clone()
     }
 
@@ -136,7 +136,7 @@ impl IndexWriter {
 
     /// Applies `changes` in order, as one message: a snapshot holds all of them or none (so a
     /// page and the cursor after it are saved together).
-    pub async fn apply_all(&self, changes: Vec<Change>) -> Result<(), WriterStopped> {
+    pub(crate) async fn apply_all(&self, changes: Vec<Change>) -> Result<(), WriterStopped> {
         let (ack, done) = oneshot::channel();
         self.tx
             .send(Msg::Apply(changes, ack))

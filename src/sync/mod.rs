@@ -43,7 +43,7 @@
 //! One test suite (`store_tests`) runs against both.
 
 mod comment;
-pub mod pg;
+pub(crate) mod pg;
 mod queue;
 mod settings;
 mod store;
@@ -59,19 +59,19 @@ use serde::{Deserialize, Serialize};
 
 use crate::phone::E164;
 
-pub use pg::PgQueue;
+pub(crate) use pg::PgQueue;
 pub use queue::{Queue, QueueError};
-pub use settings::SyncSettings;
-pub use store::{JobStore, SPOOL_DIR, StoreError};
-pub use worker::{Worker, WorkerHandle};
+pub(crate) use settings::SyncSettings;
+pub(crate) use store::{JobStore, StoreError};
+pub(crate) use worker::{Worker, WorkerHandle};
 
 /// How often finished jobs past `storage.retention_days` are deleted (and once at start).
-pub const HOUSEKEEPING_EVERY: std::time::Duration = std::time::Duration::from_secs(60 * 60);
+pub(crate) const HOUSEKEEPING_EVERY: std::time::Duration = std::time::Duration::from_secs(60 * 60);
 
 /// Deletes finished jobs older than `retention` now and every [`HOUSEKEEPING_EVERY`] until `stop`.
 /// A failed purge is logged and tried again next time: old rows cost disk, not correctness, and a
 /// queue that really broke stops the worker, which stops the process.
-pub async fn housekeeping(
+pub(crate) async fn housekeeping(
     queue: JobStore,
     retention: std::time::Duration,
     stop: tokio_util::sync::CancellationToken,
@@ -97,7 +97,7 @@ pub async fn housekeeping(
 /// Who started the call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Direction {
+pub(crate) enum Direction {
     Incoming,
     Outgoing,
     Callback,
@@ -106,7 +106,7 @@ pub enum Direction {
 /// How the call ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Outcome {
+pub(crate) enum Outcome {
     Answered,
     Missed,
     Busy,
@@ -125,7 +125,7 @@ pub enum SyncState {
 }
 
 impl SyncState {
-    pub const ALL: [SyncState; 5] = [
+    pub(crate) const ALL: [SyncState; 5] = [
         Self::Queued,
         Self::InProgress,
         Self::RetryWait,
@@ -152,7 +152,7 @@ impl SyncState {
 /// One finished call as the PBX reported it. Stored as JSON in the queue, so fields may be added
 /// (with `#[serde(default)]`) without migrating stored rows.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CallReport {
+pub(crate) struct CallReport {
     pub call_id: String,
     pub direction: Direction,
     pub outcome: Outcome,
@@ -181,7 +181,7 @@ pub struct CallReport {
 /// A report field that failed validation; the gRPC layer turns it into INVALID_ARGUMENT.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {message}")]
-pub struct FieldError {
+pub(crate) struct FieldError {
     pub field: &'static str,
     pub message: String,
 }
@@ -210,7 +210,7 @@ fn field_err(field: &'static str, message: impl Into<String>) -> FieldError {
 impl CallReport {
     /// Bounds every field, so a bad PBX cannot fill the queue with megabytes or smuggle control
     /// characters into Zendesk comments. Lengths are counted in characters.
-    pub fn validate(&self) -> Result<(), FieldError> {
+    pub(crate) fn validate(&self) -> Result<(), FieldError> {
         let id = &self.call_id;
         if id.trim().is_empty() {
             return Err(field_err("call_id", "required"));
@@ -308,7 +308,7 @@ impl CallReport {
 
 /// What `GetCallStatus` reports. Ids are 0 when not (yet) known.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CallStatus {
+pub(crate) struct CallStatus {
     pub call_id: String,
     pub state: SyncState,
     pub attempts: u32,
@@ -329,7 +329,7 @@ pub struct CallStatus {
 pub(crate) mod test_support {
     use super::*;
 
-    pub fn report(call_id: &str, phone: u64) -> CallReport {
+    pub(crate) fn report(call_id: &str, phone: u64) -> CallReport {
         CallReport {
             call_id: call_id.to_owned(),
             direction: Direction::Incoming,

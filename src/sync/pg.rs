@@ -65,7 +65,7 @@ macro_rules! now_ms_sql {
 }
 
 /// Schema step `0001_sync_queue` (see [`crate::pg::migrations`]).
-pub const SCHEMA_0001: &str = "
+pub(crate) const SCHEMA_0001: &str = "
 CREATE TABLE jobs (
     seq                  BIGSERIAL PRIMARY KEY,
     call_id              TEXT     NOT NULL UNIQUE,
@@ -111,7 +111,7 @@ const JOB_COLUMNS: &str = "seq, call_id, report, attempts, user_id, organization
 
 /// Cheap to clone: clones share one pool.
 #[derive(Clone)]
-pub struct PgQueue {
+pub(crate) struct PgQueue {
     pool: Pool,
     lease: Duration,
     /// Shown in `numbers.lease_owner` for operators: which replica holds a number.
@@ -129,7 +129,7 @@ impl std::fmt::Debug for PgQueue {
 
 /// Errors of this module; [`super::StoreError`] wraps them.
 #[derive(Debug, thiserror::Error)]
-pub enum PgQueueError {
+pub(crate) enum PgQueueError {
     #[error(transparent)]
     Pg(#[from] PgError),
     #[error("another replica took over the job (its lease ran out)")]
@@ -189,7 +189,7 @@ fn digits(phone: E164) -> i64 {
 impl PgQueue {
     /// A queue over an already migrated database ([`crate::pg::migrate`]). `owner` names this
     /// replica in `numbers.lease_owner`.
-    pub fn new(pool: Pool, lease: Duration, owner: impl Into<Arc<str>>) -> Self {
+    pub(crate) fn new(pool: Pool, lease: Duration, owner: impl Into<Arc<str>>) -> Self {
         Self {
             pool,
             lease,
@@ -197,11 +197,7 @@ impl PgQueue {
         }
     }
 
-    pub fn pool(&self) -> &Pool {
-        &self.pool
-    }
-
-    pub fn lease(&self) -> Duration {
+    pub(crate) fn lease(&self) -> Duration {
         self.lease
     }
 
@@ -210,7 +206,7 @@ impl PgQueue {
     }
 
     /// Stores the report; `true` when its `call_id` was already accepted. Returns after commit.
-    pub async fn enqueue(&self, r: &CallReport) -> Result<bool> {
+    pub(crate) async fn enqueue(&self, r: &CallReport) -> Result<bool> {
         let json = serde_json::to_string(r).map_err(|e| PgQueueError::Corrupt {
             call_id: r.call_id.clone(),
             message: e.to_string(),
@@ -237,7 +233,7 @@ impl PgQueue {
         .await
     }
 
-    pub async fn status(&self, call_id: &str) -> Result<Option<CallStatus>> {
+    pub(crate) async fn status(&self, call_id: &str) -> Result<Option<CallStatus>> {
         timed_q(async {
             let c = self.pool.get().await?;
             let stmt = c
@@ -286,7 +282,7 @@ impl PgQueue {
     }
 
     /// Jobs per state, every state present.
-    pub async fn counts(&self) -> Result<BTreeMap<SyncState, u64>> {
+    pub(crate) async fn counts(&self) -> Result<BTreeMap<SyncState, u64>> {
         timed_q(async {
             let c = self.pool.get().await?;
             let mut out: BTreeMap<SyncState, u64> =
@@ -309,7 +305,7 @@ impl PgQueue {
     /// Deletes the `DONE` and `FAILED` jobs whose last change is before `before_ms` (Unix ms), a
     /// batch per transaction (as the SQLite queue does); returns how many. The `numbers` rows stay:
     /// they remember what this deployment created for each number.
-    pub async fn purge_finished(&self, before_ms: i64) -> Result<u64> {
+    pub(crate) async fn purge_finished(&self, before_ms: i64) -> Result<u64> {
         let mut total = 0u64;
         loop {
             let n = timed_q(async {

@@ -41,7 +41,7 @@ use super::{CallReport, CallStatus, SyncState};
 use crate::phone::E164;
 
 /// The queue file inside the data directory.
-pub const QUEUE_FILE: &str = "queue.sqlite3";
+pub(super) const QUEUE_FILE: &str = "queue.sqlite3";
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
@@ -305,7 +305,7 @@ impl Queue {
 
     /// Stores the report; returns `true` (a duplicate, nothing changed) when its `call_id` was
     /// already accepted. Returns only after the transaction is committed.
-    pub async fn enqueue(&self, r: &CallReport) -> Result<bool, QueueError> {
+    pub(crate) async fn enqueue(&self, r: &CallReport) -> Result<bool, QueueError> {
         let json = serde_json::to_string(r).map_err(|e| QueueError::Corrupt {
             call_id: r.call_id.clone(),
             message: e.to_string(),
@@ -325,7 +325,7 @@ impl Queue {
         .await
     }
 
-    pub async fn status(&self, call_id: &str) -> Result<Option<CallStatus>, QueueError> {
+    pub(crate) async fn status(&self, call_id: &str) -> Result<Option<CallStatus>, QueueError> {
         let call_id = call_id.to_owned();
         self.read(move |c| {
             let row = c
@@ -401,7 +401,7 @@ impl Queue {
 
     /// Deletes the `DONE` and `FAILED` jobs whose last change is before `before_ms` (Unix ms), a
     /// batch per transaction; returns how many.
-    pub async fn purge_finished(&self, before_ms: i64) -> Result<u64, QueueError> {
+    pub(crate) async fn purge_finished(&self, before_ms: i64) -> Result<u64, QueueError> {
         let mut total = 0u64;
         loop {
             let n = self

@@ -10,7 +10,7 @@ use crate::{
 /// Everything the worker needs to decide what to write. Built with [`SyncSettings::from_config`];
 /// tests adjust the public fields.
 #[derive(Debug, Clone)]
-pub struct SyncSettings {
+pub(crate) struct SyncSettings {
     pub create_user: bool,
     pub create_organization: bool,
     pub create_ticket: bool,
@@ -38,7 +38,7 @@ pub struct SyncSettings {
 }
 
 impl SyncSettings {
-    pub fn from_config(cfg: &Config) -> Result<Self, ConfigError> {
+    pub(crate) fn from_config(cfg: &Config) -> Result<Self, ConfigError> {
         let key = |k: &str, m: String| ConfigError::Key {
             key: k.to_owned(),
             message: m,

@@ -47,10 +47,10 @@ use super::{
 use crate::phone::E164;
 
 /// The spool's directory inside `storage.data_dir`.
-pub const SPOOL_DIR: &str = "spool";
+pub(crate) const SPOOL_DIR: &str = "spool";
 
 #[derive(Debug, thiserror::Error)]
-pub enum StoreError {
+pub(crate) enum StoreError {
     #[error(transparent)]
     Sqlite(#[from] QueueError),
     #[error(transparent)]
@@ -73,7 +73,7 @@ impl From<PgQueueError> for StoreError {
 
 impl StoreError {
     /// PostgreSQL cannot be reached right now (not a bug; it comes back).
-    pub fn is_unavailable(&self) -> bool {
+    pub(crate) fn is_unavailable(&self) -> bool {
         matches!(self, StoreError::Postgres(PgQueueError::Pg(e)) if e.is_unavailable())
     }
 
@@ -117,7 +117,7 @@ impl From<Queue> for JobStore {
 
 impl JobStore {
     /// PostgreSQL with its spool in `data_dir/spool`.
-    pub async fn postgres(pg: PgQueue, data_dir: &Path) -> Result<Self> {
+    pub(crate) async fn postgres(pg: PgQueue, data_dir: &Path) -> Result<Self> {
         let spool = Queue::open(&data_dir.join(SPOOL_DIR))?;
         // A spool left by a previous run is drained before new reports bypass it.
         let left = spool.counts().await?[&SyncState::Queued];
@@ -131,7 +131,7 @@ impl JobStore {
     }
 
     /// How often the holder of a claim must renew it; `None` when claims need no lease (SQLite).
-    pub fn renew_every(&self) -> Option<Duration> {
+    pub(crate) fn renew_every(&self) -> Option<Duration> {
         match self {
             JobStore::Sqlite(_) => None,
             JobStore::Postgres(s) => Some(s.pg.lease() / 3),
@@ -140,7 +140,7 @@ impl JobStore {
 
     /// The longest the worker may sleep without looking at the queue: other replicas enqueue and
     /// finish jobs without waking this one, so PostgreSQL is polled often.
-    pub fn max_idle(&self) -> Option<Duration> {
+    pub(crate) fn max_idle(&self) -> Option<Duration> {
         match self {
             JobStore::Sqlite(_) => None,
             JobStore::Postgres(_) => Some(Duration::from_millis(500)),
@@ -149,7 +149,7 @@ impl JobStore {
 
     /// Stores the report; `true` when its `call_id` was already accepted (see the module doc
     /// for what is knowable while PostgreSQL is down). Returns only after a commit.
-    pub async fn enqueue(&self, r: &CallReport) -> Result<bool> {
+    pub(crate) async fn enqueue(&self, r: &CallReport) -> Result<bool> {
         match self {
             JobStore::Sqlite(q) => Ok(q.enqueue(r).await?),
             JobStore::Postgres(s) => {
@@ -171,7 +171,7 @@ impl JobStore {
         }
     }
 
-    pub async fn status(&self, call_id: &str) -> Result<Option<CallStatus>> {
+    pub(crate) async fn status(&self, call_id: &str) -> Result<Option<CallStatus>> {
         match self {
             JobStore::Sqlite(q) => Ok(q.status(call_id).await?),
             JobStore::Postgres(s) => {
@@ -197,7 +197,7 @@ impl JobStore {
     }
 
     /// Jobs per state, every state present (for metrics).
-    pub async fn counts(&self) -> Result<BTreeMap<SyncState, u64>> {
+    pub(crate) async fn counts(&self) -> Result<BTreeMap<SyncState, u64>> {
         match self {
             JobStore::Sqlite(q) => Ok(q.counts().await?),
             JobStore::Postgres(s) => Ok(s.pg.counts().await?),
@@ -205,7 +205,7 @@ impl JobStore {
     }
 
     /// Deletes finished jobs last changed before `before_ms` (`storage.retention_days`).
-    pub async fn purge_finished(&self, before_ms: i64) -> Result<u64> {
+    pub(crate) async fn purge_finished(&self, before_ms: i64) -> Result<u64> {
         match self {
             JobStore::Sqlite(q) => Ok(q.purge_finished(before_ms).await?),
             JobStore::Postgres(s) => Ok(s.pg.purge_finished(before_ms).await?),
@@ -213,7 +213,7 @@ impl JobStore {
     }
 
     /// Reports waiting in the local spool (0 without PostgreSQL).
-    pub async fn spooled(&self) -> Result<u64> {
+    pub(crate) async fn spooled(&self) -> Result<u64> {
         match self {
             JobStore::Sqlite(_) => Ok(0),
             JobStore::Postgres(s) => {
@@ -322,7 +322,7 @@ impl JobStore {
 
     /// Moves spooled reports into PostgreSQL until `shutdown` (a no-op for SQLite). Each report
     /// is inserted, then marked done in the spool; the worker is woken (`on_forward`) after each.
-    pub async fn forward_spool(
+    pub(crate) async fn forward_spool(
         self,
         shutdown: CancellationToken,
         on_forward: impl Fn() + Send + Sync,

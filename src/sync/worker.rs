@@ -56,12 +56,12 @@ pub struct WorkerHandle {
 }
 
 impl WorkerHandle {
-    pub fn notify(&self) {
+    pub(crate) fn notify(&self) {
         self.notify.notify_one();
     }
 }
 
-pub struct Worker {
+pub(crate) struct Worker {
     inner: Arc<Inner>,
 }
 
@@ -84,7 +84,7 @@ struct UserInfo {
 }
 
 impl Worker {
-    pub fn new(
+    pub(crate) fn new(
         queue: impl Into<JobStore>,
         client: zendesk::Client,
         writer: IndexWriter,
@@ -103,21 +103,16 @@ impl Worker {
     }
 
     /// A handle that wakes the worker; take it before [`run`](Self::run) consumes the worker.
-    pub fn handle(&self) -> WorkerHandle {
+    pub(crate) fn handle(&self) -> WorkerHandle {
         WorkerHandle {
             notify: self.inner.notify.clone(),
         }
     }
 
-    /// Wakes the worker at once.
-    pub fn notify(&self) {
-        self.inner.notify.notify_one();
-    }
-
     /// Runs until `shutdown`: then it stops claiming, releases the jobs in flight back to `QUEUED`
     /// (their recorded steps stay, so the next start resumes them) and returns. Returns an error
     /// only when the queue itself fails (the process should then stop rather than limp on).
-    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub(crate) async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let inner = self.inner;
         let permits = Arc::new(Semaphore::new(inner.settings.concurrency.max(1)));
         let tracker = TaskTracker::new();

@@ -22,7 +22,7 @@ use crate::{
 
 /// A change the index understands, resolved from a webhook (and a read from Zendesk if needed).
 #[derive(Debug, Clone, PartialEq)]
-pub enum IndexChange {
+pub(crate) enum IndexChange {
     /// Upsert, or removal when not open (`solved`, `closed`, `deleted`).
     Ticket(Ticket),
     /// Upsert (or suspend, role change, deletion via `active:false`) with the user's complete
@@ -37,7 +37,7 @@ pub enum IndexChange {
 }
 
 /// The one place webhooks write the index (see the module doc).
-pub async fn apply_change(
+pub(crate) async fn apply_change(
     writer: &IndexWriter,
     parser: &PhoneParser,
     change: IndexChange,
@@ -66,7 +66,7 @@ pub async fn apply_change(
 
 /// What [`Versions::judge`] decided for a change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     Apply,
     Stale,
     /// Same second as what is held but a different state: read the entity to decide.
@@ -75,7 +75,7 @@ pub enum Verdict {
 
 /// The last applied `(updated_at, digest)` per ticket and per user (see the module doc).
 #[derive(Clone)]
-pub struct Versions {
+pub(crate) struct Versions {
     tickets: moka::sync::Cache<i64, (i64, u64)>,
     users: moka::sync::Cache<i64, (i64, u64)>,
 }
@@ -96,7 +96,7 @@ impl Default for Versions {
 }
 
 /// A digest of what the index keeps of a ticket.
-pub fn ticket_digest(status: &str, requester: i64, assignee: i64, subject: &str) -> u64 {
+pub(crate) fn ticket_digest(status: &str, requester: i64, assignee: i64, subject: &str) -> u64 {
     foldhash::fast::FixedState::with_seed(7).hash_one((status, requester, assignee, subject))
 }
 
@@ -129,7 +129,7 @@ fn newer(a: Option<(i64, u64)>, b: Option<(i64, u64)>) -> Option<(i64, u64)> {
 
 impl Versions {
     /// Whether a ticket from an event's `detail` is newer than what is known of it.
-    pub fn judge_ticket(&self, index: &SharedIndex, t: &Ticket) -> Verdict {
+    pub(crate) fn judge_ticket(&self, index: &SharedIndex, t: &Ticket) -> Verdict {
         let Some(at) = t.updated_at.as_deref().and_then(parse_time) else {
             return Verdict::Ambiguous;
         };
@@ -146,7 +146,7 @@ impl Versions {
     }
 
     /// Whether Zendesk's current answer for a ticket may be applied: anything not older.
-    pub fn current_ticket_is_fresh(&self, index: &SharedIndex, t: &Ticket) -> bool {
+    pub(crate) fn current_ticket_is_fresh(&self, index: &SharedIndex, t: &Ticket) -> bool {
         let Some(at) = t.updated_at.as_deref().and_then(parse_time) else {
             return true;
         };
@@ -158,21 +158,21 @@ impl Versions {
     /// applied. Export rows show a record's state when the page was read; a page read just before a
     /// webhook change and applied just after it would otherwise step the record back until the
     /// next poll.
-    pub fn export_row_is_older(&self, t: &Ticket) -> bool {
+    pub(crate) fn export_row_is_older(&self, t: &Ticket) -> bool {
         let Some(at) = t.updated_at.as_deref().and_then(parse_time) else {
             return false;
         };
         self.tickets.get(&t.id).is_some_and(|(k, _)| at < k)
     }
 
-    pub fn applied_ticket(&self, t: &Ticket) {
+    pub(crate) fn applied_ticket(&self, t: &Ticket) {
         if let Some(at) = t.updated_at.as_deref().and_then(parse_time) {
             self.tickets.insert(t.id, (at, digest_of(t)));
         }
     }
 
     /// Whether Zendesk's current answer for a user may be applied: anything not older.
-    pub fn current_user_is_fresh(&self, index: &SharedIndex, u: &User) -> bool {
+    pub(crate) fn current_user_is_fresh(&self, index: &SharedIndex, u: &User) -> bool {
         let Some(at) = u.updated_at.as_deref().and_then(parse_time) else {
             return true;
         };
@@ -181,14 +181,14 @@ impl Versions {
     }
 
     /// As [`Versions::export_row_is_older`], for a row of the users export.
-    pub fn export_user_is_older(&self, u: &User) -> bool {
+    pub(crate) fn export_user_is_older(&self, u: &User) -> bool {
         let Some(at) = u.updated_at.as_deref().and_then(parse_time) else {
             return false;
         };
         self.users.get(&u.id).is_some_and(|(k, _)| at < k)
     }
 
-    pub fn applied_user(&self, u: &User) {
+    pub(crate) fn applied_user(&self, u: &User) {
         if let Some(at) = u.updated_at.as_deref().and_then(parse_time) {
             self.users.insert(u.id, (at, 0));
         }
@@ -196,7 +196,7 @@ impl Versions {
 }
 
 /// Shared by the applier and the export follower.
-pub type SharedVersions = Arc<Versions>;
+pub(crate) type SharedVersions = Arc<Versions>;
 
 #[cfg(test)]
 mod tests {

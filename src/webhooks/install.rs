@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use crate::zendesk::{Client, Retry, ZendeskError};
 
 /// The event types Deskline applies (ZENDESK.md §10).
-pub const TICKET_EVENTS: [&str; 7] = [
+pub(crate) const TICKET_EVENTS: [&str; 7] = [
     "zen:event-type:ticket.created",
     "zen:event-type:ticket.status_changed",
     "zen:event-type:ticket.agent_assignment_changed",
@@ -30,7 +30,7 @@ pub const TICKET_EVENTS: [&str; 7] = [
     "zen:event-type:ticket.soft_deleted",
     "zen:event-type:ticket.permanently_deleted",
 ];
-pub const USER_EVENTS: [&str; 9] = [
+pub(crate) const USER_EVENTS: [&str; 9] = [
     "zen:event-type:user.created",
     "zen:event-type:user.active_changed",
     "zen:event-type:user.role_changed",
@@ -43,9 +43,9 @@ pub const USER_EVENTS: [&str; 9] = [
     // that does not know it says so (the simulator sends it).
     "zen:event-type:user.suspended_changed",
 ];
-pub const WEBHOOK_NAME: &str = "Deskline index";
-pub const USERS_WEBHOOK_NAME: &str = "Deskline index (users)";
-pub const TRIGGER_TITLE: &str = "Deskline index";
+pub(crate) const WEBHOOK_NAME: &str = "Deskline index";
+pub(crate) const USERS_WEBHOOK_NAME: &str = "Deskline index (users)";
+pub(crate) const TRIGGER_TITLE: &str = "Deskline index";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -94,7 +94,7 @@ struct SecretInner {
 }
 
 /// Every webhook of the account whose name mentions Deskline (first page: a handful at most).
-pub async fn list(client: &Client) -> Result<Vec<Webhook>, ZendeskError> {
+pub(crate) async fn list(client: &Client) -> Result<Vec<Webhook>, ZendeskError> {
     let l: List = client
         .request(
             Method::GET,

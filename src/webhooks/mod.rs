@@ -22,9 +22,9 @@
 //! - Body size is capped ([`MAX_BODY_BYTES`], 413) and reading it is timed out ([`READ_TIMEOUT`],
 //!   408); no input makes the handler panic (proptests in `verify` and `parse`).
 
-pub mod apply;
+pub(crate) mod apply;
 pub mod install;
-pub mod parse;
+pub(crate) mod parse;
 pub mod verify;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
@@ -51,9 +51,9 @@ use apply::{IndexChange, Verdict, apply_change};
 use parse::Change;
 
 /// Zendesk's event bodies are a few KiB; anything this big is not one of them.
-pub const MAX_BODY_BYTES: usize = 256 * 1024;
+pub(crate) const MAX_BODY_BYTES: usize = 256 * 1024;
 /// How long reading one request's body may take.
-pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Changes waiting for the applier before the endpoint answers 503.
 const QUEUE: usize = 10_000;
 
@@ -66,7 +66,7 @@ struct Endpoint {
 }
 
 /// What the applier needs.
-pub struct Applier {
+pub(crate) struct Applier {
     rx: mpsc::Receiver<Change>,
     client: Client,
     /// For reads (version checks); changes go through `writer`.
@@ -78,7 +78,7 @@ pub struct Applier {
 }
 
 /// The router serving `POST {path}` and the applier that must run beside it.
-pub fn endpoint(
+pub(crate) fn endpoint(
     path: &str,
     secret: SecretString,
     client: Client,
@@ -111,7 +111,7 @@ pub fn endpoint(
 }
 
 /// Serves `router` on `listener` until `shutdown`.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -220,7 +220,7 @@ async fn receive(State(st): State<Arc<Endpoint>>, headers: HeaderMap, body: Body
 impl Applier {
     /// Applies changes in arrival order until `shutdown` (what is queued then is left to the
     /// export, which repairs it).
-    pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub(crate) async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
         loop {
             let change = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
@@ -311,7 +311,7 @@ impl Applier {
 }
 
 /// Binds `webhooks.listen`.
-pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+pub(crate) async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
     use anyhow::Context as _;
     tokio::net::TcpListener::bind(addr)
         .await

@@ -18,11 +18,11 @@ use crate::zendesk::models::Ticket;
 
 /// The JSON body of the trigger variant (`deskline webhooks install --trigger`): Zendesk renders
 /// `{{ticket.id}}` as digits.
-pub const TRIGGER_TEMPLATE: &str = r#"{"deskline_ticket_id": "{{ticket.id}}"}"#;
+pub(crate) const TRIGGER_TEMPLATE: &str = r#"{"deskline_ticket_id": "{{ticket.id}}"}"#;
 
 /// What one webhook request asks of the index.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Change {
+pub(crate) enum Change {
     /// A ticket's full state from an event's `detail` (status `deleted` for a deletion).
     Ticket(Box<Ticket>),
     /// Only the ticket's id is known: read it from Zendesk.
@@ -36,7 +36,7 @@ pub enum Change {
 
 /// A parsed body: the change and the event's own id (deduplicated as the invocation id is).
 #[derive(Debug, Clone, PartialEq)]
-pub struct Parsed {
+pub(crate) struct Parsed {
     pub event_id: Option<String>,
     /// The event type, for logs (`zen:event-type:…`, or `trigger`).
     pub kind: String,
@@ -44,7 +44,7 @@ pub struct Parsed {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ParseError {
+pub(crate) enum ParseError {
     #[error("not a JSON object")]
     NotJson,
     #[error("neither an event (`type`) nor Deskline's trigger body")]
@@ -83,7 +83,7 @@ fn subject_id(subject: Option<&str>, kind: &str) -> Option<i64> {
     rest.strip_prefix(':')?.parse().ok().filter(|id| *id > 0)
 }
 
-pub fn parse(body: &[u8]) -> Result<Parsed, ParseError> {
+pub(crate) fn parse(body: &[u8]) -> Result<Parsed, ParseError> {
     let env: Envelope = serde_json::from_slice(body).map_err(|_| ParseError::NotJson)?;
     if let Some(v) = &env.deskline_ticket_id {
         let id = id_of(Some(v)).ok_or(ParseError::NoId)?;

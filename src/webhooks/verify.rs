@@ -12,10 +12,10 @@ use sha2::Sha256;
 use subtle::ConstantTimeEq as _;
 
 /// How far the signature timestamp may be from our clock (DESIGN §9).
-pub const MAX_SKEW_SECONDS: i64 = 300;
+pub(crate) const MAX_SKEW_SECONDS: i64 = 300;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum VerifyError {
+pub(crate) enum VerifyError {
     #[error("missing or unreadable signature headers")]
     MissingHeaders,
     #[error("signature does not match")]
@@ -40,7 +40,7 @@ fn mac(secret: &[u8], timestamp: &str, body: &[u8]) -> [u8; 32] {
 }
 
 /// Checks one request. `now_secs`: our clock, Unix seconds.
-pub fn verify(
+pub(crate) fn verify(
     secret: &[u8],
     signature: Option<&[u8]>,
     timestamp: Option<&[u8]>,

@@ -57,29 +57,29 @@ use tokio::time::Instant;
 use crate::cluster::{BudgetKind, Grant, Reservation, SharedBudget, SharedBudgetUsage};
 
 /// The length of the rate-limit window Zendesk enforces.
-pub const WINDOW: Duration = Duration::from_secs(60);
+pub(crate) const WINDOW: Duration = Duration::from_secs(60);
 /// Extra time each send stays in the log; see the module docs.
-pub const SAFETY_MARGIN: Duration = Duration::from_millis(500);
+pub(crate) const SAFETY_MARGIN: Duration = Duration::from_millis(500);
 /// At most this many distinct (endpoint, status) labels are kept; later ones fold into `other`, so a
 /// caller passing an unexpected path cannot grow the metrics without bound.
 const MAX_LABELS: usize = 256;
 
 /// While PostgreSQL is unreachable each replica spends at most the limit divided by this.
-pub const FALLBACK_REPLICAS: u32 = 3;
+pub(crate) const FALLBACK_REPLICAS: u32 = 3;
 /// After a failed shared reservation, the fallback budget is used this long before PostgreSQL is
 /// tried again (so a down database costs one timeout per interval, not one per request).
-pub const SHARED_RETRY: Duration = Duration::from_secs(10);
+pub(crate) const SHARED_RETRY: Duration = Duration::from_secs(10);
 
 /// The status recorded for an attempt that got no HTTP response (timeout, connection error).
-pub const NO_RESPONSE: u16 = 0;
+pub(crate) const NO_RESPONSE: u16 = 0;
 /// With this many requests or fewer left in Zendesk's window (its `ratelimit-remaining`), requests
 /// go one at a time, so requests already in flight cannot run into the limit together.
-pub const LOW_REMAINING: u32 = 5;
+pub(crate) const LOW_REMAINING: u32 = 5;
 
 /// Zendesk's rate-limit headers of one response (ZENDESK.md §6). Every field is optional: the
 /// `ratelimit-*` ones come only from ticketing endpoints.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct RateLimitHeaders {
+pub(crate) struct RateLimitHeaders {
     /// `X-Rate-Limit` / `ratelimit-limit`: the account's requests per minute.
     pub limit: Option<u32>,
     /// `X-Rate-Limit-Remaining` / `ratelimit-remaining` (the smaller when both are sent).
@@ -90,7 +90,7 @@ pub struct RateLimitHeaders {
 
 /// How an attempt sent under a [`Permit`] ended, as far as the rate limit is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// Zendesk answered past its rate limit (2xx, or a 4xx other than 429).
     Admitted,
     /// 429 (the caller has already called [`Budget::pause_until`]).
@@ -103,7 +103,7 @@ pub enum Outcome {
 /// [`Outcome`] decides whether the requests waiting behind it go; dropping it unreported counts as
 /// [`Outcome::Unknown`] (a cancelled caller must not hold the others back forever).
 #[derive(Debug)]
-pub struct Permit<'a> {
+pub(crate) struct Permit<'a> {
     budget: &'a Budget,
     probe: bool,
     /// The cluster's probe, granted by the shared budget: its answer is reported there.
@@ -113,15 +113,16 @@ pub struct Permit<'a> {
 }
 
 impl Permit<'_> {
+    #[cfg(test)]
     /// Whether this request is the one that goes alone (after a pause, or with the account low).
-    pub fn is_probe(&self) -> bool {
+    pub(crate) fn is_probe(&self) -> bool {
         self.probe
             || self.shared_probe.is_some()
             || self.fallback.as_ref().is_some_and(|p| p.is_probe())
     }
 
     /// Reports how the request ended.
-    pub fn finish(mut self, outcome: Outcome) {
+    pub(crate) fn finish(mut self, outcome: Outcome) {
         self.resolve(outcome);
     }
 
@@ -244,7 +245,7 @@ struct ServerView {
 }
 
 /// The request budget shared by everything that calls one Zendesk account.
-pub struct Budget {
+pub(crate) struct Budget {
     limit: u32,
     export_limit: u32,
     state: Mutex<State>,
@@ -300,7 +301,7 @@ enum Wait {
 
 /// A snapshot of the budget's counters, for metrics and `deskline check`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BudgetStats {
+pub(crate) struct BudgetStats {
     pub limit: u32,
     pub export_limit: u32,
     /// Requests sent in the last minute (all kinds, exports included).
@@ -324,7 +325,7 @@ impl Budget {
     /// A budget of `requests_per_minute` requests, of which at most `export_requests_per_minute` may
     /// be incremental-export requests. Zero limits are raised to 1 (a budget that never lets anything
     /// through would hang every caller; config validation should refuse 0 anyway).
-    pub fn new(requests_per_minute: u32, export_requests_per_minute: u32) -> Self {
+    pub(crate) fn new(requests_per_minute: u32, export_requests_per_minute: u32) -> Self {
         let limit = requests_per_minute.max(1);
         Self {
             limit,
@@ -340,7 +341,7 @@ impl Budget {
     /// Shares this budget with every replica through `budget` (see the module docs). Its limits
     /// should be this budget's; the local limits stay as the fallback's basis. Only the first
     /// call has an effect.
-    pub fn share(&self, budget: SharedBudget) {
+    pub(crate) fn share(&self, budget: SharedBudget) {
         let fallback = Budget::new(
             (self.limit / FALLBACK_REPLICAS).max(1),
             (self.export_limit / FALLBACK_REPLICAS).max(1),
@@ -356,14 +357,14 @@ impl Budget {
 
     /// Whether requests are reserved in PostgreSQL right now (false without PostgreSQL, and
     /// while it is unreachable).
-    pub fn is_shared(&self) -> bool {
+    pub(crate) fn is_shared(&self) -> bool {
         self.shared
             .get()
             .is_some_and(|s| s.down_until.lock().is_none_or(|t| t <= Instant::now()))
     }
 
     /// The shared budget's use across every replica, when there is one and it answers.
-    pub async fn shared_usage(&self) -> Option<SharedBudgetUsage> {
+    pub(crate) async fn shared_usage(&self) -> Option<SharedBudgetUsage> {
         let shared = self.shared.get()?;
         tokio::time::timeout(crate::pg::OP_TIMEOUT, shared.budget.usage())
             .await
@@ -372,18 +373,18 @@ impl Budget {
     }
 
     /// The account-wide limit (requests per minute).
-    pub fn limit(&self) -> u32 {
+    pub(crate) fn limit(&self) -> u32 {
         self.limit
     }
 
     /// The incremental-export limit (requests per minute).
-    pub fn export_limit(&self) -> u32 {
+    pub(crate) fn export_limit(&self) -> u32 {
         self.export_limit
     }
 
     /// Waits until one more request may be sent, then records it as sent now. `export` marks an
     /// incremental-export request, which also takes the export limit.
-    pub async fn acquire(&self, export: bool) -> Permit<'_> {
+    pub(crate) async fn acquire(&self, export: bool) -> Permit<'_> {
         if let Some(shared) = self.shared.get() {
             // A 429 met here is written to PostgreSQL by a spawned task: honour it locally at
             // once, so this replica sends nothing before the shared pause lands.
@@ -532,7 +533,7 @@ impl Budget {
     }
 
     /// Takes in what Zendesk's rate-limit headers say about the account (see the module docs).
-    pub fn observe(&self, h: RateLimitHeaders) {
+    pub(crate) fn observe(&self, h: RateLimitHeaders) {
         let mut st = self.state.lock();
         if let Some(l) = h.limit.filter(|&l| l > 0) {
             st.account_limit = Some(l);
@@ -547,7 +548,7 @@ impl Budget {
 
     /// Holds back every request of the account until `until` (a 429's `Retry-After`). A pause never
     /// shortens an existing one.
-    pub fn pause_until(&self, until: Instant) {
+    pub(crate) fn pause_until(&self, until: Instant) {
         if let Some(shared) = self.shared.get() {
             shared.fallback.pause_until(until);
             let budget = shared.budget.clone();
@@ -571,8 +572,9 @@ impl Budget {
         }
     }
 
+    #[cfg(test)]
     /// Requests sent in the last minute (all kinds).
-    pub fn used_last_minute(&self) -> u32 {
+    pub(crate) fn used_last_minute(&self) -> u32 {
         let mut st = self.state.lock();
         st.prune(Instant::now());
         st.sent.len() as u32
@@ -580,7 +582,7 @@ impl Budget {
 
     /// Counts one response (or [`NO_RESPONSE`]) for an endpoint template such as
     /// `GET /api/v2/users/{id}`. A 429 also counts towards `total_rate_limited`.
-    pub fn record_response(&self, endpoint: &str, status: u16) {
+    pub(crate) fn record_response(&self, endpoint: &str, status: u16) {
         let mut st = self.state.lock();
         if status == 429 {
             st.total_rate_limited += 1;
@@ -595,7 +597,7 @@ impl Budget {
     }
 
     /// A snapshot of every counter.
-    pub fn stats(&self) -> BudgetStats {
+    pub(crate) fn stats(&self) -> BudgetStats {
         let now = Instant::now();
         let mut st = self.state.lock();
         st.prune(now);

@@ -50,14 +50,14 @@ use crate::phone::E164;
 /// Where an export read starts: the first call of a cursor export takes a start time, later calls
 /// the cursor of the previous page.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum ExportStart {
+pub(crate) enum ExportStart {
     StartTime(i64),
     Cursor(String),
 }
 
 /// Whether a request may be repeated by the client on a transient error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Retry {
+pub(crate) enum Retry {
     /// Safe to repeat (reads, `create_or_update`, ticket create with an `Idempotency-Key`).
     Idempotent,
     /// Sent at most once after it may have reached Zendesk (a comment, a plain create): a transient
@@ -214,11 +214,11 @@ impl Client {
     }
 
     /// The account URL, no trailing slash: agent links are `{base_url}/agent/users/{id}`.
-    pub fn base_url(&self) -> &str {
+    pub(crate) fn base_url(&self) -> &str {
         &self.inner.base_url
     }
 
-    pub fn budget(&self) -> &Budget {
+    pub(crate) fn budget(&self) -> &Budget {
         &self.inner.budget
     }
 
@@ -232,7 +232,7 @@ impl Client {
 
     /// The generic call everything else uses. `path` starts with `/api/v2/`. `export` marks an
     /// incremental-export request (it also takes the export limit).
-    pub async fn request<T: DeserializeOwned + Send + 'static>(
+    pub(crate) async fn request<T: DeserializeOwned + Send + 'static>(
         &self,
         method: reqwest::Method,
         path: &str,
@@ -248,7 +248,7 @@ impl Client {
     }
 
     // ---- exports ----
-    pub async fn export_users(
+    pub(crate) async fn export_users(
         &self,
         start: &ExportStart,
         include_identities: bool,
@@ -264,7 +264,7 @@ impl Client {
             .await
     }
 
-    pub async fn export_tickets(
+    pub(crate) async fn export_tickets(
         &self,
         start: &ExportStart,
         per_page: u32,
@@ -277,7 +277,7 @@ impl Client {
             .await
     }
 
-    pub async fn export_organizations(
+    pub(crate) async fn export_organizations(
         &self,
         start_time: i64,
     ) -> Result<OrganizationsPage, ZendeskError> {
@@ -291,7 +291,10 @@ impl Client {
 
     /// `users/show_many?ids=…&include=identities`, at most 100 ids (more is refused locally with a
     /// `Permanent` 400, as Zendesk would answer `TooManyValues`).
-    pub async fn show_many_users(&self, ids: &[i64]) -> Result<UsersWithIdentities, ZendeskError> {
+    pub(crate) async fn show_many_users(
+        &self,
+        ids: &[i64],
+    ) -> Result<UsersWithIdentities, ZendeskError> {
         if ids.is_empty() {
             return Ok(UsersWithIdentities::default());
         }
@@ -321,7 +324,7 @@ impl Client {
     }
 
     /// Every agent and admin (all pages).
-    pub async fn list_agents(&self) -> Result<Vec<User>, ZendeskError> {
+    pub(crate) async fn list_agents(&self) -> Result<Vec<User>, ZendeskError> {
         let url = self.api_url_with(
             "/api/v2/users",
             &[
@@ -336,7 +339,10 @@ impl Client {
     /// End-users whose phone matches, via `search.json?query=role:end-user phone:*{digits}`.
     /// Follows the offset pages up to Zendesk's 1000-result cap. Search lags behind writes by up to
     /// a few minutes (ZENDESK §3): an empty answer does not prove there is no such user.
-    pub async fn search_users_by_phone(&self, phone: E164) -> Result<Vec<User>, ZendeskError> {
+    pub(crate) async fn search_users_by_phone(
+        &self,
+        phone: E164,
+    ) -> Result<Vec<User>, ZendeskError> {
         let query = format!("role:end-user phone:*{}", phone.digits());
         let url = self.api_url_with(
             "/api/v2/search",
@@ -352,12 +358,15 @@ impl Client {
             .collect()
     }
 
-    pub async fn show_user(&self, id: i64) -> Result<User, ZendeskError> {
+    pub(crate) async fn show_user(&self, id: i64) -> Result<User, ZendeskError> {
         let env: UserEnvelope = self.get(&format!("/api/v2/users/{id}")).await?;
         Ok(env.user)
     }
 
-    pub async fn user_identities(&self, user_id: i64) -> Result<Vec<Identity>, ZendeskError> {
+    pub(crate) async fn user_identities(
+        &self,
+        user_id: i64,
+    ) -> Result<Vec<Identity>, ZendeskError> {
         let url = self.api_url_with(
             &format!("/api/v2/users/{user_id}/identities"),
             &[("page[size]", "100".to_owned())],
@@ -365,13 +374,16 @@ impl Client {
         self.collect_pages(url, "identities", usize::MAX).await
     }
 
-    pub async fn show_ticket(&self, id: i64) -> Result<Ticket, ZendeskError> {
+    pub(crate) async fn show_ticket(&self, id: i64) -> Result<Ticket, ZendeskError> {
         let env: TicketEnvelope = self.get(&format!("/api/v2/tickets/{id}")).await?;
         Ok(env.ticket)
     }
 
     /// Tickets requested by the user (`users/{id}/tickets/requested`), all pages.
-    pub async fn requested_tickets(&self, user_id: i64) -> Result<Vec<Ticket>, ZendeskError> {
+    pub(crate) async fn requested_tickets(
+        &self,
+        user_id: i64,
+    ) -> Result<Vec<Ticket>, ZendeskError> {
         let url = self.api_url_with(
             &format!("/api/v2/users/{user_id}/tickets/requested"),
             &[("per_page", "100".to_owned())],
@@ -379,7 +391,10 @@ impl Client {
         self.collect_pages(url, "tickets", usize::MAX).await
     }
 
-    pub async fn ticket_comments(&self, ticket_id: i64) -> Result<Vec<Comment>, ZendeskError> {
+    pub(crate) async fn ticket_comments(
+        &self,
+        ticket_id: i64,
+    ) -> Result<Vec<Comment>, ZendeskError> {
         let url = self.api_url_with(
             &format!("/api/v2/tickets/{ticket_id}/comments"),
             &[("per_page", "100".to_owned())],
@@ -387,22 +402,17 @@ impl Client {
         self.collect_pages(url, "comments", usize::MAX).await
     }
 
-    pub async fn show_organization(&self, id: i64) -> Result<Organization, ZendeskError> {
-        let env: OrganizationEnvelope = self.get(&format!("/api/v2/organizations/{id}")).await?;
-        Ok(env.organization)
-    }
-
-    pub async fn ticket_fields(&self) -> Result<Vec<FieldDef>, ZendeskError> {
+    pub(crate) async fn ticket_fields(&self) -> Result<Vec<FieldDef>, ZendeskError> {
         let url = self.api_url("/api/v2/ticket_fields")?;
         self.collect_pages(url, "ticket_fields", usize::MAX).await
     }
 
-    pub async fn user_fields(&self) -> Result<Vec<FieldDef>, ZendeskError> {
+    pub(crate) async fn user_fields(&self) -> Result<Vec<FieldDef>, ZendeskError> {
         let url = self.api_url("/api/v2/user_fields")?;
         self.collect_pages(url, "user_fields", usize::MAX).await
     }
 
-    pub async fn organization_fields(&self) -> Result<Vec<FieldDef>, ZendeskError> {
+    pub(crate) async fn organization_fields(&self) -> Result<Vec<FieldDef>, ZendeskError> {
         let url = self.api_url("/api/v2/organization_fields")?;
         self.collect_pages(url, "organization_fields", usize::MAX)
             .await
@@ -411,7 +421,10 @@ impl Client {
     // ---- writes ----
     /// `POST users/create_or_update` with `{"user": …}`: matches on external_id, so it is safe to
     /// repeat.
-    pub async fn create_or_update_user(&self, user: &UserCreate) -> Result<User, ZendeskError> {
+    pub(crate) async fn create_or_update_user(
+        &self,
+        user: &UserCreate,
+    ) -> Result<User, ZendeskError> {
         let env: UserEnvelope = self
             .write(
                 Method::POST,
@@ -426,7 +439,11 @@ impl Client {
 
     /// `PUT users/{id}` with `{"user": …}`. Setting the same fields twice gives the same user, so it
     /// is retried like a read.
-    pub async fn update_user(&self, id: i64, user: &UserUpdate) -> Result<User, ZendeskError> {
+    pub(crate) async fn update_user(
+        &self,
+        id: i64,
+        user: &UserUpdate,
+    ) -> Result<User, ZendeskError> {
         let env: UserEnvelope = self
             .write(
                 Method::PUT,
@@ -440,7 +457,7 @@ impl Client {
     }
 
     /// `POST organizations/create_or_update` with `{"organization": …}` (matches on external_id).
-    pub async fn create_or_update_organization(
+    pub(crate) async fn create_or_update_organization(
         &self,
         organization: &OrganizationCreate,
     ) -> Result<Organization, ZendeskError> {
@@ -460,7 +477,7 @@ impl Client {
     /// first response for a repeated key and body (for 2 hours), so this is retried like a read.
     /// The body is sent exactly as `ticket` holds it (see [`TicketCreateJson`]). A key that is
     /// empty or longer than 255 characters is refused here, unsent.
-    pub async fn create_ticket(
+    pub(crate) async fn create_ticket(
         &self,
         ticket: &TicketCreateJson,
         idempotency_key: &str,
@@ -486,7 +503,7 @@ impl Client {
     }
 
     /// `PUT tickets/{id}` with `{"ticket": …}` (a comment). Sent once: see [`Retry::Once`].
-    pub async fn update_ticket(
+    pub(crate) async fn update_ticket(
         &self,
         id: i64,
         ticket: &TicketUpdate,
@@ -505,7 +522,7 @@ impl Client {
 
     /// `POST calls` (Talk Partner Edition) with `{"call": …}`; returns the created record. Sent
     /// once: see [`Retry::Once`].
-    pub async fn create_call(&self, call: &CallCreate) -> Result<Call, ZendeskError> {
+    pub(crate) async fn create_call(&self, call: &CallCreate) -> Result<Call, ZendeskError> {
         let env: CallEnvelope = self
             .write(
                 Method::POST,

@@ -5,13 +5,14 @@
 //! OWNER: zendesk helper. The signatures below are the contract other modules build on: add to them,
 //! don't change them without updating every caller.
 
-pub mod budget;
+pub(crate) mod budget;
 mod client;
 pub mod models;
-pub mod requests;
+pub(crate) mod requests;
 
-pub use budget::{Budget, BudgetStats, Outcome, Permit, RateLimitHeaders};
-pub use client::{Client, ClientOptions, Credentials, ExportStart, Retry};
+pub(crate) use budget::Budget;
+pub use client::{Client, ClientOptions, Credentials};
+pub(crate) use client::{ExportStart, Retry};
 
 use std::time::Duration;
 
@@ -66,18 +67,18 @@ pub enum Rejection {
 
 impl ZendeskError {
     /// The meaning of a permanent refusal (`None` for any other error).
-    pub fn rejection(&self) -> Option<&Rejection> {
+    pub(crate) fn rejection(&self) -> Option<&Rejection> {
         match self {
             Self::Permanent { reason, .. } => Some(reason),
             _ => None,
         }
     }
 
-    pub fn is_retryable(&self) -> bool {
+    pub(crate) fn is_retryable(&self) -> bool {
         matches!(self, Self::RateLimited { .. } | Self::Transient { .. })
     }
 
-    pub fn status(&self) -> Option<u16> {
+    pub(crate) fn status(&self) -> Option<u16> {
         match self {
             Self::RateLimited { .. } => Some(429),
             Self::Transient { status, .. } => *status,

@@ -13,7 +13,7 @@ pub fn parse_time(s: &str) -> Option<i64> {
 }
 
 /// Formats Unix seconds the way Zendesk does (`2024-05-01T10:00:00Z`).
-pub fn format_time(secs: i64) -> String {
+pub(crate) fn format_time(secs: i64) -> String {
     jiff::Timestamp::from_second(secs)
         .map(|t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
         .unwrap_or_default()
@@ -42,13 +42,13 @@ pub struct User {
 }
 
 impl User {
-    pub fn is_active(&self) -> bool {
+    pub(crate) fn is_active(&self) -> bool {
         self.active.unwrap_or(true) && !self.suspended.unwrap_or(false)
     }
-    pub fn is_agent(&self) -> bool {
+    pub(crate) fn is_agent(&self) -> bool {
         matches!(self.role.as_deref(), Some("agent") | Some("admin"))
     }
-    pub fn is_end_user(&self) -> bool {
+    pub(crate) fn is_end_user(&self) -> bool {
         matches!(self.role.as_deref(), Some("end-user") | None)
     }
 }
@@ -68,7 +68,7 @@ pub struct Identity {
 }
 
 impl Identity {
-    pub fn is_phone(&self) -> bool {
+    pub(crate) fn is_phone(&self) -> bool {
         self.kind.as_deref() == Some("phone_number")
     }
 }
@@ -105,7 +105,7 @@ pub struct Ticket {
 
 impl Ticket {
     /// `new`, `open`, `pending` and `hold` count as open (DESIGN §3 rule 3).
-    pub fn is_open(&self) -> bool {
+    pub(crate) fn is_open(&self) -> bool {
         matches!(
             self.status.as_deref(),
             Some("new" | "open" | "pending" | "hold")
@@ -234,7 +234,7 @@ pub struct OrganizationsPage {
 /// `users/show_many?ids=…&include=identities`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default)]
-pub struct UsersWithIdentities {
+pub(crate) struct UsersWithIdentities {
     pub users: Vec<User>,
     /// `None` when the answer has no `identities` key: the sideload was not honoured, which says
     /// nothing about the users' identities (not the same as an empty list).
@@ -244,7 +244,7 @@ pub struct UsersWithIdentities {
 /// A ticket comment (`GET /api/v2/tickets/{id}/comments`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
-pub struct Comment {
+pub(crate) struct Comment {
     pub id: i64,
     pub body: Option<String>,
     pub html_body: Option<String>,
@@ -258,7 +258,7 @@ pub struct Comment {
 /// the fields Deskline reads.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
-pub struct Call {
+pub(crate) struct Call {
     pub id: i64,
     pub ticket_id: Option<i64>,
     pub end_user_id: Option<i64>,
@@ -270,7 +270,7 @@ pub struct Call {
 /// Ticket fields are addressed by `id`; user and organization fields by `key`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
-pub struct FieldDef {
+pub(crate) struct FieldDef {
     pub id: i64,
     pub key: Option<String>,
     pub title: Option<String>,

@@ -16,12 +16,12 @@ use serde::{Deserialize, Serialize};
 
 /// `user_fields` / `organization_fields`: field key → value. Deskline's mapped sources (UTM keys,
 /// scheme name, line number, `extra` keys) are all text. Ordered, so the JSON is stable.
-pub type FieldValues = BTreeMap<String, String>;
+pub(crate) type FieldValues = BTreeMap<String, String>;
 
 /// A user's role (ZENDESK.md §3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum Role {
+pub(crate) enum Role {
     EndUser,
     Agent,
     Admin,
@@ -30,7 +30,7 @@ pub enum Role {
 /// `POST /api/v2/users/create_or_update` `{"user": …}`. Zendesk matches on `external_id` (or email,
 /// never phone), so the external id is mandatory here: without it a repeat would make a second user.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct UserCreate {
+pub(crate) struct UserCreate {
     pub name: String,
     /// E.164 (`+15551234567`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -49,7 +49,7 @@ pub struct UserCreate {
 
 /// `PUT /api/v2/users/{id}` `{"user": …}`: only the fields set here change.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct UserUpdate {
+pub(crate) struct UserUpdate {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -63,7 +63,7 @@ pub struct UserUpdate {
 /// `POST /api/v2/organizations/create_or_update` `{"organization": …}`. Zendesk matches on `id` or
 /// `external_id`, never on the name (ZENDESK.md §5), so the external id is mandatory here.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct OrganizationCreate {
+pub(crate) struct OrganizationCreate {
     /// Unique in the account: another organization's name is a 422 `DuplicateValue` on `name`.
     pub name: String,
     pub external_id: String,
@@ -74,7 +74,7 @@ pub struct OrganizationCreate {
 /// A comment added through the Tickets API: the first comment of a create, or one on an update
 /// (ZENDESK.md §4, `TicketCommentObject`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Comment {
+pub(crate) struct Comment {
     pub body: String,
     /// `false`: an internal note.
     pub public: bool,
@@ -84,7 +84,7 @@ pub struct Comment {
 
 /// One ticket custom field, addressed by its numeric id.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CustomFieldValue {
+pub(crate) struct CustomFieldValue {
     pub id: i64,
     pub value: String,
 }
@@ -92,7 +92,7 @@ pub struct CustomFieldValue {
 /// `POST /api/v2/tickets` `{"ticket": …}`. Also deserializable, only to check a persisted body
 /// before it is resent (see [`TicketCreateJson::from_stored`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TicketCreate {
+pub(crate) struct TicketCreate {
     pub subject: String,
     /// The first comment: the call itself.
     pub comment: Comment,
@@ -122,22 +122,22 @@ pub struct TicketCreate {
 /// struct and bodies persisted by earlier versions, which were built with `json!` and so have their
 /// keys in alphabetical order); the stored text cannot.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TicketCreateJson(String);
+pub(crate) struct TicketCreateJson(String);
 
 impl TicketCreateJson {
-    pub fn new(ticket: &TicketCreate) -> Result<Self, serde_json::Error> {
+    pub(crate) fn new(ticket: &TicketCreate) -> Result<Self, serde_json::Error> {
         serde_json::to_string(ticket).map(Self)
     }
 
     /// Takes a persisted body back, unchanged. Refused when it is not a ticket create this version
     /// could have sent (a corrupt row): resending it would only earn a 400 or a wrong ticket.
-    pub fn from_stored(text: String) -> Result<Self, serde_json::Error> {
+    pub(crate) fn from_stored(text: String) -> Result<Self, serde_json::Error> {
         serde_json::from_str::<TicketCreate>(&text)?;
         Ok(Self(text))
     }
 
     /// The text to persist and to send.
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 }
@@ -145,7 +145,7 @@ impl TicketCreateJson {
 /// A call's direction (Talk Partner Edition).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum CallDirection {
+pub(crate) enum CallDirection {
     Inbound,
     Outbound,
 }
@@ -158,7 +158,7 @@ pub enum CallDirection {
 /// `call_disposition` is a string in Zendesk's call reference; the types of
 /// `recording_control_interactions` (a count here) and the `ivr_*` texts are UNVERIFIED.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct CallCreate {
+pub(crate) struct CallCreate {
     /// The Zendesk Apps Framework app id of the integration.
     pub app_id: i64,
     pub from_line: String,
@@ -267,7 +267,7 @@ pub struct CallCreate {
 
 impl CallCreate {
     /// A call record with the mandatory fields and nothing else.
-    pub fn new(
+    pub(crate) fn new(
         app_id: i64,
         from_line: String,
         to_line: String,
@@ -332,6 +332,6 @@ impl CallCreate {
 
 /// `PUT /api/v2/tickets/{id}` `{"ticket": …}`: a comment on an existing ticket.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct TicketUpdate {
+pub(crate) struct TicketUpdate {
     pub comment: Comment,
 }
