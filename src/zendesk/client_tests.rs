@@ -1098,7 +1098,7 @@ async fn reads_and_writes_use_the_documented_paths() {
     // The mandatory fields only (ZENDESK.md §7), byte for byte; every write type has its exact
     // body checked in `typed_bodies_are_sent_as_documented`.
     assert_eq!(
-        script.requests()[9].body,
+        script.requests()[8].body,
         r#"{"call":{"app_id":1,"from_line":"+15551234567","to_line":"+15557654321","call_started_at":"2024-05-01T10:00:00Z","direction":"inbound"}}"#
     );
 }
