@@ -257,23 +257,22 @@ async fn webhooks_install_command(config_path: PathBuf, trigger: bool) -> ExitCo
             for ((w, created), secret) in done.webhooks.iter().zip(&done.secrets) {
                 let verb = if *created { "created" } else { "updated" };
                 println!("{verb} webhook {} ({:?}) -> {}", w.id, w.name, w.endpoint);
-                println!(
-                    "signing secret: {}\n  put it in webhooks.signing_secret_file (one line, \
-                     readable only by deskline) or DESKLINE_WEBHOOKS__SIGNING_SECRET",
-                    secret.expose_secret()
-                );
+                println!("signing secret: {}", secret.expose_secret());
             }
+            let lines = if done.secrets.len() > 1 {
+                "one secret a line"
+            } else {
+                "one line"
+            };
+            println!(
+                "put the signing secret{} in webhooks.signing_secret_file ({lines}, readable only \
+                 by deskline) or DESKLINE_WEBHOOKS__SIGNING_SECRET (separated by spaces)",
+                if done.secrets.len() > 1 { "s" } else { "" }
+            );
             if let Some(t) = done.trigger_id {
                 println!(
                     "trigger {t} ({:?}) notifies the tickets webhook",
                     install::TRIGGER_TITLE
-                );
-            }
-            if done.webhooks.len() > 1 {
-                println!(
-                    "note: the trigger variant has two webhooks with one secret each; Deskline \
-                     verifies one secret, so reset both to the same value or put the users webhook \
-                     on its own path"
                 );
             }
             ExitCode::SUCCESS
@@ -423,13 +422,14 @@ impl Service {
 
         let webhooks = match config.webhooks.listen {
             Some(addr) => {
-                let secret = config.webhook_signing_secret()?.ok_or_else(|| {
-                    anyhow::anyhow!("webhooks.signing_secret: required with webhooks.listen")
-                })?;
+                let secrets = config.webhook_signing_secrets()?;
+                if secrets.is_empty() {
+                    anyhow::bail!("webhooks.signing_secret: required with webhooks.listen");
+                }
                 let listener = crate::webhooks::bind(addr).await?;
                 let (router, applier) = crate::webhooks::endpoint(
                     &config.webhooks.path,
-                    secret,
+                    secrets,
                     client.clone(),
                     writer.clone(),
                     parser.clone(),

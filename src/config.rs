@@ -275,8 +275,9 @@ pub struct WebhooksConfig {
     pub listen: Option<SocketAddr>,
     /// Path of the webhook endpoint.
     pub path: String,
-    /// Required with `listen`; read it with [`Config::webhook_signing_secret`], which also reads
-    /// `signing_secret_file`.
+    /// Required with `listen`; read it with [`Config::webhook_signing_secrets`], which also reads
+    /// `signing_secret_file`. Several secrets (the two webhooks of `install --trigger`) are
+    /// separated by whitespace, one per line in the file; a request signed with any of them passes.
     pub signing_secret: Option<SecretString>,
     pub signing_secret_file: Option<PathBuf>,
     /// The URL Zendesk must call (used by `deskline webhooks install`).
@@ -349,7 +350,7 @@ impl Config {
         report(validate_zendesk_url(&self.zendesk.url));
         report(self.credentials().map(drop));
         report(self.postgres_url().map(drop));
-        report(self.webhook_signing_secret().map(drop));
+        report(self.webhook_signing_secrets().map(drop));
         let at_least_one = [
             (
                 "zendesk.requests_per_minute",
@@ -591,14 +592,21 @@ impl Config {
         Ok(url)
     }
 
-    /// `webhooks.signing_secret` or the contents of `webhooks.signing_secret_file`.
-    pub(crate) fn webhook_signing_secret(&self) -> Result<Option<SecretString>, ConfigError> {
+    /// The secrets in `webhooks.signing_secret` or in the file `webhooks.signing_secret_file`,
+    /// separated by whitespace (Zendesk's secrets contain none); empty when neither is set.
+    pub(crate) fn webhook_signing_secrets(&self) -> Result<Vec<SecretString>, ConfigError> {
         let w = &self.webhooks;
-        secret_or_file(
+        let all = secret_or_file(
             "webhooks.signing_secret",
             w.signing_secret.as_ref(),
             w.signing_secret_file.as_deref(),
-        )
+        )?;
+        Ok(all.map_or_else(Vec::new, |s| {
+            s.expose_secret()
+                .split_whitespace()
+                .map(|one| SecretString::from(one.to_owned()))
+                .collect()
+        }))
     }
 
     /// Whether `sync.create` allows creating `e`.

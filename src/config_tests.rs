@@ -263,8 +263,9 @@ fn cases(dir: &Path) -> Vec<Case> {
             "\"whsec-value\"",
             "whsec-value",
             |c| {
-                let s = c.webhook_signing_secret().unwrap().unwrap();
-                assert_eq!(s.expose_secret(), "whsec-value");
+                let s = c.webhook_signing_secrets().unwrap();
+                assert_eq!(s.len(), 1);
+                assert_eq!(s[0].expose_secret(), "whsec-value");
             },
         ),
         case(
@@ -272,8 +273,9 @@ fn cases(dir: &Path) -> Vec<Case> {
             &quoted(&secret_file),
             &secret_file,
             |c| {
-                let s = c.webhook_signing_secret().unwrap().unwrap();
-                assert_eq!(s.expose_secret(), "file-signing-secret");
+                let s = c.webhook_signing_secrets().unwrap();
+                assert_eq!(s.len(), 1);
+                assert_eq!(s[0].expose_secret(), "file-signing-secret");
             },
         ),
         case(

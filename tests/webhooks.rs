@@ -62,6 +62,16 @@ fn zendesk_client(sim: &SimHandle, dir: &std::path::Path) -> Client {
 /// Installs the webhook (placeholder URL first: the secret goes into the service's config), starts
 /// the service with webhooks on and a 10-minute export poll, then points the webhook at it.
 async fn service_with_webhooks(sim: &SimHandle, dir: &std::path::Path, extra: &str) -> Service {
+    service_with_webhooks_polling(sim, dir, extra, POLL_10_MIN).await
+}
+
+/// [`service_with_webhooks`] with the export poll given as an `[index]` table.
+async fn service_with_webhooks_polling(
+    sim: &SimHandle,
+    dir: &std::path::Path,
+    extra: &str,
+    poll: &str,
+) -> Service {
     let _ = logs();
     let zd = zendesk_client(sim, dir);
     let first = install::install(
@@ -77,7 +87,7 @@ async fn service_with_webhooks(sim: &SimHandle, dir: &std::path::Path, extra: &s
         sim,
         dir,
         &format!(
-            "{POLL_10_MIN}{extra}[webhooks]\nlisten = \"127.0.0.1:0\"\nsigning_secret = \"{secret}\"\n"
+            "{poll}{extra}[webhooks]\nlisten = \"127.0.0.1:0\"\nsigning_secret = \"{secret}\"\n"
         ),
     );
     let service = Service::start(
@@ -221,10 +231,45 @@ async fn changes_reach_routing_within_a_second_through_webhooks() {
     }
     eprintln!("identity seen after {:?}", t0.elapsed());
 
-    // 4. the ticket's assignee suspended: passed over
+    // 4. the ticket's assignee demoted to end-user (`user.role_changed`): passed over. (A
+    // suspension has no user event in Zendesk; `suspension_without_an_event_is_repaired_by_the_export`
+    // covers it.)
     sim.with_store(|s| {
         s.update_user(
             mykola,
+            UserPatch {
+                role: Some(Role::EndUser),
+                ..Default::default()
+            },
+        )
+    })
+    .unwrap();
+    let took = route_within_1s(&mut c, "+380441234567", "role change", |r| {
+        r.decision() == Decision::DefaultRouting
+    })
+    .await;
+    eprintln!("role change seen after {took:?}");
+    assert!(service.metrics().webhook_count(WebhookResult::Applied) >= 4);
+    service.shutdown().await.unwrap();
+    sim.shutdown().await;
+}
+
+/// Zendesk has no user event for a suspension, so none is delivered; the export follower, which
+/// keeps running next to the webhooks, takes the suspended assignee out of routing within its lag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suspension_without_an_event_is_repaired_by_the_export() {
+    let (store, a) = one_ticket_account("+380441234567");
+    let sim = start_sim(store, |_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let service =
+        service_with_webhooks_polling(&sim, dir.path(), DIRECTORY, "[index]\npoll_seconds = 1\n")
+            .await;
+    let mut c = client(service.addr()).await;
+    assert_eq!(ext(&route(&mut c, "+380441234567").await), "101");
+    let delivered_before = sim.webhook_stats().delivered;
+    sim.with_store(|s| {
+        s.update_user(
+            a.olena,
             UserPatch {
                 suspended: Some(true),
                 ..Default::default()
@@ -232,12 +277,19 @@ async fn changes_reach_routing_within_a_second_through_webhooks() {
         )
     })
     .unwrap();
-    let took = route_within_1s(&mut c, "+380441234567", "suspension", |r| {
-        r.decision() == Decision::DefaultRouting
+    eventually("the suspension through the export", DEADLINE, || {
+        let mut c = c.clone();
+        async move {
+            (route(&mut c, "+380441234567").await.decision() == Decision::DefaultRouting)
+                .then_some(())
+        }
     })
     .await;
-    eprintln!("suspension seen after {took:?}");
-    assert!(service.metrics().webhook_count(WebhookResult::Applied) >= 4);
+    assert_eq!(
+        sim.webhook_stats().delivered,
+        delivered_before,
+        "no subscribed event carries a suspension"
+    );
     service.shutdown().await.unwrap();
     sim.shutdown().await;
 }
@@ -473,11 +525,12 @@ async fn duplicated_and_reordered_deliveries_equal_a_clean_warm_up() {
                     .unwrap();
             }
             _ => {
-                let suspended = rng.random_bool(0.5);
+                // A role change has an event (a suspension has none in Zendesk).
+                let role = [Role::EndUser, Role::Agent][rng.random_range(0..2)];
                 s.update_user(
                     customer,
                     UserPatch {
-                        suspended: Some(suspended),
+                        role: Some(role),
                         ..Default::default()
                     },
                 )
@@ -533,12 +586,19 @@ async fn trigger_variant_delivers_ticket_changes() {
         first.webhooks[0].0.subscriptions,
         ["conditional_ticket_events"]
     );
-    let secret = first.secrets[0].expose_secret().to_owned();
+    // Two webhooks (tickets by trigger, users by events), a secret each: both go in the file, one
+    // a line, as `deskline webhooks install --trigger` tells the operator.
+    assert_eq!(first.secrets.len(), 2);
+    let secrets: Vec<&str> = first.secrets.iter().map(|s| s.expose_secret()).collect();
+    assert_ne!(secrets[0], secrets[1]);
+    let secret_file = dir.path().join("webhook-secrets");
+    std::fs::write(&secret_file, secrets.join("\n") + "\n").unwrap();
     let text = config_text(
         &sim,
         dir.path(),
         &format!(
-            "{POLL_10_MIN}{DIRECTORY}[webhooks]\nlisten = \"127.0.0.1:0\"\nsigning_secret = \"{secret}\"\n"
+            "{POLL_10_MIN}{DIRECTORY}[webhooks]\nlisten = \"127.0.0.1:0\"\nsigning_secret_file = {:?}\n",
+            secret_file.display().to_string()
         ),
     );
     let service = start_service(&text).await;
@@ -571,6 +631,32 @@ async fn trigger_variant_delivers_ticket_changes() {
         ext(r) == "102"
     })
     .await;
+    // A user event, through the second webhook and verified with its own secret.
+    sim.with_store(|s| s.add_phone_identity(a.customer, "+380443330001"))
+        .unwrap();
+    let t0 = Instant::now();
+    loop {
+        let found = c
+            .lookup_caller(LookupCallerRequest {
+                number: "+380443330001".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .found;
+        if found {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(1),
+            "user event through the users webhook not within 1 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        service.metrics().webhook_count(WebhookResult::BadSignature),
+        0
+    );
     service.shutdown().await.unwrap();
     sim.shutdown().await;
 }

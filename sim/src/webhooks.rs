@@ -158,7 +158,6 @@ struct TicketSeen {
 struct UserSeen {
     role: Role,
     active: bool,
-    suspended: bool,
     /// `(identity id, value)` of its live identities.
     identities: Vec<(i64, Box<str>)>,
 }
@@ -187,7 +186,6 @@ fn user_seen(s: &Store, id: i64) -> Option<UserSeen> {
     s.user_rec(id).map(|u| UserSeen {
         role: u.role,
         active: u.active,
-        suspended: u.suspended,
         identities: u.identities().map(|i| (i.id, i.value.into())).collect(),
     })
 }
@@ -340,14 +338,7 @@ fn diff_user(s: &Store, id: i64, before: Option<&UserSeen>, out: &mut Vec<Event>
                     json!({ "current": now.active, "previous": b.active }),
                 ));
             }
-            if b.suspended != now.suspended {
-                // UNVERIFIED name: the user-events reference lists `active_changed`; suspension
-                // is sent under its own type here. Deskline re-reads the user on any user event.
-                kinds.push((
-                    "user.suspended_changed",
-                    json!({ "current": now.suspended, "previous": b.suspended }),
-                ));
-            }
+            // A suspension sends no event: Zendesk's user-events reference has no type for it.
             if b.role != now.role {
                 kinds.push((
                     "user.role_changed",

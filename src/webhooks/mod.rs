@@ -59,7 +59,8 @@ const QUEUE: usize = 10_000;
 
 /// The endpoint's state.
 struct Endpoint {
-    secret: SecretString,
+    /// A request signed with any of these passes (one per installed webhook).
+    secrets: Vec<SecretString>,
     seen: moka::sync::Cache<String, ()>,
     tx: mpsc::Sender<Change>,
     metrics: Arc<Metrics>,
@@ -80,7 +81,7 @@ pub(crate) struct Applier {
 /// The router serving `POST {path}` and the applier that must run beside it.
 pub(crate) fn endpoint(
     path: &str,
-    secret: SecretString,
+    secrets: Vec<SecretString>,
     client: Client,
     writer: IndexWriter,
     parser: PhoneParser,
@@ -89,7 +90,7 @@ pub(crate) fn endpoint(
 ) -> (Router, Applier) {
     let (tx, rx) = mpsc::channel(QUEUE);
     let state = Arc::new(Endpoint {
-        secret,
+        secrets,
         seen: moka::sync::Cache::builder()
             .max_capacity(100_000)
             .time_to_live(Duration::from_secs(3600))
@@ -160,8 +161,8 @@ async fn receive(State(st): State<Arc<Endpoint>>, headers: HeaderMap, body: Body
         Ok(Ok(b)) => b,
     };
     let now = jiff::Timestamp::now().as_second();
-    if let Err(e) = verify::verify(
-        st.secret.expose_secret().as_bytes(),
+    if let Err(e) = verify::verify_any(
+        st.secrets.iter().map(|s| s.expose_secret().as_bytes()),
         header(&headers, "x-zendesk-webhook-signature"),
         header(&headers, "x-zendesk-webhook-signature-timestamp"),
         &body,

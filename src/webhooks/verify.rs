@@ -70,6 +70,26 @@ pub(crate) fn verify(
     Ok(())
 }
 
+/// [`verify`] against each of `secrets` (one per installed webhook): passes when one of them
+/// signed the request. A valid signature with a stale timestamp is `Stale`, whatever the others say.
+pub(crate) fn verify_any<'a>(
+    secrets: impl IntoIterator<Item = &'a [u8]>,
+    signature: Option<&[u8]>,
+    timestamp: Option<&[u8]>,
+    body: &[u8],
+    now_secs: i64,
+) -> Result<(), VerifyError> {
+    let mut last = VerifyError::BadSignature;
+    for secret in secrets {
+        match verify(secret, signature, timestamp, body, now_secs) {
+            Ok(()) => return Ok(()),
+            Err(VerifyError::Stale) => return Err(VerifyError::Stale),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,6 +126,27 @@ mod tests {
         assert_eq!(
             verify(b"secret", None, Some(TS.as_bytes()), body, NOW),
             Err(VerifyError::MissingHeaders)
+        );
+    }
+
+    /// `install --trigger` makes two webhooks with a secret each: a request signed by either passes,
+    /// one signed by neither does not, and a good signature with an old timestamp stays stale.
+    #[test]
+    fn any_of_several_secrets_passes() {
+        let body = br#"{"type":"zen:event-type:user.created"}"#;
+        let users = sign(b"users-secret", TS, body);
+        let tickets = sign(b"tickets-secret", TS, body);
+        let forged = sign(b"forged", TS, body);
+        let both: [&[u8]; 2] = [b"tickets-secret", b"users-secret"];
+        let check =
+            |sig: &str, now| verify_any(both, Some(sig.as_bytes()), Some(TS.as_bytes()), body, now);
+        assert_eq!(check(&users, NOW), Ok(()));
+        assert_eq!(check(&tickets, NOW), Ok(()));
+        assert_eq!(check(&forged, NOW), Err(VerifyError::BadSignature));
+        assert_eq!(check(&users, NOW + 400), Err(VerifyError::Stale));
+        assert_eq!(
+            verify_any([], Some(users.as_bytes()), Some(TS.as_bytes()), body, NOW),
+            Err(VerifyError::BadSignature)
         );
     }
 
