@@ -500,3 +500,211 @@ impl Publish for LogPublisher {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        cluster::testing::{migrated, wait_for},
+        index::Change,
+        phone::PhoneParser,
+        pg::testing::TestSchema,
+        zendesk::models::User,
+    };
+
+    fn customer(id: i64, name: &str, phone: &str) -> User {
+        User {
+            id,
+            name: Some(name.into()),
+            phone: Some(phone.into()),
+            role: Some("end-user".into()),
+            ..Default::default()
+        }
+    }
+
+    /// One in-process replica: its `Replica`, its plain writer (the subscriber's) and its
+    /// publishing writer (what the sync worker holds).
+    struct Node {
+        replica: Arc<Replica>,
+        writer: IndexWriter,
+        publishing: IndexWriter,
+        gauges: ReplicaGauges,
+        stop: CancellationToken,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Node {
+        async fn start(db: &TestSchema, id: &str) -> Node {
+            let dir = tempfile::tempdir().unwrap();
+            let gauges = ReplicaGauges::default();
+            let replica = Replica::new(
+                db.pool_of(4),
+                db.config(),
+                id.into(),
+                gauges.clone(),
+                ReplicaOptions {
+                    lease_ttl: Duration::from_secs(2),
+                    snapshot_every: Duration::from_secs(1),
+                    snapshot_path: dir.path().join("shared-index.snapshot"),
+                },
+            );
+            let start = replica.start().await.unwrap();
+            let writer = IndexWriter::spawn(start.index);
+            let publishing = writer.with_publisher(replica.publisher());
+            let stop = CancellationToken::new();
+            tokio::spawn(replica.clone().run_subscriber(
+                writer.clone(),
+                start.seq,
+                stop.clone(),
+            ));
+            Node {
+                replica,
+                writer,
+                publishing,
+                gauges,
+                stop,
+                _dir: dir,
+            }
+        }
+
+        fn name_of(&self, id: i64) -> Option<String> {
+            self.writer
+                .index()
+                .read()
+                .customer(id)
+                .map(|c| c.name.to_owned())
+        }
+    }
+
+    impl Drop for Node {
+        fn drop(&mut self) {
+            self.stop.cancel();
+        }
+    }
+
+    /// A write through either replica is in its own index when `apply` returns (read-your-writes)
+    /// and reaches the other; both end in the log's order (the later write wins on both), and the
+    /// applied-seq gauges agree.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_reach_every_replica_in_log_order() {
+        let Some(db) = migrated().await else {
+            return;
+        };
+        let p = PhoneParser::new("UA").unwrap();
+        let (a, b) = (Node::start(&db, "a").await, Node::start(&db, "b").await);
+        a.publishing
+            .apply(Change::user(&customer(1, "v1", "+380501234567"), &p))
+            .await
+            .unwrap();
+        assert_eq!(a.name_of(1).as_deref(), Some("v1"), "read-your-writes on A");
+        b.publishing
+            .apply(Change::user(&customer(1, "v2", "+380501234567"), &p))
+            .await
+            .unwrap();
+        assert_eq!(b.name_of(1).as_deref(), Some("v2"), "read-your-writes on B");
+        wait_for("A applies B's later write", Duration::from_secs(5), || async {
+            a.name_of(1).as_deref() == Some("v2")
+        })
+        .await;
+        let head = a.replica.log.newest_seq().await.unwrap();
+        assert_eq!(head, 2);
+        wait_for("both gauges at the head", Duration::from_secs(5), || async {
+            a.gauges.applied_seq.get() == head && b.gauges.applied_seq.get() == head
+        })
+        .await;
+        // No local shortcut: each write was applied once per replica, from the log.
+        assert_eq!(*a.replica.applied().borrow(), head);
+    }
+
+    /// The holder stores the shared snapshot with the seq it includes; after the log is pruned
+    /// behind it, a replica starting from the log's beginning finds its position pruned, reloads
+    /// the snapshot, and follows on with the changes after it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_replica_behind_the_pruned_log_reloads_the_shared_snapshot() {
+        let Some(db) = migrated().await else {
+            return;
+        };
+        let p = PhoneParser::new("UA").unwrap();
+        let a = Node::start(&db, "a").await;
+        for i in 1..=3 {
+            let phone = format!("+38050123456{i}");
+            a.publishing
+                .apply(Change::user(&customer(i, &format!("c{i}"), &phone), &p))
+                .await
+                .unwrap();
+        }
+        let lease = Lease::new(db.pool_of(1), FOLLOWER_LEASE, "a", Duration::from_secs(5));
+        let fence = lease.try_take().await.unwrap().expect("the lease is free");
+        let seq = a.replica.store_snapshot(&fence).await.unwrap();
+        assert_eq!(seq, 3);
+        a.replica.log.prune_through(seq, Duration::ZERO).await.unwrap();
+        a.publishing
+            .apply(Change::user(&customer(4, "c4", "+380501234564"), &p))
+            .await
+            .unwrap();
+
+        // B as an old replica would be: an empty index at seq 0, so its next change is pruned.
+        let gauges = ReplicaGauges::default();
+        let dir = tempfile::tempdir().unwrap();
+        let b = Replica::new(
+            db.pool_of(2),
+            db.config(),
+            "b".into(),
+            gauges,
+            ReplicaOptions {
+                lease_ttl: Duration::from_secs(2),
+                snapshot_every: Duration::from_secs(1),
+                snapshot_path: dir.path().join("s"),
+            },
+        );
+        let writer = IndexWriter::spawn(Index::new());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(b.clone().run_subscriber(writer.clone(), 0, stop.clone()));
+        wait_for("B reloads and follows on", Duration::from_secs(5), || async {
+            let ix = writer.index().read();
+            (1..=4).all(|i| ix.customer(i).is_some())
+        })
+        .await;
+        assert_eq!(*b.applied().borrow(), 4);
+        // A new replica starts from the snapshot directly.
+        let start = b.start().await.unwrap();
+        assert!(start.from_snapshot);
+        assert_eq!((start.seq, start.index.counts().customers), (3, 3));
+        stop.cancel();
+        task.await.unwrap().unwrap();
+    }
+
+    /// A follower whose lease moved on cannot append: its page is refused and applied nowhere.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stale_follower_cannot_publish() {
+        let Some(db) = migrated().await else {
+            return;
+        };
+        let p = PhoneParser::new("UA").unwrap();
+        let a = Node::start(&db, "a").await;
+        let ttl = Duration::from_millis(600);
+        let old = Lease::new(db.pool_of(1), FOLLOWER_LEASE, "a", ttl);
+        let fence = old.try_take().await.unwrap().unwrap();
+        let (fence_tx, fence_rx) = watch::channel(Some(fence.clone()));
+        let stale = a.writer.with_publisher(Arc::new(LogPublisher {
+            replica: a.replica.clone(),
+            fence: Some((fence_rx, fence.epoch)),
+        }));
+        stale
+            .apply(Change::user(&customer(1, "held", "+380501234567"), &p))
+            .await
+            .unwrap();
+        assert_eq!(a.name_of(1).as_deref(), Some("held"));
+        // The lease expires and B takes it; A's fence channel has not noticed yet.
+        tokio::time::sleep(ttl + Duration::from_millis(100)).await;
+        let new = Lease::new(db.pool_of(1), FOLLOWER_LEASE, "b", ttl);
+        assert!(new.try_take().await.unwrap().is_some());
+        stale
+            .apply(Change::user(&customer(2, "stale", "+380501234568"), &p))
+            .await
+            .unwrap();
+        assert_eq!(a.replica.log.newest_seq().await.unwrap(), 1, "refused");
+        assert!(a.name_of(2).is_none(), "not applied locally either");
+        drop(fence_tx);
+    }
+}
