@@ -707,4 +707,103 @@ mod tests {
         assert!(a.name_of(2).is_none(), "not applied locally either");
         drop(fence_tx);
     }
+
+    fn percentile(sorted: &[Duration], p: f64) -> Duration {
+        sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+    }
+
+    /// Figure for the README: a write through replica A's publishing writer (what the sync worker
+    /// does after a Zendesk write) until replica B's index has it, over real PostgreSQL. Run:
+    /// `DESKLINE_TEST_POSTGRES_URL=… cargo test --lib -- --ignored change_propagation --nocapture`
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "a measurement, not a check"]
+    async fn change_propagation_latency() {
+        let Some(db) = migrated().await else {
+            return;
+        };
+        let p = PhoneParser::new("UA").unwrap();
+        let (a, b) = (Node::start(&db, "a").await, Node::start(&db, "b").await);
+        let mut samples = Vec::new();
+        for i in 0..500i64 {
+            let user = customer(i + 1, "x", &format!("+38050{:07}", i));
+            let change = Change::user(&user, &p);
+            let started = std::time::Instant::now();
+            a.publishing.apply(change).await.unwrap();
+            while b.writer.index().read().customer(i + 1).is_none() {
+                tokio::task::yield_now().await;
+            }
+            samples.push(started.elapsed());
+        }
+        samples.sort();
+        eprintln!(
+            "change propagation A write → B index, {} writes: p50 {:?}, p90 {:?}, p99 {:?}, max {:?}",
+            samples.len(),
+            percentile(&samples, 0.5),
+            percentile(&samples, 0.9),
+            percentile(&samples, 0.99),
+            samples[samples.len() - 1]
+        );
+    }
+
+    /// Figure for the README: a new replica's start from the shared snapshot (read from
+    /// PostgreSQL, checked, decoded) at `DESKLINE_BENCH_CUSTOMERS` customers (1M by default). Run:
+    /// `DESKLINE_TEST_POSTGRES_URL=… cargo test --lib -- --ignored shared_snapshot_start --nocapture`
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "a measurement, not a check"]
+    async fn shared_snapshot_start_at_scale() {
+        let Some(db) = migrated().await else {
+            return;
+        };
+        let n: i64 = std::env::var("DESKLINE_BENCH_CUSTOMERS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(1_000_000);
+        let p = PhoneParser::new("UA").unwrap();
+        let a = Node::start(&db, "a").await;
+        let built = std::time::Instant::now();
+        for start in (0..n).step_by(1000) {
+            let users: Vec<User> = (start..(start + 1000).min(n))
+                .map(|i| customer(i + 1, &format!("Customer {i}"), &format!("+38050{:07}", i)))
+                .collect();
+            let batch = crate::index::UserBatch::prepare(&users, None, &p);
+            a.writer
+                .apply_replicated(vec![Change::Users(batch)])
+                .await
+                .unwrap();
+        }
+        a.writer.apply_replicated(vec![Change::Loaded]).await.unwrap();
+        eprintln!("built {n} customers in {:?}", built.elapsed());
+        let lease = Lease::new(db.pool_of(1), FOLLOWER_LEASE, "a", Duration::from_secs(600));
+        let fence = lease.try_take().await.unwrap().unwrap();
+        let stored = std::time::Instant::now();
+        a.replica.store_snapshot(&fence).await.unwrap();
+        eprintln!("stored the shared snapshot in {:?}", stored.elapsed());
+        let b = Node::start(&db, "b").await; // warms the pool and the page cache like a restart
+        drop(b);
+        let mut runs = Vec::new();
+        for _ in 0..3 {
+            let fresh = Replica::new(
+                db.pool_of(2),
+                db.config(),
+                "c".into(),
+                ReplicaGauges::default(),
+                ReplicaOptions {
+                    lease_ttl: Duration::from_secs(2),
+                    snapshot_every: Duration::from_secs(60),
+                    snapshot_path: std::env::temp_dir().join("unused"),
+                },
+            );
+            let t = std::time::Instant::now();
+            let start = fresh.start().await.unwrap();
+            let took = t.elapsed();
+            assert_eq!(start.index.counts().customers as i64, n);
+            assert!(start.index.is_loaded());
+            runs.push(took);
+        }
+        let meta = a.replica.snapshots.latest().await.unwrap().unwrap();
+        eprintln!(
+            "start from the shared snapshot, {n} customers, {} bytes: {runs:?}",
+            meta.size
+        );
+    }
 }
