@@ -1243,6 +1243,16 @@ mod tests {
         );
         let err = load(MIN, &[("DESKLINE_SYNC__LEASE_SECONDS", "1")]).unwrap_err();
         assert!(err.to_string().starts_with("sync.lease_seconds:"), "{err}");
+        let err = load(MIN, &[("DESKLINE_INDEX__FOLLOWER_LEASE_SECONDS", "1")]).unwrap_err();
+        assert!(
+            err.to_string().starts_with("index.follower_lease_seconds:"),
+            "{err}"
+        );
+        let c = load(MIN, &[]).unwrap();
+        assert_eq!(
+            (c.index.follower_lease_seconds, c.index.shared_snapshot_seconds),
+            (15, 300)
+        );
     }
 
     #[test]

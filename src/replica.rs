@@ -800,7 +800,17 @@ mod tests {
             assert!(start.index.is_loaded());
             runs.push(took);
         }
-        let meta = a.replica.snapshots.latest().await.unwrap().unwrap();
+        // Where the time goes: reading the chunks out of PostgreSQL (with the CRC) vs decoding.
+        let t = std::time::Instant::now();
+        let (meta, bytes) = a.replica.snapshots.load_latest_bytes().await.unwrap().unwrap();
+        let read = t.elapsed();
+        let t = std::time::Instant::now();
+        let ix = decode(meta.id, bytes).await.unwrap();
+        eprintln!(
+            "of which: read from PostgreSQL {read:?}, decode {:?} ({} customers)",
+            t.elapsed(),
+            ix.counts().customers
+        );
         eprintln!(
             "start from the shared snapshot, {n} customers, {} bytes: {runs:?}",
             meta.size
