@@ -39,6 +39,8 @@ use tonic::transport::Channel;
 struct Replica {
     child: Child,
     addr: SocketAddr,
+    /// `server.metrics_listen`.
+    metrics: SocketAddr,
     log: PathBuf,
 }
 
@@ -66,11 +68,15 @@ impl Replica {
             .unwrap()
             .local_addr()
             .unwrap();
+        let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
         let dir = dir.join(name);
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join("deskline.toml");
         let extra = format!(
-            "postgres_url = \"{postgres_url}\"\n[server]\nlisten = \"{addr}\"\n[index]\npoll_seconds = 3600\n\
+            "postgres_url = \"{postgres_url}\"\n[server]\nlisten = \"{addr}\"\nmetrics_listen = \"{metrics}\"\n[index]\npoll_seconds = 3600\n\
              [sync]\nlease_seconds = 2\nsenior_manager = \"Olena Petrenko\"\n"
         );
         std::fs::write(&config, config_text(sim, &dir.join("data"), &extra)).unwrap();
@@ -86,7 +92,12 @@ impl Replica {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("cannot start deskline serve");
-        let mut r = Replica { child, addr, log };
+        let mut r = Replica {
+            child,
+            addr,
+            metrics,
+            log,
+        };
         let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap();
         let started = tokio::time::Instant::now();
         loop {
@@ -107,6 +118,18 @@ impl Replica {
 
     async fn grpc(&self) -> ResolverClient<Channel> {
         client(self.addr).await
+    }
+
+    /// The value of an unlabelled metric on this replica's `/metrics`.
+    async fn metric(&self, name: &str) -> Option<f64> {
+        let text = reqwest::get(format!("http://{}/metrics", self.metrics))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
     }
 
     fn kill(mut self) {
@@ -743,6 +766,25 @@ async fn sigkill_of_the_follower_hands_the_exports_to_another_replica() {
         .await;
         assert_eq!(name, "Lesia Ukrainka");
     }
+    // The metrics say who follows, under which epoch, and that nobody lags behind the log.
+    for (i, r) in replicas.iter().enumerate() {
+        let held = if i == new_holder { 1.0 } else { 0.0 };
+        eventually("the lease metrics", DEADLINE, || async {
+            (r.metric("deskline_follower_lease_held").await? == held).then_some(())
+        })
+        .await;
+        eventually("no change-log lag", DEADLINE, || async {
+            (r.metric("deskline_changelog_behind").await? == 0.0).then_some(())
+        })
+        .await;
+        assert!(r.metric("deskline_changelog_applied_seq").await.unwrap() > 0.0);
+    }
+    assert_eq!(
+        replicas[new_holder]
+            .metric("deskline_follower_lease_epoch")
+            .await,
+        Some(new_epoch as f64)
+    );
     // Resumed from the stored cursors: the new holder never warmed up.
     assert_eq!(
         replicas[new_holder].log_count("warm-up: reading"),
