@@ -446,11 +446,8 @@ impl Service {
         let worker_handle = worker.handle();
         let retention = Duration::from_secs(u64::from(config.storage.retention_days) * 86_400);
 
-        let metrics = crate::metrics::Metrics::new(
-            index.clone(),
-            Some(client.clone()),
-            Some(queue.clone()),
-        );
+        let metrics =
+            crate::metrics::Metrics::new(index.clone(), Some(client.clone()), Some(queue.clone()));
         let metrics = Arc::new(match &replica {
             Some(_) => metrics.with_replica(&replica_gauges),
             None => metrics,

@@ -1250,7 +1250,10 @@ mod tests {
         );
         let c = load(MIN, &[]).unwrap();
         assert_eq!(
-            (c.index.follower_lease_seconds, c.index.shared_snapshot_seconds),
+            (
+                c.index.follower_lease_seconds,
+                c.index.shared_snapshot_seconds
+            ),
             (15, 300)
         );
     }

@@ -412,10 +412,8 @@ impl Replica {
             .map_err(|_| anyhow::anyhow!("the change-log subscriber has stopped"))?;
         done.await
             .map_err(|_| anyhow::anyhow!("the index writer has stopped"))??;
-        let file = tokio::io::BufReader::with_capacity(
-            1 << 20,
-            tokio::fs::File::open(&path).await?,
-        );
+        let file =
+            tokio::io::BufReader::with_capacity(1 << 20, tokio::fs::File::open(&path).await?);
         let stored = self.snapshots.store(seq, file, Some(fence)).await?;
         let _ = tokio::fs::remove_file(&path).await;
         let pruned = self.log.prune_to_snapshot(PRUNE_MIN_AGE).await?;
@@ -427,7 +425,10 @@ impl Replica {
                 took_ms = started.elapsed().as_millis() as u64,
                 "shared index snapshot stored"
             ),
-            None => info!(seq, "a newer shared snapshot exists: this one was not stored"),
+            None => info!(
+                seq,
+                "a newer shared snapshot exists: this one was not stored"
+            ),
         }
         Ok(seq)
     }
@@ -456,7 +457,9 @@ impl LogPublisher {
                     Err(Published::Unavailable)
                 }
                 Err(_) => {
-                    warn!("index change not appended to the shared log in time: applied on this replica only");
+                    warn!(
+                        "index change not appended to the shared log in time: applied on this replica only"
+                    );
                     Err(Published::Unavailable)
                 }
             };
@@ -471,7 +474,10 @@ impl LogPublisher {
             match tokio::time::timeout(APPEND_TIMEOUT, log.append(&payload, Some(&fence))).await {
                 Ok(Ok(seq)) => return Ok(seq),
                 Ok(Err(ClusterError::Fenced { .. } | ClusterError::LeaseLost { .. })) => {
-                    warn!(epoch, "an export page was refused: the follower lease moved on");
+                    warn!(
+                        epoch,
+                        "an export page was refused: the follower lease moved on"
+                    );
                     return Err(Published::Refused);
                 }
                 Ok(Err(e)) => warn!(error = %e, "appending an export page failed; retrying"),
@@ -507,8 +513,8 @@ mod tests {
     use crate::{
         cluster::testing::{migrated, wait_for},
         index::Change,
-        phone::PhoneParser,
         pg::testing::TestSchema,
+        phone::PhoneParser,
         zendesk::models::User,
     };
 
@@ -552,11 +558,11 @@ mod tests {
             let writer = IndexWriter::spawn(start.index);
             let publishing = writer.with_publisher(replica.publisher());
             let stop = CancellationToken::new();
-            tokio::spawn(replica.clone().run_subscriber(
-                writer.clone(),
-                start.seq,
-                stop.clone(),
-            ));
+            tokio::spawn(
+                replica
+                    .clone()
+                    .run_subscriber(writer.clone(), start.seq, stop.clone()),
+            );
             Node {
                 replica,
                 writer,
@@ -602,15 +608,19 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(b.name_of(1).as_deref(), Some("v2"), "read-your-writes on B");
-        wait_for("A applies B's later write", Duration::from_secs(5), || async {
-            a.name_of(1).as_deref() == Some("v2")
-        })
+        wait_for(
+            "A applies B's later write",
+            Duration::from_secs(5),
+            || async { a.name_of(1).as_deref() == Some("v2") },
+        )
         .await;
         let head = a.replica.log.newest_seq().await.unwrap();
         assert_eq!(head, 2);
-        wait_for("both gauges at the head", Duration::from_secs(5), || async {
-            a.gauges.applied_seq.get() == head && b.gauges.applied_seq.get() == head
-        })
+        wait_for(
+            "both gauges at the head",
+            Duration::from_secs(5),
+            || async { a.gauges.applied_seq.get() == head && b.gauges.applied_seq.get() == head },
+        )
         .await;
         // No local shortcut: each write was applied once per replica, from the log.
         assert_eq!(*a.replica.applied().borrow(), head);
@@ -637,7 +647,11 @@ mod tests {
         let fence = lease.try_take().await.unwrap().expect("the lease is free");
         let seq = a.replica.store_snapshot(&fence).await.unwrap();
         assert_eq!(seq, 3);
-        a.replica.log.prune_through(seq, Duration::ZERO).await.unwrap();
+        a.replica
+            .log
+            .prune_through(seq, Duration::ZERO)
+            .await
+            .unwrap();
         a.publishing
             .apply(Change::user(&customer(4, "c4", "+380501234564"), &p))
             .await
@@ -660,10 +674,14 @@ mod tests {
         let writer = IndexWriter::spawn(Index::new());
         let stop = CancellationToken::new();
         let task = tokio::spawn(b.clone().run_subscriber(writer.clone(), 0, stop.clone()));
-        wait_for("B reloads and follows on", Duration::from_secs(5), || async {
-            let ix = writer.index().read();
-            (1..=4).all(|i| ix.customer(i).is_some())
-        })
+        wait_for(
+            "B reloads and follows on",
+            Duration::from_secs(5),
+            || async {
+                let ix = writer.index().read();
+                (1..=4).all(|i| ix.customer(i).is_some())
+            },
+        )
         .await;
         assert_eq!(*b.applied().borrow(), 4);
         // A new replica starts from the snapshot directly.
@@ -771,7 +789,10 @@ mod tests {
                 .await
                 .unwrap();
         }
-        a.writer.apply_replicated(vec![Change::Loaded]).await.unwrap();
+        a.writer
+            .apply_replicated(vec![Change::Loaded])
+            .await
+            .unwrap();
         eprintln!("built {n} customers in {:?}", built.elapsed());
         let lease = Lease::new(db.pool_of(1), FOLLOWER_LEASE, "a", Duration::from_secs(600));
         let fence = lease.try_take().await.unwrap().unwrap();
@@ -802,7 +823,13 @@ mod tests {
         }
         // Where the time goes: reading the chunks out of PostgreSQL (with the CRC) vs decoding.
         let t = std::time::Instant::now();
-        let (meta, bytes) = a.replica.snapshots.load_latest_bytes().await.unwrap().unwrap();
+        let (meta, bytes) = a
+            .replica
+            .snapshots
+            .load_latest_bytes()
+            .await
+            .unwrap()
+            .unwrap();
         let read = t.elapsed();
         let t = std::time::Instant::now();
         let ix = decode(meta.id, bytes).await.unwrap();

@@ -698,7 +698,9 @@ async fn sigkill_of_the_follower_hands_the_exports_to_another_replica() {
         return;
     };
     let mut store = account();
-    store.create_user(customer("Ivan Franko", "+380501110001")).unwrap();
+    store
+        .create_user(customer("Ivan Franko", "+380501110001"))
+        .unwrap();
     let sim = start_sim(store, |_| {}).await;
     let dir = tempfile::tempdir().unwrap();
     let url = schema.url();
@@ -714,10 +716,14 @@ async fn sigkill_of_the_follower_hands_the_exports_to_another_replica() {
     }
     // Every replica knows the account's customer, from the one follower's warm-up.
     for g in clients.iter_mut() {
-        eventually("every replica answers from the shared index", DEADLINE, || {
-            let mut g = g.clone();
-            async move { caller_name(&mut g, "+380501110001").await }
-        })
+        eventually(
+            "every replica answers from the shared index",
+            DEADLINE,
+            || {
+                let mut g = g.clone();
+                async move { caller_name(&mut g, "+380501110001").await }
+            },
+        )
         .await;
     }
     let (holder, epoch) = lease_holder(&schema, &replicas.iter().collect::<Vec<_>>()).await;
@@ -728,7 +734,12 @@ async fn sigkill_of_the_follower_hands_the_exports_to_another_replica() {
         if i == holder {
             assert_eq!(warmups, 1, "the holder warmed up once:\n{}", r.log_text());
         } else {
-            assert_eq!(warmups, 0, "replica {i} read the exports:\n{}", r.log_text());
+            assert_eq!(
+                warmups,
+                0,
+                "replica {i} read the exports:\n{}",
+                r.log_text()
+            );
         }
     }
 
@@ -736,17 +747,18 @@ async fn sigkill_of_the_follower_hands_the_exports_to_another_replica() {
     replicas.remove(holder).kill();
     clients.remove(holder);
     let survivors: Vec<&Replica> = replicas.iter().collect();
-    let (new_holder, new_epoch) = eventually("a survivor takes the follower lease", DEADLINE, || {
-        let (schema, survivors) = (&schema, &survivors);
-        async move {
-            let (h, e) = follower_lease(schema).await?;
-            let i = survivors
-                .iter()
-                .position(|r| h.ends_with(&format!("@{}", r.addr)))?;
-            Some((i, e))
-        }
-    })
-    .await;
+    let (new_holder, new_epoch) =
+        eventually("a survivor takes the follower lease", DEADLINE, || {
+            let (schema, survivors) = (&schema, &survivors);
+            async move {
+                let (h, e) = follower_lease(schema).await?;
+                let i = survivors
+                    .iter()
+                    .position(|r| h.ends_with(&format!("@{}", r.addr)))?;
+                Some((i, e))
+            }
+        })
+        .await;
     let took_over_in = killed_at.elapsed();
     assert!(new_epoch > epoch, "epoch {new_epoch} after {epoch}");
     // The lease lasts 2 s; taking it over must not wait much longer than that.
@@ -853,7 +865,10 @@ async fn a_call_synced_by_one_replica_routes_on_another_within_a_second() {
         assert!(!name.is_empty());
     }
     // Nothing came from the exports: B never read them, A only for its warm-up.
-    assert_eq!(b.log_count("warm-up: reading") + a.log_count("warm-up: reading"), 1);
+    assert_eq!(
+        b.log_count("warm-up: reading") + a.log_count("warm-up: reading"),
+        1
+    );
     eprintln!("sync on A → answer on B: {samples:?}");
     sim.shutdown().await;
 }
@@ -914,10 +929,18 @@ async fn a_new_replica_starts_from_the_shared_snapshot_without_reading_the_expor
         caller_name(&mut gb, &number(299)).await.as_deref(),
         Some("Customer 299")
     );
-    assert_eq!(b.log_count("index loaded from the shared snapshot"), 1, "{}", b.log_text());
+    assert_eq!(
+        b.log_count("index loaded from the shared snapshot"),
+        1,
+        "{}",
+        b.log_text()
+    );
     assert_eq!(b.log_count("warm-up: reading"), 0, "{}", b.log_text());
     assert_eq!(export_requests(&sim), before, "B read the exports");
-    eprintln!("B SERVING from the shared snapshot in {:?}", started.elapsed());
+    eprintln!(
+        "B SERVING from the shared snapshot in {:?}",
+        started.elapsed()
+    );
     drop(health);
     sim.shutdown().await;
 }
