@@ -873,8 +873,8 @@ async fn a_call_synced_by_one_replica_routes_on_another_within_a_second() {
     sim.shutdown().await;
 }
 
-/// A replica started after the follower stored a shared snapshot becomes SERVING from it (plus the
-/// changes after it) without a single export request to Zendesk.
+/// A replica started after the follower stored a shared snapshot becomes SERVING from it plus the
+/// changes after it (a call synced since) without a single export request to Zendesk.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_replica_starts_from_the_shared_snapshot_without_reading_the_exports() {
     let Some(schema) = TestSchema::new().await else {
@@ -889,12 +889,13 @@ async fn a_new_replica_starts_from_the_shared_snapshot_without_reading_the_expor
     let sim = start_sim(store, |_| {}).await;
     let dir = tempfile::tempdir().unwrap();
     let url = schema.url();
-    // Exports read once (the warm-up), so any export request after it would be B's.
-    let snapshot_often = &[
+    // Exports read once (the warm-up), so any export request after it would be B's; the shared
+    // snapshot stored once, right after the warm-up.
+    let snapshot_once = &[
         ("DESKLINE_INDEX__FOLLOWER_LEASE_SECONDS", "2"),
-        ("DESKLINE_INDEX__SHARED_SNAPSHOT_SECONDS", "1"),
+        ("DESKLINE_INDEX__SHARED_SNAPSHOT_SECONDS", "3600"),
     ];
-    let _a = Replica::start_env(dir.path(), "a", &sim, &url, snapshot_often).await;
+    let a = Replica::start_env(dir.path(), "a", &sim, &url, snapshot_once).await;
     let pool = schema.pool_of(1);
     eventually("a shared snapshot stored", DEADLINE, || async {
         let c = pool.get().await.ok()?;
@@ -906,10 +907,43 @@ async fn a_new_replica_starts_from_the_shared_snapshot_without_reading_the_expor
         (n > 0).then_some(())
     })
     .await;
+    // A change after the snapshot (stored once, right after the warm-up): a call synced by A.
+    let mut ga = a.grpc().await;
+    let fresh = number(5000);
+    ga.report_call(report("after-snapshot", &fresh))
+        .await
+        .unwrap();
+    eventually("the call DONE on A", DEADLINE, || {
+        let mut ga = ga.clone();
+        async move {
+            let st = ga
+                .get_call_status(GetCallStatusRequest {
+                    call_id: "after-snapshot".into(),
+                })
+                .await
+                .ok()?
+                .into_inner();
+            (st.state() == SyncState::Done).then_some(())
+        }
+    })
+    .await;
+    let (snapshot_seq, head): (i64, i64) = {
+        let c = pool.get().await.unwrap();
+        let r = c
+            .query_one(
+                "SELECT (SELECT max(seq) FROM cluster_snapshots),
+                        (SELECT max(seq) FROM cluster_changes)",
+                &[],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert!(snapshot_seq < head, "snapshot {snapshot_seq}, log {head}");
     let before = export_requests(&sim);
     assert!(before > 0, "A warmed up from the exports");
     let started = tokio::time::Instant::now();
-    let b = Replica::start_env(dir.path(), "b", &sim, &url, snapshot_often).await;
+    let b = Replica::start_env(dir.path(), "b", &sim, &url, snapshot_once).await;
     let mut gb = b.grpc().await;
     let health = tonic_health::pb::health_client::HealthClient::new(channel(b.addr).await);
     eventually("B SERVING", DEADLINE, || {
@@ -929,6 +963,17 @@ async fn a_new_replica_starts_from_the_shared_snapshot_without_reading_the_expor
         caller_name(&mut gb, &number(299)).await.as_deref(),
         Some("Customer 299")
     );
+    // …plus the changes after it, from the log.
+    eventually(
+        "B knows the number synced after the snapshot",
+        DEADLINE,
+        || {
+            let mut gb = gb.clone();
+            let fresh = fresh.clone();
+            async move { caller_name(&mut gb, &fresh).await }
+        },
+    )
+    .await;
     assert_eq!(
         b.log_count("index loaded from the shared snapshot"),
         1,
