@@ -355,13 +355,59 @@ impl Service {
             .with_context(|| format!("cannot create storage.data_dir {}", data_dir.display()))?;
         let parser = PhoneParser::new(&config.phone.default_region).map_err(anyhow::Error::msg)?;
         let snapshot_path = data_dir.join("index.snapshot");
-        let index = load_snapshot(&snapshot_path).await;
+        // The store first: with PostgreSQL, the client's budget is the account's shared one
+        // before its first request (the follower's warm-up included), and the index starts from
+        // the shared snapshot and change log instead of the local snapshot (see `replica`).
+        let (queue, pg_pool) = open_store(&config, &data_dir, addr).await?;
+        let replica_gauges = crate::metrics::ReplicaGauges::default();
+        let replica = match &pg_pool {
+            Some(pool) => {
+                let url = config
+                    .postgres_url()?
+                    .context("storage.postgres_url: unset")?;
+                let connect: tokio_postgres::Config = secrecy::ExposeSecret::expose_secret(&url)
+                    .parse()
+                    .context("storage.postgres_url: not a PostgreSQL URL")?;
+                Some(crate::replica::Replica::new(
+                    pool.clone(),
+                    connect,
+                    replica_id(addr),
+                    replica_gauges.clone(),
+                    crate::replica::ReplicaOptions {
+                        lease_ttl: Duration::from_secs(config.index.follower_lease_seconds),
+                        snapshot_every: Duration::from_secs(config.index.shared_snapshot_seconds),
+                        snapshot_path: data_dir.join("shared-index.snapshot"),
+                    },
+                ))
+            }
+            None => None,
+        };
+        let (index, replica_from) = match &replica {
+            Some(r) => {
+                let start = r
+                    .start()
+                    .await
+                    .context("cannot read the shared index snapshot from PostgreSQL")?;
+                if start.from_snapshot {
+                    info!(
+                        seq = start.seq,
+                        "index from the shared snapshot, then the change log"
+                    );
+                } else {
+                    info!("no shared snapshot yet: index from the whole change log");
+                }
+                (start.index, start.seq)
+            }
+            None => (load_snapshot(&snapshot_path).await, 0),
+        };
         // The one writer of the index (see `index::writer`); everything else reads `index`.
         let writer = IndexWriter::spawn(index);
         let index: SharedIndex = writer.index().clone();
-        // The store first: with PostgreSQL, the client's budget is the account's shared one
-        // before its first request (the follower's warm-up included).
-        let (queue, pg_pool) = open_store(&config, &data_dir, addr).await?;
+        // What the sync worker and the webhooks write through: with replicas, the shared log.
+        let shared_writer = match &replica {
+            Some(r) => writer.with_publisher(r.publisher()),
+            None => writer.clone(),
+        };
         let client =
             Client::new(config.client_options()?).context("cannot build the Zendesk client")?;
         if let Some(pool) = pg_pool {
@@ -378,15 +424,22 @@ impl Service {
         }
 
         let (reporter, health) = tonic_health::server::health_reporter();
-        let (follower, loaded) = Follower::new(
+        let follower_options = FollowerOptions::new(
+            Duration::from_secs(config.index.poll_seconds),
+            snapshot_path.clone(),
+        );
+        let (follower, follower_loaded) = Follower::new(
             client.clone(),
             writer.clone(),
             parser.clone(),
-            FollowerOptions::new(
-                Duration::from_secs(config.index.poll_seconds),
-                snapshot_path.clone(),
-            ),
+            follower_options.clone(),
         );
+        // With replicas the index is loaded when the log says so (the follower's `Loaded`),
+        // whichever replica follows.
+        let loaded = match &replica {
+            Some(_) => writer.loaded(),
+            None => follower_loaded,
+        };
         set_health(&reporter, *loaded.borrow()).await;
         // `ready` turns true once health says SERVING (at once when the snapshot was complete).
         let (ready_tx, ready) = watch::channel(*loaded.borrow());
@@ -394,17 +447,18 @@ impl Service {
         let worker = crate::sync::Worker::new(
             queue.clone(),
             client.clone(),
-            writer.clone(),
+            shared_writer.clone(),
             crate::sync::SyncSettings::from_config(&config)?,
         );
         let worker_handle = worker.handle();
         let retention = Duration::from_secs(u64::from(config.storage.retention_days) * 86_400);
 
-        let metrics = Arc::new(crate::metrics::Metrics::new(
-            index.clone(),
-            Some(client.clone()),
-            Some(queue.clone()),
-        ));
+        let metrics =
+            crate::metrics::Metrics::new(index.clone(), Some(client.clone()), Some(queue.clone()));
+        let metrics = Arc::new(match &replica {
+            Some(_) => metrics.with_replica(&replica_gauges),
+            None => metrics,
+        });
         let versions = crate::webhooks::apply::SharedVersions::default();
         let follower = if config.webhooks.listen.is_some() {
             follower.with_webhooks(metrics.clone(), versions.clone())
@@ -431,7 +485,7 @@ impl Service {
                     &config.webhooks.path,
                     secrets,
                     client.clone(),
-                    writer.clone(),
+                    shared_writer.clone(),
                     parser.clone(),
                     metrics.clone(),
                     versions.clone(),
@@ -459,7 +513,41 @@ impl Service {
             });
             tasks.spawn("webhooks-apply", applier.run(stop_background.clone()));
         }
-        tasks.spawn("follower", follower.run(stop_background.clone()));
+        match &replica {
+            None => {
+                tasks.spawn("follower", follower.run(stop_background.clone()));
+            }
+            Some(r) => {
+                // Only the lease holder follows, on a writer that publishes with its fence.
+                drop(follower);
+                tasks.spawn(
+                    "changes",
+                    r.clone()
+                        .run_subscriber(writer.clone(), replica_from, stop_background.clone()),
+                );
+                let webhooks_on = config.webhooks.listen.is_some();
+                let (client, parser, metrics, versions) = (
+                    client.clone(),
+                    parser.clone(),
+                    metrics.clone(),
+                    versions.clone(),
+                );
+                let make = move |w: IndexWriter| {
+                    let (f, _) =
+                        Follower::new(client.clone(), w, parser.clone(), follower_options.clone());
+                    if webhooks_on {
+                        f.with_webhooks(metrics.clone(), versions.clone())
+                    } else {
+                        f
+                    }
+                };
+                tasks.spawn(
+                    "follower",
+                    r.clone()
+                        .run_follower(writer.clone(), make, stop_background.clone()),
+                );
+            }
+        }
         tasks.spawn("sync", worker.run(stop_background.clone()));
         tasks.spawn(
             "housekeeping",

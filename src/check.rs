@@ -329,10 +329,63 @@ pub(crate) async fn storage(config: &Config) -> Vec<Finding> {
         }
         Err(e) => return vec![finding(Severity::Problem, e.to_string())],
     };
-    let version = match crate::pg::pool(&url, 1) {
-        Ok(pool) => crate::pg::schema_version(&pool).await,
-        Err(e) => Err(e),
+    let pool = match crate::pg::pool(&url, 1) {
+        Ok(pool) => pool,
+        Err(e) => return schema_findings(Err(e)),
     };
+    let version = crate::pg::schema_version(&pool).await;
+    let current = matches!(&version, Ok(v) if v.newer.is_empty() && v.missing.is_empty());
+    let mut findings = schema_findings(version);
+    if current {
+        findings.extend(replication(pool).await);
+    }
+    findings
+}
+
+/// Who follows the exports, and where the shared index stands (DESIGN §8).
+async fn replication(pool: deadpool_postgres::Pool) -> Vec<Finding> {
+    use crate::cluster::{ChangeLog, Lease, SharedSnapshot};
+    let lease = Lease::new(
+        pool.clone(),
+        crate::replica::FOLLOWER_LEASE,
+        "deskline-check",
+        std::time::Duration::from_secs(1),
+    );
+    let lease = match lease.status().await {
+        Ok(st) => match st.holder {
+            Some(h) => format!(
+                "follower lease: held by {h} (epoch {}, {:.0} s left before renewal is due)",
+                st.epoch,
+                st.expires_in.as_secs_f64()
+            ),
+            None => format!(
+                "follower lease: free (epoch {}): no replica follows the exports right now",
+                st.epoch
+            ),
+        },
+        Err(e) => format!("follower lease: not readable: {e}"),
+    };
+    let head = ChangeLog::new(pool.clone(), "deskline-check")
+        .newest_seq()
+        .await;
+    let snapshot = SharedSnapshot::new(pool, "deskline-check").latest().await;
+    let shared = match (head, snapshot) {
+        (Ok(head), Ok(Some(m))) => format!(
+            "shared index: snapshot at change {} ({} bytes, stored by {}), change log at {head}",
+            m.seq, m.size, m.origin
+        ),
+        (Ok(head), Ok(None)) => format!(
+            "shared index: no snapshot yet (a new replica replays the change log), change log at {head}"
+        ),
+        (Err(e), _) | (_, Err(e)) => format!("shared index: not readable: {e}"),
+    };
+    vec![
+        finding(Severity::Note, lease),
+        finding(Severity::Note, shared),
+    ]
+}
+
+fn schema_findings(version: Result<crate::pg::SchemaVersion, crate::pg::PgError>) -> Vec<Finding> {
     match version {
         Err(e) => vec![finding(
             Severity::Problem,

@@ -187,11 +187,21 @@ impl Default for PhoneConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct IndexConfig {
     pub poll_seconds: u64,
+    /// With PostgreSQL: how long the follower lease lasts without renewal (renewed every third),
+    /// so about how long the exports go unfollowed after the follower dies.
+    pub follower_lease_seconds: u64,
+    /// With PostgreSQL: how often the follower stores the shared snapshot (and prunes the change
+    /// log behind it).
+    pub shared_snapshot_seconds: u64,
 }
 
 impl Default for IndexConfig {
     fn default() -> Self {
-        Self { poll_seconds: 60 }
+        Self {
+            poll_seconds: 60,
+            follower_lease_seconds: 15,
+            shared_snapshot_seconds: 300,
+        }
     }
 }
 
@@ -363,6 +373,14 @@ impl Config {
             ("zendesk.timeout_seconds", self.zendesk.timeout_seconds),
             ("index.poll_seconds", self.index.poll_seconds),
             (
+                "index.follower_lease_seconds",
+                self.index.follower_lease_seconds,
+            ),
+            (
+                "index.shared_snapshot_seconds",
+                self.index.shared_snapshot_seconds,
+            ),
+            (
                 "server.shutdown_grace_seconds",
                 self.server.shutdown_grace_seconds,
             ),
@@ -419,6 +437,12 @@ impl Config {
                     "an empty extension",
                 )));
             }
+        }
+        if self.index.follower_lease_seconds == 1 {
+            report(Err(key_err(
+                "index.follower_lease_seconds",
+                "must be at least 2 (the holder renews it every third of it)",
+            )));
         }
         if self.sync.lease_seconds == 1 {
             report(Err(key_err(
@@ -1217,6 +1241,19 @@ mod tests {
         );
         let err = load(MIN, &[("DESKLINE_SYNC__LEASE_SECONDS", "1")]).unwrap_err();
         assert!(err.to_string().starts_with("sync.lease_seconds:"), "{err}");
+        let err = load(MIN, &[("DESKLINE_INDEX__FOLLOWER_LEASE_SECONDS", "1")]).unwrap_err();
+        assert!(
+            err.to_string().starts_with("index.follower_lease_seconds:"),
+            "{err}"
+        );
+        let c = load(MIN, &[]).unwrap();
+        assert_eq!(
+            (
+                c.index.follower_lease_seconds,
+                c.index.shared_snapshot_seconds
+            ),
+            (15, 300)
+        );
     }
 
     #[test]

@@ -187,6 +187,12 @@ fn cases(dir: &Path) -> Vec<Case> {
         case("index.poll_seconds", "15", "15", |c| {
             assert_eq!(c.index.poll_seconds, 15)
         }),
+        case("index.follower_lease_seconds", "9", "9", |c| {
+            assert_eq!(c.index.follower_lease_seconds, 9)
+        }),
+        case("index.shared_snapshot_seconds", "120", "120", |c| {
+            assert_eq!(c.index.shared_snapshot_seconds, 120)
+        }),
         case("routing.directory", directory, directory, |c| {
             let d: Vec<_> = c
                 .routing

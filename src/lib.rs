@@ -15,6 +15,8 @@
 //! - [`sync`]: the durable post-call queue (SQLite, or PostgreSQL for replicas) and the worker that
 //!   writes calls into Zendesk.
 //! - [`pg`]: the PostgreSQL pool and the schema migrations shared by replicas.
+//! - [`replica`]: one index, many copies: the change log applied in order, one export follower,
+//!   the shared snapshot.
 //! - [`grpc`]: the tonic service: validation, auth, proto ↔ domain conversion, status mapping.
 //! - [`config`], [`app`]: typed configuration; starting, supervising and stopping the tasks.
 //! - [`check`], [`demo`]: the operator's `deskline check` and the newcomer's `deskline demo`.
@@ -39,6 +41,7 @@ pub mod index;
 pub mod metrics;
 pub mod pg;
 pub mod phone;
+pub(crate) mod replica;
 pub mod routing;
 pub mod sync;
 pub mod webhooks;

@@ -104,6 +104,27 @@ pub(crate) mod names {
     /// Gauge `{scope}`: requests of every replica in the shared budget's current window (`all`,
     /// `export`); absent without PostgreSQL or when it does not answer.
     pub(crate) const ZENDESK_CLUSTER_BUDGET_USED: &str = "deskline_zendesk_cluster_budget_used";
+    /// Gauge: 1 while this replica holds the follower lease (follows the exports), else 0; only
+    /// with PostgreSQL.
+    pub(crate) const FOLLOWER_LEASE_HELD: &str = "deskline_follower_lease_held";
+    /// Gauge: the follower lease epoch this replica last held (0 if never).
+    pub(crate) const FOLLOWER_LEASE_EPOCH: &str = "deskline_follower_lease_epoch";
+    /// Gauge: the last change-log seq applied to this replica's index.
+    pub(crate) const CHANGELOG_APPLIED_SEQ: &str = "deskline_changelog_applied_seq";
+    /// Gauge: changes in the shared log not yet applied to this replica's index.
+    pub(crate) const CHANGELOG_BEHIND: &str = "deskline_changelog_behind";
+    /// Gauge: age in seconds of the oldest change not yet applied here (0 when caught up).
+    pub(crate) const CHANGELOG_LAG_SECONDS: &str = "deskline_changelog_lag_seconds";
+}
+
+/// The gauges of a replica sharing its index through PostgreSQL (`crate::replica` sets them).
+#[derive(Debug, Clone, Default)]
+pub struct ReplicaGauges {
+    pub lease_held: prometheus_client::metrics::gauge::Gauge,
+    pub lease_epoch: prometheus_client::metrics::gauge::Gauge,
+    pub applied_seq: prometheus_client::metrics::gauge::Gauge,
+    pub behind: prometheus_client::metrics::gauge::Gauge,
+    pub lag_seconds: prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 /// What became of one webhook request (the `result` label).
@@ -333,6 +354,37 @@ impl Metrics {
             queue,
             spooled,
         }
+    }
+
+    /// Registers a replica's gauges (only with PostgreSQL, so a single replica shows none).
+    pub fn with_replica(mut self, g: &ReplicaGauges) -> Self {
+        let r = &mut self.registry;
+        r.register(
+            names::FOLLOWER_LEASE_HELD,
+            "1 while this replica holds the follower lease and follows the exports",
+            g.lease_held.clone(),
+        );
+        r.register(
+            names::FOLLOWER_LEASE_EPOCH,
+            "The follower lease epoch this replica last held",
+            g.lease_epoch.clone(),
+        );
+        r.register(
+            names::CHANGELOG_APPLIED_SEQ,
+            "The last change-log seq applied to this replica's index",
+            g.applied_seq.clone(),
+        );
+        r.register(
+            names::CHANGELOG_BEHIND,
+            "Changes in the shared log not yet applied to this replica's index",
+            g.behind.clone(),
+        );
+        r.register(
+            names::CHANGELOG_LAG_SECONDS,
+            "Age of the oldest change not yet applied to this replica's index",
+            g.lag_seconds.clone(),
+        );
+        self
     }
 
     /// Counts one webhook request by result; an applied one also restarts the age gauge.

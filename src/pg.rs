@@ -327,10 +327,9 @@ pub mod testing {
             pool
         }
 
-        #[cfg(test)]
         /// A new pool of `size` connections on this schema, not migrating (one per simulated
         /// replica; migrate once with [`pool`](Self::pool) or [`super::migrate`] first).
-        pub(crate) fn pool_of(&self, size: usize) -> deadpool_postgres::Pool {
+        pub fn pool_of(&self, size: usize) -> deadpool_postgres::Pool {
             super::pool(&self.secret_url(), size).expect("pool")
         }
 

@@ -39,6 +39,8 @@ use tonic::transport::Channel;
 struct Replica {
     child: Child,
     addr: SocketAddr,
+    /// `server.metrics_listen`.
+    metrics: SocketAddr,
     log: PathBuf,
 }
 
@@ -66,11 +68,15 @@ impl Replica {
             .unwrap()
             .local_addr()
             .unwrap();
+        let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
         let dir = dir.join(name);
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join("deskline.toml");
         let extra = format!(
-            "postgres_url = \"{postgres_url}\"\n[server]\nlisten = \"{addr}\"\n[index]\npoll_seconds = 3600\n\
+            "postgres_url = \"{postgres_url}\"\n[server]\nlisten = \"{addr}\"\nmetrics_listen = \"{metrics}\"\n[index]\npoll_seconds = 3600\n\
              [sync]\nlease_seconds = 2\nsenior_manager = \"Olena Petrenko\"\n"
         );
         std::fs::write(&config, config_text(sim, &dir.join("data"), &extra)).unwrap();
@@ -86,7 +92,12 @@ impl Replica {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("cannot start deskline serve");
-        let mut r = Replica { child, addr, log };
+        let mut r = Replica {
+            child,
+            addr,
+            metrics,
+            log,
+        };
         let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap();
         let started = tokio::time::Instant::now();
         loop {
@@ -107,6 +118,18 @@ impl Replica {
 
     async fn grpc(&self) -> ResolverClient<Channel> {
         client(self.addr).await
+    }
+
+    /// The value of an unlabelled metric on this replica's `/metrics`.
+    async fn metric(&self, name: &str) -> Option<f64> {
+        let text = reqwest::get(format!("http://{}/metrics", self.metrics))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
     }
 
     fn kill(mut self) {
@@ -599,5 +622,370 @@ async fn three_replicas_share_one_account_budget() {
         scraped.contains("deskline_zendesk_cluster_budget_used{scope=\"all\"}"),
         "{scraped}"
     );
+    sim.shutdown().await;
+}
+
+// ---- One index, many copies (DESIGN §8): one follower, the change log, the shared snapshot ----
+
+/// The follower's settings for these tests: exports polled every second, a 2 s follower lease,
+/// the shared snapshot stored every second once the index is loaded.
+const FOLLOW_FAST: &[(&str, &str)] = &[
+    ("DESKLINE_INDEX__POLL_SECONDS", "1"),
+    ("DESKLINE_INDEX__FOLLOWER_LEASE_SECONDS", "2"),
+    ("DESKLINE_INDEX__SHARED_SNAPSHOT_SECONDS", "1"),
+];
+
+/// Who holds the follower lease now, as PostgreSQL says: (holder, epoch), `None` if nobody live.
+async fn follower_lease(schema: &TestSchema) -> Option<(String, i64)> {
+    let pool = schema.pool_of(1);
+    let c = pool.get().await.unwrap();
+    c.query_opt(
+        "SELECT holder, epoch FROM cluster_lease
+         WHERE name = 'follower' AND expires_at > clock_timestamp()",
+        &[],
+    )
+    .await
+    .unwrap()
+    .map(|r| (r.get(0), r.get(1)))
+}
+
+/// Which of `replicas` holds the follower lease (replica ids end with `@{addr}`).
+async fn lease_holder(schema: &TestSchema, replicas: &[&Replica]) -> (usize, i64) {
+    eventually("a replica holds the follower lease", DEADLINE, || async {
+        let (holder, epoch) = follower_lease(schema).await?;
+        let i = replicas
+            .iter()
+            .position(|r| holder.ends_with(&format!("@{}", r.addr)))?;
+        Some((i, epoch))
+    })
+    .await
+}
+
+/// The caller-ID answer's display name for `number` on `r`, if it knows the number.
+async fn caller_name(grpc: &mut ResolverClient<Channel>, number: &str) -> Option<String> {
+    let resp = grpc
+        .lookup_caller(proto::LookupCallerRequest {
+            number: number.into(),
+        })
+        .await
+        .ok()?
+        .into_inner();
+    resp.found.then_some(resp.display_name)
+}
+
+fn export_requests(sim: &SimHandle) -> usize {
+    sim.requests()
+        .iter()
+        .filter(|r| r.path.contains("/incremental/"))
+        .count()
+}
+
+fn customer(name: &str, phone: &str) -> NewUser {
+    NewUser {
+        name: name.into(),
+        phone: Some(phone.into()),
+        ..NewUser::default()
+    }
+}
+
+/// Three replicas, one follower. SIGKILL of the follower-lease holder: another replica takes the
+/// lease (a higher epoch) after about its expiry, resumes from the cursors stored through the change
+/// log (no warm-up), and a customer created in Zendesk afterwards reaches the caller-ID answers of
+/// both survivors. Before that, only the holder ever read the exports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_the_follower_hands_the_exports_to_another_replica() {
+    let Some(schema) = TestSchema::new().await else {
+        return;
+    };
+    let mut store = account();
+    store
+        .create_user(customer("Ivan Franko", "+380501110001"))
+        .unwrap();
+    let sim = start_sim(store, |_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = schema.url();
+    let (a, b, c) = tokio::join!(
+        Replica::start_env(dir.path(), "a", &sim, &url, FOLLOW_FAST),
+        Replica::start_env(dir.path(), "b", &sim, &url, FOLLOW_FAST),
+        Replica::start_env(dir.path(), "c", &sim, &url, FOLLOW_FAST),
+    );
+    let mut replicas = vec![a, b, c];
+    let mut clients = Vec::new();
+    for r in &replicas {
+        clients.push(r.grpc().await);
+    }
+    // Every replica knows the account's customer, from the one follower's warm-up.
+    for g in clients.iter_mut() {
+        eventually(
+            "every replica answers from the shared index",
+            DEADLINE,
+            || {
+                let mut g = g.clone();
+                async move { caller_name(&mut g, "+380501110001").await }
+            },
+        )
+        .await;
+    }
+    let (holder, epoch) = lease_holder(&schema, &replicas.iter().collect::<Vec<_>>()).await;
+    // A few polls later, still only the holder reads the exports.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for (i, r) in replicas.iter().enumerate() {
+        let warmups = r.log_count("warm-up: reading");
+        if i == holder {
+            assert_eq!(warmups, 1, "the holder warmed up once:\n{}", r.log_text());
+        } else {
+            assert_eq!(
+                warmups,
+                0,
+                "replica {i} read the exports:\n{}",
+                r.log_text()
+            );
+        }
+    }
+
+    let killed_at = tokio::time::Instant::now();
+    replicas.remove(holder).kill();
+    clients.remove(holder);
+    let survivors: Vec<&Replica> = replicas.iter().collect();
+    let (new_holder, new_epoch) =
+        eventually("a survivor takes the follower lease", DEADLINE, || {
+            let (schema, survivors) = (&schema, &survivors);
+            async move {
+                let (h, e) = follower_lease(schema).await?;
+                let i = survivors
+                    .iter()
+                    .position(|r| h.ends_with(&format!("@{}", r.addr)))?;
+                Some((i, e))
+            }
+        })
+        .await;
+    let took_over_in = killed_at.elapsed();
+    assert!(new_epoch > epoch, "epoch {new_epoch} after {epoch}");
+    // The lease lasts 2 s; taking it over must not wait much longer than that.
+    assert!(
+        took_over_in < Duration::from_secs(6),
+        "takeover took {took_over_in:?}"
+    );
+
+    // A change made in Zendesk after the kill reaches both survivors' answers.
+    sim.with_store(|s| s.create_user(customer("Lesia Ukrainka", "+380501110002")))
+        .unwrap();
+    for g in clients.iter_mut() {
+        let name = eventually("the new customer on every survivor", DEADLINE, || {
+            let mut g = g.clone();
+            async move { caller_name(&mut g, "+380501110002").await }
+        })
+        .await;
+        assert_eq!(name, "Lesia Ukrainka");
+    }
+    // The metrics say who follows, under which epoch, and that nobody lags behind the log.
+    for (i, r) in replicas.iter().enumerate() {
+        let held = if i == new_holder { 1.0 } else { 0.0 };
+        eventually("the lease metrics", DEADLINE, || async {
+            (r.metric("deskline_follower_lease_held").await? == held).then_some(())
+        })
+        .await;
+        eventually("no change-log lag", DEADLINE, || async {
+            (r.metric("deskline_changelog_behind").await? == 0.0).then_some(())
+        })
+        .await;
+        assert!(r.metric("deskline_changelog_applied_seq").await.unwrap() > 0.0);
+    }
+    assert_eq!(
+        replicas[new_holder]
+            .metric("deskline_follower_lease_epoch")
+            .await,
+        Some(new_epoch as f64)
+    );
+    // Resumed from the stored cursors: the new holder never warmed up.
+    assert_eq!(
+        replicas[new_holder].log_count("warm-up: reading"),
+        0,
+        "{}",
+        replicas[new_holder].log_text()
+    );
+    assert_eq!(
+        replicas[new_holder].log_count("holds the follower lease"),
+        1,
+        "{}",
+        replicas[new_holder].log_text()
+    );
+    eprintln!("follower takeover after SIGKILL: {took_over_in:?} (lease 2 s)");
+    sim.shutdown().await;
+}
+
+/// Read-your-writes across replicas: a call of a new number reported to and synced by A (new user
+/// and ticket in Zendesk) is known to B's caller ID within 1 s of A finishing it. The exports are
+/// polled hourly here, so only the change log can bring it to B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_synced_by_one_replica_routes_on_another_within_a_second() {
+    let Some(schema) = TestSchema::new().await else {
+        return;
+    };
+    let sim = start_sim(account(), |_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = schema.url();
+    let (a, b) = tokio::join!(
+        Replica::start(dir.path(), "a", &sim, &url),
+        Replica::start(dir.path(), "b", &sim, &url),
+    );
+    let (mut ga, mut gb) = (a.grpc().await, b.grpc().await);
+    let mut samples = Vec::new();
+    for i in 0..5 {
+        let n = number(9000 + i);
+        assert!(caller_name(&mut gb, &n).await.is_none(), "{n} known before");
+        let id = format!("ryw-{i}");
+        ga.report_call(report(&id, &n)).await.unwrap();
+        // Done on A (polled tightly: the measured time includes this poll's granularity).
+        let done_at = eventually("the call DONE on A", DEADLINE, || {
+            let mut ga = ga.clone();
+            let id = id.clone();
+            async move {
+                let st = ga
+                    .get_call_status(GetCallStatusRequest { call_id: id })
+                    .await
+                    .ok()?
+                    .into_inner();
+                (st.state() == SyncState::Done).then(tokio::time::Instant::now)
+            }
+        })
+        .await;
+        let name = loop {
+            if let Some(name) = caller_name(&mut gb, &n).await {
+                break name;
+            }
+            assert!(
+                done_at.elapsed() < Duration::from_secs(1),
+                "{n} synced on A is not known on B 1 s later:\n{}",
+                b.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        samples.push(done_at.elapsed());
+        assert!(!name.is_empty());
+    }
+    // Nothing came from the exports: B never read them, A only for its warm-up.
+    assert_eq!(
+        b.log_count("warm-up: reading") + a.log_count("warm-up: reading"),
+        1
+    );
+    eprintln!("sync on A → answer on B: {samples:?}");
+    sim.shutdown().await;
+}
+
+/// A replica started after the follower stored a shared snapshot becomes SERVING from it plus the
+/// changes after it (a call synced since) without a single export request to Zendesk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_replica_starts_from_the_shared_snapshot_without_reading_the_exports() {
+    let Some(schema) = TestSchema::new().await else {
+        return;
+    };
+    let mut store = account();
+    for i in 0..300 {
+        store
+            .create_user(customer(&format!("Customer {i}"), &number(i)))
+            .unwrap();
+    }
+    let sim = start_sim(store, |_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = schema.url();
+    // Exports read once (the warm-up), so any export request after it would be B's; the shared
+    // snapshot stored once, right after the warm-up.
+    let snapshot_once = &[
+        ("DESKLINE_INDEX__FOLLOWER_LEASE_SECONDS", "2"),
+        ("DESKLINE_INDEX__SHARED_SNAPSHOT_SECONDS", "3600"),
+    ];
+    let a = Replica::start_env(dir.path(), "a", &sim, &url, snapshot_once).await;
+    let pool = schema.pool_of(1);
+    eventually("a shared snapshot stored", DEADLINE, || async {
+        let c = pool.get().await.ok()?;
+        let n: i64 = c
+            .query_one("SELECT count(*) FROM cluster_snapshots", &[])
+            .await
+            .ok()?
+            .get(0);
+        (n > 0).then_some(())
+    })
+    .await;
+    // A change after the snapshot (stored once, right after the warm-up): a call synced by A.
+    let mut ga = a.grpc().await;
+    let fresh = number(5000);
+    ga.report_call(report("after-snapshot", &fresh))
+        .await
+        .unwrap();
+    eventually("the call DONE on A", DEADLINE, || {
+        let mut ga = ga.clone();
+        async move {
+            let st = ga
+                .get_call_status(GetCallStatusRequest {
+                    call_id: "after-snapshot".into(),
+                })
+                .await
+                .ok()?
+                .into_inner();
+            (st.state() == SyncState::Done).then_some(())
+        }
+    })
+    .await;
+    let (snapshot_seq, head): (i64, i64) = {
+        let c = pool.get().await.unwrap();
+        let r = c
+            .query_one(
+                "SELECT (SELECT max(seq) FROM cluster_snapshots),
+                        (SELECT max(seq) FROM cluster_changes)",
+                &[],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert!(snapshot_seq < head, "snapshot {snapshot_seq}, log {head}");
+    let before = export_requests(&sim);
+    assert!(before > 0, "A warmed up from the exports");
+    let started = tokio::time::Instant::now();
+    let b = Replica::start_env(dir.path(), "b", &sim, &url, snapshot_once).await;
+    let mut gb = b.grpc().await;
+    let health = tonic_health::pb::health_client::HealthClient::new(channel(b.addr).await);
+    eventually("B SERVING", DEADLINE, || {
+        let mut health = health.clone();
+        async move {
+            let st = health
+                .check(tonic_health::pb::HealthCheckRequest::default())
+                .await
+                .ok()?
+                .into_inner();
+            (st.status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
+                .then_some(())
+        }
+    })
+    .await;
+    assert_eq!(
+        caller_name(&mut gb, &number(299)).await.as_deref(),
+        Some("Customer 299")
+    );
+    // …plus the changes after it, from the log.
+    eventually(
+        "B knows the number synced after the snapshot",
+        DEADLINE,
+        || {
+            let mut gb = gb.clone();
+            let fresh = fresh.clone();
+            async move { caller_name(&mut gb, &fresh).await }
+        },
+    )
+    .await;
+    assert_eq!(
+        b.log_count("index loaded from the shared snapshot"),
+        1,
+        "{}",
+        b.log_text()
+    );
+    assert_eq!(b.log_count("warm-up: reading"), 0, "{}", b.log_text());
+    assert_eq!(export_requests(&sim), before, "B read the exports");
+    eprintln!(
+        "B SERVING from the shared snapshot in {:?}",
+        started.elapsed()
+    );
+    drop(health);
     sim.shutdown().await;
 }

@@ -229,6 +229,7 @@ impl ChangeLog {
         Ok(row.get(0))
     }
 
+    #[cfg(test)]
     /// Up to `limit` changes after `after`, in seq order.
     pub(crate) async fn read_after(
         &self,
@@ -354,10 +355,12 @@ impl Subscription {
         self.rx.recv().await
     }
 
+    #[cfg(test)]
     pub(crate) fn status(&self) -> SubscriberStatus {
         self.status.borrow().clone()
     }
 
+    #[cfg(test)]
     /// Watches the status (connected, reconnects, delivered seq).
     pub(crate) fn watch_status(&self) -> watch::Receiver<SubscriberStatus> {
         self.status.clone()

@@ -28,13 +28,8 @@
 //! print `skipped: DESKLINE_TEST_POSTGRES_URL not set` and pass.
 
 pub(crate) mod budget;
-// Tested, not yet wired into the service (issue #12 item 4 wires the follower lease, the change
-// log and the shared snapshot); until then only the tests use them.
-#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) mod changelog;
-#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) mod lease;
-#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) mod snapshot;
 
 #[cfg(test)]
@@ -43,7 +38,9 @@ pub(crate) mod testing;
 pub(crate) use budget::{
     BudgetKind, Grant, Reservation, SharedBudget, SharedBudgetConfig, SharedBudgetUsage,
 };
-pub(crate) use lease::Fence;
+pub(crate) use changelog::{ChangeLog, SubscriberConfig};
+pub(crate) use lease::{Fence, Lease};
+pub(crate) use snapshot::SharedSnapshot;
 
 /// The first key of every advisory lock Deskline takes (`'DSKL'`); the second is
 /// `hashtext(current_schema() || ':' || name)`. A hash collision between two names only serialises
@@ -64,7 +61,6 @@ pub(crate) fn migrations() -> impl Iterator<Item = &'static (&'static str, &'sta
 }
 
 /// What can go wrong in a cluster primitive.
-#[cfg_attr(not(test), allow(dead_code))] // variants of the primitives not wired yet (see above)
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ClusterError {
     #[error("no PostgreSQL connection from the pool")]

@@ -106,6 +106,7 @@ impl SharedSnapshot {
     }
 
     /// Changes the chunk size (tests; the default suits production).
+    #[cfg(test)]
     pub(crate) fn with_chunk_size(mut self, chunk_size: usize) -> Self {
         self.chunk_size = chunk_size.max(1);
         self

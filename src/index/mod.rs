@@ -83,7 +83,7 @@ use crate::{
     zendesk::models::{Identity, Organization, Ticket, User, parse_time},
 };
 use store::{Keyed, Store, fx};
-pub use writer::{Change, CursorMove, IndexWriter, WriterStopped};
+pub use writer::{Change, CursorMove, IndexWriter, Publish, Published, WriterStopped};
 
 /// The index as shared by the server (readers) and the follower / sync worker (writers).
 /// Readers hold the lock for a lookup only, never across an `.await`; the answering path takes it
@@ -111,7 +111,7 @@ pub(crate) struct Cursors {
     pub organizations: Option<i64>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Export {
     Users,
     Tickets,
@@ -199,7 +199,7 @@ impl OpenStatus {
 
 /// An end-user: 48 bytes (checked by a test); see the module doc for why every field is as narrow
 /// as it is.
-#[derive(Clone)]
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 pub(crate) struct CustomerRec {
     pub(crate) id: i64,
     pub(crate) name: Box<str>,
@@ -263,7 +263,7 @@ impl Keyed for OrgRec {
 }
 
 /// An agent or admin; few of them, so no squeezing.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(crate) struct AgentRec {
     pub(crate) name: Box<str>,
     pub(crate) key: Box<str>,
@@ -391,6 +391,9 @@ fn boxed(s: Option<&str>) -> Box<str> {
 }
 
 /// One user of an export page or a write, turned into what the index stores, without the lock.
+/// Serialisable so a prepared page travels through the shared change log as it is (phones parsed
+/// once, by the replica that read it).
+#[derive(serde::Serialize, serde::Deserialize)]
 pub(crate) enum PreparedUser {
     Customer(CustomerRec),
     Agent {
@@ -461,6 +464,7 @@ impl std::fmt::Debug for UserBatch {
 
 /// A page of the users export made ready for [`Index::apply_user_batch`] outside the index lock:
 /// every phone parsed (the costly part of applying a user), records built, identities grouped.
+#[derive(serde::Serialize, serde::Deserialize)]
 pub struct UserBatch {
     users: Vec<PreparedUser>,
     /// Phone identities by user, for every user of the page (an empty list removes the user's

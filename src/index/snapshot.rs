@@ -151,7 +151,13 @@ pub fn load(path: &Path) -> Result<Option<Index>, SnapshotError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e.into()),
     };
-    let corrupt = |why: String| SnapshotError::Corrupt(path.display().to_string(), why);
+    decode(&bytes, &path.display().to_string()).map(Some)
+}
+
+/// A snapshot file's bytes (the shared snapshot in PostgreSQL holds the same format) back to an
+/// index; `name` says where they came from in a [`SnapshotError::Corrupt`].
+pub fn decode(bytes: &[u8], name: &str) -> Result<Index, SnapshotError> {
+    let corrupt = |why: String| SnapshotError::Corrupt(name.to_owned(), why);
     if bytes.len() < HEADER_LEN + TRAILER_LEN {
         return Err(corrupt(format!("only {} bytes", bytes.len())));
     }
@@ -185,7 +191,7 @@ pub fn load(path: &Path) -> Result<Option<Index>, SnapshotError> {
     };
     let mut ix = build(body).map_err(corrupt)?;
     ix.pending_identities = pending.into_iter().collect();
-    Ok(Some(ix))
+    Ok(ix)
 }
 
 struct CrcWriter<W> {

@@ -28,7 +28,9 @@ const QUEUE: usize = 64;
 
 /// One change to the index. Every source of changes (the exports, the sync worker's writes, and
 /// next webhooks and other replicas' change logs) speaks this, so they all go through one writer.
-#[derive(Debug)]
+/// Serialisable: with PostgreSQL, changes travel between replicas through the shared change log
+/// ([`Publish`]) as postcard-encoded `Vec<Change>`.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub enum Change {
     /// Users (an export page, a write's answer, a `show_many` answer), phones parsed by the sender
     /// ([`UserBatch::prepare`]), with or without their phone identities.
@@ -52,7 +54,7 @@ pub enum Change {
 }
 
 /// Where an export stands after a page.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum CursorMove {
     Users(String),
     Tickets(String),
@@ -80,8 +82,63 @@ impl Change {
 #[error("the index writer has stopped")]
 pub struct WriterStopped;
 
+/// What became of a batch handed to a [`Publish`]er.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Published {
+    /// Committed to the shared log and applied here, in log order, by this replica's subscriber:
+    /// a read that starts now sees it.
+    Applied,
+    /// Committed to the shared log; this replica's subscriber has not applied it yet (it lags). It
+    /// will, in order; applying it now out of order could put an older record over a newer one.
+    Pending,
+    /// Refused: the publisher's lease fence is stale (another replica follows now). Nothing applied.
+    Refused,
+    /// The shared log is unreachable: apply it here only, so this replica's answers stay right
+    /// (the exports bring the change to the other replicas later).
+    Unavailable,
+}
+
+/// Where changes go before the index when replicas share one (DESIGN §8): the shared change log,
+/// whose subscriber applies them back through [`IndexWriter::apply_replicated`]. `payload` is a
+/// postcard-encoded `Vec<Change>`.
+pub trait Publish: Send + Sync + 'static {
+    fn publish(
+        &self,
+        payload: Vec<u8>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Published> + Send + '_>>;
+}
+
+/// Encodes changes as the change log stores them. Fields the index never reads and that postcard
+/// could not decode (free-form JSON: ticket custom fields, organization fields) are dropped first.
+pub(crate) fn encode_changes(changes: &mut [Change]) -> Vec<u8> {
+    for c in changes.iter_mut() {
+        match c {
+            Change::Tickets(tickets) => {
+                for t in tickets {
+                    t.custom_fields = None;
+                    t.tags = None;
+                }
+            }
+            Change::Organizations(orgs) => {
+                for o in orgs {
+                    o.organization_fields = None;
+                }
+            }
+            _ => {}
+        }
+    }
+    postcard::to_stdvec(changes).expect("index changes always encode")
+}
+
+/// Decodes a change-log payload written by [`encode_changes`].
+pub(crate) fn decode_changes(payload: &[u8]) -> Result<Vec<Change>, postcard::Error> {
+    postcard::from_bytes(payload)
+}
+
 enum Msg {
     Apply(Vec<Change>, oneshot::Sender<()>),
+    /// Replaces the whole index (a replica reloading the shared snapshot).
+    Replace(Box<Index>, oneshot::Sender<()>),
     Save(
         PathBuf,
         oneshot::Sender<Result<(), snapshot::SnapshotError>>,
@@ -96,6 +153,8 @@ pub struct IndexWriter {
     /// True once the index is complete (loaded from a snapshot or warmed up), as the writer saw it
     /// after its last change: waiters are woken instead of polling the index.
     loaded: watch::Receiver<bool>,
+    /// With replicas: changes go through the shared log instead of straight to the thread.
+    publisher: Option<Arc<dyn Publish>>,
 }
 
 impl std::fmt::Debug for IndexWriter {
@@ -115,7 +174,52 @@ impl IndexWriter {
             .name("index-writer".into())
             .spawn(move || run(shared, rx, loaded_tx))
             .expect("spawn the index writer thread");
-        Self { tx, index, loaded }
+        Self {
+            tx,
+            index,
+            loaded,
+            publisher: None,
+        }
+    }
+
+    /// A handle whose [`apply`](Self::apply) / [`apply_all`](Self::apply_all) publish through
+    /// `publisher` (the shared change log) and return once this replica applied the change from
+    /// the log; only [`Published::Unavailable`] falls back to applying here directly.
+    pub fn with_publisher(&self, publisher: Arc<dyn Publish>) -> Self {
+        Self {
+            publisher: Some(publisher),
+            ..self.clone()
+        }
+    }
+
+    /// Applies changes read from the shared log (the subscriber's path: never published again).
+    pub async fn apply_replicated(&self, changes: Vec<Change>) -> Result<(), WriterStopped> {
+        self.send_apply(changes).await
+    }
+
+    /// Replaces the whole index with `index` (a reload of the shared snapshot), between two changes.
+    pub async fn replace(&self, index: Index) -> Result<(), WriterStopped> {
+        let (ack, done) = oneshot::channel();
+        self.tx
+            .send(Msg::Replace(Box::new(index), ack))
+            .await
+            .map_err(|_| WriterStopped)?;
+        done.await.map_err(|_| WriterStopped)
+    }
+
+    /// Queues a save to `path` and returns at once with its outcome to await: the view saved is
+    /// the index after every change sent before this call and none sent after (the channel keeps
+    /// order), so the caller knows exactly which changes the file holds.
+    pub async fn save_queued(
+        &self,
+        path: PathBuf,
+    ) -> Result<oneshot::Receiver<Result<(), snapshot::SnapshotError>>, WriterStopped> {
+        let (reply, done) = oneshot::channel();
+        self.tx
+            .send(Msg::Save(path, reply))
+            .await
+            .map_err(|_| WriterStopped)?;
+        Ok(done)
     }
 
     /// Turns true when the index is complete; `wait_for(|l| *l)` instead of polling `is_loaded`.
@@ -136,7 +240,19 @@ impl IndexWriter {
 
     /// Applies `changes` in order, as one message: a snapshot holds all of them or none (so a
     /// page and the cursor after it are saved together).
-    pub(crate) async fn apply_all(&self, changes: Vec<Change>) -> Result<(), WriterStopped> {
+    ///
+    /// With a publisher, the changes go to the shared log first (see [`Published`]).
+    pub async fn apply_all(&self, mut changes: Vec<Change>) -> Result<(), WriterStopped> {
+        if let Some(p) = &self.publisher {
+            match p.publish(encode_changes(&mut changes)).await {
+                Published::Applied | Published::Pending | Published::Refused => return Ok(()),
+                Published::Unavailable => {}
+            }
+        }
+        self.send_apply(changes).await
+    }
+
+    async fn send_apply(&self, changes: Vec<Change>) -> Result<(), WriterStopped> {
         let (ack, done) = oneshot::channel();
         self.tx
             .send(Msg::Apply(changes, ack))
@@ -178,6 +294,12 @@ fn run(index: SharedIndex, mut rx: mpsc::Receiver<Msg>, loaded: watch::Sender<bo
                 drop(guard);
                 loaded.send_if_modified(|l| std::mem::replace(l, is_loaded) != is_loaded);
                 // The sender may have given up waiting (cancelled job): the change stands anyway.
+                let _ = ack.send(());
+            }
+            Msg::Replace(new, ack) => {
+                let is_loaded = new.is_loaded();
+                *index.write() = *new;
+                loaded.send_if_modified(|l| std::mem::replace(l, is_loaded) != is_loaded);
                 let _ = ack.send(());
             }
             Msg::Save(path, reply) => {
@@ -262,6 +384,52 @@ mod tests {
             role: Some("end-user".into()),
             ..Default::default()
         }
+    }
+
+    /// What the change log carries decodes to the same index: users (prepared, with identities),
+    /// tickets and organizations with free-form JSON fields, cursors and markers.
+    #[tokio::test]
+    async fn changes_round_trip_through_the_log_encoding() {
+        let p = PhoneParser::new("UA").unwrap();
+        let ticket = Ticket {
+            id: 7,
+            requester_id: Some(1),
+            assignee_id: Some(2),
+            status: Some("open".into()),
+            subject: Some("Call".into()),
+            custom_fields: Some(vec![crate::zendesk::models::CustomField {
+                id: 5,
+                value: serde_json::json!({"any": ["json"]}),
+            }]),
+            tags: Some(vec!["t".into()]),
+            ..Default::default()
+        };
+        let org = Organization {
+            id: 9,
+            name: Some("Acme".into()),
+            organization_fields: Some(serde_json::from_str(r#"{"k": 1}"#).unwrap()),
+            ..Default::default()
+        };
+        let mut changes = vec![
+            Change::user(&customer(1, "044 123 45 67"), &p),
+            Change::ticket(&ticket),
+            Change::organization(&org),
+            Change::Cursor(CursorMove::Users("c9".into())),
+            Change::Fresh(Export::Users, 42),
+            Change::Loaded,
+        ];
+        let bytes = encode_changes(&mut changes);
+        let back = decode_changes(&bytes).unwrap();
+        assert_eq!(back.len(), 6);
+        let w = IndexWriter::spawn(Index::new());
+        w.apply_replicated(back).await.unwrap();
+        let ix = w.index().read();
+        let e = p.parse("+380441234567").unwrap();
+        assert_eq!(ix.customer_ids_by_phone(e), vec![1]);
+        assert_eq!(ix.open_ticket(7).map(|t| t.assignee_id), Some(Some(2)));
+        assert_eq!(ix.organization_name(9), Some("Acme"));
+        assert_eq!(ix.cursors().users.as_deref(), Some("c9"));
+        assert!(ix.is_loaded());
     }
 
     /// Read-your-writes: once `apply` returned, a read sees the change; a page larger than a piece

@@ -528,6 +528,14 @@ async fn postgres_check_reports_reachability_and_schema_version() {
         after.starts_with("note: PostgreSQL reachable; schema version 5 (current)"),
         "{after}"
     );
+    assert!(
+        after.contains("note: follower lease: free (epoch 0)"),
+        "{after}"
+    );
+    assert!(
+        after.contains("note: shared index: no snapshot yet"),
+        "{after}"
+    );
     // Migrating again changes nothing.
     assert_eq!(crate::pg::migrate(&_pool).await.unwrap(), 0);
     let down = text(config("postgres://postgres@127.0.0.1:1/test")).await;

@@ -1,0 +1,846 @@
+//! One index, many copies (DESIGN §8): how a replica's index follows the shared change log, and
+//! how one replica at a time follows the exports for all of them. Only with PostgreSQL; a single
+//! replica on SQLite never touches this module.
+//!
+//! - **Every change goes through the log.** The sync worker, the webhooks and the follower hold an
+//!   [`IndexWriter`] with a [`Publish`]er ([`Replica::publisher`]): a change is appended to
+//!   `cluster_changes` (postcard-encoded `Vec<index::Change>`, the writer's own messages) and the
+//!   call returns once this replica's *subscriber* has applied it. So every replica, the writer's
+//!   own included, applies the same changes in the same (seq) order, and none applies its own write
+//!   out of order: the index keeps the last write it applied, it does not compare `updated_at`, so
+//!   a local write applied before an older change of the log would be overwritten by it.
+//!   Read-your-writes holds on the writing replica (it waits for its subscriber, normally a few
+//!   milliseconds, at most [`APPLY_WAIT`]) and on the others one `LISTEN/NOTIFY` round later.
+//! - **PostgreSQL down.** An append that fails applies the change here only (answers stay right on
+//!   this replica); the others get it from the exports once the follower reads it.
+//! - **One follower.** [`Replica::run_follower`] keeps the `follower` lease; while it holds it, it
+//!   first catches up with the log (so the export cursors in its index are the last holder's:
+//!   cursors travel in the log with their pages) and then runs a [`Follower`] whose writes carry the
+//!   lease's fence, so a holder that lost the lease cannot append another page. Losing the lease
+//!   cancels the follower. The others never read the exports.
+//! - **Shared snapshot.** The holder stores the index every `index.shared_snapshot_seconds` (first
+//!   as soon as the warm-up is done) with the seq it includes, and prunes the log behind it. The
+//!   seq is exact: the subscriber, the only path that applies log changes, queues the save between
+//!   two changes. A new replica loads the latest snapshot and follows the log after its seq, so it
+//!   never warms up from Zendesk while one exists; without one it replays the log from seq 0 (the
+//!   first follower's warm-up pages included). A subscriber that finds its position pruned reloads
+//!   the snapshot.
+
+use std::{
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use deadpool_postgres::Pool;
+use tokio::{
+    sync::{mpsc, oneshot, watch},
+    time::Instant,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::{
+    cluster::{ChangeLog, ClusterError, Fence, Lease, SharedSnapshot, SubscriberConfig},
+    follow::Follower,
+    index::{Index, IndexWriter, Publish, Published, snapshot, writer},
+    metrics::ReplicaGauges,
+};
+
+/// How long a writer waits for its own subscriber to apply what it appended before it returns
+/// anyway ([`Published::Pending`]); the change is applied later, in order.
+pub(crate) const APPLY_WAIT: Duration = Duration::from_secs(2);
+/// An append that takes longer counts as PostgreSQL being unreachable.
+const APPEND_TIMEOUT: Duration = Duration::from_secs(2);
+/// The lease's name in `cluster_lease`.
+pub(crate) const FOLLOWER_LEASE: &str = "follower";
+/// How old pruned changes must be: a replica a little behind follows on without a reload.
+const PRUNE_MIN_AGE: Duration = Duration::from_secs(60);
+/// How often the change-log lag is measured for the metrics.
+const LAG_EVERY: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone)]
+pub(crate) struct ReplicaOptions {
+    /// `index.follower_lease_seconds`.
+    pub lease_ttl: Duration,
+    /// `index.shared_snapshot_seconds`.
+    pub snapshot_every: Duration,
+    /// Where the snapshot being shared is written first (`{data_dir}/shared-index.snapshot`).
+    pub snapshot_path: PathBuf,
+}
+
+/// This replica's side of the shared index.
+pub(crate) struct Replica {
+    pool: Pool,
+    connect: tokio_postgres::Config,
+    id: String,
+    log: ChangeLog,
+    snapshots: SharedSnapshot,
+    /// The last seq applied to the index by the subscriber.
+    applied: watch::Sender<i64>,
+    gauges: ReplicaGauges,
+    opts: ReplicaOptions,
+    /// Save requests to the subscriber (the one place that knows which seq the index is at).
+    save_tx: mpsc::Sender<SaveRequest>,
+    save_rx: parking_lot::Mutex<Option<mpsc::Receiver<SaveRequest>>>,
+}
+
+impl std::fmt::Debug for Replica {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replica")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+type SaveDone = oneshot::Receiver<Result<(), snapshot::SnapshotError>>;
+
+struct SaveRequest {
+    path: PathBuf,
+    reply: oneshot::Sender<(i64, SaveDone)>,
+}
+
+/// Where a replica's index starts.
+pub(crate) struct Start {
+    pub index: Index,
+    /// The seq the index includes (the snapshot's, or 0).
+    pub seq: i64,
+    /// Whether it came from a shared snapshot.
+    pub from_snapshot: bool,
+}
+
+impl Replica {
+    /// `connect`: the pool's connection settings (`search_path` included) for the subscription's
+    /// own connection; `id`: this replica's unique name.
+    pub(crate) fn new(
+        pool: Pool,
+        connect: tokio_postgres::Config,
+        id: String,
+        gauges: ReplicaGauges,
+        opts: ReplicaOptions,
+    ) -> Arc<Self> {
+        let (save_tx, save_rx) = mpsc::channel(1);
+        Arc::new(Self {
+            log: ChangeLog::new(pool.clone(), id.clone()),
+            snapshots: SharedSnapshot::new(pool.clone(), id.clone()),
+            pool,
+            connect,
+            id,
+            applied: watch::channel(0).0,
+            gauges,
+            opts,
+            save_tx,
+            save_rx: parking_lot::Mutex::new(Some(save_rx)),
+        })
+    }
+
+    /// The latest shared snapshot, or an empty index to be filled from the log's beginning.
+    pub(crate) async fn start(&self) -> anyhow::Result<Start> {
+        let started = std::time::Instant::now();
+        let Some((meta, bytes)) = self.snapshots.load_latest_bytes().await? else {
+            info!("no shared index snapshot yet: following the change log from its start");
+            return Ok(Start {
+                index: Index::new(),
+                seq: 0,
+                from_snapshot: false,
+            });
+        };
+        let index = decode(meta.id, bytes).await?;
+        info!(
+            seq = meta.seq,
+            bytes = meta.size,
+            customers = index.counts().customers,
+            took_ms = started.elapsed().as_millis() as u64,
+            "index loaded from the shared snapshot"
+        );
+        Ok(Start {
+            index,
+            seq: meta.seq,
+            from_snapshot: true,
+        })
+    }
+
+    /// A publisher for the sync worker and the webhooks (no fence: any replica may write).
+    pub(crate) fn publisher(self: &Arc<Self>) -> Arc<dyn Publish> {
+        Arc::new(LogPublisher {
+            replica: self.clone(),
+            fence: None,
+        })
+    }
+
+    /// The last seq applied to this replica's index.
+    pub(crate) fn applied(&self) -> watch::Receiver<i64> {
+        self.applied.subscribe()
+    }
+
+    /// Applies the log after `from` through `writer`, in seq order, until `stop`; reloads the
+    /// shared snapshot when its position was pruned; serves the follower's save requests.
+    pub(crate) async fn run_subscriber(
+        self: Arc<Self>,
+        writer: IndexWriter,
+        from: i64,
+        stop: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let mut save_rx = self
+            .save_rx
+            .lock()
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("the change-log subscriber runs once"))?;
+        let mut after = from;
+        self.set_applied(after);
+        let mut lag_tick = tokio::time::interval(LAG_EVERY);
+        'subscribe: loop {
+            let mut sub =
+                self.log
+                    .subscribe(self.connect.clone(), after, SubscriberConfig::default());
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return Ok(()),
+                    Some(req) = save_rx.recv() => {
+                        // Queued between two changes: the file holds exactly the changes through
+                        // `after`.
+                        match writer.save_queued(req.path).await {
+                            Ok(done) => { let _ = req.reply.send((after, done)); }
+                            Err(e) => return Err(e.into()),
+                        }
+                    }
+                    _ = lag_tick.tick() => {
+                        match tokio::time::timeout(APPEND_TIMEOUT, self.log.lag(after)).await {
+                            Ok(Ok(lag)) => {
+                                self.gauges.behind.set(lag.behind);
+                                self.gauges.lag_seconds.set(lag.oldest_unapplied_age.as_secs_f64());
+                            }
+                            Ok(Err(e)) => warn!(error = %e, "change-log lag not measured"),
+                            Err(_) => warn!("change-log lag not measured: PostgreSQL is slow"),
+                        }
+                    }
+                    item = sub.next() => match item {
+                        None => anyhow::bail!("the change-log subscription stopped"),
+                        Some(Ok(change)) => {
+                            match writer::decode_changes(&change.payload) {
+                                Ok(changes) => writer.apply_replicated(changes).await?,
+                                // A newer build's change: skip it rather than stop following.
+                                Err(e) => error!(seq = change.seq, origin = %change.origin,
+                                    error = %e, "an undecodable index change was skipped"),
+                            }
+                            after = change.seq;
+                            self.set_applied(after);
+                            if let Ok(age) = SystemTime::now().duration_since(change.created_at) {
+                                if age > Duration::from_secs(1) {
+                                    tracing::debug!(seq = after, age_ms = age.as_millis() as u64,
+                                        "applied a change more than a second old");
+                                }
+                            }
+                        }
+                        Some(Err(ClusterError::Pruned { after: a, pruned_through })) => {
+                            warn!(after = a, pruned_through,
+                                "the change log was pruned past this replica: reloading the shared snapshot");
+                            let start = self.start().await?;
+                            if start.seq < pruned_through {
+                                anyhow::bail!("the shared snapshot (seq {}) is older than the pruned log (seq {pruned_through})", start.seq);
+                            }
+                            writer.replace(start.index).await?;
+                            after = start.seq;
+                            self.set_applied(after);
+                            continue 'subscribe;
+                        }
+                        Some(Err(e)) => {
+                            warn!(error = %e, "the change-log subscription failed: subscribing again");
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            continue 'subscribe;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn set_applied(&self, seq: i64) {
+        self.applied.send_replace(seq);
+        self.gauges.applied_seq.set(seq);
+    }
+
+    /// Keeps the follower lease and, while this replica holds it, runs the follower that
+    /// `make_follower` builds on a fenced writer, and stores the shared snapshot.
+    pub(crate) async fn run_follower<F>(
+        self: Arc<Self>,
+        writer: IndexWriter,
+        make_follower: F,
+        stop: CancellationToken,
+    ) -> anyhow::Result<()>
+    where
+        F: Fn(IndexWriter) -> Follower + Send,
+    {
+        let lease = Arc::new(Lease::new(
+            self.pool.clone(),
+            FOLLOWER_LEASE,
+            self.id.clone(),
+            self.opts.lease_ttl,
+        ));
+        let (fence_tx, mut fence_rx) = watch::channel(None::<Fence>);
+        let keeper = {
+            let (lease, stop) = (lease.clone(), stop.clone());
+            tokio::spawn(async move { lease.keep(fence_tx, stop).await })
+        };
+        let result = async {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return Ok(()),
+                    r = async { fence_rx.wait_for(|f| f.is_some()).await.map(|_| ()) } => if r.is_err() { return Ok(()) },
+                }
+                let Some(fence) = fence_rx.borrow().clone() else {
+                    continue;
+                };
+                self.gauges.lease_held.set(1);
+                self.gauges.lease_epoch.set(fence.epoch);
+                info!(
+                    epoch = fence.epoch,
+                    "this replica holds the follower lease: following the exports"
+                );
+                let r = self
+                    .follow_while_held(&writer, &make_follower, &fence, &mut fence_rx, &stop)
+                    .await;
+                self.gauges.lease_held.set(0);
+                r?;
+            }
+        }
+        .await;
+        // `stop` ends the keeper, which releases the lease so another replica takes over at once.
+        let _ = keeper.await;
+        result
+    }
+
+    async fn follow_while_held<F>(
+        self: &Arc<Self>,
+        writer: &IndexWriter,
+        make_follower: &F,
+        fence: &Fence,
+        fence_rx: &mut watch::Receiver<Option<Fence>>,
+        stop: &CancellationToken,
+    ) -> anyhow::Result<()>
+    where
+        F: Fn(IndexWriter) -> Follower,
+    {
+        let held = |f: &Option<Fence>| f.as_ref().is_some_and(|f| f.epoch == fence.epoch);
+        // Catch up first: the export cursors are in the log, with the pages they follow.
+        let caught_up = async {
+            loop {
+                match self.log.newest_seq().await {
+                    Ok(head) => {
+                        let mut applied = self.applied();
+                        let _ = applied.wait_for(|a| *a >= head).await;
+                        return;
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "reading the change log's head failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = async { fence_rx.wait_for(|f| !held(f)).await.map(|_| ()) } => {
+                warn!(epoch = fence.epoch, "follower lease lost before the change log was caught up");
+                return Ok(());
+            }
+            _ = caught_up => {}
+        }
+        let publisher = Arc::new(LogPublisher {
+            replica: self.clone(),
+            fence: Some((fence_rx.clone(), fence.epoch)),
+        });
+        let follower = make_follower(writer.with_publisher(publisher));
+        let token = stop.child_token();
+        let mut run = tokio::spawn(follower.run(token.clone()));
+        let mut last_stored = match self.snapshots.latest().await {
+            Ok(m) => m.map_or(-1, |m| m.seq),
+            Err(_) => -1,
+        };
+        let mut next_snapshot = Instant::now();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let outcome = loop {
+            tokio::select! {
+                _ = stop.cancelled() => break Ok(()),
+                _ = async { fence_rx.wait_for(|f| !held(f)).await.map(|_| ()) } => {
+                    warn!(epoch = fence.epoch, "follower lease lost: this replica stops following the exports");
+                    break Ok(());
+                }
+                r = &mut run => {
+                    break match r {
+                        Ok(Ok(())) => Err(anyhow::anyhow!("the follower stopped while holding the lease")),
+                        Ok(Err(e)) => Err(e),
+                        Err(e) => Err(anyhow::anyhow!("the follower task failed: {e}")),
+                    };
+                }
+                _ = tick.tick() => {
+                    let applied = *self.applied.borrow();
+                    let loaded = *writer.loaded().borrow();
+                    if loaded && Instant::now() >= next_snapshot && applied > last_stored {
+                        match self.store_snapshot(fence).await {
+                            Ok(seq) => last_stored = seq,
+                            Err(e) => warn!(error = format!("{e:#}"), "the shared snapshot was not stored"),
+                        }
+                        next_snapshot = Instant::now() + self.opts.snapshot_every;
+                    }
+                }
+            }
+        };
+        token.cancel();
+        if !run.is_finished() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), &mut run).await;
+            run.abort();
+        }
+        outcome
+    }
+
+    /// Stores the index as the shared snapshot and prunes the log behind it; returns its seq.
+    async fn store_snapshot(&self, fence: &Fence) -> anyhow::Result<i64> {
+        let started = std::time::Instant::now();
+        let (reply, seq_done) = oneshot::channel();
+        let path = self.opts.snapshot_path.clone();
+        self.save_tx
+            .send(SaveRequest {
+                path: path.clone(),
+                reply,
+            })
+            .await
+            .map_err(|_| anyhow::anyhow!("the change-log subscriber has stopped"))?;
+        let (seq, done) = seq_done
+            .await
+            .map_err(|_| anyhow::anyhow!("the change-log subscriber has stopped"))?;
+        done.await
+            .map_err(|_| anyhow::anyhow!("the index writer has stopped"))??;
+        let file =
+            tokio::io::BufReader::with_capacity(1 << 20, tokio::fs::File::open(&path).await?);
+        let stored = self.snapshots.store(seq, file, Some(fence)).await?;
+        let _ = tokio::fs::remove_file(&path).await;
+        let pruned = self.log.prune_to_snapshot(PRUNE_MIN_AGE).await?;
+        match stored {
+            Some(meta) => info!(
+                seq,
+                bytes = meta.size,
+                pruned,
+                took_ms = started.elapsed().as_millis() as u64,
+                "shared index snapshot stored"
+            ),
+            None => info!(
+                seq,
+                "a newer shared snapshot exists: this one was not stored"
+            ),
+        }
+        Ok(seq)
+    }
+}
+
+async fn decode(id: i64, bytes: Vec<u8>) -> anyhow::Result<Index> {
+    let name = format!("shared snapshot {id}");
+    Ok(tokio::task::spawn_blocking(move || snapshot::decode(&bytes, &name)).await??)
+}
+
+/// Appends to the shared log, then waits for this replica's subscriber to apply it.
+struct LogPublisher {
+    replica: Arc<Replica>,
+    /// The follower's: its lease fence and the epoch it was made for.
+    fence: Option<(watch::Receiver<Option<Fence>>, i64)>,
+}
+
+impl LogPublisher {
+    async fn append(&self, payload: Vec<u8>) -> Result<i64, Published> {
+        let log = &self.replica.log;
+        let Some((fence_rx, epoch)) = &self.fence else {
+            return match tokio::time::timeout(APPEND_TIMEOUT, log.append(&payload, None)).await {
+                Ok(Ok(seq)) => Ok(seq),
+                Ok(Err(e)) => {
+                    warn!(error = %e, "index change not appended to the shared log: applied on this replica only");
+                    Err(Published::Unavailable)
+                }
+                Err(_) => {
+                    warn!(
+                        "index change not appended to the shared log in time: applied on this replica only"
+                    );
+                    Err(Published::Unavailable)
+                }
+            };
+        };
+        // The follower's page must reach the log (or be refused): the next page is read from
+        // the cursor this one moves, so waiting is right while PostgreSQL is away.
+        loop {
+            let fence = fence_rx.borrow().clone();
+            let Some(fence) = fence.filter(|f| f.epoch == *epoch) else {
+                return Err(Published::Refused);
+            };
+            match tokio::time::timeout(APPEND_TIMEOUT, log.append(&payload, Some(&fence))).await {
+                Ok(Ok(seq)) => return Ok(seq),
+                Ok(Err(ClusterError::Fenced { .. } | ClusterError::LeaseLost { .. })) => {
+                    warn!(
+                        epoch,
+                        "an export page was refused: the follower lease moved on"
+                    );
+                    return Err(Published::Refused);
+                }
+                Ok(Err(e)) => warn!(error = %e, "appending an export page failed; retrying"),
+                Err(_) => warn!("appending an export page timed out; retrying"),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+impl Publish for LogPublisher {
+    fn publish(
+        &self,
+        payload: Vec<u8>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Published> + Send + '_>> {
+        Box::pin(async move {
+            let seq = match self.append(payload).await {
+                Ok(seq) => seq,
+                Err(outcome) => return outcome,
+            };
+            let mut applied = self.replica.applied();
+            match tokio::time::timeout(APPLY_WAIT, applied.wait_for(|a| *a >= seq)).await {
+                Ok(Ok(_)) => Published::Applied,
+                _ => Published::Pending,
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        cluster::testing::{migrated, wait_for},
+        index::Change,
+        pg::testing::TestSchema,
+        phone::PhoneParser,
+        zendesk::models::User,
+    };
+
+    fn customer(id: i64, name: &str, phone: &str) -> User {
+        User {
+            id,
+            name: Some(name.into()),
+            phone: Some(phone.into()),
+            role: Some("end-user".into()),
+            ..Default::default()
+        }
+    }
+
+    /// One in-process replica: its `Replica`, its plain writer (the subscriber's) and its
+    /// publishing writer (what the sync worker holds).
+    struct Node {
+        replica: Arc<Replica>,
+        writer: IndexWriter,
+        publishing: IndexWriter,
+        gauges: ReplicaGauges,
+        stop: CancellationToken,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Node {
+        async fn start(db: &TestSchema, id: &str) -> Node {
+            let dir = tempfile::tempdir().unwrap();
+            let gauges = ReplicaGauges::default();
+            let replica = Replica::new(
+                db.pool_of(4),
+                db.config(),
+                id.into(),
+                gauges.clone(),
+                ReplicaOptions {
+                    lease_ttl: Duration::from_secs(2),
+                    snapshot_every: Duration::from_secs(1),
+                    snapshot_path: dir.path().join("shared-index.snapshot"),
+                },
+            );
+            let start = replica.start().await.unwrap();
+            let writer = IndexWriter::spawn(start.index);
+            let publishing = writer.with_publisher(replica.publisher());
+            let stop = CancellationToken::new();
+            tokio::spawn(
+                replica
+                    .clone()
+                    .run_subscriber(writer.clone(), start.seq, stop.clone()),
+            );
+            Node {
+                replica,
+                writer,
+                publishing,
+                gauges,
+                stop,
+                _dir: dir,
+            }
+        }
+
+        fn name_of(&self, id: i64) -> Option<String> {
+            self.writer
+                .index()
+                .read()
+                .customer(id)
+                .map(|c| c.name.to_owned())
+        }
+    }
+
+    impl Drop for Node {
+        fn drop(&mut self) {
+            self.stop.cancel();
+        }
+    }
+
+    /// A write through either replica is in its own index when `apply` returns (read-your-writes)
+    /// and reaches the other; both end in the log's order (the later write wins on both), and the
+    /// applied-seq gauges agree.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_reach_every_replica_in_log_order() {
+        let Some(db) = migrated().await else {
+            return;
+        };
+        let p = PhoneParser::new("UA").unwrap();
+        let (a, b) = (Node::start(&db, "a").await, Node::start(&db, "b").await);
+        a.publishing
+            .apply(Change::user(&customer(1, "v1", "+380501234567"), &p))
+            .await
+            .unwrap();
+        assert_eq!(a.name_of(1).as_deref(), Some("v1"), "read-your-writes on A");
+        b.publishing
+            .apply(Change::user(&customer(1, "v2", "+380501234567"), &p))
+            .await
+            .unwrap();
+        assert_eq!(b.name_of(1).as_deref(), Some("v2"), "read-your-writes on B");
+        wait_for(
+            "A applies B's later write",
+            Duration::from_secs(5),
+            || async { a.name_of(1).as_deref() == Some("v2") },
+        )
+        .await;
+        let head = a.replica.log.newest_seq().await.unwrap();
+        assert_eq!(head, 2);
+        wait_for(
+            "both gauges at the head",
+            Duration::from_secs(5),
+            || async { a.gauges.applied_seq.get() == head && b.gauges.applied_seq.get() == head },
+        )
+        .await;
+        // No local shortcut: each write was applied once per replica, from the log.
+        assert_eq!(*a.replica.applied().borrow(), head);
+    }
+
+    /// The holder stores the shared snapshot with the seq it includes; after the log is pruned
+    /// behind it, a replica starting from the log's beginning finds its position pruned, reloads
+    /// the snapshot, and follows on with the changes after it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_replica_behind_the_pruned_log_reloads_the_shared_snapshot() {
+        let Some(db) = migrated().await else {
+            return;
+        };
+        let p = PhoneParser::new("UA").unwrap();
+        let a = Node::start(&db, "a").await;
+        for i in 1..=3 {
+            let phone = format!("+38050123456{i}");
+            a.publishing
+                .apply(Change::user(&customer(i, &format!("c{i}"), &phone), &p))
+                .await
+                .unwrap();
+        }
+        let lease = Lease::new(db.pool_of(1), FOLLOWER_LEASE, "a", Duration::from_secs(5));
+        let fence = lease.try_take().await.unwrap().expect("the lease is free");
+        let seq = a.replica.store_snapshot(&fence).await.unwrap();
+        assert_eq!(seq, 3);
+        a.replica
+            .log
+            .prune_through(seq, Duration::ZERO)
+            .await
+            .unwrap();
+        a.publishing
+            .apply(Change::user(&customer(4, "c4", "+380501234564"), &p))
+            .await
+            .unwrap();
+
+        // B as an old replica would be: an empty index at seq 0, so its next change is pruned.
+        let gauges = ReplicaGauges::default();
+        let dir = tempfile::tempdir().unwrap();
+        let b = Replica::new(
+            db.pool_of(2),
+            db.config(),
+            "b".into(),
+            gauges,
+            ReplicaOptions {
+                lease_ttl: Duration::from_secs(2),
+                snapshot_every: Duration::from_secs(1),
+                snapshot_path: dir.path().join("s"),
+            },
+        );
+        let writer = IndexWriter::spawn(Index::new());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(b.clone().run_subscriber(writer.clone(), 0, stop.clone()));
+        wait_for(
+            "B reloads and follows on",
+            Duration::from_secs(5),
+            || async {
+                let ix = writer.index().read();
+                (1..=4).all(|i| ix.customer(i).is_some())
+            },
+        )
+        .await;
+        assert_eq!(*b.applied().borrow(), 4);
+        // A new replica starts from the snapshot directly.
+        let start = b.start().await.unwrap();
+        assert!(start.from_snapshot);
+        assert_eq!((start.seq, start.index.counts().customers), (3, 3));
+        stop.cancel();
+        task.await.unwrap().unwrap();
+    }
+
+    /// A follower whose lease moved on cannot append: its page is refused and applied nowhere.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stale_follower_cannot_publish() {
+        let Some(db) = migrated().await else {
+            return;
+        };
+        let p = PhoneParser::new("UA").unwrap();
+        let a = Node::start(&db, "a").await;
+        let ttl = Duration::from_millis(600);
+        let old = Lease::new(db.pool_of(1), FOLLOWER_LEASE, "a", ttl);
+        let fence = old.try_take().await.unwrap().unwrap();
+        let (fence_tx, fence_rx) = watch::channel(Some(fence.clone()));
+        let stale = a.writer.with_publisher(Arc::new(LogPublisher {
+            replica: a.replica.clone(),
+            fence: Some((fence_rx, fence.epoch)),
+        }));
+        stale
+            .apply(Change::user(&customer(1, "held", "+380501234567"), &p))
+            .await
+            .unwrap();
+        assert_eq!(a.name_of(1).as_deref(), Some("held"));
+        // The lease expires and B takes it; A's fence channel has not noticed yet.
+        tokio::time::sleep(ttl + Duration::from_millis(100)).await;
+        let new = Lease::new(db.pool_of(1), FOLLOWER_LEASE, "b", ttl);
+        assert!(new.try_take().await.unwrap().is_some());
+        stale
+            .apply(Change::user(&customer(2, "stale", "+380501234568"), &p))
+            .await
+            .unwrap();
+        assert_eq!(a.replica.log.newest_seq().await.unwrap(), 1, "refused");
+        assert!(a.name_of(2).is_none(), "not applied locally either");
+        drop(fence_tx);
+    }
+
+    fn percentile(sorted: &[Duration], p: f64) -> Duration {
+        sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+    }
+
+    /// Figure for the README: a write through replica A's publishing writer (what the sync worker
+    /// does after a Zendesk write) until replica B's index has it, over real PostgreSQL. Run:
+    /// `DESKLINE_TEST_POSTGRES_URL=… cargo test --lib -- --ignored change_propagation --nocapture`
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "a measurement, not a check"]
+    async fn change_propagation_latency() {
+        let Some(db) = migrated().await else {
+            return;
+        };
+        let p = PhoneParser::new("UA").unwrap();
+        let (a, b) = (Node::start(&db, "a").await, Node::start(&db, "b").await);
+        let mut samples = Vec::new();
+        for i in 0..500i64 {
+            let user = customer(i + 1, "x", &format!("+38050{:07}", i));
+            let change = Change::user(&user, &p);
+            let started = std::time::Instant::now();
+            a.publishing.apply(change).await.unwrap();
+            while b.writer.index().read().customer(i + 1).is_none() {
+                tokio::task::yield_now().await;
+            }
+            samples.push(started.elapsed());
+        }
+        samples.sort();
+        eprintln!(
+            "change propagation A write → B index, {} writes: p50 {:?}, p90 {:?}, p99 {:?}, max {:?}",
+            samples.len(),
+            percentile(&samples, 0.5),
+            percentile(&samples, 0.9),
+            percentile(&samples, 0.99),
+            samples[samples.len() - 1]
+        );
+    }
+
+    /// Figure for the README: a new replica's start from the shared snapshot (read from
+    /// PostgreSQL, checked, decoded) at `DESKLINE_BENCH_CUSTOMERS` customers (1M by default). Run:
+    /// `DESKLINE_TEST_POSTGRES_URL=… cargo test --lib -- --ignored shared_snapshot_start --nocapture`
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "a measurement, not a check"]
+    async fn shared_snapshot_start_at_scale() {
+        let Some(db) = migrated().await else {
+            return;
+        };
+        let n: i64 = std::env::var("DESKLINE_BENCH_CUSTOMERS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(1_000_000);
+        let p = PhoneParser::new("UA").unwrap();
+        let a = Node::start(&db, "a").await;
+        let built = std::time::Instant::now();
+        for start in (0..n).step_by(1000) {
+            let users: Vec<User> = (start..(start + 1000).min(n))
+                .map(|i| customer(i + 1, &format!("Customer {i}"), &format!("+38050{:07}", i)))
+                .collect();
+            let batch = crate::index::UserBatch::prepare(&users, None, &p);
+            a.writer
+                .apply_replicated(vec![Change::Users(batch)])
+                .await
+                .unwrap();
+        }
+        a.writer
+            .apply_replicated(vec![Change::Loaded])
+            .await
+            .unwrap();
+        eprintln!("built {n} customers in {:?}", built.elapsed());
+        let lease = Lease::new(db.pool_of(1), FOLLOWER_LEASE, "a", Duration::from_secs(600));
+        let fence = lease.try_take().await.unwrap().unwrap();
+        let stored = std::time::Instant::now();
+        a.replica.store_snapshot(&fence).await.unwrap();
+        eprintln!("stored the shared snapshot in {:?}", stored.elapsed());
+        let b = Node::start(&db, "b").await; // warms the pool and the page cache like a restart
+        drop(b);
+        let mut runs = Vec::new();
+        for _ in 0..3 {
+            let fresh = Replica::new(
+                db.pool_of(2),
+                db.config(),
+                "c".into(),
+                ReplicaGauges::default(),
+                ReplicaOptions {
+                    lease_ttl: Duration::from_secs(2),
+                    snapshot_every: Duration::from_secs(60),
+                    snapshot_path: std::env::temp_dir().join("unused"),
+                },
+            );
+            let t = std::time::Instant::now();
+            let start = fresh.start().await.unwrap();
+            let took = t.elapsed();
+            assert_eq!(start.index.counts().customers as i64, n);
+            assert!(start.index.is_loaded());
+            runs.push(took);
+        }
+        // Where the time goes: reading the chunks out of PostgreSQL (with the CRC) vs decoding.
+        let t = std::time::Instant::now();
+        let (meta, bytes) = a
+            .replica
+            .snapshots
+            .load_latest_bytes()
+            .await
+            .unwrap()
+            .unwrap();
+        let read = t.elapsed();
+        let t = std::time::Instant::now();
+        let ix = decode(meta.id, bytes).await.unwrap();
+        eprintln!(
+            "of which: read from PostgreSQL {read:?}, decode {:?} ({} customers)",
+            t.elapsed(),
+            ix.counts().customers
+        );
+        eprintln!(
+            "start from the shared snapshot, {n} customers, {} bytes: {runs:?}",
+            meta.size
+        );
+    }
+}
