@@ -1,11 +1,12 @@
 //! The index on disk, so a restart answers at once and resumes the exports where they stood.
 //!
-//! # Format (one file, version 1)
+//! # Format (one file, version 3)
 //! ```text
 //! "DESKLIDX"  magic, 8 bytes
-//! u32 LE      format version (2; version 1 files, without the last field, are still read)
+//! u32 LE      format version (3; versions 1 and 2, without the last fields, are still read)
 //! …           postcard body: customers, identities, agents, open tickets, organizations,
 //!             cursors, fresh times, loaded flag, users whose identities are still to be fetched
+//!             (since 2), rule 7's recent tickets and last calls per customer (since 3)
 //! u64 LE      length of magic + version + body
 //! u32 LE      crc32 (crc32fast) of magic + version + body
 //! ```
@@ -19,6 +20,11 @@
 //!   from the exports instead.
 //! - The cursors are saved with the records they produced, so resuming from them never skips a
 //!   change (at worst a page is applied twice, which is harmless: applying is idempotent).
+//! - Migration from versions 1 and 2: they hold no recent tickets, and the tickets export's cursor
+//!   in them has moved past every solved ticket already read, so [`load`] drops that one cursor:
+//!   the follower re-reads the tickets export from the start (behind a loaded index that keeps
+//!   answering) and rule 7's recent tickets fill in as it goes. Calls reported before the
+//!   upgrade are not in any snapshot and are not recovered.
 //! - A save encodes a [`Frozen`] view: the index as it stood between two changes of the writer,
 //!   taken in an `Arc` clone per chunk of records (see `store`), so the index keeps changing while
 //!   the file is written and the file is still one consistent point in time.
@@ -37,12 +43,13 @@ use serde::{
 use rustc_hash::FxHashMap;
 
 use super::{
-    AgentRec, Cursors, CustomerRec, IdentRec, Index, OpenStatus, OrgRec, TicketRec, name_key,
+    AgentRec, Cursors, CustomerRec, IdentRec, Index, OpenStatus, OrgRec, RecentRec, TicketRec,
+    name_key,
     store::Frozen as FrozenStore,
 };
 
 const MAGIC: &[u8; 8] = b"DESKLIDX";
-const VERSION: u32 = 2;
+const VERSION: u32 = 3;
 const HEADER_LEN: usize = 12;
 const TRAILER_LEN: usize = 12;
 
@@ -60,6 +67,7 @@ pub struct Frozen {
     identities: FrozenStore<IdentRec>,
     tickets: FrozenStore<TicketRec>,
     orgs: FrozenStore<OrgRec>,
+    recent: FrozenStore<RecentRec>,
     /// Few (agents and admins): copied.
     agents: FxHashMap<i64, AgentRec>,
     cursors: Cursors,
@@ -77,6 +85,7 @@ impl Frozen {
             identities: ix.identities.frozen(),
             tickets: ix.tickets.frozen(),
             orgs: ix.orgs.frozen(),
+            recent: ix.recent.frozen(),
             agents: ix.agents.clone(),
             cursors: ix.cursors.clone(),
             fresh: ix.fresh,
@@ -159,7 +168,7 @@ pub fn load(path: &Path) -> Result<Option<Index>, SnapshotError> {
         return Err(corrupt("not a Deskline index snapshot (bad magic)".into()));
     }
     let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
-    if version != VERSION && version != 1 {
+    if !(1..=VERSION).contains(&version) {
         return Err(corrupt(format!(
             "format version {version}, this build reads {VERSION}"
         )));
@@ -178,13 +187,24 @@ pub fn load(path: &Path) -> Result<Option<Index>, SnapshotError> {
     }
     let (body, rest): (BodyIn<'_>, _) = postcard::take_from_bytes(&content[HEADER_LEN..])
         .map_err(|e| corrupt(format!("cannot decode: {e}")))?;
-    let pending: Vec<i64> = if version == 1 {
-        Vec::new()
-    } else {
-        postcard::from_bytes(rest).map_err(|e| corrupt(format!("cannot decode: {e}")))?
-    };
+    let (pending, recent): (Vec<i64>, Vec<RecentRow>) = match version {
+        1 => Ok((Vec::new(), Vec::new())),
+        2 => postcard::from_bytes(rest).map(|p| (p, Vec::new())),
+        _ => postcard::from_bytes(rest),
+    }
+    .map_err(|e| corrupt(format!("cannot decode: {e}")))?;
     let mut ix = build(body).map_err(corrupt)?;
     ix.pending_identities = pending.into_iter().collect();
+    ix.recent
+        .bulk_load(recent.into_iter().map(RecentRec::from).collect())
+        .map_err(|id| corrupt(format!("recent tickets of customer {id} appear twice")))?;
+    if version < 3 && ix.cursors.tickets.take().is_some() {
+        tracing::warn!(
+            version,
+            "index snapshot from before recent tickets: re-reading the tickets export from the start \
+             (the index keeps answering meanwhile; rule 7's recent tickets fill in as it goes)"
+        );
+    }
     Ok(Some(ix))
 }
 
@@ -237,7 +257,45 @@ struct TicketRow<'a> {
     status: OpenStatus,
 }
 
-/// Field order must match [`BodyIn`] (then the pending list): postcard encodes a struct as the
+/// Rule 7's memory of one customer (version 3).
+#[derive(Serialize, Deserialize)]
+struct RecentRow {
+    customer: i64,
+    ticket: i64,
+    ticket_agent: i64,
+    ticket_at: u32,
+    closed: bool,
+    call_agent: i64,
+    call_at: u32,
+}
+
+fn recent_row(r: &RecentRec) -> RecentRow {
+    RecentRow {
+        customer: r.customer,
+        ticket: r.ticket,
+        ticket_agent: r.ticket_agent,
+        ticket_at: r.ticket_at,
+        closed: r.closed,
+        call_agent: r.call_agent,
+        call_at: r.call_at,
+    }
+}
+
+impl From<RecentRow> for RecentRec {
+    fn from(r: RecentRow) -> Self {
+        RecentRec {
+            customer: r.customer,
+            ticket: r.ticket,
+            ticket_agent: r.ticket_agent,
+            call_agent: r.call_agent,
+            ticket_at: r.ticket_at,
+            call_at: r.call_at,
+            closed: r.closed,
+        }
+    }
+}
+
+/// Field order must match [`BodyIn`] (then the pending list, then the recent rows): postcard encodes a struct as the
 /// tuple of its fields.
 struct Body<'a>(&'a Frozen);
 
@@ -260,7 +318,7 @@ struct BodyIn<'a> {
 impl Serialize for Body<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let ix = self.0;
-        let mut t = s.serialize_tuple(9)?;
+        let mut t = s.serialize_tuple(10)?;
         t.serialize_element(&Rows(&ix.customers, customer_row))?;
         t.serialize_element(&Rows(&ix.identities, identity_row))?;
         t.serialize_element(&Seq(ix.agents.len(), || {
@@ -280,6 +338,7 @@ impl Serialize for Body<'_> {
         t.serialize_element(&ix.fresh)?;
         t.serialize_element(&ix.loaded)?;
         t.serialize_element(&ix.pending)?;
+        t.serialize_element(&Rows(&ix.recent, recent_row))?;
         t.end()
     }
 }
@@ -564,10 +623,10 @@ mod tests {
         let path = dir.path().join("index.snapshot");
         save(&sample(), &path).unwrap();
         let mut b = fs::read(&path).unwrap();
-        b[8] = 3;
+        b[8] = 4;
         fs::write(&path, &b).unwrap();
         let err = load(&path).unwrap_err();
-        assert!(err.to_string().contains("version 3"), "{err}");
+        assert!(err.to_string().contains("version 4"), "{err}");
     }
 
     /// A save encodes the index as it was when the view was taken, while the index goes on
