@@ -585,6 +585,55 @@ mod tests {
         assert!(load(&path).unwrap().is_some());
     }
 
+    /// Rule 7's memory is saved (version 3); a version 2 file, which has none, still loads, and
+    /// its tickets cursor is dropped so the tickets export is read again and fills it in.
+    #[test]
+    fn recent_tickets_and_calls_round_trip_and_v2_migrates() {
+        let p = PhoneParser::new("UA").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.snapshot");
+        let mut ix = sample();
+        ix.cursors_mut().tickets = Some("t-cursor".into());
+        ix.apply_ticket(&Ticket {
+            id: 70,
+            status: Some("closed".into()),
+            requester_id: Some(1),
+            assignee_id: Some(2),
+            updated_at: Some("2024-05-02T10:00:00Z".into()),
+            ..Default::default()
+        });
+        ix.apply_call(p.parse("+380441234567").unwrap(), 2, 1_717_000_000);
+        save(&ix, &path).unwrap();
+        let back = load(&path).unwrap().unwrap();
+        assert_eq!(back.done_ticket_of(1), ix.done_ticket_of(1));
+        assert_eq!(back.done_ticket_of(1).unwrap().status, "closed");
+        assert_eq!(back.last_call_of(1), ix.last_call_of(1));
+        assert_eq!(back.last_call_of(1).unwrap().started_at, 1_717_000_000);
+        assert_eq!(back.cursors().tickets.as_deref(), Some("t-cursor"));
+
+        // The same index without rule 7's memory, written as version 2 wrote it: the body up to
+        // the pending list (an empty recent list is one zero byte at its end), version 2.
+        let mut old = sample();
+        old.cursors_mut().tickets = Some("t-cursor".into());
+        save(&old, &path).unwrap();
+        let bytes = fs::read(&path).unwrap();
+        let body_end = bytes.len() - TRAILER_LEN;
+        assert_eq!(bytes[body_end - 1], 0, "empty recent list");
+        let mut v2 = bytes[..body_end - 1].to_vec();
+        v2[8..12].copy_from_slice(&2u32.to_le_bytes());
+        let len = v2.len() as u64;
+        let crc = crc32fast::hash(&v2);
+        v2.extend_from_slice(&len.to_le_bytes());
+        v2.extend_from_slice(&crc.to_le_bytes());
+        fs::write(&path, &v2).unwrap();
+        let back = load(&path).unwrap().expect("a version 2 snapshot loads");
+        assert_eq!(back.counts(), old.counts());
+        assert!(back.is_loaded());
+        assert_eq!(back.recent_len(), 0);
+        assert_eq!(back.cursors().tickets, None, "the tickets export is read again");
+        assert_eq!(back.cursors().users, old.cursors().users);
+    }
+
     #[test]
     fn truncated_file_is_corrupt() {
         let dir = tempfile::tempdir().unwrap();
