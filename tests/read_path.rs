@@ -1060,6 +1060,34 @@ async fn sticky_routing_end_to_end() {
     assert!(a.ticket.is_none());
     assert_eq!(a.customer.as_ref().unwrap().zendesk_id, no_tickets);
 
+    // A number no customer has yet: nothing to remember at once; the sync creates the customer
+    // and records the call for them then.
+    let fresh = "+380662000009";
+    assert_eq!(route(&mut c, fresh).await.reason, "no customer with this number");
+    c.report_call(ReportCallRequest {
+        call_id: "sticky-2".into(),
+        direction: proto::Direction::Incoming as i32,
+        outcome: proto::Outcome::Answered as i32,
+        client_number: fresh.into(),
+        started_at: Some(prost_types::Timestamp {
+            seconds: now - 300,
+            nanos: 0,
+        }),
+        employee_name: "Jane Doe".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let a = eventually("the synced customer to route by LAST_CALL", DEADLINE, || {
+        let mut c = c.clone();
+        async move {
+            let a = route(&mut c, fresh).await;
+            (a.basis() == Basis::LastCall).then_some(a)
+        }
+    })
+    .await;
+    assert_eq!((agent_id(&a), ext(&a)), (jane, "103"), "{a:?}");
+
     // Solved in Zendesk: the export brings it, and the customer is routed to the assignee.
     let a = route(&mut c, "+380662000005").await;
     assert_eq!(a.basis(), Basis::OpenTicket);

@@ -288,16 +288,8 @@ impl ResolverService {
         if !duplicate {
             sync.worker.notify();
             // Rule 7's last call counts from the moment the report is accepted, not when Zendesk
-            // has it (a sync can wait minutes on the budget). Only answered calls with a named
-            // employee: a missed call was taken by nobody. A first report only: the first wins.
-            if report.outcome == crate::sync::Outcome::Answered
-                && !report.employee_name.trim().is_empty()
-            {
-                let change = crate::index::Change::CallTaken {
-                    phone: report.client_e164,
-                    employee_name: report.employee_name.clone(),
-                    started_at: report.started_at,
-                };
+            // has it (a sync can wait minutes on the budget). A first report only: the first wins.
+            if let Some(change) = report.call_taken() {
                 if sync.writer.apply(change).await.is_err() {
                     // The report is stored and will sync; only the routing memory missed it.
                     tracing::error!(call_id = %report.call_id, "the index writer has stopped: the call is not remembered for routing");
