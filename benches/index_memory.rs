@@ -115,7 +115,11 @@ fn main() {
                 ix.apply_ticket(t);
             }
             for (k, phone) in phones.into_iter().enumerate() {
-                ix.apply_call(phone, 900 + ((start + k) as i64 % common::AGENTS), 1_714_557_600);
+                ix.apply_call(
+                    phone,
+                    900 + ((start + k) as i64 % common::AGENTS),
+                    1_714_557_600,
+                );
             }
             start = end;
         }

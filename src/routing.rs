@@ -481,7 +481,12 @@ pub fn route_with(
     answer
 }
 
-fn route_open(index: &Index, directory: &Directory, phone: E164, fallback: Fallback) -> RouteAnswer {
+fn route_open(
+    index: &Index,
+    directory: &Directory,
+    phone: E164,
+    fallback: Fallback,
+) -> RouteAnswer {
     let f = find(index, phone);
     let default =
         |kind, reason: String, customer: Option<CustomerView>, ticket, agent| RouteAnswer {
@@ -651,8 +656,8 @@ fn recent(
         // The most recent ticket's story is the one worth telling.
         why_ticket.get_or_insert(reason);
     }
-    let why_ticket = why_ticket
-        .unwrap_or_else(|| format!("no solved or closed ticket within {days} days"));
+    let why_ticket =
+        why_ticket.unwrap_or_else(|| format!("no solved or closed ticket within {days} days"));
 
     let mut why_call = None;
     for c in &calls {

@@ -342,7 +342,11 @@ async fn every_routing_rule_end_to_end() {
     let a = route(&mut c, "+380661000011").await;
     assert_eq!(
         (a.decision(), a.reason.as_str(), a.basis()),
-        (Decision::DefaultRouting, "no open ticket", Basis::Unspecified)
+        (
+            Decision::DefaultRouting,
+            "no open ticket",
+            Basis::Unspecified
+        )
     );
     assert!(a.customer.is_some());
     // Hold counts as open.
@@ -952,7 +956,13 @@ async fn sticky_routing_end_to_end() {
     let ivan = user(&mut s, "Іван Коваленко", None, Some(Role::Admin));
     let jane = user(&mut s, "Jane Doe", None, Some(Role::Agent));
     let solved_only = user(&mut s, "Solved Only", Some("+380662000001"), None);
-    let solved = ticket(&mut s, solved_only, Some(olena), Status::Solved, now - 2 * day);
+    let solved = ticket(
+        &mut s,
+        solved_only,
+        Some(olena),
+        Status::Solved,
+        now - 2 * day,
+    );
     let no_tickets = user(&mut s, "No Tickets", Some("+380662000002"), None);
     let both = user(&mut s, "Open And Solved", Some("+380662000003"), None);
     let open = ticket(&mut s, both, Some(olena), Status::Open, now - 10 * day);
@@ -1012,7 +1022,10 @@ async fn sticky_routing_end_to_end() {
 
     // Solved 30 days ago: outside the window, and the reason says so.
     let a = route(&mut c, "+380662000004").await;
-    assert_eq!((a.decision(), a.basis()), (Decision::DefaultRouting, Basis::Unspecified));
+    assert_eq!(
+        (a.decision(), a.basis()),
+        (Decision::DefaultRouting, Basis::Unspecified)
+    );
     assert!(
         a.reason.contains(&format!(
             "recent ticket {old_ticket} (solved) was updated 30 days ago, outside the 14-day window"
@@ -1056,14 +1069,22 @@ async fn sticky_routing_end_to_end() {
         (Decision::RouteToAgent, Basis::LastCall, ivan, "102"),
         "{a:?}"
     );
-    assert!(a.reason.starts_with("last call (today) taken by Іван Коваленко"), "{}", a.reason);
+    assert!(
+        a.reason
+            .starts_with("last call (today) taken by Іван Коваленко"),
+        "{}",
+        a.reason
+    );
     assert!(a.ticket.is_none());
     assert_eq!(a.customer.as_ref().unwrap().zendesk_id, no_tickets);
 
     // A number no customer has yet: nothing to remember at once; the sync creates the customer
     // and records the call for them then.
     let fresh = "+380662000009";
-    assert_eq!(route(&mut c, fresh).await.reason, "no customer with this number");
+    assert_eq!(
+        route(&mut c, fresh).await.reason,
+        "no customer with this number"
+    );
     c.report_call(ReportCallRequest {
         call_id: "sticky-2".into(),
         direction: proto::Direction::Incoming as i32,
@@ -1078,13 +1099,17 @@ async fn sticky_routing_end_to_end() {
     })
     .await
     .unwrap();
-    let a = eventually("the synced customer to route by LAST_CALL", DEADLINE, || {
-        let mut c = c.clone();
-        async move {
-            let a = route(&mut c, fresh).await;
-            (a.basis() == Basis::LastCall).then_some(a)
-        }
-    })
+    let a = eventually(
+        "the synced customer to route by LAST_CALL",
+        DEADLINE,
+        || {
+            let mut c = c.clone();
+            async move {
+                let a = route(&mut c, fresh).await;
+                (a.basis() == Basis::LastCall).then_some(a)
+            }
+        },
+    )
     .await;
     assert_eq!((agent_id(&a), ext(&a)), (jane, "103"), "{a:?}");
 
@@ -1101,13 +1126,17 @@ async fn sticky_routing_end_to_end() {
         )
         .unwrap()
     });
-    let a = eventually("the solved ticket to route by RECENT_TICKET", DEADLINE, || {
-        let mut c = c.clone();
-        async move {
-            let a = route(&mut c, "+380662000005").await;
-            (a.basis() == Basis::RecentTicket).then_some(a)
-        }
-    })
+    let a = eventually(
+        "the solved ticket to route by RECENT_TICKET",
+        DEADLINE,
+        || {
+            let mut c = c.clone();
+            async move {
+                let a = route(&mut c, "+380662000005").await;
+                (a.basis() == Basis::RecentTicket).then_some(a)
+            }
+        },
+    )
     .await;
     assert_eq!((agent_id(&a), ext(&a)), (jane, "103"), "{a:?}");
     assert_eq!(a.ticket.as_ref().unwrap().id, later_ticket);

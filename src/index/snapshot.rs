@@ -44,8 +44,7 @@ use rustc_hash::FxHashMap;
 
 use super::{
     AgentRec, Cursors, CustomerRec, IdentRec, Index, OpenStatus, OrgRec, RecentRec, TicketRec,
-    name_key,
-    store::Frozen as FrozenStore,
+    name_key, store::Frozen as FrozenStore,
 };
 
 const MAGIC: &[u8; 8] = b"DESKLIDX";
@@ -630,7 +629,11 @@ mod tests {
         assert_eq!(back.counts(), old.counts());
         assert!(back.is_loaded());
         assert_eq!(back.recent_len(), 0);
-        assert_eq!(back.cursors().tickets, None, "the tickets export is read again");
+        assert_eq!(
+            back.cursors().tickets,
+            None,
+            "the tickets export is read again"
+        );
         assert_eq!(back.cursors().users, old.cursors().users);
     }
 

@@ -478,7 +478,11 @@ fn recent_ticket_routes_to_its_assignee() {
     let a = sticky(&ix, &std_dir(), two_weeks());
     assert_eq!(
         (a.decision, a.basis, a.kind),
-        (Decision::RouteToAgent, Basis::RecentTicket, ReasonKind::Routed)
+        (
+            Decision::RouteToAgent,
+            Basis::RecentTicket,
+            ReasonKind::Routed
+        )
     );
     assert_eq!(a.reason, "recent ticket 7 (solved) of Olena Petrenko");
     assert_eq!(a.agent.as_ref().unwrap().extension.as_deref(), Some("101"));
@@ -488,7 +492,10 @@ fn recent_ticket_routes_to_its_assignee() {
     // Off (the default): today's answer exactly.
     let off = sticky(&ix, &std_dir(), Fallback::new(0, now()));
     assert_eq!(off, route(&ix, &std_dir(), e164(NUM)));
-    assert_eq!((off.decision, off.basis), (Decision::DefaultRouting, Basis::None));
+    assert_eq!(
+        (off.decision, off.basis),
+        (Decision::DefaultRouting, Basis::None)
+    );
     assert_eq!(off.reason, "no open ticket");
 }
 
@@ -504,7 +511,10 @@ fn open_ticket_beats_recent_ticket_and_last_call() {
     // Even when the open ticket's owner has no extension: the open ticket decides.
     let only_ivan = dir(&[("Іван Франко", "102")]);
     let a = sticky(&ix, &only_ivan, two_weeks());
-    assert_eq!((a.decision, a.basis), (Decision::DefaultRouting, Basis::None));
+    assert_eq!(
+        (a.decision, a.basis),
+        (Decision::DefaultRouting, Basis::None)
+    );
     assert_eq!(a.reason, "assignee Olena Petrenko has no PBX extension");
 }
 
@@ -547,16 +557,23 @@ fn expired_window_falls_through_and_says_why() {
     ix.apply_call(e164(NUM), 200, days_ago(3));
     // The ticket is outside the window (measured from its updated_at): the call decides.
     let a = sticky(&ix, &std_dir(), two_weeks());
-    assert_eq!((a.basis, a.agent.as_ref().unwrap().id), (Basis::LastCall, 200));
+    assert_eq!(
+        (a.basis, a.agent.as_ref().unwrap().id),
+        (Basis::LastCall, 200)
+    );
     assert!(
-        a.reason
-            .contains("recent ticket 7 (solved) was updated 20 days ago, outside the 14-day window"),
+        a.reason.contains(
+            "recent ticket 7 (solved) was updated 20 days ago, outside the 14-day window"
+        ),
         "{}",
         a.reason
     );
     // A two-day window: the call (measured from its start) is outside too.
     let a = sticky(&ix, &std_dir(), Fallback::new(2, now()));
-    assert_eq!((a.decision, a.basis), (Decision::DefaultRouting, Basis::None));
+    assert_eq!(
+        (a.decision, a.basis),
+        (Decision::DefaultRouting, Basis::None)
+    );
     assert_eq!(a.kind, ReasonKind::NoOpenTicket);
     assert_eq!(
         a.reason,
@@ -586,16 +603,23 @@ fn inactive_or_unmapped_agents_do_not_take_the_fallback() {
     ix.apply_call(e164(NUM), 200, days_ago(2));
     // The recent ticket's assignee is inactive: the last call decides.
     let a = sticky(&ix, &std_dir(), two_weeks());
-    assert_eq!((a.basis, a.agent.as_ref().unwrap().id), (Basis::LastCall, 200));
+    assert_eq!(
+        (a.basis, a.agent.as_ref().unwrap().id),
+        (Basis::LastCall, 200)
+    );
     assert!(
-        a.reason.contains("recent ticket 7 (solved): Gone Agent is inactive"),
+        a.reason
+            .contains("recent ticket 7 (solved): Gone Agent is inactive"),
         "{}",
         a.reason
     );
     // The last call's agent has no extension either: default routing, both stories told.
     let only_olena = dir(&[("Olena Petrenko", "101")]);
     let a = sticky(&ix, &only_olena, two_weeks());
-    assert_eq!((a.decision, a.basis), (Decision::DefaultRouting, Basis::None));
+    assert_eq!(
+        (a.decision, a.basis),
+        (Decision::DefaultRouting, Basis::None)
+    );
     assert_eq!(
         a.reason,
         "no open ticket; recent ticket 7 (solved): Gone Agent is inactive; \
@@ -677,7 +701,10 @@ fn reopened_or_deleted_ticket_is_no_longer_recent() {
     // Reopened: an open ticket now (rule 4 decides), and no longer the recent one.
     ix.apply_ticket(&ticket(7, 1, Some(100), &stamp(days_ago(1))));
     assert!(ix.done_ticket_of(1).is_none());
-    assert_eq!(sticky(&ix, &std_dir(), two_weeks()).basis, Basis::OpenTicket);
+    assert_eq!(
+        sticky(&ix, &std_dir(), two_weeks()).basis,
+        Basis::OpenTicket
+    );
     ix.apply_ticket(&done(7, 1, Some(100), "solved", days_ago(0)));
     assert_eq!(ix.done_ticket_of(1).map(|t| t.id), Some(7));
     ix.apply_ticket(&done(7, 1, Some(100), "deleted", days_ago(0)));
@@ -689,8 +716,14 @@ fn reopened_or_deleted_ticket_is_no_longer_recent() {
 fn recent_days_zero_answers_as_before_for_every_kind_of_number() {
     let p = ua();
     let mut ix = base();
-    ix.apply_user(&customer(2, "B", "+380501000002", "2024-01-01T00:00:00Z"), &p);
-    ix.apply_user(&customer(3, "C", "+380501000003", "2024-01-01T00:00:00Z"), &p);
+    ix.apply_user(
+        &customer(2, "B", "+380501000002", "2024-01-01T00:00:00Z"),
+        &p,
+    );
+    ix.apply_user(
+        &customer(3, "C", "+380501000003", "2024-01-01T00:00:00Z"),
+        &p,
+    );
     ix.apply_ticket(&ticket(5, 2, Some(100), &stamp(days_ago(1))));
     ix.apply_ticket(&ticket(6, 3, None, &stamp(days_ago(1))));
     ix.apply_ticket(&done(7, 1, Some(100), "solved", days_ago(1)));
