@@ -1,6 +1,10 @@
 //! Memory, apply throughput and snapshot speed of the index at 1M customers + 1M open tickets.
 //!
 //! Run in release: `cargo bench --bench index_memory` (or `-- 200000` for another size).
+//!
+//! Then, in the same run, rule 7's memory (issue 15): every customer also gets a solved ticket and
+//! a reported call (the worst case: in a real account many customers have neither, and those pay
+//! nothing), and the RSS it added is printed per customer, next to the figure before it.
 //! Prints RSS per customer (from `/proc/self/statm`, input records generated and dropped a batch at
 //! a time so only the index stays), `apply_*` throughput in records/s (generation not counted),
 //! and snapshot save / load seconds and file size. Targets (issue 2): ≤ 300 B RSS per customer with
@@ -90,6 +94,48 @@ fn main() {
         2.0 * n as f64 / (t_users + t_tickets).as_secs_f64()
     );
 
+    // Rule 7's worst case: a solved ticket and a reported call for every customer.
+    {
+        let t_recent = Instant::now();
+        let mut start = 0;
+        while start < n {
+            let end = (start + batch).min(n);
+            let solved: Vec<Ticket> = (start..end)
+                .map(|i| Ticket {
+                    id: common::TICKET_BASE + (n + i) as i64,
+                    status: Some("solved".into()),
+                    assignee_id: Some(900 + ((i as i64 + 1) % common::AGENTS)),
+                    ..common::ticket(i)
+                })
+                .collect();
+            let phones: Vec<_> = (start..end)
+                .map(|i| parser.parse(&common::canonical(i)).expect("bench number"))
+                .collect();
+            for t in &solved {
+                ix.apply_ticket(t);
+            }
+            for (k, phone) in phones.into_iter().enumerate() {
+                ix.apply_call(
+                    phone,
+                    900 + ((start + k) as i64 % common::AGENTS),
+                    1_714_557_600,
+                );
+            }
+            start = end;
+        }
+        let with_recent = rss();
+        assert_eq!(ix.recent_len(), n);
+        let extra = with_recent.saturating_sub(after) as f64 / n as f64;
+        println!(
+            "rule 7 (a solved ticket and a reported call for every customer, {:.2} s): RSS {:.1} MiB => {:.0} bytes per customer before, {:.0} after (+{extra:.0}, x{:.3})",
+            t_recent.elapsed().as_secs_f64(),
+            mib(with_recent),
+            per,
+            per + extra,
+            (per + extra) / per
+        );
+    }
+
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("index.snapshot");
     let t0 = Instant::now();
@@ -101,6 +147,7 @@ fn main() {
     let back = snapshot::load(&path).expect("load").expect("present");
     let load_s = t0.elapsed().as_secs_f64();
     assert_eq!(back.counts(), counts);
+    assert_eq!(back.recent_len(), n);
     println!(
         "snapshot: save {save_s:.2} s (incl. fsync), load {load_s:.2} s (target <= 3), file {:.1} MiB ({:.0} bytes per customer+ticket)",
         mib(size),

@@ -82,6 +82,7 @@ fn run(n: usize, phase: Duration) {
     let state = Arc::new(ServiceState {
         index: target.readers(),
         directory: common::directory(),
+        recent_days: 0,
         resolver: Resolver::new(common::parser(), Resolver::CAPACITY),
         parser: common::parser(),
         zendesk_url: "https://bench.zendesk.com".into(),

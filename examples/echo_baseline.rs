@@ -32,6 +32,7 @@ fn reply_of_size(size: usize) -> proto::RouteCallResponse {
     let base = "https://deskline.zendesk.com";
     let mut r = proto::RouteCallResponse {
         decision: proto::Decision::RouteToAgent as i32,
+        basis: proto::Basis::OpenTicket as i32,
         agent: Some(proto::Agent {
             zendesk_id: 361_000_000_001,
             name: "Olena Kovalenko".into(),

@@ -585,6 +585,7 @@ impl Service {
         let state = Arc::new(ServiceState {
             index: index.clone(),
             directory: Directory::new(&config.routing.directory),
+            recent_days: config.routing.recent_days,
             resolver: crate::routing::Resolver::new(
                 parser.clone(),
                 crate::routing::Resolver::CAPACITY,
@@ -594,6 +595,7 @@ impl Service {
             sync: Some(grpc::SyncApi {
                 queue,
                 worker: worker_handle,
+                writer: writer.clone(),
             }),
             metrics: metrics.clone(),
         });

@@ -115,6 +115,16 @@ fn how_they_differ(a: &str, b: &str) -> Vec<&'static str> {
     why
 }
 
+/// The directory's extension for a [`name_key`], as rule 5 finds it (the first entry in order).
+fn directory_extension<'a>(config: &'a Config, key: &str) -> Option<&'a str> {
+    config
+        .routing
+        .directory
+        .iter()
+        .find(|(name, _)| name_key(name) == key)
+        .map(|(_, ext)| ext.trim())
+}
+
 /// Compares the configuration with what Zendesk has.
 pub(crate) fn compare(config: &Config, facts: &Facts) -> Vec<Finding> {
     use Severity::*;
@@ -163,11 +173,44 @@ pub(crate) fn compare(config: &Config, facts: &Facts) -> Vec<Finding> {
         .map(|a| (name_key(a.name.as_deref().unwrap_or("")), a))
         .collect();
 
+    // Names are the directory's key (DESIGN §3 rule 5), so active agents that share one cannot be
+    // told apart: every pair is a warning (RouteCall still routes to the name's extension and says
+    // so in its reason, see `routing`).
+    let mut same_name: BTreeMap<String, Vec<&User>> = BTreeMap::new();
+    for a in &active {
+        same_name
+            .entry(name_key(a.name.as_deref().unwrap_or("")))
+            .or_default()
+            .push(a);
+    }
+    for (key, group) in same_name.iter().filter(|(_, g)| g.len() > 1) {
+        let ext = directory_extension(config, key);
+        for (i, a) in group.iter().enumerate() {
+            for b in &group[i + 1..] {
+                out.push(finding(
+                    Warning,
+                    format!(
+                        "agents {:?} (id {}) and {:?} (id {}) have the same full name: the directory \
+                         cannot tell them apart, so calls routed to either go to {}; give one a \
+                         distinct name in Zendesk",
+                        a.name.as_deref().unwrap_or(""),
+                        a.id,
+                        b.name.as_deref().unwrap_or(""),
+                        b.id,
+                        ext.map_or("default routing (no directory entry)".to_string(), |e| {
+                            format!("extension {e}")
+                        }),
+                    ),
+                ));
+            }
+        }
+    }
+
     let mut matched = std::collections::BTreeSet::new();
     for (name, ext) in &config.routing.directory {
         let key = name_key(name);
         if let Some(agent) = by_key.get(&key) {
-            matched.insert(agent.id);
+            matched.extend(same_name.get(&key).into_iter().flatten().map(|a| a.id));
             let zname = agent.name.as_deref().unwrap_or("");
             if zname != name {
                 out.push(finding(
@@ -510,6 +553,51 @@ mod tests {
         );
         assert!(!has("sync.fields[0]"), "{text:#?}");
         assert_eq!(out[0].severity, Severity::Problem);
+    }
+
+    /// Every pair of active agents with the same normalised name is a warning; inactive ones
+    /// and distinct names are not.
+    #[test]
+    fn agents_sharing_a_name_are_warned_about_pairwise() {
+        let cfg = config("[routing.directory]\n\"Olena Petrenko\" = \"101\"\n");
+        let out = compare(
+            &cfg,
+            &facts(vec![
+                agent(10, "Olena Petrenko", true),
+                agent(11, "olena  PETRENKO", true),
+                agent(12, "Olena Petrenko", true),
+                agent(13, "Olena Petrenko", false),
+                agent(14, "Ivan Franko", true),
+                agent(15, "Ivan  Franko", true),
+            ]),
+        );
+        let pairs: Vec<String> = out
+            .iter()
+            .filter(|f| f.severity == Severity::Warning && f.message.contains("same full name"))
+            .map(|f| f.message.clone())
+            .collect();
+        assert_eq!(pairs.len(), 4, "{pairs:#?}");
+        for (a, b) in [(10, 11), (10, 12), (11, 12)] {
+            assert!(
+                pairs.iter().any(|m| m.contains(&format!("(id {a}) and"))
+                    && m.contains(&format!("(id {b}) have the same full name"))
+                    && m.contains("go to extension 101")),
+                "{a}/{b}: {pairs:#?}"
+            );
+        }
+        assert!(
+            pairs
+                .iter()
+                .any(|m| m.contains("(id 14) and") && m.contains("default routing")),
+            "{pairs:#?}"
+        );
+        assert!(!pairs.iter().any(|m| m.contains("id 13")), "{pairs:#?}");
+        // The namesakes of a matched entry are matched too: no "has no directory entry" for them.
+        assert!(
+            !out.iter()
+                .any(|f| f.message.contains("(id 11) has no directory entry")),
+            "{out:#?}"
+        );
     }
 
     #[test]

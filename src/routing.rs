@@ -7,7 +7,22 @@
 //! - the owner is the assignee of the most recently updated open ticket (ties: higher ticket id)
 //!   among the candidates' tickets whose assignee is an active, unsuspended agent/admin;
 //! - the owner's name is looked up in the [`Directory`] by [`name_key`];
-//! - every answer carries a `reason` naming the rule that decided it (USERS.md point 9).
+//! - when no open ticket has an active owner and `routing.recent_days` > 0 ([`Fallback`]), rule 7:
+//!   the assignee of the candidates' most recently updated solved/closed ticket updated within the
+//!   window, else the agent who took their most recent call reported to Deskline within it, each
+//!   under the same activity and directory rules ([`route_with`]);
+//! - every answer carries a `reason` naming the rule that decided it (USERS.md point 9), and a
+//!   [`Basis`] saying which kind of evidence routed it.
+//!
+//! Two choices the contract leaves open, made here:
+//! - An open ticket whose owner is active but has no PBX extension still *decides* (default
+//!   routing, "assignee … has no PBX extension"), as before rule 7 existed: the customer has a case
+//!   open with that agent, and routing them to whoever solved an older one would hide the gap in
+//!   the directory. Rule 7 applies only when no open ticket has an active owner.
+//! - An owner whose full name is shared with another active agent is still routed to the name's
+//!   extension (the directory is keyed by name, so it is the extension the operator configured for
+//!   that name; refusing would send both agents' callers to the default route), but the reason
+//!   says so, and `deskline check` warns about every such pair.
 
 use std::{
     collections::BTreeMap,
@@ -137,9 +152,64 @@ impl ReasonKind {
     }
 }
 
+/// What routed a call (DESIGN §2 `basis`); [`Basis::None`] for default routing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Basis {
+    #[default]
+    None,
+    /// Rule 4: the owner of an open ticket.
+    OpenTicket,
+    /// Rule 7: the assignee of a recently solved or closed ticket.
+    RecentTicket,
+    /// Rule 7: the agent who took the last call reported to Deskline.
+    LastCall,
+}
+
+/// DESIGN §3 rule 7's settings for one decision: the window (`routing.recent_days`, 0 = off) and
+/// the time it ends at (the decision stays a pure function: the caller passes the clock).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fallback {
+    pub recent_days: u32,
+    /// Unix seconds.
+    pub now: i64,
+}
+
+impl Fallback {
+    /// Rule 7 off: the answers of rules 1–5 only.
+    pub const OFF: Fallback = Fallback {
+        recent_days: 0,
+        now: 0,
+    };
+
+    pub fn new(recent_days: u32, now: i64) -> Self {
+        Self { recent_days, now }
+    }
+
+    fn enabled(&self) -> bool {
+        self.recent_days > 0
+    }
+
+    /// Whether something that happened at `at` (Unix seconds) is inside the window. A time ahead
+    /// of `now` (clock skew between Zendesk, the PBX and this host) counts as inside.
+    fn within(&self, at: i64) -> bool {
+        at >= self.now - i64::from(self.recent_days) * 86_400
+    }
+
+    /// "3 days ago" / "today", for reasons.
+    fn ago(&self, at: i64) -> String {
+        match (self.now - at).max(0) / 86_400 {
+            0 => "today".into(),
+            1 => "1 day ago".into(),
+            d => format!("{d} days ago"),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteAnswer {
     pub decision: Decision,
+    /// What routed the call; [`Basis::None`] with default routing.
+    pub basis: Basis,
     /// The category of `reason`.
     pub kind: ReasonKind,
     pub agent: Option<AgentView>,
@@ -364,12 +434,48 @@ fn passed_over(index: &Index, t: &TicketRef<'_>) -> (ReasonKind, String) {
     (ReasonKind::InactiveAssignee, reason)
 }
 
-/// DESIGN §3 rules 2–5.
+/// DESIGN §3 rules 2–5 (rule 7 off).
 pub fn route(index: &Index, directory: &Directory, phone: E164) -> RouteAnswer {
+    route_with(index, directory, phone, Fallback::OFF)
+}
+
+/// DESIGN §3 rules 2–5 and, when `fallback` is on, rule 7.
+pub fn route_with(
+    index: &Index,
+    directory: &Directory,
+    phone: E164,
+    fallback: Fallback,
+) -> RouteAnswer {
+    let mut answer = route_open(index, directory, phone, fallback);
+    if let Some(agent) = &answer.agent
+        && answer.decision == Decision::RouteToAgent
+    {
+        let same = index.namesakes(agent.id);
+        if !same.is_empty() {
+            let ids: Vec<String> = same.iter().map(i64::to_string).collect();
+            answer.reason = format!(
+                "{}; but {} shares this name with active agent {} (the directory cannot tell them \
+                 apart: give one a distinct name)",
+                answer.reason,
+                agent.name,
+                ids.join(", ")
+            );
+        }
+    }
+    answer
+}
+
+fn route_open(
+    index: &Index,
+    directory: &Directory,
+    phone: E164,
+    fallback: Fallback,
+) -> RouteAnswer {
     let f = find(index, phone);
     let default =
         |kind, reason: String, customer: Option<CustomerView>, ticket, agent| RouteAnswer {
             decision: Decision::DefaultRouting,
+            basis: Basis::None,
             kind,
             agent,
             ticket,
@@ -392,18 +498,24 @@ pub fn route(index: &Index, directory: &Directory, phone: E164) -> RouteAnswer {
             .and_then(|t| index.customer(t.requester_id))
             .unwrap_or(latest_customer);
         let customer = Some(customer_view(index, &cust, phone));
-        return match f.latest_open {
-            None => default(
-                ReasonKind::NoOpenTicket,
-                "no open ticket".into(),
-                customer,
-                None,
-                None,
-            ),
+        let (kind, reason, ticket) = match f.latest_open {
+            None => (ReasonKind::NoOpenTicket, "no open ticket".to_string(), None),
             Some(t) => {
                 let (kind, reason) = passed_over(index, &t);
-                default(kind, reason, customer, Some(ticket_view(&t)), None)
+                (kind, reason, Some(ticket_view(&t)))
             }
+        };
+        if !fallback.enabled() {
+            return default(kind, reason, customer, ticket, None);
+        }
+        return match recent(index, directory, phone, fallback) {
+            Ok(mut routed) => {
+                if f.latest_open.is_some() {
+                    routed.reason = format!("{reason}; {}", routed.reason);
+                }
+                routed
+            }
+            Err(why) => default(kind, format!("{reason}; {why}"), customer, ticket, None),
         };
     };
     let customer = index
@@ -419,6 +531,7 @@ pub fn route(index: &Index, directory: &Directory, phone: E164) -> RouteAnswer {
     match extension {
         Some(_) => RouteAnswer {
             decision: Decision::RouteToAgent,
+            basis: Basis::OpenTicket,
             kind: ReasonKind::Routed,
             reason: format!("ticket {} is assigned to {}", ticket.id, agent.name),
             agent: Some(view),
@@ -433,6 +546,139 @@ pub fn route(index: &Index, directory: &Directory, phone: E164) -> RouteAnswer {
             Some(view),
         ),
     }
+}
+
+/// The agent view of a usable owner, when the directory has their name.
+fn routable(index: &Index, directory: &Directory, agent_id: Option<i64>) -> Owner {
+    let Some(id) = agent_id else {
+        return Owner::Missing;
+    };
+    let Some(agent) = index.agent(id) else {
+        return Owner::Unusable(format!("user {id} is not a known agent"));
+    };
+    if !agent.active {
+        return Owner::Unusable(format!("{} is inactive", agent.name));
+    }
+    if agent.suspended {
+        return Owner::Unusable(format!("{} is suspended", agent.name));
+    }
+    match directory.extension_by_key(agent.name_key) {
+        None => Owner::Unusable(format!("{} has no PBX extension", agent.name)),
+        Some(ext) => Owner::Routable(AgentView {
+            id: agent.id,
+            name: agent.name.to_string(),
+            email: agent.email.to_string(),
+            extension: Some(ext.to_string()),
+        }),
+    }
+}
+
+enum Owner {
+    Missing,
+    /// Why the owner cannot take the call.
+    Unusable(String),
+    Routable(AgentView),
+}
+
+/// DESIGN §3 rule 7 over every candidate on `phone` (several customers on a number: the most
+/// recent evidence among all of them, passing over owners that cannot take the call, as rule 4
+/// does). `Err` is why the fallback did not apply, for the reason of the default route.
+fn recent(
+    index: &Index,
+    directory: &Directory,
+    phone: E164,
+    fb: Fallback,
+) -> Result<RouteAnswer, String> {
+    let mut tickets = Vec::new();
+    let mut calls = Vec::new();
+    for c in index.customers_by_phone(phone) {
+        tickets.extend(index.done_ticket_of(c.id));
+        calls.extend(index.last_call_of(c.id));
+    }
+    // Most recent first; ties: the higher ticket id, the higher customer id (deterministic).
+    tickets.sort_unstable_by_key(|t| std::cmp::Reverse((t.updated_at, t.id)));
+    calls.sort_unstable_by_key(|c| std::cmp::Reverse((c.started_at, c.customer_id)));
+    let days = fb.recent_days;
+
+    let mut why_ticket = None;
+    for t in &tickets {
+        if !fb.within(t.updated_at) {
+            why_ticket.get_or_insert_with(|| {
+                format!(
+                    "recent ticket {} ({}) was updated {}, outside the {days}-day window",
+                    t.id,
+                    t.status,
+                    fb.ago(t.updated_at)
+                )
+            });
+            continue;
+        }
+        let reason = match routable(index, directory, t.assignee_id) {
+            Owner::Routable(agent) => {
+                return Ok(RouteAnswer {
+                    decision: Decision::RouteToAgent,
+                    basis: Basis::RecentTicket,
+                    kind: ReasonKind::Routed,
+                    reason: format!("recent ticket {} ({}) of {}", t.id, t.status, agent.name),
+                    agent: Some(agent),
+                    ticket: Some(TicketView {
+                        id: t.id,
+                        status: t.status,
+                        // Not kept for solved tickets (a string per customer of the whole history).
+                        subject: String::new(),
+                        assignee_id: t.assignee_id.unwrap_or(0),
+                        updated_at: t.updated_at,
+                    }),
+                    customer: index
+                        .customer(t.requester_id)
+                        .map(|c| customer_view(index, &c, phone)),
+                });
+            }
+            Owner::Missing => format!("recent ticket {} ({}) has no assignee", t.id, t.status),
+            Owner::Unusable(why) => format!("recent ticket {} ({}): {why}", t.id, t.status),
+        };
+        // The most recent ticket's story is the one worth telling.
+        why_ticket.get_or_insert(reason);
+    }
+    let why_ticket =
+        why_ticket.unwrap_or_else(|| format!("no solved or closed ticket within {days} days"));
+
+    let mut why_call = None;
+    for c in &calls {
+        if !fb.within(c.started_at) {
+            why_call.get_or_insert_with(|| {
+                format!(
+                    "the last reported call was {}, outside the {days}-day window",
+                    fb.ago(c.started_at)
+                )
+            });
+            continue;
+        }
+        let reason = match routable(index, directory, Some(c.agent_id)) {
+            Owner::Routable(agent) => {
+                return Ok(RouteAnswer {
+                    decision: Decision::RouteToAgent,
+                    basis: Basis::LastCall,
+                    kind: ReasonKind::Routed,
+                    reason: format!(
+                        "last call ({}) taken by {} ({why_ticket})",
+                        fb.ago(c.started_at),
+                        agent.name
+                    ),
+                    agent: Some(agent),
+                    ticket: None,
+                    customer: index
+                        .customer(c.customer_id)
+                        .map(|cu| customer_view(index, &cu, phone)),
+                });
+            }
+            Owner::Missing => "the last reported call has no agent".to_string(),
+            Owner::Unusable(why) => format!("the last reported call's agent {why}"),
+        };
+        why_call.get_or_insert(reason);
+    }
+    let why_call = why_call.unwrap_or_else(|| format!("no reported call within {days} days"));
+    Err(format!("{why_ticket}; {why_call}"))
 }
 
 /// DESIGN §3 rule 6.

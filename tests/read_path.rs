@@ -8,7 +8,7 @@ use std::time::Duration;
 use common::*;
 use deskline::{
     phone::PhoneParser,
-    proto::{self, Decision, LookupCallerRequest, RouteCallRequest},
+    proto::{self, Basis, Decision, LookupCallerRequest, ReportCallRequest, RouteCallRequest},
 };
 use deskline_sim::{NewTicket, NewUser, Role, Status, Store, TicketPatch, UserPatch};
 use tonic::Code;
@@ -308,9 +308,12 @@ async fn every_routing_rule_end_to_end() {
         (a.ticket.as_ref().unwrap().id, agent_id(&a)),
         (r.c5_high, r.jane)
     );
+    // routing.recent_days is 0 (the default): an open ticket is the only basis.
+    assert_eq!(a.basis(), Basis::OpenTicket);
     // Unassigned.
     let a = route(&mut c, "+380661000006").await;
     assert_eq!(a.decision(), Decision::DefaultRouting);
+    assert_eq!(a.basis(), Basis::Unspecified);
     assert_eq!(a.reason, format!("ticket {} has no assignee", r.c6_ticket));
     assert!(a.agent.is_none());
     // Inactive assignee passed over for the older ticket's active one.
@@ -335,11 +338,15 @@ async fn every_routing_rule_end_to_end() {
         );
         assert!(a.customer.is_none());
     }
-    // Solved, closed and deleted tickets do not count.
+    // Solved, closed and deleted tickets do not count (rule 7 is off).
     let a = route(&mut c, "+380661000011").await;
     assert_eq!(
-        (a.decision(), a.reason.as_str()),
-        (Decision::DefaultRouting, "no open ticket")
+        (a.decision(), a.reason.as_str(), a.basis()),
+        (
+            Decision::DefaultRouting,
+            "no open ticket",
+            Basis::Unspecified
+        )
     );
     assert!(a.customer.is_some());
     // Hold counts as open.
@@ -927,4 +934,210 @@ async fn show_many_without_the_identities_key_wipes_no_phone() {
     assert!(second_routes().await, "the second identity was wiped");
     service.shutdown().await.unwrap();
     sim.shutdown().await;
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// DESIGN §3 rule 7 end to end, `routing.recent_days = 14`: a customer whose only ticket is solved
+/// routes to its assignee (RECENT_TICKET); a call reported through ReportCall routes the next call
+/// from a number with no tickets to the employee who took it (LAST_CALL) at once; an open ticket
+/// still wins; a ticket solved in Zendesk counts once the export brings it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sticky_routing_end_to_end() {
+    let now = unix_now();
+    let day = 86_400;
+    let mut s = store_with_owner();
+    let olena = user(&mut s, "Olena Petrenko", None, Some(Role::Agent));
+    let ivan = user(&mut s, "Іван Коваленко", None, Some(Role::Admin));
+    let jane = user(&mut s, "Jane Doe", None, Some(Role::Agent));
+    let solved_only = user(&mut s, "Solved Only", Some("+380662000001"), None);
+    let solved = ticket(
+        &mut s,
+        solved_only,
+        Some(olena),
+        Status::Solved,
+        now - 2 * day,
+    );
+    let no_tickets = user(&mut s, "No Tickets", Some("+380662000002"), None);
+    let both = user(&mut s, "Open And Solved", Some("+380662000003"), None);
+    let open = ticket(&mut s, both, Some(olena), Status::Open, now - 10 * day);
+    ticket(&mut s, both, Some(jane), Status::Solved, now - day);
+    let old = user(&mut s, "Long Ago", Some("+380662000004"), None);
+    let old_ticket = ticket(&mut s, old, Some(olena), Status::Solved, now - 30 * day);
+    let later = user(&mut s, "Solved Later", Some("+380662000005"), None);
+    let later_ticket = ticket(&mut s, later, Some(jane), Status::Open, now - day);
+
+    let sim = start_sim(s, |c| c.one_minute_rule = Duration::from_millis(300)).await;
+    let dir = tempfile::tempdir().unwrap();
+    // sync.create without "ticket": the sync of the reported call must not open a ticket, which
+    // would route the next call by rule 4 and hide what this test is about.
+    let extra = format!(
+        "[index]\npoll_seconds = 1\n[sync]\ncreate = [\"user\"]\n[routing]\nrecent_days = 14\n{}",
+        directory()
+    );
+    let service = start_service(&config_text(&sim, dir.path(), &extra)).await;
+    wait_loaded(&service).await;
+    let mut c = client(service.addr()).await;
+    // Records written within the (shortened) one-minute rule reach the index with the next poll.
+    eventually("the account to be visible", DEADLINE, || {
+        let mut c = c.clone();
+        async move {
+            let (a, b) = (
+                route(&mut c, "+380662000001").await,
+                route(&mut c, "+380662000005").await,
+            );
+            (a.decision() == Decision::RouteToAgent && b.decision() == Decision::RouteToAgent)
+                .then_some(())
+        }
+    })
+    .await;
+
+    // The only ticket is solved: its assignee, basis RECENT_TICKET.
+    let a = route(&mut c, "066 200 00 01").await;
+    assert_eq!(
+        (a.decision(), a.basis(), agent_id(&a), ext(&a)),
+        (Decision::RouteToAgent, Basis::RecentTicket, olena, "101"),
+        "{a:?}"
+    );
+    assert_eq!(
+        a.reason,
+        format!("recent ticket {solved} (solved) of Olena Petrenko")
+    );
+    let t = a.ticket.as_ref().unwrap();
+    assert_eq!((t.id, t.status.as_str()), (solved, "solved"));
+    assert_eq!(a.customer.as_ref().unwrap().zendesk_id, solved_only);
+
+    // An open ticket wins over a later solved one.
+    let a = route(&mut c, "+380662000003").await;
+    assert_eq!(
+        (a.basis(), agent_id(&a), a.ticket.as_ref().unwrap().id),
+        (Basis::OpenTicket, olena, open),
+        "{a:?}"
+    );
+
+    // Solved 30 days ago: outside the window, and the reason says so.
+    let a = route(&mut c, "+380662000004").await;
+    assert_eq!(
+        (a.decision(), a.basis()),
+        (Decision::DefaultRouting, Basis::Unspecified)
+    );
+    assert!(
+        a.reason.contains(&format!(
+            "recent ticket {old_ticket} (solved) was updated 30 days ago, outside the 14-day window"
+        )),
+        "{}",
+        a.reason
+    );
+
+    // No tickets: default routing until a call is reported, LAST_CALL right after.
+    let a = route(&mut c, "+380662000002").await;
+    assert_eq!(
+        (a.decision(), a.reason.as_str()),
+        (
+            Decision::DefaultRouting,
+            "no open ticket; no solved or closed ticket within 14 days; no reported call within 14 days"
+        )
+    );
+    let reported = c
+        .report_call(ReportCallRequest {
+            call_id: "sticky-1".into(),
+            direction: proto::Direction::Incoming as i32,
+            outcome: proto::Outcome::Answered as i32,
+            client_number: "066 200 00 02".into(),
+            started_at: Some(prost_types::Timestamp {
+                seconds: now - 600,
+                nanos: 0,
+            }),
+            duration_seconds: 42,
+            employee_name: "іван коваленко".into(),
+            employee_extension: "102".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!reported.duplicate);
+    // No waiting: the report is in the index once ReportCall has answered.
+    let a = route(&mut c, "+380662000002").await;
+    assert_eq!(
+        (a.decision(), a.basis(), agent_id(&a), ext(&a)),
+        (Decision::RouteToAgent, Basis::LastCall, ivan, "102"),
+        "{a:?}"
+    );
+    assert!(
+        a.reason
+            .starts_with("last call (today) taken by Іван Коваленко"),
+        "{}",
+        a.reason
+    );
+    assert!(a.ticket.is_none());
+    assert_eq!(a.customer.as_ref().unwrap().zendesk_id, no_tickets);
+
+    // A number no customer has yet: nothing to remember at once; the sync creates the customer
+    // and records the call for them then.
+    let fresh = "+380662000009";
+    assert_eq!(
+        route(&mut c, fresh).await.reason,
+        "no customer with this number"
+    );
+    c.report_call(ReportCallRequest {
+        call_id: "sticky-2".into(),
+        direction: proto::Direction::Incoming as i32,
+        outcome: proto::Outcome::Answered as i32,
+        client_number: fresh.into(),
+        started_at: Some(prost_types::Timestamp {
+            seconds: now - 300,
+            nanos: 0,
+        }),
+        employee_name: "Jane Doe".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let a = eventually(
+        "the synced customer to route by LAST_CALL",
+        DEADLINE,
+        || {
+            let mut c = c.clone();
+            async move {
+                let a = route(&mut c, fresh).await;
+                (a.basis() == Basis::LastCall).then_some(a)
+            }
+        },
+    )
+    .await;
+    assert_eq!((agent_id(&a), ext(&a)), (jane, "103"), "{a:?}");
+
+    // Solved in Zendesk: the export brings it, and the customer is routed to the assignee.
+    let a = route(&mut c, "+380662000005").await;
+    assert_eq!(a.basis(), Basis::OpenTicket);
+    sim.with_store(|s| {
+        s.update_ticket(
+            later_ticket,
+            TicketPatch {
+                status: Some(Status::Solved),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    });
+    let a = eventually(
+        "the solved ticket to route by RECENT_TICKET",
+        DEADLINE,
+        || {
+            let mut c = c.clone();
+            async move {
+                let a = route(&mut c, "+380662000005").await;
+                (a.basis() == Basis::RecentTicket).then_some(a)
+            }
+        },
+    )
+    .await;
+    assert_eq!((agent_id(&a), ext(&a)), (jane, "103"), "{a:?}");
+    assert_eq!(a.ticket.as_ref().unwrap().id, later_ticket);
 }

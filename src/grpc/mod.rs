@@ -18,7 +18,7 @@ use crate::{
     metrics::{Method, Metrics},
     phone::{PhoneError, PhoneParser, mask},
     proto::{self, resolver_server::Resolver},
-    routing::{self, AgentView, CustomerView, Decision, Directory, OrgView, TicketView},
+    routing::{self, AgentView, Basis, CustomerView, Decision, Directory, OrgView, TicketView},
 };
 
 /// Longest number or id we accept in a request field.
@@ -115,6 +115,8 @@ fn invalid(field: &'static str, message: impl Into<String>) -> ApiError {
 pub struct ServiceState {
     pub index: SharedIndex,
     pub directory: Directory,
+    /// `routing.recent_days`: DESIGN §3 rule 7's window; 0 = off.
+    pub recent_days: u32,
     /// Normalises query numbers (canonical fast path, then a cached full parse).
     pub resolver: routing::Resolver,
     /// For call reports (not cached: each report is parsed once).
@@ -131,6 +133,8 @@ pub struct ServiceState {
 pub struct SyncApi {
     pub queue: crate::sync::JobStore,
     pub worker: crate::sync::WorkerHandle,
+    /// An accepted report's call becomes its customers' last call (rule 7) through this.
+    pub writer: crate::index::IndexWriter,
 }
 
 #[derive(Clone)]
@@ -250,11 +254,12 @@ impl ResolverService {
         check_len("called", &req.called, MAX_NUMBER_LEN)?;
         check_len("call_id", &req.call_id, MAX_CALL_ID_LEN)?;
         let st = &self.state;
+        let fallback = routing::Fallback::new(st.recent_days, now_ms() / 1000);
         let (answer, age) = self.with_number("caller", caller, |index, phone| {
-            routing::route(index, &st.directory, phone)
+            routing::route_with(index, &st.directory, phone, fallback)
         })?;
         st.metrics.decision(answer.kind);
-        tracing::debug!(call_id = %req.call_id, caller = %mask(caller), decision = ?answer.decision, "route");
+        tracing::debug!(call_id = %req.call_id, caller = %mask(caller), decision = ?answer.decision, basis = ?answer.basis, "route");
         Ok(Response::new(route_to_proto(&st.zendesk_url, answer, age)))
     }
 
@@ -282,6 +287,14 @@ impl ResolverService {
         })?;
         if !duplicate {
             sync.worker.notify();
+            // Rule 7's last call counts from the moment the report is accepted, not when Zendesk
+            // has it (a sync can wait minutes on the budget). A first report only: the first wins.
+            if let Some(change) = report.call_taken() {
+                if sync.writer.apply(change).await.is_err() {
+                    // The report is stored and will sync; only the routing memory missed it.
+                    tracing::error!(call_id = %report.call_id, "the index writer has stopped: the call is not remembered for routing");
+                }
+            }
         }
         tracing::info!(call_id = %report.call_id, client = %mask(&report.client_number), duplicate, "call reported");
         Ok(Response::new(proto::ReportCallResponse {
@@ -392,8 +405,15 @@ pub(crate) fn route_to_proto(
         Decision::RouteToAgent => proto::Decision::RouteToAgent,
         Decision::DefaultRouting => proto::Decision::DefaultRouting,
     };
+    let basis = match a.basis {
+        Basis::None => proto::Basis::Unspecified,
+        Basis::OpenTicket => proto::Basis::OpenTicket,
+        Basis::RecentTicket => proto::Basis::RecentTicket,
+        Basis::LastCall => proto::Basis::LastCall,
+    };
     proto::RouteCallResponse {
         decision: decision as i32,
+        basis: basis as i32,
         agent: a.agent.map(agent_to_proto),
         ticket: a.ticket.map(|t| ticket_to_proto(base, t)),
         customer: a.customer.map(|c| customer_to_proto(base, c)),

@@ -237,6 +237,54 @@ impl Keyed for TicketRec {
     }
 }
 
+/// What DESIGN §3 rule 7 needs of one customer: their most recently updated solved or closed
+/// ticket and the agent of their most recent call reported to Deskline. Kept only for customers
+/// that have either (a sparse store beside the customers, keyed by the requester id), so an
+/// account without them pays nothing: 48 bytes a record (checked by a test), no subject, no
+/// strings. Keyed by the requester id rather than stored in [`CustomerRec`] because the tickets
+/// export runs ahead of the users export during a warm-up: a solved ticket must not be lost
+/// because its requester has not arrived yet.
+#[derive(Clone)]
+pub(crate) struct RecentRec {
+    pub(crate) customer: i64,
+    /// The solved/closed ticket; 0 when only a call is known.
+    pub(crate) ticket: i64,
+    /// Its assignee, 0 when unassigned.
+    pub(crate) ticket_agent: i64,
+    /// The agent who took the most recent reported call; 0 when none.
+    pub(crate) call_agent: i64,
+    /// Unix seconds of the ticket's `updated_at` (as [`CustomerRec::updated_at`]).
+    pub(crate) ticket_at: u32,
+    /// Unix seconds of the call's start.
+    pub(crate) call_at: u32,
+    /// `closed` rather than `solved`.
+    pub(crate) closed: bool,
+}
+
+impl Keyed for RecentRec {
+    fn key(&self) -> i64 {
+        self.customer
+    }
+}
+
+impl RecentRec {
+    fn empty(customer: i64) -> Self {
+        Self {
+            customer,
+            ticket: 0,
+            ticket_agent: 0,
+            call_agent: 0,
+            ticket_at: 0,
+            call_at: 0,
+            closed: false,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.ticket == 0 && self.call_agent == 0
+    }
+}
+
 /// A user's phone identities, sorted and deduplicated (only users that have any).
 #[derive(Clone)]
 pub(crate) struct IdentRec {
@@ -318,6 +366,27 @@ pub struct TicketRef<'a> {
     pub updated_at: i64,
 }
 
+/// A customer's most recently updated solved or closed ticket (DESIGN §3 rule 7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DoneTicketRef {
+    pub id: i64,
+    pub requester_id: i64,
+    pub assignee_id: Option<i64>,
+    /// `solved` or `closed`.
+    pub status: &'static str,
+    /// Unix seconds.
+    pub updated_at: i64,
+}
+
+/// The most recent call of a customer reported to Deskline and the agent who took it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallRef {
+    pub customer_id: i64,
+    pub agent_id: i64,
+    /// Unix seconds of the call's start.
+    pub started_at: i64,
+}
+
 /// An agent or admin as the index knows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct AgentRef<'a> {
@@ -359,6 +428,9 @@ pub struct Index {
     tickets: Store<TicketRec>,
     /// Ticket slots hashed by requester id (a multi-map: iterate with `iter_hash`).
     by_requester: HashTable<u32>,
+    /// Rule 7's memory per customer id; only customers that have a solved/closed ticket or a
+    /// reported call.
+    recent: Store<RecentRec>,
     agents: FxHashMap<i64, AgentRec>,
     agent_keys: FxHashMap<Box<str>, Vec<i64>>,
     orgs: Store<OrgRec>,
@@ -659,6 +731,7 @@ impl Index {
                 self.remove_agent(id);
                 if deleted {
                     self.identities.remove(id);
+                    self.recent.remove(id);
                 }
             }
         }
@@ -704,10 +777,18 @@ impl Index {
         self.set_identities(user_id, phones);
     }
 
-    /// Keeps open tickets (`new|open|pending|hold`), drops any other status.
+    /// Keeps open tickets (`new|open|pending|hold`), drops any other status. A `solved` or
+    /// `closed` ticket becomes its requester's recent ticket (rule 7) when it is the most recently
+    /// updated one known for them; a ticket that is reopened or deleted stops being one.
     pub fn apply_ticket(&mut self, ticket: &Ticket) {
         let status = OpenStatus::parse(ticket.status.as_deref());
         let requester = ticket.requester_id.unwrap_or(0);
+        match ticket.status.as_deref() {
+            Some(done @ ("solved" | "closed")) if requester != 0 => {
+                self.note_done_ticket(ticket, requester, done == "closed");
+            }
+            _ => self.forget_done_ticket(ticket.id, requester),
+        }
         let Some(status) = status.filter(|_| requester != 0) else {
             self.remove_ticket(ticket.id);
             return;
@@ -730,6 +811,103 @@ impl Index {
             }
             None => self.insert_ticket(rec),
         }
+    }
+
+    /// Rule 7's recent ticket: replaces the one held when this one is the same ticket or was
+    /// updated later (ties: the higher id), so a late or repeated export row never steps it back.
+    fn note_done_ticket(&mut self, ticket: &Ticket, requester: i64, closed: bool) {
+        let at = time_of(ticket.updated_at.as_deref());
+        let rec = self.recent_mut(requester);
+        let newer = rec.ticket == 0
+            || (rec.ticket == ticket.id && at >= rec.ticket_at)
+            || (at, ticket.id) > (rec.ticket_at, rec.ticket);
+        if newer {
+            rec.ticket = ticket.id;
+            rec.ticket_agent = ticket.assignee_id.unwrap_or(0);
+            rec.ticket_at = at;
+            rec.closed = closed;
+        }
+        self.drop_recent_if_empty(requester);
+    }
+
+    /// A ticket that is no longer solved or closed (reopened, deleted) is nobody's recent ticket.
+    /// Only its requester's record is looked at: a solved ticket that also changed requester stays
+    /// on the old requester until a newer one replaces it (rare, and only ever a fallback).
+    fn forget_done_ticket(&mut self, id: i64, requester: i64) {
+        let Some(slot) = self.recent.slot(requester) else {
+            return;
+        };
+        if self.recent.at(slot).ticket != id {
+            return;
+        }
+        let rec = self.recent.at_mut(slot);
+        rec.ticket = 0;
+        rec.ticket_agent = 0;
+        rec.ticket_at = 0;
+        rec.closed = false;
+        self.drop_recent_if_empty(requester);
+    }
+
+    /// A call to or from `phone` taken by agent `agent_id` that started at `started_at` (Unix
+    /// seconds), reported to Deskline: it becomes the last call of every customer on that number
+    /// whose last known call started earlier (a shared number: the PBX cannot say which of them
+    /// called). A number with no customer yet records nothing.
+    pub fn apply_call(&mut self, phone: E164, agent_id: i64, started_at: i64) {
+        let Ok(at) = u32::try_from(started_at) else {
+            return;
+        };
+        if agent_id == 0 {
+            return;
+        }
+        let ids: Vec<i64> = self.customers_by_phone(phone).map(|c| c.id).collect();
+        for id in ids {
+            let rec = self.recent_mut(id);
+            if rec.call_agent == 0 || at >= rec.call_at {
+                rec.call_agent = agent_id;
+                rec.call_at = at;
+            }
+        }
+    }
+
+    fn recent_mut(&mut self, customer: i64) -> &mut RecentRec {
+        let slot = match self.recent.slot(customer) {
+            Some(slot) => slot,
+            None => self.recent.insert_new(RecentRec::empty(customer)),
+        };
+        self.recent.at_mut(slot)
+    }
+
+    fn drop_recent_if_empty(&mut self, customer: i64) {
+        if self.recent.get(customer).is_some_and(RecentRec::is_empty) {
+            self.recent.remove(customer);
+        }
+    }
+
+    /// The customer's most recently updated solved or closed ticket, when one is known.
+    pub fn done_ticket_of(&self, customer_id: i64) -> Option<DoneTicketRef> {
+        let r = self.recent.get(customer_id).filter(|r| r.ticket != 0)?;
+        Some(DoneTicketRef {
+            id: r.ticket,
+            requester_id: r.customer,
+            assignee_id: (r.ticket_agent != 0).then_some(r.ticket_agent),
+            status: if r.closed { "closed" } else { "solved" },
+            updated_at: i64::from(r.ticket_at),
+        })
+    }
+
+    /// The customer's most recent call reported to Deskline, when one is known.
+    pub fn last_call_of(&self, customer_id: i64) -> Option<CallRef> {
+        let r = self.recent.get(customer_id).filter(|r| r.call_agent != 0)?;
+        Some(CallRef {
+            customer_id: r.customer,
+            agent_id: r.call_agent,
+            started_at: i64::from(r.call_at),
+        })
+    }
+
+    /// Customers with a recent ticket or a reported call held for rule 7.
+    pub fn recent_len(&self) -> usize {
+        self.recent.len()
     }
 
     pub fn apply_organization(&mut self, org: &Organization) {
@@ -868,6 +1046,24 @@ impl Index {
             .copied()
             .filter(|id| self.agent(*id).is_some_and(|a| a.is_usable()))
             .min()
+    }
+
+    /// The other active, unsuspended agents/admins whose [`name_key`] is `agent_id`'s, ascending:
+    /// the directory (keyed by name) cannot tell them apart.
+    pub fn namesakes(&self, agent_id: i64) -> Vec<i64> {
+        let Some(a) = self.agents.get(&agent_id) else {
+            return Vec::new();
+        };
+        let mut ids: Vec<i64> = self
+            .agent_keys
+            .get(&a.key)
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(|&id| id != agent_id && self.agent(id).is_some_and(|a| a.is_usable()))
+            .collect();
+        ids.sort_unstable();
+        ids
     }
 
     /// Every agent and admin with their flags, sorted by name then id.

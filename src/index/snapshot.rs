@@ -1,11 +1,12 @@
 //! The index on disk, so a restart answers at once and resumes the exports where they stood.
 //!
-//! # Format (one file, version 1)
+//! # Format (one file, version 3)
 //! ```text
 //! "DESKLIDX"  magic, 8 bytes
-//! u32 LE      format version (2; version 1 files, without the last field, are still read)
+//! u32 LE      format version (3; versions 1 and 2, without the last fields, are still read)
 //! …           postcard body: customers, identities, agents, open tickets, organizations,
 //!             cursors, fresh times, loaded flag, users whose identities are still to be fetched
+//!             (since 2), rule 7's recent tickets and last calls per customer (since 3)
 //! u64 LE      length of magic + version + body
 //! u32 LE      crc32 (crc32fast) of magic + version + body
 //! ```
@@ -19,6 +20,11 @@
 //!   from the exports instead.
 //! - The cursors are saved with the records they produced, so resuming from them never skips a
 //!   change (at worst a page is applied twice, which is harmless: applying is idempotent).
+//! - Migration from versions 1 and 2: they hold no recent tickets, and the tickets export's cursor
+//!   in them has moved past every solved ticket already read, so [`load`] drops that one cursor:
+//!   the follower re-reads the tickets export from the start (behind a loaded index that keeps
+//!   answering) and rule 7's recent tickets fill in as it goes. Calls reported before the
+//!   upgrade are not in any snapshot and are not recovered.
 //! - A save encodes a [`Frozen`] view: the index as it stood between two changes of the writer,
 //!   taken in an `Arc` clone per chunk of records (see `store`), so the index keeps changing while
 //!   the file is written and the file is still one consistent point in time.
@@ -37,12 +43,12 @@ use serde::{
 use rustc_hash::FxHashMap;
 
 use super::{
-    AgentRec, Cursors, CustomerRec, IdentRec, Index, OpenStatus, OrgRec, TicketRec, name_key,
-    store::Frozen as FrozenStore,
+    AgentRec, Cursors, CustomerRec, IdentRec, Index, OpenStatus, OrgRec, RecentRec, TicketRec,
+    name_key, store::Frozen as FrozenStore,
 };
 
 const MAGIC: &[u8; 8] = b"DESKLIDX";
-const VERSION: u32 = 2;
+const VERSION: u32 = 3;
 const HEADER_LEN: usize = 12;
 const TRAILER_LEN: usize = 12;
 
@@ -60,6 +66,7 @@ pub(crate) struct Frozen {
     identities: FrozenStore<IdentRec>,
     tickets: FrozenStore<TicketRec>,
     orgs: FrozenStore<OrgRec>,
+    recent: FrozenStore<RecentRec>,
     /// Few (agents and admins): copied.
     agents: FxHashMap<i64, AgentRec>,
     cursors: Cursors,
@@ -77,6 +84,7 @@ impl Frozen {
             identities: ix.identities.frozen(),
             tickets: ix.tickets.frozen(),
             orgs: ix.orgs.frozen(),
+            recent: ix.recent.frozen(),
             agents: ix.agents.clone(),
             cursors: ix.cursors.clone(),
             fresh: ix.fresh,
@@ -165,7 +173,7 @@ pub fn decode(bytes: &[u8], name: &str) -> Result<Index, SnapshotError> {
         return Err(corrupt("not a Deskline index snapshot (bad magic)".into()));
     }
     let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
-    if version != VERSION && version != 1 {
+    if !(1..=VERSION).contains(&version) {
         return Err(corrupt(format!(
             "format version {version}, this build reads {VERSION}"
         )));
@@ -184,13 +192,24 @@ pub fn decode(bytes: &[u8], name: &str) -> Result<Index, SnapshotError> {
     }
     let (body, rest): (BodyIn<'_>, _) = postcard::take_from_bytes(&content[HEADER_LEN..])
         .map_err(|e| corrupt(format!("cannot decode: {e}")))?;
-    let pending: Vec<i64> = if version == 1 {
-        Vec::new()
-    } else {
-        postcard::from_bytes(rest).map_err(|e| corrupt(format!("cannot decode: {e}")))?
-    };
+    let (pending, recent): (Vec<i64>, Vec<RecentRow>) = match version {
+        1 => Ok((Vec::new(), Vec::new())),
+        2 => postcard::from_bytes(rest).map(|p| (p, Vec::new())),
+        _ => postcard::from_bytes(rest),
+    }
+    .map_err(|e| corrupt(format!("cannot decode: {e}")))?;
     let mut ix = build(body).map_err(corrupt)?;
     ix.pending_identities = pending.into_iter().collect();
+    ix.recent
+        .bulk_load(recent.into_iter().map(RecentRec::from).collect())
+        .map_err(|id| corrupt(format!("recent tickets of customer {id} appear twice")))?;
+    if version < 3 && ix.cursors.tickets.take().is_some() {
+        tracing::warn!(
+            version,
+            "index snapshot from before recent tickets: re-reading the tickets export from the start \
+             (the index keeps answering meanwhile; rule 7's recent tickets fill in as it goes)"
+        );
+    }
     Ok(ix)
 }
 
@@ -243,7 +262,45 @@ struct TicketRow<'a> {
     status: OpenStatus,
 }
 
-/// Field order must match [`BodyIn`] (then the pending list): postcard encodes a struct as the
+/// Rule 7's memory of one customer (version 3).
+#[derive(Serialize, Deserialize)]
+struct RecentRow {
+    customer: i64,
+    ticket: i64,
+    ticket_agent: i64,
+    ticket_at: u32,
+    closed: bool,
+    call_agent: i64,
+    call_at: u32,
+}
+
+fn recent_row(r: &RecentRec) -> RecentRow {
+    RecentRow {
+        customer: r.customer,
+        ticket: r.ticket,
+        ticket_agent: r.ticket_agent,
+        ticket_at: r.ticket_at,
+        closed: r.closed,
+        call_agent: r.call_agent,
+        call_at: r.call_at,
+    }
+}
+
+impl From<RecentRow> for RecentRec {
+    fn from(r: RecentRow) -> Self {
+        RecentRec {
+            customer: r.customer,
+            ticket: r.ticket,
+            ticket_agent: r.ticket_agent,
+            call_agent: r.call_agent,
+            ticket_at: r.ticket_at,
+            call_at: r.call_at,
+            closed: r.closed,
+        }
+    }
+}
+
+/// Field order must match [`BodyIn`] (then the pending list, then the recent rows): postcard encodes a struct as the
 /// tuple of its fields.
 struct Body<'a>(&'a Frozen);
 
@@ -266,7 +323,7 @@ struct BodyIn<'a> {
 impl Serialize for Body<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let ix = self.0;
-        let mut t = s.serialize_tuple(9)?;
+        let mut t = s.serialize_tuple(10)?;
         t.serialize_element(&Rows(&ix.customers, customer_row))?;
         t.serialize_element(&Rows(&ix.identities, identity_row))?;
         t.serialize_element(&Seq(ix.agents.len(), || {
@@ -286,6 +343,7 @@ impl Serialize for Body<'_> {
         t.serialize_element(&ix.fresh)?;
         t.serialize_element(&ix.loaded)?;
         t.serialize_element(&ix.pending)?;
+        t.serialize_element(&Rows(&ix.recent, recent_row))?;
         t.end()
     }
 }
@@ -532,6 +590,59 @@ mod tests {
         assert!(load(&path).unwrap().is_some());
     }
 
+    /// Rule 7's memory is saved (version 3); a version 2 file, which has none, still loads, and
+    /// its tickets cursor is dropped so the tickets export is read again and fills it in.
+    #[test]
+    fn recent_tickets_and_calls_round_trip_and_v2_migrates() {
+        let p = PhoneParser::new("UA").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.snapshot");
+        let mut ix = sample();
+        ix.cursors_mut().tickets = Some("t-cursor".into());
+        ix.apply_ticket(&Ticket {
+            id: 70,
+            status: Some("closed".into()),
+            requester_id: Some(1),
+            assignee_id: Some(2),
+            updated_at: Some("2024-05-02T10:00:00Z".into()),
+            ..Default::default()
+        });
+        ix.apply_call(p.parse("+380441234567").unwrap(), 2, 1_717_000_000);
+        save(&ix, &path).unwrap();
+        let back = load(&path).unwrap().unwrap();
+        assert_eq!(back.done_ticket_of(1), ix.done_ticket_of(1));
+        assert_eq!(back.done_ticket_of(1).unwrap().status, "closed");
+        assert_eq!(back.last_call_of(1), ix.last_call_of(1));
+        assert_eq!(back.last_call_of(1).unwrap().started_at, 1_717_000_000);
+        assert_eq!(back.cursors().tickets.as_deref(), Some("t-cursor"));
+
+        // The same index without rule 7's memory, written as version 2 wrote it: the body up to
+        // the pending list (an empty recent list is one zero byte at its end), version 2.
+        let mut old = sample();
+        old.cursors_mut().tickets = Some("t-cursor".into());
+        save(&old, &path).unwrap();
+        let bytes = fs::read(&path).unwrap();
+        let body_end = bytes.len() - TRAILER_LEN;
+        assert_eq!(bytes[body_end - 1], 0, "empty recent list");
+        let mut v2 = bytes[..body_end - 1].to_vec();
+        v2[8..12].copy_from_slice(&2u32.to_le_bytes());
+        let len = v2.len() as u64;
+        let crc = crc32fast::hash(&v2);
+        v2.extend_from_slice(&len.to_le_bytes());
+        v2.extend_from_slice(&crc.to_le_bytes());
+        fs::write(&path, &v2).unwrap();
+        let back = load(&path).unwrap().expect("a version 2 snapshot loads");
+        assert_eq!(back.counts(), old.counts());
+        assert!(back.is_loaded());
+        assert_eq!(back.recent_len(), 0);
+        assert_eq!(
+            back.cursors().tickets,
+            None,
+            "the tickets export is read again"
+        );
+        assert_eq!(back.cursors().users, old.cursors().users);
+    }
+
     #[test]
     fn truncated_file_is_corrupt() {
         let dir = tempfile::tempdir().unwrap();
@@ -570,10 +681,10 @@ mod tests {
         let path = dir.path().join("index.snapshot");
         save(&sample(), &path).unwrap();
         let mut b = fs::read(&path).unwrap();
-        b[8] = 3;
+        b[8] = 4;
         fs::write(&path, &b).unwrap();
         let err = load(&path).unwrap_err();
-        assert!(err.to_string().contains("version 3"), "{err}");
+        assert!(err.to_string().contains("version 4"), "{err}");
     }
 
     /// A save encodes the index as it was when the view was taken, while the index goes on

@@ -323,6 +323,8 @@ fn records_stay_narrow() {
     assert_eq!(size_of::<Option<super::CustomerRec>>(), 48);
     assert_eq!(size_of::<Option<super::TicketRec>>(), 48);
     assert_eq!(size_of::<super::PhoneEntry>(), 12);
+    // Rule 7's memory: only for customers with a solved/closed ticket or a reported call.
+    assert_eq!(size_of::<Option<super::RecentRec>>(), 48);
 }
 
 /// A page applied as a prepared batch gives the same index as its users and identities applied one

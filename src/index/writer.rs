@@ -51,6 +51,15 @@ pub enum Change {
     IdentitiesPending(Vec<i64>),
     /// Those users' identities were applied (or they need none any more).
     IdentitiesFetched(Vec<i64>),
+    /// A call reported to Deskline (`ReportCall`) that an employee took: the last call of the
+    /// customers on `phone` (DESIGN §3 rule 7, `LAST_CALL`). The employee's full name is matched
+    /// to an active agent here, by [`super::name_key`]; a name that matches none records nothing.
+    CallTaken {
+        phone: crate::phone::E164,
+        employee_name: String,
+        /// Unix seconds.
+        started_at: i64,
+    },
 }
 
 /// Where an export stands after a page.
@@ -369,6 +378,15 @@ fn apply(guard: &mut parking_lot::RwLockWriteGuard<'_, Index>, change: Change) {
         Change::Loaded => guard.set_loaded(),
         Change::IdentitiesPending(ids) => guard.add_pending_identities(ids),
         Change::IdentitiesFetched(ids) => guard.remove_pending_identities(&ids),
+        Change::CallTaken {
+            phone,
+            employee_name,
+            started_at,
+        } => {
+            if let Some(agent) = guard.agent_by_name(&employee_name) {
+                guard.apply_call(phone, agent, started_at);
+            }
+        }
     }
 }
 

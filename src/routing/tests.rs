@@ -437,3 +437,335 @@ fn parse_cache_admits_on_second_sighting() {
     let none = Resolver::new(p.clone(), 0);
     assert_eq!(none.resolve(&ix, "044 123 45 67"), Ok(e164(NUM)));
 }
+
+// ---- DESIGN §3 rule 7: the fallback to a recent ticket or the last reported call ----
+
+/// "Now" of the rule-7 tests: 2024-06-15T00:00:00Z.
+fn now() -> i64 {
+    "2024-06-15T00:00:00Z"
+        .parse::<jiff::Timestamp>()
+        .unwrap()
+        .as_second()
+}
+
+fn days_ago(d: i64) -> i64 {
+    now() - d * 86_400
+}
+
+fn stamp(secs: i64) -> String {
+    jiff::Timestamp::from_second(secs).unwrap().to_string()
+}
+
+fn done(id: i64, requester: i64, assignee: Option<i64>, status: &str, at: i64) -> Ticket {
+    Ticket {
+        status: Some(status.into()),
+        ..ticket(id, requester, assignee, &stamp(at))
+    }
+}
+
+fn two_weeks() -> Fallback {
+    Fallback::new(14, now())
+}
+
+fn sticky(ix: &Index, d: &Directory, fb: Fallback) -> RouteAnswer {
+    route_with(ix, d, e164(NUM), fb)
+}
+
+#[test]
+fn recent_ticket_routes_to_its_assignee() {
+    let mut ix = base();
+    ix.apply_ticket(&done(7, 1, Some(100), "solved", days_ago(3)));
+    let a = sticky(&ix, &std_dir(), two_weeks());
+    assert_eq!(
+        (a.decision, a.basis, a.kind),
+        (
+            Decision::RouteToAgent,
+            Basis::RecentTicket,
+            ReasonKind::Routed
+        )
+    );
+    assert_eq!(a.reason, "recent ticket 7 (solved) of Olena Petrenko");
+    assert_eq!(a.agent.as_ref().unwrap().extension.as_deref(), Some("101"));
+    let t = a.ticket.unwrap();
+    assert_eq!((t.id, t.status, t.assignee_id), (7, "solved", 100));
+    assert_eq!(a.customer.unwrap().id, 1);
+    // Off (the default): today's answer exactly.
+    let off = sticky(&ix, &std_dir(), Fallback::new(0, now()));
+    assert_eq!(off, route(&ix, &std_dir(), e164(NUM)));
+    assert_eq!(
+        (off.decision, off.basis),
+        (Decision::DefaultRouting, Basis::None)
+    );
+    assert_eq!(off.reason, "no open ticket");
+}
+
+#[test]
+fn open_ticket_beats_recent_ticket_and_last_call() {
+    let mut ix = base();
+    ix.apply_ticket(&ticket(5, 1, Some(100), &stamp(days_ago(30))));
+    ix.apply_ticket(&done(7, 1, Some(200), "solved", days_ago(1)));
+    ix.apply_call(e164(NUM), 200, days_ago(0));
+    let a = sticky(&ix, &std_dir(), two_weeks());
+    assert_eq!((a.basis, a.agent.unwrap().id), (Basis::OpenTicket, 100));
+    assert_eq!(a.ticket.unwrap().id, 5);
+    // Even when the open ticket's owner has no extension: the open ticket decides.
+    let only_ivan = dir(&[("Іван Франко", "102")]);
+    let a = sticky(&ix, &only_ivan, two_weeks());
+    assert_eq!(
+        (a.decision, a.basis),
+        (Decision::DefaultRouting, Basis::None)
+    );
+    assert_eq!(a.reason, "assignee Olena Petrenko has no PBX extension");
+}
+
+#[test]
+fn recent_ticket_beats_a_later_call() {
+    let mut ix = base();
+    ix.apply_ticket(&done(7, 1, Some(100), "closed", days_ago(5)));
+    ix.apply_call(e164(NUM), 200, days_ago(1));
+    let a = sticky(&ix, &std_dir(), two_weeks());
+    assert_eq!((a.basis, a.agent.unwrap().id), (Basis::RecentTicket, 100));
+    assert_eq!(a.reason, "recent ticket 7 (closed) of Olena Petrenko");
+}
+
+#[test]
+fn last_call_routes_when_there_is_no_recent_ticket() {
+    let mut ix = base();
+    ix.apply_call(e164(NUM), 200, days_ago(2));
+    let a = sticky(&ix, &std_dir(), two_weeks());
+    assert_eq!(
+        (a.decision, a.basis, a.agent.as_ref().unwrap().id),
+        (Decision::RouteToAgent, Basis::LastCall, 200)
+    );
+    assert_eq!(
+        a.reason,
+        "last call (2 days ago) taken by Іван Франко (no solved or closed ticket within 14 days)"
+    );
+    assert!(a.ticket.is_none());
+    assert_eq!(a.customer.unwrap().id, 1);
+    // A later call replaces it; an older one (a late report) does not.
+    ix.apply_call(e164(NUM), 100, days_ago(1));
+    ix.apply_call(e164(NUM), 200, days_ago(10));
+    let a = sticky(&ix, &std_dir(), two_weeks());
+    assert_eq!((a.basis, a.agent.unwrap().id), (Basis::LastCall, 100));
+}
+
+#[test]
+fn expired_window_falls_through_and_says_why() {
+    let mut ix = base();
+    ix.apply_ticket(&done(7, 1, Some(100), "solved", days_ago(20)));
+    ix.apply_call(e164(NUM), 200, days_ago(3));
+    // The ticket is outside the window (measured from its updated_at): the call decides.
+    let a = sticky(&ix, &std_dir(), two_weeks());
+    assert_eq!(
+        (a.basis, a.agent.as_ref().unwrap().id),
+        (Basis::LastCall, 200)
+    );
+    assert!(
+        a.reason.contains(
+            "recent ticket 7 (solved) was updated 20 days ago, outside the 14-day window"
+        ),
+        "{}",
+        a.reason
+    );
+    // A two-day window: the call (measured from its start) is outside too.
+    let a = sticky(&ix, &std_dir(), Fallback::new(2, now()));
+    assert_eq!(
+        (a.decision, a.basis),
+        (Decision::DefaultRouting, Basis::None)
+    );
+    assert_eq!(a.kind, ReasonKind::NoOpenTicket);
+    assert_eq!(
+        a.reason,
+        "no open ticket; recent ticket 7 (solved) was updated 20 days ago, outside the 2-day window; \
+         the last reported call was 3 days ago, outside the 2-day window"
+    );
+    // Nothing at all.
+    let a = sticky(&base(), &std_dir(), two_weeks());
+    assert_eq!(
+        a.reason,
+        "no open ticket; no solved or closed ticket within 14 days; no reported call within 14 days"
+    );
+}
+
+#[test]
+fn inactive_or_unmapped_agents_do_not_take_the_fallback() {
+    let p = ua();
+    let mut ix = base();
+    ix.apply_user(
+        &User {
+            active: Some(false),
+            ..agent(300, "Gone Agent")
+        },
+        &p,
+    );
+    ix.apply_ticket(&done(7, 1, Some(300), "solved", days_ago(1)));
+    ix.apply_call(e164(NUM), 200, days_ago(2));
+    // The recent ticket's assignee is inactive: the last call decides.
+    let a = sticky(&ix, &std_dir(), two_weeks());
+    assert_eq!(
+        (a.basis, a.agent.as_ref().unwrap().id),
+        (Basis::LastCall, 200)
+    );
+    assert!(
+        a.reason
+            .contains("recent ticket 7 (solved): Gone Agent is inactive"),
+        "{}",
+        a.reason
+    );
+    // The last call's agent has no extension either: default routing, both stories told.
+    let only_olena = dir(&[("Olena Petrenko", "101")]);
+    let a = sticky(&ix, &only_olena, two_weeks());
+    assert_eq!(
+        (a.decision, a.basis),
+        (Decision::DefaultRouting, Basis::None)
+    );
+    assert_eq!(
+        a.reason,
+        "no open ticket; recent ticket 7 (solved): Gone Agent is inactive; \
+         the last reported call's agent Іван Франко has no PBX extension"
+    );
+    // Unassigned recent ticket, suspended call agent.
+    let mut ix = base();
+    ix.apply_ticket(&done(8, 1, None, "solved", days_ago(1)));
+    ix.apply_call(e164(NUM), 200, days_ago(1));
+    ix.apply_user(
+        &User {
+            suspended: Some(true),
+            ..agent(200, "Іван Франко")
+        },
+        &p,
+    );
+    let a = sticky(&ix, &std_dir(), two_weeks());
+    assert_eq!(a.decision, Decision::DefaultRouting);
+    assert_eq!(
+        a.reason,
+        "no open ticket; recent ticket 8 (solved) has no assignee; \
+         the last reported call's agent Іван Франко is suspended"
+    );
+}
+
+#[test]
+fn an_open_ticket_passed_over_lets_the_fallback_apply() {
+    let mut ix = base();
+    ix.apply_ticket(&ticket(5, 1, None, &stamp(days_ago(1))));
+    ix.apply_ticket(&done(7, 1, Some(100), "solved", days_ago(3)));
+    let a = sticky(&ix, &std_dir(), two_weeks());
+    assert_eq!((a.basis, a.agent.unwrap().id), (Basis::RecentTicket, 100));
+    assert_eq!(
+        a.reason,
+        "ticket 5 has no assignee; recent ticket 7 (solved) of Olena Petrenko"
+    );
+}
+
+#[test]
+fn several_customers_on_one_number_use_the_most_recent_evidence() {
+    let p = ua();
+    let mut ix = base();
+    ix.apply_user(
+        &customer(2, "Second Desk", "+380441234567", "2024-01-02T00:00:00Z"),
+        &p,
+    );
+    ix.apply_ticket(&done(7, 1, Some(100), "solved", days_ago(6)));
+    ix.apply_ticket(&done(8, 2, Some(200), "solved", days_ago(2)));
+    let a = sticky(&ix, &std_dir(), two_weeks());
+    assert_eq!(
+        (a.basis, a.agent.unwrap().id, a.customer.unwrap().id),
+        (Basis::RecentTicket, 200, 2)
+    );
+    // The newer one's assignee cannot take it: the other customer's ticket is next.
+    ix.apply_ticket(&done(8, 2, None, "solved", days_ago(1)));
+    let a = sticky(&ix, &std_dir(), two_weeks());
+    assert_eq!(
+        (a.basis, a.agent.unwrap().id, a.customer.unwrap().id),
+        (Basis::RecentTicket, 100, 1)
+    );
+    // A call on a shared number counts for every customer on it.
+    let mut ix = base();
+    ix.apply_user(
+        &customer(2, "Second Desk", "+380441234567", "2024-01-02T00:00:00Z"),
+        &p,
+    );
+    ix.apply_call(e164(NUM), 200, days_ago(1));
+    assert_eq!(ix.last_call_of(1).map(|c| c.agent_id), Some(200));
+    assert_eq!(ix.last_call_of(2).map(|c| c.agent_id), Some(200));
+}
+
+#[test]
+fn reopened_or_deleted_ticket_is_no_longer_recent() {
+    let mut ix = base();
+    ix.apply_ticket(&done(7, 1, Some(100), "solved", days_ago(3)));
+    // A stale export row of an older ticket does not replace it.
+    ix.apply_ticket(&done(6, 1, Some(200), "closed", days_ago(9)));
+    assert_eq!(ix.done_ticket_of(1).map(|t| t.id), Some(7));
+    // Reopened: an open ticket now (rule 4 decides), and no longer the recent one.
+    ix.apply_ticket(&ticket(7, 1, Some(100), &stamp(days_ago(1))));
+    assert!(ix.done_ticket_of(1).is_none());
+    assert_eq!(
+        sticky(&ix, &std_dir(), two_weeks()).basis,
+        Basis::OpenTicket
+    );
+    ix.apply_ticket(&done(7, 1, Some(100), "solved", days_ago(0)));
+    assert_eq!(ix.done_ticket_of(1).map(|t| t.id), Some(7));
+    ix.apply_ticket(&done(7, 1, Some(100), "deleted", days_ago(0)));
+    assert!(ix.done_ticket_of(1).is_none());
+    assert_eq!(ix.recent_len(), 0, "an empty record is dropped");
+}
+
+#[test]
+fn recent_days_zero_answers_as_before_for_every_kind_of_number() {
+    let p = ua();
+    let mut ix = base();
+    ix.apply_user(
+        &customer(2, "B", "+380501000002", "2024-01-01T00:00:00Z"),
+        &p,
+    );
+    ix.apply_user(
+        &customer(3, "C", "+380501000003", "2024-01-01T00:00:00Z"),
+        &p,
+    );
+    ix.apply_ticket(&ticket(5, 2, Some(100), &stamp(days_ago(1))));
+    ix.apply_ticket(&ticket(6, 3, None, &stamp(days_ago(1))));
+    ix.apply_ticket(&done(7, 1, Some(100), "solved", days_ago(1)));
+    ix.apply_call(e164("+380501000003"), 200, days_ago(1));
+    for n in [NUM, "+380501000002", "+380501000003", "+380509999999"] {
+        let before = route(&ix, &std_dir(), e164(n));
+        let off = route_with(&ix, &std_dir(), e164(n), Fallback::new(0, now()));
+        assert_eq!(off, before, "{n}");
+        let expected = match before.decision {
+            Decision::RouteToAgent => Basis::OpenTicket,
+            Decision::DefaultRouting => Basis::None,
+        };
+        assert_eq!(off.basis, expected, "{n}");
+    }
+}
+
+#[test]
+fn an_owner_sharing_a_name_with_another_active_agent_is_flagged() {
+    let p = ua();
+    let mut ix = base();
+    ix.apply_user(&agent(101, "olena  PETRENKO"), &p);
+    ix.apply_ticket(&ticket(5, 1, Some(100), "2024-02-01T00:00:00Z"));
+    let a = route(&ix, &std_dir(), e164(NUM));
+    assert_eq!(
+        (a.decision, a.basis),
+        (Decision::RouteToAgent, Basis::OpenTicket)
+    );
+    assert_eq!(
+        a.reason,
+        "ticket 5 is assigned to Olena Petrenko; but Olena Petrenko shares this name with active \
+         agent 101 (the directory cannot tell them apart: give one a distinct name)"
+    );
+    // Once the namesake is inactive, nothing to say.
+    ix.apply_user(
+        &User {
+            active: Some(false),
+            ..agent(101, "olena  PETRENKO")
+        },
+        &p,
+    );
+    assert_eq!(
+        route(&ix, &std_dir(), e164(NUM)).reason,
+        "ticket 5 is assigned to Olena Petrenko"
+    );
+}

@@ -208,6 +208,21 @@ fn field_err(field: &'static str, message: impl Into<String>) -> FieldError {
 }
 
 impl CallReport {
+    /// What this call means for sticky routing (DESIGN §3 rule 7, `LAST_CALL`): the employee took
+    /// the customer's call. Only answered calls with a named employee: a missed call was taken by
+    /// nobody. Applied when `ReportCall` accepts the report (so it counts at once) and again by the
+    /// sync once the customer is known (a customer the sync created, or a replica other than the
+    /// one that accepted it); applying it twice changes nothing.
+    pub(crate) fn call_taken(&self) -> Option<crate::index::Change> {
+        (self.outcome == Outcome::Answered && !self.employee_name.trim().is_empty()).then(|| {
+            crate::index::Change::CallTaken {
+                phone: self.client_e164,
+                employee_name: self.employee_name.clone(),
+                started_at: self.started_at,
+            }
+        })
+    }
+
     /// Bounds every field, so a bad PBX cannot fill the queue with megabytes or smuggle control
     /// characters into Zendesk comments. Lengths are counted in characters.
     pub(crate) fn validate(&self) -> Result<(), FieldError> {

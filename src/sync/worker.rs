@@ -321,6 +321,11 @@ impl Inner {
                 Some(u) => {
                     job.progress.user_id = u.id;
                     self.save(job).await?;
+                    // The customer is known now (perhaps just created): the call is their last
+                    // one for sticky routing (see `CallReport::call_taken`).
+                    if let Some(change) = job.report.call_taken() {
+                        self.writer.apply(change).await?;
+                    }
                     user = Some(u);
                 }
                 None => {

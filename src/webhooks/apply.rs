@@ -228,4 +228,28 @@ mod tests {
         let open = t("open", "2024-05-01T10:00:01Z");
         assert_eq!(v.judge_ticket(&index, &open), Verdict::Stale);
     }
+
+    /// A ticket solved in Zendesk and announced by a webhook becomes its requester's recent ticket
+    /// for sticky routing (DESIGN §3 rule 7) through the index's one writer.
+    #[tokio::test]
+    async fn a_solved_ticket_event_is_remembered_for_sticky_routing() {
+        let writer = IndexWriter::spawn(crate::index::Index::new());
+        let parser = PhoneParser::new("UA").unwrap();
+        let solved = Ticket {
+            id: 7,
+            status: Some("solved".into()),
+            requester_id: Some(2),
+            assignee_id: Some(9),
+            updated_at: Some("2024-05-01T10:00:05Z".into()),
+            ..Ticket::default()
+        };
+        apply_change(&writer, &parser, IndexChange::Ticket(solved))
+            .await
+            .unwrap();
+        let done = writer.index().read().done_ticket_of(2).unwrap();
+        assert_eq!(
+            (done.id, done.status, done.assignee_id),
+            (7, "solved", Some(9))
+        );
+    }
 }
