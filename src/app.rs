@@ -324,6 +324,8 @@ pub struct Service {
     snapshot_path: PathBuf,
     /// True once the index is loaded and health says SERVING.
     ready: watch::Receiver<bool>,
+    /// True once health says SERVING (complete, or WARMING after a bootstrap).
+    answering: watch::Receiver<bool>,
     /// Set to NOT_SERVING when shutdown starts, so balancers stop sending new calls here.
     health: tonic_health::server::HealthReporter,
     /// Stops the gRPC server (first stage of shutdown).
@@ -379,18 +381,19 @@ impl Service {
         }
 
         let (reporter, health) = tonic_health::server::health_reporter();
-        let (follower, loaded) = Follower::new(
-            client.clone(),
-            writer.clone(),
-            parser.clone(),
-            FollowerOptions::new(
-                Duration::from_secs(config.index.poll_seconds),
-                snapshot_path.clone(),
-            ),
+        let mut follow_opts = FollowerOptions::new(
+            Duration::from_secs(config.index.poll_seconds),
+            snapshot_path.clone(),
         );
-        set_health(&reporter, *loaded.borrow()).await;
-        // `ready` turns true once health says SERVING (at once when the snapshot was complete).
+        follow_opts.bootstrap = config.index.bootstrap;
+        let (follower, loaded) =
+            Follower::new(client.clone(), writer.clone(), parser.clone(), follow_opts);
+        let serving = follower.serving();
+        set_health(&reporter, *serving.borrow()).await;
+        // `ready` turns true once the index is complete and health says SERVING (at once when
+        // the snapshot was complete); `answering` once health says SERVING (maybe WARMING).
         let (ready_tx, ready) = watch::channel(*loaded.borrow());
+        let (answering_tx, answering) = watch::channel(*serving.borrow());
 
         let worker = crate::sync::Worker::new(
             queue.clone(),
@@ -469,7 +472,9 @@ impl Service {
             "health",
             follow_health(
                 reporter.clone(),
+                serving,
                 loaded.clone(),
+                answering_tx,
                 ready_tx,
                 stop_background.clone(),
             ),
@@ -530,6 +535,7 @@ impl Service {
             index,
             snapshot_path,
             ready,
+            answering,
             health: reporter,
             stop_rpc,
             stop_background,
@@ -563,6 +569,12 @@ impl Service {
     /// Resolves when the index is loaded (warm-up done or snapshot read) and health says SERVING.
     pub async fn wait_loaded(&self) {
         let mut rx = self.ready.clone();
+        let _ = rx.wait_for(|l| *l).await;
+    }
+
+    /// Resolves when health says SERVING: the index is loaded, or warming after a bootstrap.
+    pub async fn wait_serving(&self) {
+        let mut rx = self.answering.clone();
         let _ = rx.wait_for(|l| *l).await;
     }
 
@@ -797,6 +809,14 @@ async fn load_snapshot(path: &std::path::Path) -> Index {
     let p = path.to_owned();
     let started = std::time::Instant::now();
     match tokio::task::spawn_blocking(move || snapshot::load(&p)).await {
+        Ok(Ok(Some(index)))
+            if !index.is_loaded() && *index.cursors() == crate::index::Cursors::default() =>
+        {
+            // Saved at a shutdown during a bootstrap (no export position yet): a bootstrap is
+            // never resumed, only started again (see `follow::bootstrap`).
+            info!("the index snapshot is of an unfinished bootstrap: starting afresh");
+            Index::new()
+        }
         Ok(Ok(Some(index))) => {
             let c = index.counts();
             info!(
@@ -837,20 +857,31 @@ async fn set_health(reporter: &tonic_health::server::HealthReporter, serving: bo
         .await;
 }
 
-/// Health follows readiness: NOT_SERVING until the index is loaded, then SERVING.
+/// Health follows readiness: NOT_SERVING until answers may be given (the index loaded, or
+/// warming after a bootstrap, DESIGN §10), then SERVING.
 async fn follow_health(
     reporter: tonic_health::server::HealthReporter,
+    mut serving: watch::Receiver<bool>,
     mut loaded: watch::Receiver<bool>,
+    answering: watch::Sender<bool>,
     ready: watch::Sender<bool>,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
+    let became_serving = tokio::select! {
+        _ = stop.cancelled() => false,
+        r = serving.wait_for(|l| *l) => r.is_ok(),
+    };
+    if !became_serving {
+        return Ok(());
+    }
+    set_health(&reporter, true).await;
+    // Only now does a client observe the service answering.
+    answering.send_replace(true);
     let became_loaded = tokio::select! {
         _ = stop.cancelled() => false,
         r = loaded.wait_for(|l| *l) => r.is_ok(),
     };
     if became_loaded {
-        set_health(&reporter, true).await;
-        // Only now is the service ready in every sense a client can observe.
         ready.send_replace(true);
     }
     stop.cancelled().await;

@@ -186,11 +186,17 @@ impl Default for PhoneConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct IndexConfig {
     pub poll_seconds: u64,
+    /// A first start without a snapshot loads routing's data through the search export first and
+    /// answers (WARMING) while the rest loads (DESIGN §10). `false`: today's full warm-up first.
+    pub bootstrap: bool,
 }
 
 impl Default for IndexConfig {
     fn default() -> Self {
-        Self { poll_seconds: 60 }
+        Self {
+            poll_seconds: 60,
+            bootstrap: true,
+        }
     }
 }
 
