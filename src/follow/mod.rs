@@ -63,6 +63,8 @@ use crate::{
 
 /// Records per export page (the documented maximum).
 pub const PER_PAGE: u32 = 1000;
+/// Failed bootstraps before the full warm-up is used instead.
+const BOOTSTRAP_ATTEMPTS: u32 = 3;
 /// Users per `show_many` request.
 pub(crate) const SHOW_MANY_BATCH: usize = 100;
 /// Users whose identities may wait to be fetched before the users export waits for them (8 bytes
@@ -210,8 +212,10 @@ impl Follower {
         let fetcher = tokio::spawn(identity_fetcher(this.clone(), shutdown.clone()));
         let mut last_snapshot = Instant::now();
         let mut failures = 0u32;
-        // A first start: the bootstrap (phases 1 and 2), retried from the start on failure.
-        let bootstrapped = this.should_bootstrap();
+        // A first start: the bootstrap (phases 1 and 2), retried from the start on failure; after
+        // [`BOOTSTRAP_ATTEMPTS`] failures (say, `show_many` or the search export refused), today's
+        // full warm-up instead, so a broken bootstrap never keeps the service from warming up.
+        let mut bootstrapped = this.should_bootstrap();
         while bootstrapped {
             match this.bootstrap(&shutdown).await {
                 Ok(b) => {
@@ -229,6 +233,11 @@ impl Follower {
                 }
                 Err(CycleError::Zendesk(e)) => {
                     failures += 1;
+                    if failures >= BOOTSTRAP_ATTEMPTS {
+                        warn!(error = %e, failures, "the bootstrap failed again: falling back to the full warm-up from the exports");
+                        bootstrapped = false;
+                        break;
+                    }
                     let wait = backoff(failures, this.opts.poll);
                     warn!(error = %e, retry_in = ?wait, failures, "the bootstrap failed; starting it again");
                     tokio::select! {
@@ -240,8 +249,10 @@ impl Follower {
         }
         failures = 0;
         if !bootstrapped {
-            // Answers wait for the full warm-up (or came at once from a complete snapshot).
-            this.serving.send_replace(this.index.read().is_loaded());
+            // Answers wait for the full warm-up (or came at once from a complete snapshot), unless
+            // a failed bootstrap had got as far as answering.
+            let idx = this.index.read();
+            this.serving.send_replace(idx.is_serving());
         }
         loop {
             let warming = !this.index.read().is_loaded();
