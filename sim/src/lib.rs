@@ -49,7 +49,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio_util::sync::CancellationToken;
 
-pub use generate::{GenConfig, OWNER_EMAIL, generate};
+pub use generate::{GenConfig, OWNER_EMAIL, generate, generate_with_open};
 pub use store::{
     CallRecord, NewComment, NewTicket, NewUser, Role, Status, Store, StoreError, TicketPatch,
     UserPatch,
