@@ -60,6 +60,7 @@ async fn soak() {
             drop_rate: 0.01,
             malformed_rate: 0.01,
             down: false,
+            seed: None,
         };
     })
     .await;
