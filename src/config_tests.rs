@@ -187,6 +187,9 @@ fn cases(dir: &Path) -> Vec<Case> {
         case("index.poll_seconds", "15", "15", |c| {
             assert_eq!(c.index.poll_seconds, 15)
         }),
+        case("index.bootstrap", "false", "false", |c| {
+            assert!(!c.index.bootstrap)
+        }),
         case("routing.directory", directory, directory, |c| {
             let d: Vec<_> = c
                 .routing

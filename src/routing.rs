@@ -399,7 +399,7 @@ pub fn route(index: &Index, directory: &Directory, phone: E164) -> RouteAnswer {
             reason,
         };
     let Some(latest_customer) = f.latest_customer else {
-        if !index.is_loaded() {
+        if index.is_warming() {
             return default(
                 ReasonKind::Warming,
                 "index warming".into(),
