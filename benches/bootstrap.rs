@@ -6,15 +6,14 @@
 //! 60 s search indexing delay. Deskline runs as the release `deskline serve` child with its default
 //! budget (200 requests a minute). For N users and N tickets (5 % of the tickets open):
 //! 1. **bootstrap** (`index.bootstrap = true`): time until health says SERVING (index WARMING),
-//!    time until every end-user's primary phone is in (the log line of the end of phase 2, seen as
-//!    the first `show_many` of a user that is not a requester is not observable from outside, so
-//!    the simulator's last search-export request is used), time until answers say READY, and the
-//!    requests spent by kind at each point;
-//! 2. **today** (`index.bootstrap = false`, empty data dir): time until SERVING (= READY) and its
-//!    requests.
+//!    time until every end-user's primary phone is in (when the simulator has served the last
+//!    search-export page of end-users: a little before they are applied), time until answers say
+//!    READY, and the requests spent by kind at each point;
+//! 2. **today** (`index.bootstrap = false`, empty data dir), at the same time against a second
+//!    simulator holding the same account: time until SERVING (= READY) and its requests.
 //!
 //! Run: `cargo bench --bench bootstrap` (N defaults to 50000; `DESKLINE_BENCH_N=…`). A run at
-//! 50k takes about a quarter of an hour, most of it today's warm-up (10 export requests a minute).
+//! 50k takes about ten minutes: today's warm-up (10 export requests a minute).
 
 use std::{
     io::Write,
@@ -186,57 +185,76 @@ async fn main() {
             })
         })
         .count();
+    // Two simulators with the same account, one per run, so both runs go at once (each is bound
+    // by its simulator's limits, not by CPU) and neither spends the other's rate limits.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let store2 = store.clone();
     let sim = sim::start(listener, SimConfig::default(), store).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sim2 = sim::start(listener, SimConfig::default(), store2).await;
     eprintln!("account: {n} users, {n} tickets, {open} open");
+    let deadline = Duration::from_secs(3600);
+
+    // 2. Today's full warm-up, on the second simulator, at the same time.
+    let today = async {
+        let dir2 = tempfile::tempdir().unwrap();
+        let port2 = free_port();
+        let started = Instant::now();
+        let child = spawn_serve(&write_config(dir2.path(), &sim2, port2, false));
+        while !serving(port2).await {
+            assert!(started.elapsed() < deadline, "today's warm-up not SERVING");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let t = started.elapsed();
+        let spent = Spent::of(&sim2);
+        stop(child);
+        (t, spent)
+    };
 
     // 1. The bootstrap.
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    sim.clear_requests();
-    let started = Instant::now();
-    let child = spawn_serve(&write_config(dir.path(), &sim, port, true));
-    let deadline = Duration::from_secs(3600);
-    while !serving(port).await {
-        assert!(started.elapsed() < deadline, "not SERVING");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let t_serving = started.elapsed();
-    let spent_serving = Spent::of(&sim);
-    // Every primary phone: the end-user search export has read its last page.
-    let end_user_pages = n.div_ceil(1000);
-    let mut t_phones = None;
-    let mut spent_phones = Spent::default();
-    while !ready(port).await {
-        assert!(started.elapsed() < deadline, "not READY");
-        if t_phones.is_none() {
-            let s = Spent::of(&sim);
-            // agents (2 queries) + open tickets + every end-user page
-            if s.search_export >= 2 + open.div_ceil(1000) + end_user_pages {
-                t_phones = Some(started.elapsed());
-                spent_phones = s;
-            }
+    let bootstrap = async {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let started = Instant::now();
+        let child = spawn_serve(&write_config(dir.path(), &sim, port, true));
+        while !serving(port).await {
+            assert!(started.elapsed() < deadline, "not SERVING");
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let t_ready = started.elapsed();
-    let spent_ready = Spent::of(&sim);
-    stop(child);
-
-    // 2. Today's full warm-up, after the simulator's windows emptied.
-    tokio::time::sleep(Duration::from_secs(61)).await;
-    let dir2 = tempfile::tempdir().unwrap();
-    let port2 = free_port();
-    sim.clear_requests();
-    let started = Instant::now();
-    let child = spawn_serve(&write_config(dir2.path(), &sim, port2, false));
-    while !serving(port2).await {
-        assert!(started.elapsed() < deadline, "today's warm-up not SERVING");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let t_full = started.elapsed();
-    let spent_full = Spent::of(&sim);
-    stop(child);
+        let t_serving = started.elapsed();
+        let spent_serving = Spent::of(&sim);
+        // Every primary phone: the end-user search export has read its last page.
+        let end_user_pages = n.div_ceil(1000);
+        let mut t_phones = None;
+        let mut spent_phones = Spent::default();
+        while !ready(port).await {
+            assert!(started.elapsed() < deadline, "not READY");
+            if t_phones.is_none() {
+                let s = Spent::of(&sim);
+                // agents (2 queries) + open tickets + every end-user page
+                if s.search_export >= 2 + open.div_ceil(1000) + end_user_pages {
+                    t_phones = Some(started.elapsed());
+                    spent_phones = s;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let t_ready = started.elapsed();
+        let spent_ready = Spent::of(&sim);
+        stop(child);
+        (
+            t_serving,
+            spent_serving,
+            t_phones,
+            spent_phones,
+            t_ready,
+            spent_ready,
+        )
+    };
+    let (
+        (t_serving, spent_serving, t_phones, spent_phones, t_ready, spent_ready),
+        (t_full, spent_full),
+    ) = tokio::join!(bootstrap, today);
 
     let t_phones = t_phones.unwrap_or(t_ready);
     println!("first start, {n} users / {n} tickets (5 % open), real limits, default budget:");
@@ -251,4 +269,5 @@ async fn main() {
         t_ready.as_secs_f64() / t_full.as_secs_f64()
     );
     sim.shutdown().await;
+    sim2.shutdown().await;
 }
