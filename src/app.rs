@@ -367,6 +367,10 @@ impl Service {
         let (queue, pg_pool) = open_store(&config, &data_dir, addr).await?;
         let client =
             Client::new(config.client_options()?).context("cannot build the Zendesk client")?;
+        // With several replicas (PostgreSQL) the bootstrap is off for now: three replicas
+        // bootstrapping at once met 429s under a shared 40-a-minute budget (tests/replicas.rs),
+        // not yet understood; they warm up as before (issue 14, not done).
+        let replicated = pg_pool.is_some();
         if let Some(pool) = pg_pool {
             let budget = client.budget();
             client.budget().share(crate::cluster::SharedBudget::new(
@@ -385,7 +389,7 @@ impl Service {
             Duration::from_secs(config.index.poll_seconds),
             snapshot_path.clone(),
         );
-        follow_opts.bootstrap = config.index.bootstrap;
+        follow_opts.bootstrap = config.index.bootstrap && !replicated;
         let (follower, loaded) =
             Follower::new(client.clone(), writer.clone(), parser.clone(), follow_opts);
         let serving = follower.serving();
