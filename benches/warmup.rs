@@ -13,6 +13,9 @@
 //! 4. **memory**: the child's RSS after warm-up minus the RSS of a child serving an empty account,
 //!    per customer (each with its tickets).
 //!
+//! Today's full warm-up is measured (`index.bootstrap = false`); `benches/bootstrap.rs` measures
+//! the first start that answers while warming, under Zendesk's real limits.
+//!
 //! Run: `cargo bench --bench warmup` (sizes default to 1000000; e.g. `DESKLINE_BENCH_SIZES=100000,1000000,5000000`).
 
 use std::{
@@ -60,7 +63,7 @@ fn write_config(
         "[server]\nlisten = \"127.0.0.1:{port}\"\n\
          [zendesk]\nurl = \"{sim_url}\"\nemail = \"{email}\"\ntoken = \"{token}\"\n\
          requests_per_minute = 1000000\nexport_requests_per_minute = 1000000\n\
-         [storage]\ndata_dir = \"{}\"\n[index]\npoll_seconds = 3600\n",
+         [storage]\ndata_dir = \"{}\"\n[index]\npoll_seconds = 3600\nbootstrap = false\n",
         dir.join("data").display()
     )
     .unwrap();

@@ -59,6 +59,7 @@ fn reply_of_size(size: usize) -> proto::RouteCallResponse {
         }),
         reason: String::new(),
         index_age_ms: 1234,
+        index_state: proto::IndexState::Ready as i32,
     };
     // The reason's length prefix grows by a byte at 128, so converge rather than compute once.
     for _ in 0..4 {

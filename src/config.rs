@@ -193,6 +193,9 @@ pub struct IndexConfig {
     /// With PostgreSQL: how often the follower stores the shared snapshot (and prunes the change
     /// log behind it).
     pub shared_snapshot_seconds: u64,
+    /// A first start without a snapshot loads routing's data through the search export first and
+    /// answers (WARMING) while the rest loads (DESIGN §10). `false`: today's full warm-up first.
+    pub bootstrap: bool,
 }
 
 impl Default for IndexConfig {
@@ -201,6 +204,7 @@ impl Default for IndexConfig {
             poll_seconds: 60,
             follower_lease_seconds: 15,
             shared_snapshot_seconds: 300,
+            bootstrap: true,
         }
     }
 }

@@ -193,6 +193,9 @@ fn cases(dir: &Path) -> Vec<Case> {
         case("index.shared_snapshot_seconds", "120", "120", |c| {
             assert_eq!(c.index.shared_snapshot_seconds, 120)
         }),
+        case("index.bootstrap", "false", "false", |c| {
+            assert!(!c.index.bootstrap)
+        }),
         case("routing.directory", directory, directory, |c| {
             let d: Vec<_> = c
                 .routing

@@ -253,7 +253,7 @@ pub struct Metrics {
     /// `OK` series per method, indexed by `Method as usize`.
     rpc_ok: [(Counter, Histogram); 4],
     /// Indexed by `ReasonKind as usize`.
-    decisions: [Counter; 6],
+    decisions: [Counter; 7],
     unauthenticated: Counter,
     /// Indexed by `WebhookResult as usize`.
     webhooks: [Counter; 10],

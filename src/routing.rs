@@ -128,16 +128,21 @@ pub enum ReasonKind {
     InactiveAssignee,
     /// The owner has no entry in the directory.
     NoExtension,
+    /// No customer has this number yet and the index is still warming (DESIGN §10): every
+    /// customer with an open ticket is in already, so the caller has none, but who it is may
+    /// still be unknown.
+    Warming,
 }
 
 impl ReasonKind {
-    pub(crate) const ALL: [ReasonKind; 6] = [
+    pub const ALL: [ReasonKind; 7] = [
         Self::Routed,
         Self::NoCustomer,
         Self::NoOpenTicket,
         Self::NoAssignee,
         Self::InactiveAssignee,
         Self::NoExtension,
+        Self::Warming,
     ];
 
     pub(crate) fn as_str(self) -> &'static str {
@@ -148,6 +153,7 @@ impl ReasonKind {
             Self::NoAssignee => "no_assignee",
             Self::InactiveAssignee => "inactive_assignee",
             Self::NoExtension => "no_extension",
+            Self::Warming => "warming",
         }
     }
 }
@@ -483,6 +489,15 @@ fn route_open(
             reason,
         };
     let Some(latest_customer) = f.latest_customer else {
+        if index.is_warming() {
+            return default(
+                ReasonKind::Warming,
+                "index warming".into(),
+                None,
+                None,
+                None,
+            );
+        }
         return default(
             ReasonKind::NoCustomer,
             "no customer with this number".into(),

@@ -11,6 +11,10 @@
 //! one and rebuilds from the exports: the answers after each restart are compared with those of a
 //! clean warm-up, so half-read data would show.
 //!
+//! A third kills the process during a first start's bootstrap (DESIGN §10), at a random number of
+//! simulator requests into it, with a change in Zendesk between rounds, and checks that the last
+//! restart completes (READY) with the answers of a clean full warm-up of the final account.
+//!
 //! The kill point is a condition, not a sleep: a random number of simulator requests after the
 //! batch was accepted (0 kills right after the reports were acknowledged).
 
@@ -66,7 +70,19 @@ impl Deskline {
         .await
     }
 
+    /// Today's full warm-up on a first start (`index.bootstrap = false`): these tests are about
+    /// the sync queue and the snapshot, and compare answers with those of a complete index.
     async fn start_with(dir: &Path, sim: &SimHandle, round: usize, extra: &str) -> Self {
+        Self::start_cfg(dir, sim, round, extra, false).await
+    }
+
+    async fn start_cfg(
+        dir: &Path,
+        sim: &SimHandle,
+        round: usize,
+        extra: &str,
+        bootstrap: bool,
+    ) -> Self {
         // A free port: bound and released at once. The child binds it a moment later.
         let addr = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -74,7 +90,10 @@ impl Deskline {
             .unwrap();
         let data_dir = dir.join("data");
         let config = dir.join("deskline.toml");
-        let extra = format!("[server]\nlisten = \"{addr}\"\n[index]\npoll_seconds = 3600\n{extra}");
+        let poll = if bootstrap { 1 } else { 3600 };
+        let extra = format!(
+            "[server]\nlisten = \"{addr}\"\n[index]\npoll_seconds = {poll}\nbootstrap = {bootstrap}\n{extra}"
+        );
         std::fs::write(&config, config_text(sim, &data_dir, &extra)).unwrap();
         let log = dir.join(format!("round-{round}.log"));
         let child = Command::new(env!("CARGO_BIN_EXE_deskline"))
@@ -597,5 +616,156 @@ async fn identities_still_to_fetch_survive_a_kill() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     d.kill();
+    sim.shutdown().await;
+}
+
+/// `index_state` of a LookupCaller answer, if the service answers.
+async fn index_state(d: &Deskline) -> Option<i32> {
+    let mut c = client(d.addr).await;
+    let r = c
+        .lookup_caller(proto::LookupCallerRequest {
+            number: "+380449999999".into(),
+        })
+        .await
+        .ok()?;
+    Some(r.into_inner().index_state)
+}
+
+/// Kill rounds during the bootstrap.
+const BOOTSTRAP_ROUNDS: usize = 4;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_the_bootstrap_then_restart_completes() {
+    let store = sim::generate(&sim::GenConfig {
+        users: 3_000,
+        tickets: 3_000,
+        agents: 10,
+        organizations: 50,
+        seed: 21,
+    });
+    // Search sees records a second after their change (the lag the bootstrap's margin covers).
+    let sim = start_sim(store, |c| {
+        c.search_delay = Duration::from_secs(1);
+        c.faults.latency_ms = 5;
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let snapshot = dir.path().join("data").join("index.snapshot");
+    let mut rng = rand::rng();
+    let mut numbers_changed = Vec::new();
+    for round in 0..BOOTSTRAP_ROUNDS {
+        sim.clear_requests();
+        let d = Deskline::start_cfg(dir.path(), &sim, round, "", true).await;
+        // A change in Zendesk while it bootstraps: a new caller with an open ticket.
+        let phone = format!("+38067555{round:04}");
+        sim.with_store(|s| {
+            let agent = s
+                .user_ids()
+                .find(|id| {
+                    s.user(*id).is_some_and(|u| {
+                        u.role.as_deref() == Some("agent") && u.active != Some(false)
+                    })
+                })
+                .unwrap();
+            let u = s
+                .create_user(NewUser {
+                    name: format!("Round {round}"),
+                    email: None,
+                    phone: Some(phone.clone()),
+                    role: None,
+                    organization_id: None,
+                    external_id: None,
+                    shared_phone_number: false,
+                    suspended: false,
+                    user_fields: Default::default(),
+                })
+                .unwrap();
+            s.create_ticket(NewTicket {
+                requester_id: u,
+                assignee_id: Some(agent),
+                status: Some(Status::Open),
+                ..NewTicket::default()
+            })
+            .unwrap();
+        });
+        numbers_changed.push(phone);
+        // Killed a random number of requests into the bootstrap (search export pages, show_many).
+        let kill_after = rng.random_range(1..12);
+        eventually("bootstrap requests", DEADLINE, || {
+            let n = sim
+                .requests()
+                .iter()
+                .filter(|q| q.path.contains("search/export") || q.path.contains("show_many"))
+                .count();
+            async move { (n >= kill_after).then_some(()) }
+        })
+        .await;
+        if round == 1 {
+            // An ordered shutdown during the bootstrap saves a snapshot of it; the restart must
+            // not resume from it (it is dropped as an unfinished bootstrap).
+            d.terminate();
+            let mut d = d;
+            let exit = d.child.wait().unwrap();
+            assert!(exit.success(), "{}", full_log(&d));
+        } else {
+            d.kill();
+        }
+    }
+    let d = Deskline::start_cfg(dir.path(), &sim, BOOTSTRAP_ROUNDS, "", true).await;
+    let started = tokio::time::Instant::now();
+    while index_state(&d).await != Some(proto::IndexState::Ready as i32) {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "not READY after the restart:\n{}",
+            d.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if snapshot.exists() {
+        assert!(
+            full_log(&d).contains("unfinished bootstrap")
+                || full_log(&d).contains("snapshot loaded"),
+            "{}",
+            full_log(&d)
+        );
+    }
+
+    // The reference: a clean full warm-up of the same (final) account.
+    let rdir = tempfile::tempdir().unwrap();
+    let r = Deskline::start_cfg(rdir.path(), &sim, 99, "", false).await;
+    wait_serving(&r).await;
+    let mut numbers: Vec<String> = sim.with_store(|s| {
+        s.user_ids()
+            .step_by(7)
+            .filter_map(|id| s.user(id).and_then(|u| u.phone))
+            .collect()
+    });
+    numbers.extend(numbers_changed.iter().cloned());
+    let reference = answers(&mut r.grpc().await, &numbers).await;
+    let got = answers(&mut d.grpc().await, &numbers).await;
+    let differ: Vec<&String> = numbers
+        .iter()
+        .zip(got.iter().zip(&reference))
+        .filter(|(_, (a, b))| a != b)
+        .map(|(n, _)| n)
+        .collect();
+    assert!(
+        differ.is_empty(),
+        "{} of {} answers differ from a clean warm-up, e.g. {:?}",
+        differ.len(),
+        numbers.len(),
+        &differ[..differ.len().min(5)]
+    );
+    for (n, a) in numbers_changed
+        .iter()
+        .zip(&got[numbers.len() - numbers_changed.len()..])
+    {
+        assert!(
+            matches!(a, Ok((_, agent, ticket, _)) if *agent != 0 && *ticket != 0),
+            "{n}: {a:?}"
+        );
+    }
+    drop(d);
+    drop(r);
     sim.shutdown().await;
 }

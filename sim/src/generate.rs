@@ -206,6 +206,14 @@ impl Num {
 
 /// Builds a whole account. Deterministic for a given config (see the module doc).
 pub fn generate(cfg: &GenConfig) -> Store {
+    generate_with_open(cfg, 50)
+}
+
+/// [`generate`] with `open_percent` of the tickets open (`new|open|pending|hold`, in the same
+/// proportions among themselves; 50 is [`generate`]'s mix, record for record), the rest solved,
+/// closed or deleted. Every change is in the past, as in [`generate`].
+pub fn generate_with_open(cfg: &GenConfig, open_percent: u8) -> Store {
+    let open_percent = u64::from(open_percent.clamp(1, 99));
     let mut r = Rng(cfg.seed ^ 0x5EED_DE5C_0000_0001);
     let mut store = Store::new();
     // Exact sizes up front: doubling a million-record Vec would briefly hold two copies.
@@ -401,7 +409,13 @@ pub fn generate(cfg: &GenConfig) -> Store {
         let req = &store.users[first_customer + pick];
         let (requester_id, org) = (req.id, req.organization_id);
         let req_created = req.created_at;
-        let status = match r.below(100) {
+        let roll = r.below(100);
+        let roll = if roll < open_percent {
+            roll * 50 / open_percent
+        } else {
+            50 + (roll - open_percent) * 50 / (100 - open_percent)
+        };
+        let status = match roll {
             0..=9 => Status::New,
             10..=34 => Status::Open,
             35..=44 => Status::Pending,

@@ -37,6 +37,7 @@
 mod generate;
 mod http;
 mod render;
+mod search_export;
 pub mod store;
 #[cfg(test)]
 mod tests;
@@ -48,7 +49,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio_util::sync::CancellationToken;
 
-pub use generate::{GenConfig, OWNER_EMAIL, generate};
+pub use generate::{GenConfig, OWNER_EMAIL, generate, generate_with_open};
 pub use store::{
     CallRecord, NewComment, NewTicket, NewUser, Role, Status, Store, StoreError, TicketPatch,
     UserPatch,
@@ -66,8 +67,13 @@ pub struct SimConfig {
     pub oauth_token: Option<String>,
     /// The account budget (sliding window of [`SimConfig::rate_window`]). Default 700 (Enterprise).
     pub requests_per_minute: u32,
-    /// Incremental exports, on top of the account budget. Default 10.
+    /// Incremental exports, on top of the account budget. Default 10 (on, as in Zendesk).
     pub export_requests_per_minute: u32,
+    /// The search export (`search/export`), on top of the account budget. Default 100.
+    pub search_export_requests_per_minute: u32,
+    /// How long a search export `after_cursor` stays valid. Default 1 hour. TEST SETTING: tests
+    /// shorten it to see an expired cursor.
+    pub search_cursor_ttl: Duration,
     /// The rate-limit window; 60 s like Zendesk. TEST SETTING: tests shorten it to see recovery.
     pub rate_window: Duration,
     /// Exports leave out what changed within this long ago and refuse a newer `start_time`.
@@ -106,6 +112,8 @@ impl Default for SimConfig {
             oauth_token: None,
             requests_per_minute: 700,
             export_requests_per_minute: 10,
+            search_export_requests_per_minute: 100,
+            search_cursor_ttl: Duration::from_secs(3600),
             rate_window: Duration::from_secs(60),
             one_minute_rule: Duration::from_secs(60),
             search_delay: Duration::from_secs(60),

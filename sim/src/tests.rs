@@ -1791,3 +1791,160 @@ async fn webhooks_api_and_signed_delivery() {
     }
     h.shutdown().await;
 }
+
+/// Follows a search export from its first page to `has_more: false` through `links.next`,
+/// checking the real shape on every page; returns the records.
+async fn drain_search_export(h: &SimHandle, first: &str) -> Vec<Value> {
+    let mut path = first.to_string();
+    let mut out = Vec::new();
+    for _ in 0..10_000 {
+        let r = get(h, &path).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        let v = r.json();
+        assert!(v["facets"].is_null());
+        assert!(v["meta"]["before_cursor"].is_null());
+        assert!(v["links"]["prev"].is_null());
+        out.extend(v["results"].as_array().unwrap().iter().cloned());
+        if !v["meta"]["has_more"].as_bool().unwrap() {
+            assert!(v["links"]["next"].is_null());
+            return out;
+        }
+        let cursor = v["meta"]["after_cursor"].as_str().unwrap();
+        let next = v["links"]["next"].as_str().unwrap();
+        assert!(
+            next.contains(&format!("page%5Bafter%5D={cursor}")),
+            "{next}"
+        );
+        path = next.strip_prefix(&h.url()).unwrap().to_string();
+    }
+    panic!("the search export never ended");
+}
+
+#[tokio::test]
+async fn search_export_pages_open_tickets_and_users_by_role() {
+    let h = sim(unlimited(), small()).await;
+    let tickets = drain_search_export(
+        &h,
+        "/api/v2/search/export?query=type%3Aticket+status%3Csolved&filter[type]=ticket&page[size]=37",
+    )
+    .await;
+    let want: Vec<i64> = h.with_store(|s| {
+        s.tickets
+            .iter()
+            .filter(|t| {
+                matches!(
+                    t.status,
+                    store::Status::New
+                        | store::Status::Open
+                        | store::Status::Pending
+                        | store::Status::Hold
+                )
+            })
+            .map(|t| t.id)
+            .collect()
+    });
+    assert!(want.len() > 37, "the account needs several pages");
+    let got: Vec<i64> = tickets.iter().map(|t| t["id"].as_i64().unwrap()).collect();
+    assert_eq!(got, want);
+    assert!(tickets.iter().all(|t| t["result_type"] == "ticket"));
+    assert!(tickets.iter().all(|t| t["requester_id"].is_i64()));
+
+    let users = drain_search_export(
+        &h,
+        "/api/v2/search/export?query=type%3Auser+role%3Aend-user&filter[type]=user&page[size]=1000",
+    )
+    .await;
+    let want: Vec<i64> = h.with_store(|s| {
+        s.users
+            .iter()
+            .filter(|u| u.active && u.role == store::Role::EndUser)
+            .map(|u| u.id)
+            .collect()
+    });
+    let got: Vec<i64> = users.iter().map(|u| u["id"].as_i64().unwrap()).collect();
+    assert_eq!(got, want);
+    assert!(users.iter().all(|u| u["result_type"] == "user"));
+    let agents = drain_search_export(
+        &h,
+        "/api/v2/search/export?query=role%3Aagent&filter[type]=user&page[size]=1000",
+    )
+    .await;
+    assert!(!agents.is_empty());
+    assert!(agents.iter().all(|u| u["role"] == "agent"));
+
+    // filter[type] is required.
+    let r = get(&h, "/api/v2/search/export?query=type%3Aticket").await;
+    assert_eq!(r.status, 400);
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn search_export_cursor_expires_and_new_records_wait_for_indexing() {
+    let h = sim(unlimited(), small()).await;
+    let r = get(
+        &h,
+        "/api/v2/search/export?query=type%3Auser&filter[type]=user&page[size]=10",
+    )
+    .await;
+    let next = r.json()["links"]["next"].as_str().unwrap().to_string();
+    let next = next.strip_prefix(&h.url()).unwrap().to_string();
+    assert_eq!(get(&h, &next).await.status, 200);
+    // Every cursor is older than a zero lifetime.
+    h.set_config(|c| c.search_cursor_ttl = Duration::ZERO);
+    let r = get(&h, &next).await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert_eq!(r.json()["error"], "InvalidPaginationParameter");
+    h.set_config(|c| c.search_cursor_ttl = Duration::from_secs(3600));
+
+    // A user created now is not in the search export until the indexing delay has passed.
+    let r = call(
+        &h,
+        Method::POST,
+        "/api/v2/users",
+        Some(json!({"user": {"name": "New Caller", "phone": "+380671230000"}})),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 201);
+    let id = r.json()["user"]["id"].as_i64().unwrap();
+    let first = "/api/v2/search/export?query=role%3Aend-user&filter[type]=user&page[size]=1000";
+    let ids = |v: Vec<Value>| {
+        v.iter()
+            .map(|u| u["id"].as_i64().unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert!(!ids(drain_search_export(&h, first).await).contains(&id));
+    h.set_config(|c| c.search_delay = Duration::ZERO);
+    assert!(ids(drain_search_export(&h, first).await).contains(&id));
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn search_export_has_its_own_rate_limit() {
+    // The defaults are Zendesk's: 10 a minute for the incremental exports, 100 for this one.
+    assert_eq!(SimConfig::default().export_requests_per_minute, 10);
+    assert_eq!(SimConfig::default().search_export_requests_per_minute, 100);
+    let cfg = SimConfig {
+        search_export_requests_per_minute: 2,
+        ..SimConfig::default()
+    };
+    let h = sim(cfg, small()).await;
+    let path = "/api/v2/search/export?query=type%3Aticket&filter[type]=ticket";
+    for _ in 0..2 {
+        assert_eq!(get(&h, path).await.status, 200);
+    }
+    let r = get(&h, path).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.json()["error"], "APIRateLimitExceeded");
+    let secs: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=60).contains(&secs));
+    // The incremental exports and the rest are not held back by it.
+    assert_eq!(
+        get(&h, "/api/v2/incremental/users/cursor?start_time=0")
+            .await
+            .status,
+        200
+    );
+    assert_eq!(get(&h, "/api/v2/users/me").await.status, 200);
+    h.shutdown().await;
+}

@@ -230,9 +230,9 @@ impl ResolverService {
         field: &'static str,
         raw: &str,
         decide: impl FnOnce(&crate::index::Index, crate::phone::E164) -> R,
-    ) -> Result<(R, i64), ApiError> {
+    ) -> Result<(R, Freshness), ApiError> {
         let index = crate::index::read_for_lookup(&self.state.index);
-        if !index.is_loaded() {
+        if !index.is_serving() {
             return Err(ApiError::Unavailable(
                 "the index has not been loaded yet".into(),
             ));
@@ -242,7 +242,18 @@ impl ResolverService {
             .resolver
             .resolve(&index, raw)
             .map_err(|e| phone_error(field, e))?;
-        Ok((decide(&index, phone), index.age_ms(now_ms()).unwrap_or(0)))
+        let state = if index.is_loaded() {
+            proto::IndexState::Ready
+        } else {
+            proto::IndexState::Warming
+        };
+        Ok((
+            decide(&index, phone),
+            Freshness {
+                age_ms: index.age_ms(now_ms()).unwrap_or(0),
+                state,
+            },
+        ))
     }
 
     fn route(
@@ -399,7 +410,7 @@ fn customer_to_proto(base: &str, c: CustomerView) -> proto::Customer {
 pub(crate) fn route_to_proto(
     base: &str,
     a: routing::RouteAnswer,
-    index_age_ms: i64,
+    fresh: Freshness,
 ) -> proto::RouteCallResponse {
     let decision = match a.decision {
         Decision::RouteToAgent => proto::Decision::RouteToAgent,
@@ -418,15 +429,23 @@ pub(crate) fn route_to_proto(
         ticket: a.ticket.map(|t| ticket_to_proto(base, t)),
         customer: a.customer.map(|c| customer_to_proto(base, c)),
         reason: a.reason,
-        index_age_ms,
+        index_age_ms: fresh.age_ms,
+        index_state: fresh.state as i32,
     }
+}
+
+/// How complete and how old the index behind an answer is.
+#[derive(Debug, Clone, Copy)]
+pub struct Freshness {
+    pub age_ms: i64,
+    pub state: proto::IndexState,
 }
 
 /// Converts a caller-ID answer to its proto form.
 pub(crate) fn caller_to_proto(
     base: &str,
     a: routing::CallerAnswer,
-    index_age_ms: i64,
+    fresh: Freshness,
 ) -> proto::LookupCallerResponse {
     let contact_url = a
         .customer
@@ -445,7 +464,8 @@ pub(crate) fn caller_to_proto(
         lead_url,
         customer: a.customer.map(|c| customer_to_proto(base, c)),
         open_ticket: a.open_ticket.map(|t| ticket_to_proto(base, t)),
-        index_age_ms,
+        index_age_ms: fresh.age_ms,
+        index_state: fresh.state as i32,
     }
 }
 

@@ -440,6 +440,10 @@ pub struct Index {
     pending_identities: std::collections::BTreeSet<i64>,
     fresh: [Option<i64>; 3],
     loaded: bool,
+    /// A first start's bootstrap loaded what routing needs (open tickets, their requesters with
+    /// all their phones, the agents): answers are given, marked WARMING, until `loaded`. Not
+    /// saved in snapshots: an interrupted bootstrap starts again (see `follow::bootstrap`).
+    warming: bool,
 }
 
 impl std::fmt::Debug for Index {
@@ -972,12 +976,37 @@ impl Index {
     }
 
     /// True once a full warm-up completed (or a snapshot of one was loaded).
-    pub(crate) fn is_loaded(&self) -> bool {
+    pub fn is_loaded(&self) -> bool {
         self.loaded
     }
 
     pub fn set_loaded(&mut self) {
         self.loaded = true;
+        self.warming = false;
+    }
+
+    /// True while a bootstrap's routing data is in but the rest is still coming.
+    pub fn is_warming(&self) -> bool {
+        self.warming && !self.loaded
+    }
+
+    pub fn set_warming(&mut self) {
+        self.warming = true;
+    }
+
+    /// Whether answers may be given: complete, or warming after a bootstrap.
+    pub fn is_serving(&self) -> bool {
+        self.loaded || self.warming
+    }
+
+    /// Whether user `id` is in the index as a customer or an agent.
+    pub fn knows_user(&self, id: i64) -> bool {
+        self.customers.get(id).is_some() || self.agents.contains_key(&id)
+    }
+
+    /// Whether `id` is a known agent or admin (whatever its flags).
+    pub fn knows_agent(&self, id: i64) -> bool {
+        self.agents.contains_key(&id)
     }
 
     pub fn counts(&self) -> Counts {

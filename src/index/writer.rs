@@ -46,6 +46,8 @@ pub enum Change {
     Fresh(Export, i64),
     /// A full warm-up completed.
     Loaded,
+    /// A bootstrap loaded what routing needs: answer, marked WARMING (DESIGN §10).
+    Warming,
     /// Users whose phone identities are still to be fetched (the users export came without
     /// them); kept in the index and its snapshot until [`Change::IdentitiesFetched`].
     IdentitiesPending(Vec<i64>),
@@ -376,6 +378,7 @@ fn apply(guard: &mut parking_lot::RwLockWriteGuard<'_, Index>, change: Change) {
         }
         Change::Fresh(export, at_ms) => guard.mark_fresh(export, at_ms),
         Change::Loaded => guard.set_loaded(),
+        Change::Warming => guard.set_warming(),
         Change::IdentitiesPending(ids) => guard.add_pending_identities(ids),
         Change::IdentitiesFetched(ids) => guard.remove_pending_identities(&ids),
         Change::CallTaken {

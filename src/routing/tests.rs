@@ -73,6 +73,20 @@ fn std_dir() -> Directory {
 }
 
 #[test]
+fn unknown_number_while_warming() {
+    let mut ix = base();
+    ix.set_warming();
+    let a = route(&ix, &std_dir(), e164("+380509999999"));
+    assert_eq!(a.decision, Decision::DefaultRouting);
+    assert_eq!(a.reason, "index warming");
+    assert_eq!(a.kind, ReasonKind::Warming);
+    // Once complete, the same number has no customer, said as such.
+    ix.set_loaded();
+    let b = route(&ix, &std_dir(), e164("+380509999999"));
+    assert_eq!(b.kind, ReasonKind::NoCustomer);
+}
+
+#[test]
 fn unknown_number() {
     let ix = base();
     let a = route(&ix, &std_dir(), e164("+380509999999"));

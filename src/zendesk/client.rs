@@ -317,6 +317,30 @@ impl Client {
             .await
     }
 
+    /// One page of `GET /api/v2/search/export?query=…&filter[type]=…&page[size]=…` (ZENDESK.md
+    /// §8), after `after` when given. It counts against the account budget only: its own limit
+    /// (100 a minute) is the caller's to keep (the warm-up bootstrap paces itself), since only the
+    /// bootstrap uses it.
+    pub async fn search_export<T: DeserializeOwned + Send + 'static>(
+        &self,
+        filter_type: &str,
+        query: &str,
+        after: Option<&str>,
+        page_size: u32,
+    ) -> Result<SearchExportPage<T>, ZendeskError> {
+        let mut params = vec![
+            ("query", query.to_owned()),
+            ("filter[type]", filter_type.to_owned()),
+            ("page[size]", page_size.to_string()),
+        ];
+        if let Some(c) = after {
+            params.push(("page[after]", c.to_owned()));
+        }
+        let url = self.api_url_with("/api/v2/search/export", &params)?;
+        self.send(Method::GET, url, None, &[], false, Retry::Idempotent)
+            .await
+    }
+
     // ---- reads ----
     pub async fn me(&self) -> Result<User, ZendeskError> {
         let env: UserEnvelope = self.get("/api/v2/users/me").await?;

@@ -220,6 +220,24 @@ pub struct TicketsCursorPage {
     pub end_of_stream: bool,
 }
 
+/// A page of `GET /api/v2/search/export` (ZENDESK.md §8): `results` of one type (each also carries
+/// `result_type`, ignored here), `meta.has_more` and `meta.after_cursor` for the next page
+/// (`page[after]`; the cursor expires an hour after it was issued), `links.next` the same as a URL.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SearchExportPage<T> {
+    #[serde(default = "Vec::new")]
+    pub results: Vec<T>,
+    #[serde(default)]
+    pub meta: SearchExportMeta,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct SearchExportMeta {
+    #[serde(default)]
+    pub has_more: bool,
+    pub after_cursor: Option<String>,
+}
+
 /// A page of the time-based `GET /api/v2/incremental/organizations`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default)]

@@ -33,11 +33,15 @@
 //! about identities: it is logged once and each user's identities are read from
 //! `users/{id}/identities` instead, never taken as "no identities".
 
+mod bootstrap;
+
+pub(crate) use bootstrap::{DEFAULT_MARGIN, SEARCH_EXPORT_PER_MINUTE, SEARCH_PAGE};
+
 use std::{
     path::PathBuf,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -59,8 +63,10 @@ use crate::{
 
 /// Records per export page (the documented maximum).
 pub(crate) const PER_PAGE: u32 = 1000;
+/// Failed bootstraps before the full warm-up is used instead.
+const BOOTSTRAP_ATTEMPTS: u32 = 3;
 /// Users per `show_many` request.
-const SHOW_MANY_BATCH: usize = 100;
+pub(crate) const SHOW_MANY_BATCH: usize = 100;
 /// Users whose identities may wait to be fetched before the users export waits for them (8 bytes
 /// each in the index and its snapshot).
 pub(crate) const MAX_PENDING_IDENTITIES: usize = 50_000;
@@ -74,6 +80,15 @@ pub(crate) struct FollowerOptions {
     pub snapshot_every: Duration,
     /// How often warm-up progress is logged.
     pub progress_every: Duration,
+    /// A first start (no snapshot) bootstraps through the search export and answers while
+    /// warming (DESIGN §10; `index.bootstrap`). Off: the full warm-up first, as before.
+    pub bootstrap: bool,
+    /// How far before the bootstrap the incremental exports start (see `bootstrap`'s module doc):
+    /// more than the search index's lag.
+    pub search_lag_margin: Duration,
+    /// The search export's own limit (Zendesk: 100 a minute) and page size (its maximum, 1000).
+    pub search_export_per_minute: u32,
+    pub search_page_size: u32,
 }
 
 impl FollowerOptions {
@@ -83,6 +98,10 @@ impl FollowerOptions {
             snapshot_path,
             snapshot_every: Duration::from_secs(60),
             progress_every: Duration::from_secs(5),
+            bootstrap: false,
+            search_lag_margin: DEFAULT_MARGIN,
+            search_export_per_minute: SEARCH_EXPORT_PER_MINUTE,
+            search_page_size: SEARCH_PAGE,
         }
     }
 }
@@ -108,6 +127,11 @@ pub(crate) struct Follower {
     parser: PhoneParser,
     opts: FollowerOptions,
     loaded: watch::Sender<bool>,
+    /// True once answers may be given: loaded, or warming after a bootstrap's first phase.
+    serving: watch::Sender<bool>,
+    /// Unix seconds where the incremental exports start when they have no cursor: 0 normally,
+    /// before the bootstrap's start after one.
+    incremental_start: AtomicI64,
     records: AtomicU64,
     /// Records read per export (users, tickets, organizations), for progress logs.
     per_export: [AtomicU64; 3],
@@ -133,6 +157,7 @@ impl Follower {
         let index = writer.index().clone();
         let already = index.read().is_loaded();
         let (tx, rx) = watch::channel(already);
+        let (serving, _) = watch::channel(already);
         (
             Self {
                 client,
@@ -143,6 +168,8 @@ impl Follower {
                 parser,
                 opts,
                 loaded: tx,
+                serving,
+                incremental_start: AtomicI64::new(0),
                 records: AtomicU64::new(0),
                 per_export: Default::default(),
                 reading: Default::default(),
@@ -150,6 +177,21 @@ impl Follower {
             },
             rx,
         )
+    }
+
+    /// True once answers may be given (health SERVING): at once from a complete snapshot, after a
+    /// bootstrap's first phase, or when the full warm-up ends.
+    pub(crate) fn serving(&self) -> watch::Receiver<bool> {
+        self.serving.subscribe()
+    }
+
+    /// Whether this start bootstraps: enabled, and the index is empty of any export position.
+    fn should_bootstrap(&self) -> bool {
+        let idx = self.index.read();
+        self.opts.bootstrap
+            && !idx.is_loaded()
+            && *idx.cursors() == crate::index::Cursors::default()
+            && idx.pending_identities_len() == 0
     }
 
     /// With webhooks on: count the export's ticket rows that found the index behind
@@ -170,6 +212,48 @@ impl Follower {
         let fetcher = tokio::spawn(identity_fetcher(this.clone(), shutdown.clone()));
         let mut last_snapshot = Instant::now();
         let mut failures = 0u32;
+        // A first start: the bootstrap (phases 1 and 2), retried from the start on failure; after
+        // [`BOOTSTRAP_ATTEMPTS`] failures (say, `show_many` or the search export refused), today's
+        // full warm-up instead, so a broken bootstrap never keeps the service from warming up.
+        let mut bootstrapped = this.should_bootstrap();
+        while bootstrapped {
+            match this.bootstrap(&shutdown).await {
+                Ok(b) => {
+                    this.incremental_start
+                        .store(b.incremental_start, Ordering::Relaxed);
+                    break;
+                }
+                Err(CycleError::Cancelled) => {
+                    fetcher.abort();
+                    return Ok(());
+                }
+                Err(CycleError::Index(e)) => {
+                    fetcher.abort();
+                    return Err(e.into());
+                }
+                Err(CycleError::Zendesk(e)) => {
+                    failures += 1;
+                    if failures >= BOOTSTRAP_ATTEMPTS {
+                        warn!(error = %e, failures, "the bootstrap failed again: falling back to the full warm-up from the exports");
+                        bootstrapped = false;
+                        break;
+                    }
+                    let wait = backoff(failures, this.opts.poll);
+                    warn!(error = %e, retry_in = ?wait, failures, "the bootstrap failed; starting it again");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => { fetcher.abort(); return Ok(()); }
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
+        failures = 0;
+        if !bootstrapped {
+            // Answers wait for the full warm-up (or came at once from a complete snapshot), unless
+            // a failed bootstrap had got as far as answering.
+            let idx = this.index.read();
+            this.serving.send_replace(idx.is_serving());
+        }
         loop {
             let warming = !this.index.read().is_loaded();
             let started = Instant::now();
@@ -191,6 +275,13 @@ impl Follower {
             match result {
                 Ok(records) => {
                     failures = 0;
+                    if warming && bootstrapped {
+                        // READY also needs every end-user's other phones (phase 2 queued them).
+                        this.wait_for_all_identities(&shutdown).await;
+                        if shutdown.is_cancelled() {
+                            break;
+                        }
+                    }
                     if warming {
                         if this.writer.apply(Change::Loaded).await.is_err() {
                             fetcher.abort();
@@ -209,6 +300,7 @@ impl Follower {
                             "warm-up complete: the index is ready"
                         );
                         this.loaded.send_replace(true);
+                        this.serving.send_replace(true);
                         this.save_snapshot().await;
                         last_snapshot = Instant::now();
                     } else if records > 0 && last_snapshot.elapsed() >= this.opts.snapshot_every {
@@ -233,7 +325,11 @@ impl Follower {
                             warn!(error = %e, retry_in = ?wait, failures, "reading the exports failed; answers come from the index as it stands")
                         }
                     }
-                    if warming && last_snapshot.elapsed() >= this.opts.snapshot_every {
+                    // A bootstrap is never saved half-done (see `bootstrap`).
+                    if warming
+                        && !bootstrapped
+                        && last_snapshot.elapsed() >= this.opts.snapshot_every
+                    {
                         // Keep the position of a long warm-up across restarts.
                         this.save_snapshot().await;
                         last_snapshot = Instant::now();
@@ -263,7 +359,10 @@ impl Follower {
     }
 
     async fn read_users(&self, shutdown: &CancellationToken) -> Result<u64, CycleError> {
-        let start = cursor_or_start(self.index.read().cursors().users.clone());
+        let start = cursor_or_start(
+            self.index.read().cursors().users.clone(),
+            self.incremental_start.load(Ordering::Relaxed),
+        );
         let fetch = |start: ExportStart| async move {
             let page = self.client.export_users(&start, true, PER_PAGE).await?;
             let parser = self.parser.clone();
@@ -328,7 +427,10 @@ impl Follower {
     }
 
     async fn read_tickets(&self, shutdown: &CancellationToken) -> Result<u64, CycleError> {
-        let start = cursor_or_start(self.index.read().cursors().tickets.clone());
+        let start = cursor_or_start(
+            self.index.read().cursors().tickets.clone(),
+            self.incremental_start.load(Ordering::Relaxed),
+        );
         let fetch = |start: ExportStart| async move {
             let page = self.client.export_tickets(&start, PER_PAGE).await?;
             Ok(Fetched {
@@ -486,6 +588,23 @@ impl Follower {
         while self.index.read().pending_identities_len() > MAX_PENDING_IDENTITIES {
             let fetched = self.identities_fetched.notified();
             tokio::select! {
+                () = fetched => {}
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    /// Waits until no user's identities are left to fetch (or shutdown).
+    async fn wait_for_all_identities(&self, shutdown: &CancellationToken) {
+        loop {
+            let left = self.index.read().pending_identities_len();
+            if left == 0 {
+                return;
+            }
+            self.identities_added.notify_one();
+            let fetched = self.identities_fetched.notified();
+            tokio::select! {
+                () = shutdown.cancelled() => return,
                 () = fetched => {}
                 () = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
@@ -659,10 +778,10 @@ async fn progress_logger(this: Arc<Follower>, started: Instant, stop: Cancellati
     }
 }
 
-fn cursor_or_start(cursor: Option<String>) -> ExportStart {
+fn cursor_or_start(cursor: Option<String>, start_time: i64) -> ExportStart {
     match cursor {
         Some(c) => ExportStart::Cursor(c),
-        None => ExportStart::StartTime(0),
+        None => ExportStart::StartTime(start_time.max(0)),
     }
 }
 

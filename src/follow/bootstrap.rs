@@ -1,0 +1,321 @@
+//! The bootstrap of a first start without a snapshot (DESIGN §10): load what routing needs
+//! through the search export and the ordinary endpoints, answer (WARMING), then complete the rest
+//! behind it.
+//!
+//! 1. **Routing data.** The agents (`type:user role:agent`, `role:admin`), the open tickets
+//!    (`type:ticket status<solved`), their requesters with every phone identity
+//!    (`users/show_many?…&include=identities`, 100 a request) and any assignee the agent search
+//!    did not return (a deleted or just-created agent, so "passed over" answers name the same
+//!    reason as after a full warm-up). Then [`Change::Warming`]: health turns SERVING and answers
+//!    carry `index_state` WARMING. Every customer with an open ticket is in the index with all
+//!    its phones, so a caller with an open ticket routes exactly as after a full warm-up, and a
+//!    number no customer has is answered "index warming".
+//! 2. **Every end-user's primary phone** through `type:user role:end-user`, their other phone
+//!    identities queued for the identity fetcher (`users/show_many`, as for a users export page
+//!    without the sideload). Users already in the index (the requesters) are skipped: what phase 1
+//!    read through `show_many` is fresher than the search index.
+//! 3. The caller then reads the incremental exports from [`Bootstrap::incremental_start`] to
+//!    their end (organizations from the beginning: they are few and only named in answers), and
+//!    the index is READY once they and the identity fetches are done.
+//!
+//! # Why nothing changed during the bootstrap is lost
+//! The search index lags Zendesk by up to a few minutes (ZENDESK.md §3): a record changed at
+//! time `t` may be returned as it was before `t` until about `t + lag`. The incremental exports
+//! start at `T0 − margin`, `T0` being the bootstrap's start, and are applied *after* the search
+//! results (phases 1 and 2 finish before they start). A search row read at `r ≥ T0` can only be
+//! stale for a record changed after `r − lag ≥ T0 − lag`; with `margin > lag` that change is after
+//! `T0 − margin`, so the incremental export replays it (and every later one) on top, in order:
+//! the final index is the latest state of every record, as after a full warm-up. The default
+//! margin is 10 minutes against a documented lag of "a few minutes"; re-reading 10 minutes of
+//! changes costs a page or two. Records deleted before `T0 − margin` are not in the search
+//! results at all (deleted tickets and users are not searchable), so nothing stale survives.
+//!
+//! While warming, a search row may be older than Zendesk by up to the lag (as the exports'
+//! answers are older by their one-minute rule and poll interval); it is never older than
+//! what the final index would say except by that lag, which the catch-up then removes.
+//!
+//! # Interruption
+//! Nothing of a bootstrap is saved: no snapshot is written until the index is READY, and a
+//! snapshot of an unfinished bootstrap (one saved at shutdown) is dropped at start-up
+//! (`app::load_snapshot`), so a restart bootstraps again from an empty index. A search-export
+//! cursor that expired (one hour) restarts that query from its first page; re-applying records is
+//! harmless (every apply is last-writer-wins).
+//!
+//! # Budget
+//! Every request spends the shared request budget (`zendesk.requests_per_minute`). The search
+//! export's own limit (100 a minute, ZENDESK.md §6) is kept here with a sliding window
+//! ([`Pacer`]), since only the bootstrap uses that endpoint; the identity fetcher shares the
+//! account budget with phase 2 and the incremental exports.
+
+use std::{collections::VecDeque, time::Duration};
+
+use rustc_hash::FxHashSet;
+use serde::de::DeserializeOwned;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use super::{CycleError, Follower, cancellable};
+use crate::{
+    index::{Change, UserBatch},
+    zendesk::{
+        ZendeskError,
+        models::{Ticket, User},
+    },
+};
+
+/// Records per search export page (its maximum).
+pub(crate) const SEARCH_PAGE: u32 = 1000;
+/// Zendesk's limit on search export requests per minute (ZENDESK.md §6).
+pub(crate) const SEARCH_EXPORT_PER_MINUTE: u32 = 100;
+/// How far before the bootstrap's start the incremental exports begin (see the module doc).
+pub(crate) const DEFAULT_MARGIN: Duration = Duration::from_secs(600);
+
+/// What the bootstrap did, for the caller and the logs.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Bootstrap {
+    /// Unix seconds: where the incremental exports start.
+    pub incremental_start: i64,
+    pub open_tickets: u64,
+    pub requesters: u64,
+    pub end_users: u64,
+}
+
+/// A sliding window of the search export requests sent, so the bootstrap never meets that
+/// endpoint's 429 (which would pause the whole account's budget for its `Retry-After`).
+pub(crate) struct Pacer {
+    limit: usize,
+    window: Duration,
+    sent: VecDeque<Instant>,
+}
+
+impl Pacer {
+    pub(crate) fn new(per_minute: u32) -> Self {
+        Self {
+            limit: per_minute.max(1) as usize,
+            // The budget's own safety margin: a request arrives a little after it is recorded.
+            window: Duration::from_secs(61),
+            sent: VecDeque::new(),
+        }
+    }
+
+    pub(crate) async fn acquire(&mut self) {
+        loop {
+            let now = Instant::now();
+            while self
+                .sent
+                .front()
+                .is_some_and(|t| now.duration_since(*t) >= self.window)
+            {
+                self.sent.pop_front();
+            }
+            if self.sent.len() < self.limit {
+                self.sent.push_back(now);
+                return;
+            }
+            let oldest = self.sent[0];
+            tokio::time::sleep_until(oldest + self.window).await;
+        }
+    }
+}
+
+impl Follower {
+    /// Phases 1 and 2 of the module doc. Returns once every end-user's primary phone is in the
+    /// index; the index is WARMING (answering) from the end of phase 1.
+    pub(super) async fn bootstrap(
+        &self,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> Result<Bootstrap, CycleError> {
+        let started = std::time::Instant::now();
+        let t0 = super::now_ms() / 1000;
+        let mut out = Bootstrap {
+            incremental_start: t0 - self.opts.search_lag_margin.as_secs() as i64,
+            ..Bootstrap::default()
+        };
+        let mut pacer = Pacer::new(self.opts.search_export_per_minute);
+        info!("bootstrap: loading the agents, the open tickets and their requesters");
+
+        // Agents and admins.
+        for q in ["type:user role:agent", "type:user role:admin"] {
+            self.search_all::<User>("user", q, &mut pacer, shutdown, |users| {
+                vec![Change::Users(UserBatch::prepare(
+                    &users,
+                    None,
+                    &self.parser,
+                ))]
+            })
+            .await?;
+        }
+
+        // Open tickets, remembering their requesters and assignees.
+        let mut requesters = FxHashSet::default();
+        let mut assignees = FxHashSet::default();
+        out.open_tickets = self
+            .search_all::<Ticket>(
+                "ticket",
+                "type:ticket status<solved",
+                &mut pacer,
+                shutdown,
+                |tickets| {
+                    for t in &tickets {
+                        requesters.extend(t.requester_id.filter(|id| *id > 0));
+                        assignees.extend(t.assignee_id.filter(|id| *id > 0));
+                    }
+                    vec![Change::Tickets(tickets)]
+                },
+            )
+            .await?;
+
+        // The requesters with every phone identity; assignees the agent search did not return.
+        let mut ids: Vec<i64> = requesters.iter().copied().collect();
+        ids.sort_unstable();
+        out.requesters = ids.len() as u64;
+        let missing_agents: Vec<i64> = {
+            let idx = self.index.read();
+            let mut v: Vec<i64> = assignees
+                .iter()
+                .copied()
+                .filter(|id| !idx.knows_agent(*id) && !requesters.contains(id))
+                .collect();
+            v.sort_unstable();
+            v
+        };
+        ids.extend(missing_agents);
+        for chunk in ids.chunks(super::SHOW_MANY_BATCH) {
+            let found = cancellable(shutdown, self.client.show_many_users(chunk)).await??;
+            let mut changes = vec![Change::Users(UserBatch::prepare(
+                &found.users,
+                found.identities.as_deref(),
+                &self.parser,
+            ))];
+            if found.identities.is_none() {
+                // The sideload was not honoured: the identity fetcher reads them one by one, and
+                // the index is not WARMING before they are in (see `run`).
+                changes.push(Change::IdentitiesPending(chunk.to_vec()));
+            }
+            self.writer.apply_all(changes).await?;
+        }
+        self.identities_added.notify_one();
+        // Requesters whose identities had to be fetched one by one must be in before answering.
+        while self.index.read().pending_identities_len() > 0 {
+            let fetched = self.identities_fetched.notified();
+            tokio::select! {
+                () = shutdown.cancelled() => return Err(CycleError::Cancelled),
+                () = fetched => {}
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+        self.writer.apply(Change::Warming).await?;
+        self.serving.send_replace(true);
+        let counts = self.index.read().counts();
+        info!(
+            seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
+            open_tickets = counts.open_tickets,
+            customers = counts.customers,
+            agents = counts.agents,
+            "bootstrap: routing data loaded; answering (index WARMING)"
+        );
+
+        // Every end-user's primary phone; their other identities through the identity fetcher.
+        out.end_users = self
+            .search_all::<User>(
+                "user",
+                "type:user role:end-user",
+                &mut pacer,
+                shutdown,
+                |mut users| {
+                    {
+                        let idx = self.index.read();
+                        users.retain(|u| !idx.knows_user(u.id));
+                    }
+                    let wanted: Vec<i64> = users
+                        .iter()
+                        .filter(|u| u.is_end_user() && u.is_active())
+                        .map(|u| u.id)
+                        .collect();
+                    let mut changes = vec![Change::Users(UserBatch::prepare(
+                        &users,
+                        None,
+                        &self.parser,
+                    ))];
+                    if !wanted.is_empty() {
+                        changes.push(Change::IdentitiesPending(wanted));
+                    }
+                    changes
+                },
+            )
+            .await?;
+        self.identities_added.notify_one();
+        info!(
+            seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
+            end_users = out.end_users,
+            identities_pending = self.index.read().pending_identities_len(),
+            "bootstrap: every end-user's primary phone loaded; catching up with the incremental exports"
+        );
+        Ok(out)
+    }
+
+    /// Reads one search export query to its end, applying each page's changes; returns the
+    /// records read. An expired cursor (a page held up for an hour) starts the query again.
+    async fn search_all<T: DeserializeOwned + Send + 'static>(
+        &self,
+        filter_type: &str,
+        query: &str,
+        pacer: &mut Pacer,
+        shutdown: &tokio_util::sync::CancellationToken,
+        mut apply: impl FnMut(Vec<T>) -> Vec<Change>,
+    ) -> Result<u64, CycleError> {
+        let mut after: Option<String> = None;
+        let mut total = 0u64;
+        loop {
+            cancellable(shutdown, pacer.acquire()).await?;
+            let page = cancellable(
+                shutdown,
+                self.client.search_export::<T>(
+                    filter_type,
+                    query,
+                    after.as_deref(),
+                    self.opts.search_page_size,
+                ),
+            )
+            .await?;
+            let page = match page {
+                Ok(p) => p,
+                Err(ZendeskError::Permanent { status: 400, .. }) if after.is_some() => {
+                    warn!(
+                        filter_type,
+                        "a search export cursor was refused (expired?): reading the query again from its start"
+                    );
+                    after = None;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let n = page.results.len() as u64;
+            total += n;
+            self.records
+                .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            self.writer.apply_all(apply(page.results)).await?;
+            match (page.meta.has_more, page.meta.after_cursor) {
+                (true, Some(c)) => after = Some(c),
+                _ => return Ok(total),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn pacer_keeps_the_limit_per_window() {
+        let mut p = Pacer::new(3);
+        let start = Instant::now();
+        for _ in 0..3 {
+            p.acquire().await;
+        }
+        assert_eq!(Instant::now(), start);
+        p.acquire().await;
+        assert!(Instant::now() - start >= Duration::from_secs(61));
+    }
+}
