@@ -641,6 +641,7 @@ impl Service {
         })
     }
 
+    /// The bound gRPC address (port 0 in the config is resolved).
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
@@ -650,14 +651,17 @@ impl Service {
         self.metrics_addr
     }
 
+    /// The bound webhook address (port 0 in the config is resolved), `None` when webhooks are off.
     pub fn webhooks_addr(&self) -> Option<SocketAddr> {
         self.webhooks_addr
     }
 
+    /// The process's metrics registry.
     pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
         &self.metrics
     }
 
+    /// The shared index the service answers from.
     pub fn index(&self) -> &SharedIndex {
         &self.index
     }

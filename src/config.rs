@@ -34,15 +34,30 @@ use crate::phone::PhoneParser;
 /// A configuration problem, always naming the key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The config file could not be read.
     #[error("cannot read config file {path}: {source}")]
     Read {
+        /// The file that failed.
         path: PathBuf,
+        /// The I/O error.
         source: std::io::Error,
     },
+    /// The config file is not valid TOML.
     #[error("config file {path} is not valid TOML: {message}")]
-    Syntax { path: PathBuf, message: String },
+    Syntax {
+        /// The file that failed.
+        path: PathBuf,
+        /// The parser's message.
+        message: String,
+    },
+    /// One key is missing, unknown or has a bad value.
     #[error("{key}: {message}")]
-    Key { key: String, message: String },
+    Key {
+        /// The dotted key, e.g. `zendesk.url`.
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
     /// Several problems found at once, each a [`ConfigError::Key`].
     #[error("{} problems:{}", .0.len(), .0.iter().map(|e| format!("\n  {e}")).collect::<String>())]
     Several(Vec<ConfigError>),
@@ -67,32 +82,45 @@ fn key_err(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     }
 }
 
+/// The whole configuration (DESIGN §6): one TOML file, each key overridable as `DESKLINE_SECTION__KEY`.
+/// Unknown keys are rejected.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// `[server]`: gRPC, metrics, TLS and shutdown.
     #[serde(default)]
     pub server: ServerConfig,
+    /// `[zendesk]`: the account, its credentials and the request budget (required).
     pub zendesk: ZendeskConfig,
+    /// `[storage]`: data directory, retention, optional PostgreSQL.
     #[serde(default)]
     pub storage: StorageConfig,
+    /// `[phone]`: how numbers are normalized.
     #[serde(default)]
     pub phone: PhoneConfig,
+    /// `[index]`: the export follower.
     #[serde(default)]
     pub index: IndexConfig,
+    /// `[routing]`: the extension directory and the recent-ticket fallback.
     #[serde(default)]
     pub routing: RoutingConfig,
+    /// `[sync]`: what the post-call sync creates and how.
     #[serde(default)]
     pub sync: SyncConfig,
+    /// `[webhooks]`: the Zendesk webhook endpoint (off by default).
     #[serde(default)]
     pub webhooks: WebhooksConfig,
 }
 
+/// `[server]`: where and how the gRPC service listens.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
+    /// `server.listen`: the gRPC address (default `127.0.0.1:50051`).
     pub listen: SocketAddr,
     /// Accepted bearer tokens; empty means no authentication (allowed on loopback only).
     pub tokens: Vec<SecretString>,
+    /// `server.metrics_listen`: HTTP address for Prometheus `/metrics` and `/healthz`; `None` = off.
     pub metrics_listen: Option<SocketAddr>,
     /// PEM certificate chain for gRPC over TLS; set together with `tls_key`. Without both, the
     /// server speaks plain HTTP/2 (fine on loopback or behind a TLS-terminating proxy).
@@ -116,15 +144,23 @@ impl Default for ServerConfig {
     }
 }
 
+/// `[zendesk]`: the account and how to authenticate (API token or OAuth, exactly one).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ZendeskConfig {
+    /// `zendesk.url`: the account URL, `https://{subdomain}.zendesk.com`; plain `http` only to loopback.
     pub url: String,
+    /// `zendesk.email`: the agent email for API token auth (`{email}/token`); needed with `token`.
     pub email: Option<String>,
+    /// `zendesk.token`: the API token; or give `token_file`.
     pub token: Option<SecretString>,
+    /// `zendesk.token_file`: a file holding the API token (instead of `token`).
     pub token_file: Option<PathBuf>,
+    /// `zendesk.oauth_token`: an OAuth bearer token, instead of email + API token.
     pub oauth_token: Option<SecretString>,
+    /// `zendesk.oauth_token_file`: a file holding the OAuth token (instead of `oauth_token`).
     pub oauth_token_file: Option<PathBuf>,
+    /// `zendesk.requests_per_minute`: the API budget this service may spend (default 200).
     #[serde(default = "default_rpm")]
     pub requests_per_minute: u32,
     /// Incremental-export requests per minute: 10 on every plan, 30 with the High Volume add-on.
@@ -145,9 +181,11 @@ fn default_timeout() -> u64 {
     30
 }
 
+/// `[storage]`: where state lives on disk or in PostgreSQL.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
+    /// `storage.data_dir`: the SQLite queue, the index snapshot and the export cursors (default `./deskline-data`).
     pub data_dir: PathBuf,
     /// Finished call jobs are deleted this many days after their last change; a repeated
     /// `call_id` within the window is still answered `duplicate`.
@@ -155,6 +193,7 @@ pub struct StorageConfig {
     /// PostgreSQL for several replicas (DESIGN §8); unset means the embedded SQLite queue. Read it
     /// with [`Config::postgres_url`], which also reads `postgres_url_file`.
     pub postgres_url: Option<SecretString>,
+    /// `storage.postgres_url_file`: a file holding the PostgreSQL URL (instead of `postgres_url`).
     pub postgres_url_file: Option<PathBuf>,
 }
 
@@ -169,9 +208,11 @@ impl Default for StorageConfig {
     }
 }
 
+/// `[phone]`: phone number normalization.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PhoneConfig {
+    /// `phone.default_region`: the region (ISO 3166 code, default `UA`) for numbers without a country code.
     pub default_region: String,
 }
 
@@ -183,9 +224,11 @@ impl Default for PhoneConfig {
     }
 }
 
+/// `[index]`: the incremental-export follower that feeds the index.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IndexConfig {
+    /// `index.poll_seconds`: the incremental-export poll interval, in seconds (default 60).
     pub poll_seconds: u64,
     /// With PostgreSQL: how long the follower lease lasts without renewal (renewed every third),
     /// so about how long the exports go unfollowed after the follower dies.
@@ -209,6 +252,7 @@ impl Default for IndexConfig {
     }
 }
 
+/// `[routing]`: inputs of the routing decisions (DESIGN §3).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RoutingConfig {
@@ -222,17 +266,25 @@ pub struct RoutingConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Entity {
+    /// Create the caller as a Zendesk end user when unknown.
     User,
+    /// Create an organization for a new caller (named by `sync.organization_name`).
     Organization,
+    /// Create a ticket for the call when none is open.
     Ticket,
+    /// Create a Talk Partner Edition call record (needs `sync.talk_app_id`).
     Call,
 }
 
+/// Which kind of Zendesk record a `[[sync.fields]]` mapping writes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FieldEntity {
+    /// A user field, addressed by key.
     User,
+    /// An organization field, addressed by key.
     Organization,
+    /// A ticket field, addressed by numeric id.
     Ticket,
 }
 
@@ -240,6 +292,7 @@ pub enum FieldEntity {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FieldMapping {
+    /// The record the field belongs to.
     pub entity: FieldEntity,
     /// The field key for users and organizations, the numeric field id for tickets.
     pub field: String,
@@ -247,16 +300,25 @@ pub struct FieldMapping {
     pub source: String,
 }
 
+/// `[sync]`: what the post-call sync writes to Zendesk (DESIGN §4).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SyncConfig {
+    /// `sync.create`: which records the sync may create (default user, organization, ticket).
     pub create: Vec<Entity>,
+    /// `sync.talk_app_id`: the Zendesk app id for Talk Partner Edition call records; `None` = no call records.
     pub talk_app_id: Option<i64>,
+    /// `sync.senior_manager`: full name of the fallback assignee; `None` = no fallback.
     pub senior_manager: Option<String>,
+    /// `sync.ticket_priority`: priority of new tickets (default `normal`).
     pub ticket_priority: String,
+    /// `sync.ticket_type`: type of new tickets (default `question`).
     pub ticket_type: String,
+    /// `sync.comment_public`: call comments public (`true`) or internal notes (default `false`).
     pub comment_public: bool,
+    /// `sync.time_zone`: IANA time zone for dates in comments (default `Europe/Kyiv`).
     pub time_zone: String,
+    /// `sync.fields`: custom-field mappings (`[[sync.fields]]`); empty by default.
     pub fields: Vec<FieldMapping>,
     /// Template for new organizations' names; `{name}` is the user's name, `{phone}` the number.
     pub organization_name: String,
@@ -293,6 +355,7 @@ pub struct WebhooksConfig {
     /// `signing_secret_file`. Several secrets (the two webhooks of `install --trigger`) are
     /// separated by whitespace, one per line in the file; a request signed with any of them passes.
     pub signing_secret: Option<SecretString>,
+    /// `webhooks.signing_secret_file`: a file holding the signing secret (instead of `signing_secret`).
     pub signing_secret_file: Option<PathBuf>,
     /// The URL Zendesk must call (used by `deskline webhooks install`).
     pub public_url: Option<String>,

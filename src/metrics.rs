@@ -140,10 +140,13 @@ pub enum WebhookResult {
     Ignored,
     /// Accepted, but reading the entity from Zendesk failed (the export repairs it).
     FetchFailed,
+    /// The signature did not verify (401).
     BadSignature,
     /// Signature valid but the timestamp is more than 5 minutes off.
     StaleTimestamp,
+    /// The body could not be parsed, or was not read in time.
     Malformed,
+    /// The body is over the size cap (413).
     TooLarge,
     /// The apply queue was full (503; Zendesk retries).
     Overloaded,

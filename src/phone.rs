@@ -80,10 +80,13 @@ impl fmt::Debug for E164 {
 /// Why a number could not be normalised.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PhoneError {
+    /// Empty or only whitespace.
     #[error("the number is empty")]
     Empty,
+    /// Longer than 64 bytes after trimming (the length is given).
     #[error("the number is too long ({0} characters, at most 64)")]
     TooLong(usize),
+    /// libphonenumber could not read it as a valid number (the input is given).
     #[error("not a phone number: {0}")]
     Invalid(String),
 }

@@ -75,25 +75,36 @@ impl Directory {
     }
 }
 
+/// What the PBX should do with a call (`RouteCall.decision`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
+    /// Route to the owner's extension (`agent.extension`).
     RouteToAgent,
+    /// Let the PBX route as it would without Deskline; `reason` says why.
     DefaultRouting,
 }
 
+/// An agent as routing reports it: the owner of the chosen ticket.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentView {
+    /// Zendesk user id of the agent.
     pub id: i64,
+    /// Full name as in Zendesk (the directory is matched against it).
     pub name: String,
+    /// Email address; empty when Zendesk has none.
     pub email: String,
     /// From the directory; `None` when the agent's name has no entry.
     pub extension: Option<String>,
 }
 
+/// An open ticket as routing and caller ID report it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TicketView {
+    /// Zendesk ticket id.
     pub id: i64,
+    /// `new`, `open`, `pending` or `hold`.
     pub status: &'static str,
+    /// Subject; empty when the ticket has none.
     pub subject: String,
     /// 0 when none.
     pub assignee_id: i64,
@@ -101,17 +112,25 @@ pub struct TicketView {
     pub updated_at: i64,
 }
 
+/// A customer's organization.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OrgView {
+    /// Zendesk organization id.
     pub id: i64,
+    /// Organization name; empty when Zendesk has none.
     pub name: String,
 }
 
+/// The customer a number resolved to: an active, unsuspended end user with that phone.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CustomerView {
+    /// Zendesk user id.
     pub id: i64,
+    /// Full name; empty when Zendesk has none.
     pub name: String,
+    /// The number that matched, in E.164.
     pub phone: E164,
+    /// The customer's organization; `None` when there is none (or it is not indexed).
     pub organization: Option<OrgView>,
 }
 
@@ -119,8 +138,11 @@ pub struct CustomerView {
 /// tickets and agents, so it can never be a label itself).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ReasonKind {
+    /// Routed to the owner's extension.
     Routed,
+    /// No customer has this number.
     NoCustomer,
+    /// The customer has no open ticket.
     NoOpenTicket,
     /// The most recent open ticket has no assignee.
     NoAssignee,
@@ -211,16 +233,22 @@ impl Fallback {
     }
 }
 
+/// The answer to `RouteCall` (DESIGN §3): the decision and what it was based on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteAnswer {
+    /// Route to an agent or leave it to the PBX.
     pub decision: Decision,
     /// What routed the call; [`Basis::None`] with default routing.
     pub basis: Basis,
     /// The category of `reason`.
     pub kind: ReasonKind,
+    /// The owner, when one was found (also with `DefaultRouting` when only the extension is missing).
     pub agent: Option<AgentView>,
+    /// The ticket that decided the owner, if any.
     pub ticket: Option<TicketView>,
+    /// The customer the number resolved to, if any.
     pub customer: Option<CustomerView>,
+    /// Human-readable why, naming tickets and agents (e.g. "ticket 123 has no assignee").
     pub reason: String,
 }
 
@@ -242,6 +270,10 @@ pub fn resolve_number(index: &Index, parser: &PhoneParser, raw: &str) -> Result<
     }
 }
 
+/// The parse cache of [`Resolver`]: trimmed raw input → result of the full parse.
+type ParseCache =
+    moka::sync::Cache<Box<str>, Result<E164, PhoneError>, foldhash::quality::RandomState>;
+
 /// [`resolve_number`] with a bounded cache of full parses (raw string → result).
 ///
 /// A PBX tends to send the same non-canonical format for the same callers again and again
@@ -258,9 +290,6 @@ pub fn resolve_number(index: &Index, parser: &PhoneParser, raw: &str) -> Result<
 /// only: a small table of fingerprints (a doorkeeper, the idea TinyLFU uses inside moka, applied
 /// before the expensive insert) remembers the numbers seen once. A stream of new callers then
 /// costs a parse and one atomic swap each; a number asked about again is cached from then on.
-type ParseCache =
-    moka::sync::Cache<Box<str>, Result<E164, PhoneError>, foldhash::quality::RandomState>;
-
 #[derive(Clone)]
 pub struct Resolver {
     parser: PhoneParser,
@@ -288,6 +317,7 @@ impl Resolver {
     /// Entries of the parse cache: the recent callers (see the type's doc).
     pub const CAPACITY: u64 = 10_000;
 
+    /// A resolver over `parser` caching up to `capacity` parses; 0 disables the cache.
     pub fn new(parser: PhoneParser, capacity: u64) -> Self {
         let hasher = foldhash::quality::RandomState::default();
         let slots = if capacity == 0 {
@@ -307,6 +337,7 @@ impl Resolver {
         }
     }
 
+    /// Normalizes `raw` to E.164 like [`resolve_number`], caching full parses (see the type's doc).
     pub fn resolve(&self, index: &Index, raw: &str) -> Result<E164, PhoneError> {
         if let Some(c) = E164::candidate(raw) {
             if index.has_phone(c) {

@@ -33,11 +33,15 @@ const MAX_CALL_ID_LEN: usize = 128;
 /// the same reference ([`ApiError::storage`], [`ApiError::internal`]).
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
+    /// A request field is missing or malformed (`INVALID_ARGUMENT`).
     #[error("{field}: {message}")]
     InvalidArgument {
+        /// The proto field at fault, e.g. `phone_number`.
         field: &'static str,
+        /// What is wrong with it, for the client.
         message: String,
     },
+    /// The thing asked about is not known (`NOT_FOUND`), e.g. an unknown `call_id`.
     #[error("{0}")]
     NotFound(String),
     /// A condition the client may know about (the index is still loading).
@@ -46,12 +50,17 @@ pub enum ApiError {
     /// Storage failed: try again later. The detail is logged under `reference`.
     #[error("storage unavailable, {what}, try again (ref {reference})")]
     Storage {
+        /// What could not be done, e.g. "the call status could not be read".
         what: &'static str,
+        /// The reference the log has the cause under.
         reference: String,
     },
     /// A bug or a crashed task. The detail is logged under `reference`.
     #[error("internal error (ref {reference})")]
-    Internal { reference: String },
+    Internal {
+        /// The reference the log has the cause under.
+        reference: String,
+    },
 }
 
 impl ApiError {
@@ -113,7 +122,9 @@ fn invalid(field: &'static str, message: impl Into<String>) -> ApiError {
 
 /// Everything the handlers read.
 pub struct ServiceState {
+    /// The read model routing and caller ID answer from.
     pub index: SharedIndex,
+    /// Full name → PBX extension (`routing.directory`).
     pub directory: Directory,
     /// `routing.recent_days`: DESIGN §3 rule 7's window; 0 = off.
     pub recent_days: u32,
@@ -131,7 +142,9 @@ pub struct ServiceState {
 
 /// What `ReportCall` and `GetCallStatus` need.
 pub struct SyncApi {
+    /// The durable post-call queue.
     pub queue: crate::sync::JobStore,
+    /// Wakes the sync worker when a job is queued.
     pub worker: crate::sync::WorkerHandle,
     /// An accepted report's call becomes its customers' last call (rule 7) through this.
     pub writer: crate::index::IndexWriter,
@@ -478,6 +491,7 @@ pub struct Auth {
 }
 
 impl Auth {
+    /// A check accepting any of `tokens`; an empty list lets every request through.
     pub fn new(tokens: Vec<SecretString>) -> Self {
         Self {
             tokens: tokens.into(),
@@ -549,6 +563,8 @@ pub(crate) fn tls_config(
     Ok(tls)
 }
 
+/// Serves the Resolver service, gRPC health and reflection on `listener` (TLS when `tls` is set)
+/// until `shutdown` completes; `auth` guards the Resolver service only.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<ServiceState>,

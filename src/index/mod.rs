@@ -111,10 +111,14 @@ pub(crate) struct Cursors {
     pub organizations: Option<i64>,
 }
 
+/// One of the three incremental exports the index follows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Export {
+    /// `incremental/users/cursor` (with identities when honoured).
     Users,
+    /// `incremental/tickets/cursor`.
     Tickets,
+    /// The time-based `incremental/organizations`.
     Organizations,
 }
 
@@ -140,6 +144,7 @@ impl Export {
     }
 }
 
+/// How much the index holds (for `/healthz`, metrics and `deskline check`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counts {
     /// End-users that can be found by number (not suspended).
@@ -148,7 +153,9 @@ pub struct Counts {
     pub agents: usize,
     /// `(number, customer)` pairs in the phone index.
     pub phones: usize,
+    /// Tickets with an open status (`new`, `open`, `pending`, `hold`) and a requester.
     pub open_tickets: usize,
+    /// Organizations not deleted.
     pub organizations: usize,
 }
 
@@ -347,8 +354,11 @@ impl PhoneEntry {
 /// A customer as the index knows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CustomerRef<'a> {
+    /// Zendesk user id.
     pub id: i64,
+    /// Full name; empty when Zendesk has none.
     pub name: &'a str,
+    /// The customer's organization, if any.
     pub organization_id: Option<i64>,
     /// Unix seconds, 0 when unknown.
     pub updated_at: i64,
@@ -357,10 +367,15 @@ pub struct CustomerRef<'a> {
 /// An open ticket as the index knows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TicketRef<'a> {
+    /// Zendesk ticket id.
     pub id: i64,
+    /// The customer the ticket is for (never 0 in the index).
     pub requester_id: i64,
+    /// The assignee; `None` while unassigned.
     pub assignee_id: Option<i64>,
+    /// `new`, `open`, `pending` or `hold`.
     pub status: &'static str,
+    /// Subject; empty when the ticket has none.
     pub subject: &'a str,
     /// Unix seconds, 0 when unknown.
     pub updated_at: i64,
@@ -409,14 +424,22 @@ impl AgentRef<'_> {
 /// An owned agent listing entry (for `deskline check`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentInfo {
+    /// Zendesk user id.
     pub id: i64,
+    /// Full name as in Zendesk.
     pub name: String,
+    /// Email address; empty when none.
     pub email: String,
+    /// `name_key` of `name` (DESIGN §3 rule 5): what the directory is matched on.
     pub name_key: String,
+    /// `false` once the user is deleted or deactivated.
     pub active: bool,
+    /// `true` while suspended; suspended agents never own a route.
     pub suspended: bool,
 }
 
+/// The in-memory read model (DESIGN §3): customers by phone, open tickets by requester, agents and
+/// organizations, fed by the exports, webhooks and the post-call sync; routing reads it under a lock.
 #[derive(Default)]
 pub struct Index {
     customers: Store<CustomerRec>,
@@ -549,6 +572,7 @@ pub struct UserBatch {
 }
 
 impl UserBatch {
+    /// Parses the page's phones and builds its records; `identities` is `None` when the sideload was missing.
     pub fn prepare(users: &[User], identities: Option<&[Identity]>, parser: &PhoneParser) -> Self {
         // A user's `phone` is usually also one of its phone identities: parse that string once.
         let mut main: FxHashMap<i64, (&str, Option<E164>)> = FxHashMap::default();
@@ -668,6 +692,7 @@ fn phones_of<'a>(identities: impl Iterator<Item = &'a Identity>, parser: &PhoneP
 }
 
 impl Index {
+    /// An empty index, not yet loaded.
     pub fn new() -> Self {
         Self::default()
     }
@@ -914,6 +939,7 @@ impl Index {
         self.recent.len()
     }
 
+    /// Inserts or updates one organization; removes it when `deleted_at` is set.
     pub fn apply_organization(&mut self, org: &Organization) {
         if org.deleted_at.is_some() {
             self.orgs.remove(org.id);
@@ -980,6 +1006,7 @@ impl Index {
         self.loaded
     }
 
+    /// Marks the full warm-up as complete (see `is_loaded`).
     pub fn set_loaded(&mut self) {
         self.loaded = true;
         self.warming = false;
@@ -1009,6 +1036,7 @@ impl Index {
         self.agents.contains_key(&id)
     }
 
+    /// How much the index holds now.
     pub fn counts(&self) -> Counts {
         Counts {
             customers: self.findable,

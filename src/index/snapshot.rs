@@ -52,10 +52,13 @@ const VERSION: u32 = 3;
 const HEADER_LEN: usize = 12;
 const TRAILER_LEN: usize = 12;
 
+/// The index snapshot could not be written or read.
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
+    /// Reading or writing the file failed.
     #[error("snapshot I/O: {0}")]
     Io(#[from] std::io::Error),
+    /// The file is damaged or of another format: the path and what is wrong.
     #[error("snapshot {0} is corrupt: {1}")]
     Corrupt(String, String),
 }

@@ -39,6 +39,7 @@ pub enum Change {
     Tickets(Vec<Ticket>),
     /// A ticket known to be closed or deleted.
     TicketGone(i64),
+    /// Organizations inserted, updated, or removed when `deleted_at` is set.
     Organizations(Vec<Organization>),
     /// An export read up to here (stored with the index and saved in its snapshot).
     Cursor(CursorMove),
@@ -67,7 +68,9 @@ pub enum Change {
 /// Where an export stands after a page.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum CursorMove {
+    /// The users export's new `after_cursor`.
     Users(String),
+    /// The tickets export's new `after_cursor`.
     Tickets(String),
     /// The organizations export's next `start_time`.
     Organizations(i64),
@@ -79,10 +82,12 @@ impl Change {
         Self::Users(UserBatch::prepare(std::slice::from_ref(user), None, parser))
     }
 
+    /// One ticket as a write (or a webhook fetch) returned it.
     pub fn ticket(ticket: &Ticket) -> Self {
         Self::Tickets(vec![ticket.clone()])
     }
 
+    /// One organization as a write (or a webhook fetch) returned it.
     pub fn organization(org: &Organization) -> Self {
         Self::Organizations(vec![org.clone()])
     }

@@ -117,10 +117,15 @@ pub(crate) enum Outcome {
 /// Where a job stands (DESIGN §2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum SyncState {
+    /// Accepted, waiting for the worker.
     Queued,
+    /// The worker is writing it into Zendesk now.
     InProgress,
+    /// A retryable error happened; waiting for the next attempt.
     RetryWait,
+    /// Everything was written into Zendesk.
     Done,
+    /// Ended on a permanent error (retryable ones never end here); `last_error` says why.
     Failed,
 }
 

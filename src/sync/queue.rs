@@ -43,23 +43,39 @@ use crate::phone::E164;
 /// The queue file inside the data directory.
 pub(super) const QUEUE_FILE: &str = "queue.sqlite3";
 
+/// A failure of the SQLite post-call queue.
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
+    /// The data directory could not be created.
     #[error("cannot create the data directory {path}: {source}")]
     Dir {
+        /// The directory that failed.
         path: PathBuf,
+        /// The I/O error.
         source: std::io::Error,
     },
+    /// SQLite failed (open, statement, transaction).
     #[error("queue database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// A stored job cannot be decoded.
     #[error("queue row {call_id:?} is unreadable: {message}")]
-    Corrupt { call_id: String, message: String },
+    Corrupt {
+        /// The job's `call_id`.
+        call_id: String,
+        /// What failed to decode.
+        message: String,
+    },
+    /// The blocking task running a queue operation panicked or was cancelled.
     #[error("queue task failed: {0}")]
     Task(String),
+    /// The queue file was deleted or replaced under the open connection (see the module doc).
     #[error(
         "the queue file {path} was deleted or replaced while open: what is written now would be lost"
     )]
-    Gone { path: PathBuf },
+    Gone {
+        /// The queue file.
+        path: PathBuf,
+    },
 }
 
 /// Cheap to clone: every clone shares the two connections.

@@ -49,18 +49,27 @@ pub(crate) const WEBHOOK_NAME: &str = "Deskline index";
 pub(crate) const USERS_WEBHOOK_NAME: &str = "Deskline index (users)";
 pub(crate) const TRIGGER_TITLE: &str = "Deskline index";
 
+/// How the webhooks are subscribed (see the module doc).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
+    /// One webhook subscribed to ticket and user event types (the default).
     Events,
+    /// A trigger notifies a `conditional_ticket_events` webhook; a second webhook takes the user events.
     Trigger,
 }
 
+/// A Zendesk webhook as `GET/POST /api/v2/webhooks` returns it (the fields Deskline reads).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 pub struct Webhook {
+    /// Zendesk's webhook id (a string, e.g. `01GT…`).
     pub id: String,
+    /// Display name; Deskline's are "Deskline index" and "Deskline index (users)".
     pub name: String,
+    /// The URL Zendesk calls (`webhooks.public_url`).
     pub endpoint: String,
+    /// `active` or `inactive`.
     pub status: String,
+    /// Event types subscribed to; empty when Zendesk omits them.
     #[serde(default)]
     pub subscriptions: Vec<String>,
 }
@@ -70,6 +79,7 @@ pub struct Webhook {
 pub struct Installed {
     /// `(webhook, created)` for each webhook installed.
     pub webhooks: Vec<(Webhook, bool)>,
+    /// The trigger's id in trigger mode; `None` in events mode.
     pub trigger_id: Option<i64>,
     /// Each webhook's own signing secret, in the order of `webhooks`.
     pub secrets: Vec<SecretString>,

@@ -71,9 +71,13 @@ pub(crate) enum Retry {
 pub struct ClientOptions {
     /// `https://{subdomain}.zendesk.com` (or the simulator's loopback URL), no trailing slash.
     pub base_url: String,
+    /// API token or OAuth.
     pub credentials: Credentials,
+    /// The request budget this process may spend, per minute (`zendesk.requests_per_minute`).
     pub requests_per_minute: u32,
+    /// The incremental-export budget per minute (10 on every plan, 30 with High Volume).
     pub export_requests_per_minute: u32,
+    /// Per-request timeout.
     pub timeout: Duration,
     /// How many times a retryable error is retried inside the client before it is returned.
     pub max_retries: u32,
@@ -83,9 +87,17 @@ pub struct ClientOptions {
 #[derive(Clone)]
 pub enum Credentials {
     /// `{email}/token` + API token, HTTP Basic.
-    ApiToken { email: String, token: SecretString },
+    ApiToken {
+        /// The agent's email.
+        email: String,
+        /// The API token.
+        token: SecretString,
+    },
     /// OAuth bearer token.
-    OAuth { token: SecretString },
+    OAuth {
+        /// The access token.
+        token: SecretString,
+    },
 }
 
 impl std::fmt::Debug for Credentials {
@@ -342,6 +354,7 @@ impl Client {
     }
 
     // ---- reads ----
+    /// `GET /api/v2/users/me`: the authenticated user (the credentials check of `deskline check`).
     pub async fn me(&self) -> Result<User, ZendeskError> {
         let env: UserEnvelope = self.get("/api/v2/users/me").await?;
         Ok(env.user)

@@ -21,28 +21,44 @@ use std::time::Duration;
 pub enum ZendeskError {
     /// 429: Zendesk asked us to wait. Retryable after `retry_after`.
     #[error("rate limited by Zendesk (retry after {retry_after:?})")]
-    RateLimited { retry_after: Duration },
+    RateLimited {
+        /// From `Retry-After`: 60 s when absent or unreadable, clamped to 1 s ..= 1 h.
+        retry_after: Duration,
+    },
     /// 408, 5xx, timeouts, dropped connections, truncated or malformed bodies: retryable.
     #[error("transient Zendesk error{}: {message}", status.map(|s| format!(" (HTTP {s})")).unwrap_or_default())]
     Transient {
+        /// The HTTP status; `None` when no response arrived (timeout, connection error).
         status: Option<u16>,
+        /// What went wrong, for logs.
         message: String,
     },
     /// 401/403: the credentials or the role are wrong. Not retried.
     #[error("Zendesk refused the credentials (HTTP {status}): {message}")]
-    Auth { status: u16, message: String },
+    Auth {
+        /// 401 or 403.
+        status: u16,
+        /// Zendesk's own text.
+        message: String,
+    },
     /// Any other 4xx: permanent. `reason` is what Zendesk's error code and `details` mean, read
     /// once here; `message` is Zendesk's own text (error, description, details).
     #[error("Zendesk rejected the request (HTTP {status}): {message}")]
     Permanent {
+        /// The HTTP status (4xx).
         status: u16,
+        /// What the refusal means to the caller.
         reason: Rejection,
+        /// Zendesk's own text (error, description, details).
         message: String,
     },
     /// Nothing was sent: the request could not be built (a bad base URL or path, an invalid
     /// header, a body that does not serialize, an argument Zendesk would refuse). Not retried.
     #[error("Zendesk request not sent: {message}")]
-    Local { message: String },
+    Local {
+        /// What could not be built.
+        message: String,
+    },
 }
 
 /// What a permanent refusal means to a caller, from Zendesk's error code and `details`
@@ -51,7 +67,10 @@ pub enum ZendeskError {
 pub enum Rejection {
     /// 422 `RecordInvalid` with a `details.<field>[].error` of `DuplicateValue` (or `taken`): the
     /// value must be unique and another record has it (an email, an organization name).
-    Duplicate { field: String },
+    Duplicate {
+        /// The field whose value is taken, e.g. `email` or `name`.
+        field: String,
+    },
     /// 422 on a closed ticket (`details.status[]`: "Status closed prevents ticket update"): only a
     /// follow-up ticket can take the comment.
     TicketClosed,

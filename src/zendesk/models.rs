@@ -19,25 +19,39 @@ pub(crate) fn format_time(secs: i64) -> String {
         .unwrap_or_default()
 }
 
+/// A Zendesk user (end-user, agent or admin), as read from `users/show_many` and the user export.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct User {
+    /// Zendesk user id.
     pub id: i64,
+    /// API URL of the user record.
     pub url: Option<String>,
+    /// Display name; `None` when Zendesk sends none.
     pub name: Option<String>,
+    /// Primary email address, if any.
     pub email: Option<String>,
+    /// Primary phone as typed in Zendesk (not normalized); `None` when unset.
     pub phone: Option<String>,
+    /// Whether `phone` is shared with other users, so it does not identify this one alone.
     pub shared_phone_number: Option<bool>,
     /// `end-user`, `agent` or `admin`.
     pub role: Option<String>,
+    /// The user's organization, if any.
     pub organization_id: Option<i64>,
+    /// The id of the user in an external system, if set.
     pub external_id: Option<String>,
     /// `false` once the user is deleted.
     pub active: Option<bool>,
+    /// `true` once the user is suspended; suspended users count as inactive.
     pub suspended: Option<bool>,
+    /// `true` once the user's data is permanently deleted.
     pub permanently_deleted: Option<bool>,
+    /// Creation time, ISO-8601 (see [`parse_time`]).
     pub created_at: Option<String>,
+    /// Last update time, ISO-8601 (see [`parse_time`]).
     pub updated_at: Option<String>,
+    /// Custom user fields by key; `None` in export pages (decoded lean).
     pub user_fields: Option<Map<String, Value>>,
 }
 
@@ -53,17 +67,24 @@ impl User {
     }
 }
 
+/// A user identity (email, phone number, …) from `users/{id}/identities` or the `identities` sideload.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Identity {
+    /// Identity id.
     pub id: i64,
+    /// The user the identity belongs to.
     pub user_id: i64,
     /// `email`, `phone_number`, …
     #[serde(rename = "type")]
     pub kind: Option<String>,
+    /// The address itself: an email, or a phone number as typed.
     pub value: Option<String>,
+    /// Whether the user verified this identity.
     pub verified: Option<bool>,
+    /// Whether this is the user's primary identity of its kind.
     pub primary: Option<bool>,
+    /// Last update time, ISO-8601.
     pub updated_at: Option<String>,
 }
 
@@ -73,33 +94,50 @@ impl Identity {
     }
 }
 
+/// One custom field value on a ticket (`custom_fields[]`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct CustomField {
+    /// The ticket field id (see [`crate::zendesk`] field definitions).
     pub id: i64,
+    /// The value; `null` when unset, else a string, number, bool or list depending on the field type.
     #[serde(default)]
     pub value: Value,
 }
 
+/// A Zendesk ticket, as read from the API or the ticket export (decoded lean there).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Ticket {
+    /// Ticket id.
     pub id: i64,
+    /// API URL of the ticket.
     pub url: Option<String>,
+    /// Subject line, if any.
     pub subject: Option<String>,
     /// `new|open|pending|hold|solved|closed`, and `deleted` in exports.
     pub status: Option<String>,
+    /// `urgent|high|normal|low`, or `None` when unset.
     pub priority: Option<String>,
+    /// `problem|incident|question|task`, or `None` when unset.
     #[serde(rename = "type")]
     pub kind: Option<String>,
+    /// The end user the ticket is for.
     pub requester_id: Option<i64>,
+    /// The user who submitted the ticket (can be an agent).
     pub submitter_id: Option<i64>,
+    /// The assigned agent; `None` while unassigned.
     pub assignee_id: Option<i64>,
+    /// The ticket's organization, if any.
     pub organization_id: Option<i64>,
+    /// Creation time, ISO-8601.
     pub created_at: Option<String>,
+    /// Last update time, ISO-8601.
     pub updated_at: Option<String>,
     /// Export rows only: the clock the ticket export runs on.
     pub generated_timestamp: Option<i64>,
+    /// Custom field values; `None` in export pages (decoded lean).
     pub custom_fields: Option<Vec<CustomField>>,
+    /// Tags; `None` in export pages (decoded lean).
     pub tags: Option<Vec<String>>,
 }
 
@@ -113,17 +151,25 @@ impl Ticket {
     }
 }
 
+/// A Zendesk organization.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Organization {
+    /// Organization id.
     pub id: i64,
+    /// API URL of the organization.
     pub url: Option<String>,
+    /// Organization name, if any.
     pub name: Option<String>,
+    /// The id of the organization in an external system, if set.
     pub external_id: Option<String>,
+    /// Creation time, ISO-8601.
     pub created_at: Option<String>,
+    /// Last update time, ISO-8601.
     pub updated_at: Option<String>,
     /// Set on organizations deleted since (organizations export).
     pub deleted_at: Option<String>,
+    /// Custom organization fields by key, if any.
     pub organization_fields: Option<Map<String, Value>>,
 }
 
@@ -200,12 +246,16 @@ fn lean_tickets<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Ticket>, D
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default)]
 pub struct UsersCursorPage {
+    /// The users on this page, in export order.
     #[serde(deserialize_with = "lean_users")]
     pub users: Vec<User>,
     /// Present only when the export honoured `include=identities` (unverified on real Zendesk).
     pub identities: Option<Vec<Identity>>,
+    /// Cursor to resume the export after this page; kept as the follower's checkpoint.
     pub after_cursor: Option<String>,
+    /// URL of the next page; `None` at the end of the stream.
     pub after_url: Option<String>,
+    /// `true` when this page reaches the present: poll again later with `after_cursor`.
     pub end_of_stream: bool,
 }
 
@@ -213,10 +263,14 @@ pub struct UsersCursorPage {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default)]
 pub struct TicketsCursorPage {
+    /// The tickets on this page (deleted ones have status `deleted`).
     #[serde(deserialize_with = "lean_tickets")]
     pub tickets: Vec<Ticket>,
+    /// Cursor to resume the export after this page; kept as the follower's checkpoint.
     pub after_cursor: Option<String>,
+    /// URL of the next page; `None` at the end of the stream.
     pub after_url: Option<String>,
+    /// `true` when this page reaches the present: poll again later with `after_cursor`.
     pub end_of_stream: bool,
 }
 
@@ -242,10 +296,15 @@ pub struct SearchExportMeta {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default)]
 pub struct OrganizationsPage {
+    /// The organizations changed since the requested start time.
     pub organizations: Vec<Organization>,
+    /// Number of organizations on this page.
     pub count: Option<i64>,
+    /// URL of the next page (carries the next `start_time`).
     pub next_page: Option<String>,
+    /// Unix seconds to start the next request at; the follower's checkpoint.
     pub end_time: Option<i64>,
+    /// `true` when this page reaches the present.
     pub end_of_stream: bool,
 }
 
