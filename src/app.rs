@@ -607,6 +607,7 @@ impl Service {
                 queue,
                 worker: worker_handle,
                 writer: writer.clone(),
+                shared_writer: replica.is_some().then(|| shared_writer.clone()),
             }),
             metrics: metrics.clone(),
         });

@@ -64,6 +64,18 @@ impl Replica {
         postgres_url: &str,
         env: &[(&str, &str)],
     ) -> Replica {
+        Self::start_with(dir, name, sim, postgres_url, env, "").await
+    }
+
+    /// [`Replica::start_env`] with `toml` appended to the configuration (after `[sync]`).
+    async fn start_with(
+        dir: &Path,
+        name: &str,
+        sim: &SimHandle,
+        postgres_url: &str,
+        env: &[(&str, &str)],
+        toml: &str,
+    ) -> Replica {
         let addr = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -77,7 +89,7 @@ impl Replica {
         let config = dir.join("deskline.toml");
         let extra = format!(
             "postgres_url = \"{postgres_url}\"\n[server]\nlisten = \"{addr}\"\nmetrics_listen = \"{metrics}\"\n[index]\npoll_seconds = 3600\n\
-             [sync]\nlease_seconds = 2\nsenior_manager = \"Olena Petrenko\"\n"
+             [sync]\nlease_seconds = 2\nsenior_manager = \"Olena Petrenko\"\n{toml}"
         );
         std::fs::write(&config, config_text(sim, &dir.join("data"), &extra)).unwrap();
         let log = dir.join("deskline.log");
@@ -870,6 +882,106 @@ async fn a_call_synced_by_one_replica_routes_on_another_within_a_second() {
         1
     );
     eprintln!("sync on A → answer on B: {samples:?}");
+    sim.shutdown().await;
+}
+
+/// Sticky routing across replicas: a call reported to A makes its employee the caller's last-call
+/// agent on B within a second, at acceptance, not when its sync gets to it: Zendesk is down and an
+/// earlier report of the same number holds the number's queue, so only `ReportCall`'s own write to
+/// the change log can carry it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_reported_to_one_replica_is_the_last_call_on_another_within_a_second() {
+    let Some(schema) = TestSchema::new().await else {
+        return;
+    };
+    let mut store = account();
+    let n = number(7100);
+    store.create_user(customer("Taras Bondar", &n)).unwrap();
+    let sim = start_sim(store, |_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = schema.url();
+    let sticky = "[routing]\nrecent_days = 30\n[routing.directory]\n\"Olena Petrenko\" = \"101\"\n";
+    let (a, b) = tokio::join!(
+        Replica::start_with(dir.path(), "a", &sim, &url, &[], sticky),
+        Replica::start_with(dir.path(), "b", &sim, &url, &[], sticky),
+    );
+    let (mut ga, mut gb) = (a.grpc().await, b.grpc().await);
+    let route = |g: &mut ResolverClient<Channel>| {
+        let mut g = g.clone();
+        let n = n.clone();
+        async move {
+            g.route_call(proto::RouteCallRequest {
+                caller: n,
+                ..Default::default()
+            })
+            .await
+            .map(tonic::Response::into_inner)
+        }
+    };
+    for g in [&mut ga, &mut gb] {
+        let first = eventually("the replica's index loaded", DEADLINE, || {
+            let f = route(g);
+            async move { f.await.ok() }
+        })
+        .await;
+        assert_eq!(first.decision(), proto::Decision::DefaultRouting);
+    }
+    sim.set_faults(Faults {
+        down: true,
+        ..Faults::default()
+    });
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    // The earlier call: its sync finds the customer in the index, then waits on Zendesk, holding
+    // the number (one job of a number at a time, in order); its employee is not an agent.
+    let mut earlier = report("sticky-0", &n);
+    earlier.employee_name = "Somebody Else".into();
+    earlier.started_at = Some(prost_types::Timestamp {
+        seconds: now.as_secs() as i64 - 120,
+        nanos: 0,
+    });
+    ga.report_call(earlier).await.unwrap();
+    eventually(
+        "the earlier call's sync waiting on Zendesk",
+        DEADLINE,
+        || {
+            let mut ga = ga.clone();
+            async move {
+                let st = ga
+                    .get_call_status(GetCallStatusRequest {
+                        call_id: "sticky-0".into(),
+                    })
+                    .await
+                    .ok()?
+                    .into_inner();
+                (st.attempts > 0).then_some(())
+            }
+        },
+    )
+    .await;
+    let mut call = report("sticky-1", &n);
+    call.started_at = Some(prost_types::Timestamp {
+        seconds: now.as_secs() as i64 - 60,
+        nanos: 0,
+    });
+    ga.report_call(call).await.unwrap();
+    let acked = tokio::time::Instant::now();
+    loop {
+        let r = route(&mut gb).await.unwrap();
+        if r.basis() == proto::Basis::LastCall {
+            assert_eq!(r.decision(), proto::Decision::RouteToAgent, "{r:?}");
+            assert_eq!(r.agent.as_ref().map(|a| a.extension.as_str()), Some("101"));
+            break;
+        }
+        assert!(
+            acked.elapsed() < Duration::from_secs(1),
+            "the call reported to A is not B's last call 1 s later: {r:?}\n{}",
+            b.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    eprintln!("ReportCall on A → LAST_CALL on B: {:?}", acked.elapsed());
     sim.shutdown().await;
 }
 

@@ -146,8 +146,12 @@ pub struct SyncApi {
     pub queue: crate::sync::JobStore,
     /// Wakes the sync worker when a job is queued.
     pub worker: crate::sync::WorkerHandle,
-    /// An accepted report's call becomes its customers' last call (rule 7) through this.
+    /// An accepted report's call becomes its customers' last call (rule 7) through this, at once
+    /// on this replica.
     pub writer: crate::index::IndexWriter,
+    /// With replicas: the writer through the shared change log, so the other replicas learn the
+    /// call too (in the background: `ReportCall` does not wait on the log).
+    pub shared_writer: Option<crate::index::IndexWriter>,
 }
 
 #[derive(Clone)]
@@ -314,6 +318,14 @@ impl ResolverService {
             // Rule 7's last call counts from the moment the report is accepted, not when Zendesk
             // has it (a sync can wait minutes on the budget). A first report only: the first wins.
             if let Some(change) = report.call_taken() {
+                if let (Some(shared), Some(again)) = (&sync.shared_writer, report.call_taken()) {
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        // Failing here only leaves the other replicas to learn the call when
+                        // its sync writes it (the worker records it through the log too).
+                        let _ = shared.apply(again).await;
+                    });
+                }
                 if sync.writer.apply(change).await.is_err() {
                     // The report is stored and will sync; only the routing memory missed it.
                     tracing::error!(call_id = %report.call_id, "the index writer has stopped: the call is not remembered for routing");
