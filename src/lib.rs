@@ -26,7 +26,7 @@
 //! shares no wire types with the client it tests; `deskline sim` and `deskline demo` link it through
 //! the default-on `sim` feature.
 #![forbid(unsafe_code)]
-#![warn(unreachable_pub)]
+#![warn(unreachable_pub, missing_docs)]
 
 pub mod app;
 pub(crate) mod check;

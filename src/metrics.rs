@@ -120,10 +120,15 @@ pub(crate) mod names {
 /// The gauges of a replica sharing its index through PostgreSQL (`crate::replica` sets them).
 #[derive(Debug, Clone, Default)]
 pub struct ReplicaGauges {
+    /// [`names::FOLLOWER_LEASE_HELD`].
     pub lease_held: prometheus_client::metrics::gauge::Gauge,
+    /// [`names::FOLLOWER_LEASE_EPOCH`].
     pub lease_epoch: prometheus_client::metrics::gauge::Gauge,
+    /// [`names::CHANGELOG_APPLIED_SEQ`].
     pub applied_seq: prometheus_client::metrics::gauge::Gauge,
+    /// [`names::CHANGELOG_BEHIND`].
     pub behind: prometheus_client::metrics::gauge::Gauge,
+    /// [`names::CHANGELOG_LAG_SECONDS`].
     pub lag_seconds: prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 

@@ -157,6 +157,7 @@ pub enum ReasonKind {
 }
 
 impl ReasonKind {
+    /// Every kind, in the order of the metric's labels.
     pub const ALL: [ReasonKind; 7] = [
         Self::Routed,
         Self::NoCustomer,
@@ -183,6 +184,7 @@ impl ReasonKind {
 /// What routed a call (DESIGN §2 `basis`); [`Basis::None`] for default routing.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub enum Basis {
+    /// Default routing: nothing routed the call.
     #[default]
     None,
     /// Rule 4: the owner of an open ticket.
@@ -197,6 +199,7 @@ pub enum Basis {
 /// the time it ends at (the decision stays a pure function: the caller passes the clock).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fallback {
+    /// The window in days; 0 turns rule 7 off.
     pub recent_days: u32,
     /// Unix seconds.
     pub now: i64,
@@ -209,6 +212,7 @@ impl Fallback {
         now: 0,
     };
 
+    /// Rule 7 with a window of `recent_days` ending at `now` (Unix seconds).
     pub fn new(recent_days: u32, now: i64) -> Self {
         Self { recent_days, now }
     }

@@ -462,7 +462,9 @@ pub(crate) fn route_to_proto(
 /// How complete and how old the index behind an answer is.
 #[derive(Debug, Clone, Copy)]
 pub struct Freshness {
+    /// Milliseconds since the exports were last read to their end (`index_age_ms`).
     pub age_ms: i64,
+    /// `WARMING` during a first start's bootstrap, else `READY` (`index_state`).
     pub state: proto::IndexState,
 }
 

@@ -384,8 +384,11 @@ pub struct TicketRef<'a> {
 /// A customer's most recently updated solved or closed ticket (DESIGN §3 rule 7).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DoneTicketRef {
+    /// The Zendesk ticket id.
     pub id: i64,
+    /// The customer it belongs to.
     pub requester_id: i64,
+    /// Its assignee when it was solved or closed; `None` when it had none.
     pub assignee_id: Option<i64>,
     /// `solved` or `closed`.
     pub status: &'static str,
@@ -396,7 +399,9 @@ pub struct DoneTicketRef {
 /// The most recent call of a customer reported to Deskline and the agent who took it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CallRef {
+    /// The customer who called.
     pub customer_id: i64,
+    /// The agent (matched by full name) who took the call.
     pub agent_id: i64,
     /// Unix seconds of the call's start.
     pub started_at: i64,
@@ -1017,6 +1022,8 @@ impl Index {
         self.warming && !self.loaded
     }
 
+    /// Marks the index as answering before it is complete (a bootstrap's first phase is in);
+    /// `loaded` ends it.
     pub fn set_warming(&mut self) {
         self.warming = true;
     }

@@ -58,7 +58,9 @@ pub enum Change {
     /// customers on `phone` (DESIGN §3 rule 7, `LAST_CALL`). The employee's full name is matched
     /// to an active agent here, by [`super::name_key`]; a name that matches none records nothing.
     CallTaken {
+        /// The caller's number: every customer with it gets the call.
         phone: crate::phone::E164,
+        /// The employee's full name as the PBX reported it.
         employee_name: String,
         /// Unix seconds.
         started_at: i64,
@@ -118,6 +120,7 @@ pub enum Published {
 /// whose subscriber applies them back through [`IndexWriter::apply_replicated`]. `payload` is a
 /// postcard-encoded `Vec<Change>`.
 pub trait Publish: Send + Sync + 'static {
+    /// Appends `payload` to the log and says what became of it (see [`Published`]).
     fn publish(
         &self,
         payload: Vec<u8>,

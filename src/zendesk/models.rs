@@ -279,16 +279,21 @@ pub struct TicketsCursorPage {
 /// (`page[after]`; the cursor expires an hour after it was issued), `links.next` the same as a URL.
 #[derive(Debug, Clone, Deserialize)]
 pub struct SearchExportPage<T> {
+    /// The records of this page (up to `page[size]`).
     #[serde(default = "Vec::new")]
     pub results: Vec<T>,
+    /// Whether there is a next page, and its cursor.
     #[serde(default)]
     pub meta: SearchExportMeta,
 }
 
+/// The `meta` object of a search-export page.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct SearchExportMeta {
+    /// `true` while more pages follow.
     #[serde(default)]
     pub has_more: bool,
+    /// The cursor for `page[after]`; expires an hour after it was issued.
     pub after_cursor: Option<String>,
 }
 
