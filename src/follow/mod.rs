@@ -817,4 +817,58 @@ mod tests {
         assert_eq!(backoff(2, poll), Duration::from_secs(10));
         assert_eq!(backoff(20, poll), Duration::from_secs(300));
     }
+
+    /// The users export waits while more than `MAX_PENDING_IDENTITIES` users wait for their
+    /// identities, and goes on as soon as a fetched batch brings the count to the bound.
+    #[tokio::test]
+    async fn the_users_export_waits_while_too_many_identities_are_pending() {
+        let writer = IndexWriter::spawn(Index::new());
+        let over: Vec<i64> = (1..=MAX_PENDING_IDENTITIES as i64 + 100).collect();
+        writer.apply(Change::IdentitiesPending(over)).await.unwrap();
+        let client = Client::new(crate::zendesk::ClientOptions {
+            base_url: "http://127.0.0.1:9".into(),
+            credentials: crate::zendesk::Credentials::ApiToken {
+                email: "a@b.test".into(),
+                token: secrecy::SecretString::from("t"),
+            },
+            requests_per_minute: 100,
+            export_requests_per_minute: 10,
+            timeout: Duration::from_secs(1),
+            max_retries: 0,
+        })
+        .unwrap();
+        let (follower, _) = Follower::new(
+            client,
+            writer.clone(),
+            PhoneParser::new("UA").unwrap(),
+            FollowerOptions::new(Duration::from_secs(60), "unused.snapshot".into()),
+        );
+        let follower = Arc::new(follower);
+        let mut waiting = tokio::spawn({
+            let f = follower.clone();
+            async move { f.wait_for_identity_fetches().await }
+        });
+        // Still over the bound: it keeps waiting, through a wake-up and past its 1 s re-check.
+        follower.identities_fetched.notify_waiters();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(1500), &mut waiting)
+                .await
+                .is_err(),
+            "the export went on with too many identities pending"
+        );
+        // A fetched batch of 100 brings the count to the bound: the export goes on.
+        writer
+            .apply(Change::IdentitiesFetched((1..=100).collect()))
+            .await
+            .unwrap();
+        follower.identities_fetched.notify_waiters();
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("the export goes on once the bound holds")
+            .unwrap();
+        assert_eq!(
+            follower.index.read().pending_identities_len(),
+            MAX_PENDING_IDENTITIES
+        );
+    }
 }
