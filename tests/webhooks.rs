@@ -231,6 +231,23 @@ async fn changes_reach_routing_within_a_second_through_webhooks() {
     }
     eprintln!("identity seen after {:?}", t0.elapsed());
 
+    // 3b. the assignee renamed (`user.name_changed`): the directory no longer maps the owner; and
+    // back.
+    for (name, want_ext) in [("Mykola Renamed", ""), ("Mykola Ivanenko", "102")] {
+        sim.with_store(|s| {
+            s.update_user(
+                mykola,
+                UserPatch {
+                    name: Some(name.into()),
+                    ..Default::default()
+                },
+            )
+        })
+        .unwrap();
+        let took = route_within_1s(&mut c, "+380441234567", "rename", |r| ext(r) == want_ext).await;
+        eprintln!("rename to {name:?} seen after {took:?}");
+    }
+
     // 4. the ticket's assignee demoted to end-user (`user.role_changed`): passed over. (A
     // suspension has no user event in Zendesk; `suspension_without_an_event_is_repaired_by_the_export`
     // covers it.)

@@ -158,6 +158,9 @@ struct TicketSeen {
 struct UserSeen {
     role: Role,
     active: bool,
+    name: Box<str>,
+    /// 0: none.
+    organization: i64,
     /// `(identity id, value)` of its live identities.
     identities: Vec<(i64, Box<str>)>,
 }
@@ -186,6 +189,8 @@ fn user_seen(s: &Store, id: i64) -> Option<UserSeen> {
     s.user_rec(id).map(|u| UserSeen {
         role: u.role,
         active: u.active,
+        name: u.name.clone(),
+        organization: u.organization_id,
         identities: u.identities().map(|i| (i.id, i.value.into())).collect(),
     })
 }
@@ -339,6 +344,28 @@ fn diff_user(s: &Store, id: i64, before: Option<&UserSeen>, out: &mut Vec<Event>
                 ));
             }
             // A suspension sends no event: Zendesk's user-events reference has no type for it.
+            if b.name != now.name {
+                kinds.push((
+                    "user.name_changed",
+                    json!({ "current": &*now.name, "previous": &*b.name }),
+                ));
+            }
+            if b.organization != now.organization {
+                // The membership payload's `event` shape is UNVERIFIED; Deskline reads the user
+                // again on any user event, so only the type matters to it.
+                if b.organization != 0 {
+                    kinds.push((
+                        "user.organization_membership_deleted",
+                        json!({ "previous": { "organization_id": sid(b.organization) } }),
+                    ));
+                }
+                if now.organization != 0 {
+                    kinds.push((
+                        "user.organization_membership_created",
+                        json!({ "current": { "organization_id": sid(now.organization) } }),
+                    ));
+                }
+            }
             if b.role != now.role {
                 kinds.push((
                     "user.role_changed",

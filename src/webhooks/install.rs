@@ -35,7 +35,7 @@ pub(crate) const TICKET_EVENTS: [&str; 7] = [
 /// default group, details, external id, group, identity, last login, name, notes, organization,
 /// photo, role, tags, time zone changes, and created/deleted/merged): a suspension reaches the
 /// index through the export follower, within its usual lag.
-pub(crate) const USER_EVENTS: [&str; 8] = [
+pub(crate) const USER_EVENTS: [&str; 11] = [
     "zen:event-type:user.created",
     "zen:event-type:user.active_changed",
     "zen:event-type:user.role_changed",
@@ -44,6 +44,11 @@ pub(crate) const USER_EVENTS: [&str; 8] = [
     "zen:event-type:user.identity_deleted",
     "zen:event-type:user.deleted",
     "zen:event-type:user.merged",
+    // The agent's name is the directory's key (rule 5) and the customer's is caller ID's.
+    "zen:event-type:user.name_changed",
+    // Caller ID shows the customer's organization.
+    "zen:event-type:user.organization_membership_created",
+    "zen:event-type:user.organization_membership_deleted",
 ];
 pub(crate) const WEBHOOK_NAME: &str = "Deskline index";
 pub(crate) const USERS_WEBHOOK_NAME: &str = "Deskline index (users)";
