@@ -739,7 +739,8 @@ async fn sigkill_of_the_follower_hands_the_exports_to_another_replica() {
         .await;
     }
     let (holder, epoch) = lease_holder(&schema, &replicas.iter().collect::<Vec<_>>()).await;
-    // A few polls later, still only the holder reads the exports.
+    // A negative check, so an observation window rather than a condition: over 3 s in which the
+    // others keep trying the lease, still only the holder has read the exports.
     tokio::time::sleep(Duration::from_secs(3)).await;
     for (i, r) in replicas.iter().enumerate() {
         let warmups = r.log_count("warm-up: reading");

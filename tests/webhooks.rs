@@ -153,6 +153,33 @@ async fn route_within_1s(
     }
 }
 
+/// Waits (at most 1 s) for `LookupCaller(number)` to find a customer, returning how long it took.
+async fn found_within_1s(
+    c: &mut proto::resolver_client::ResolverClient<tonic::transport::Channel>,
+    number: &str,
+    what: &str,
+) -> Duration {
+    let t0 = Instant::now();
+    loop {
+        let found = c
+            .lookup_caller(LookupCallerRequest {
+                number: number.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .found;
+        if found {
+            return t0.elapsed();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(1),
+            "{what}: not within 1 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_reach_routing_within_a_second_through_webhooks() {
     let (mut store, a) = one_ticket_account("+380441234567");
@@ -221,15 +248,8 @@ async fn changes_reach_routing_within_a_second_through_webhooks() {
     assert!(!lookup("+380443330000").await.found);
     sim.with_store(|s| s.add_phone_identity(a.customer, "+380443330000"))
         .unwrap();
-    let t0 = Instant::now();
-    while !lookup("+380443330000").await.found {
-        assert!(
-            t0.elapsed() < Duration::from_secs(1),
-            "identity not within 1 s"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    eprintln!("identity seen after {:?}", t0.elapsed());
+    let took = found_within_1s(&mut c, "+380443330000", "identity").await;
+    eprintln!("identity seen after {took:?}");
 
     // 3b. the assignee renamed (`user.name_changed`): the directory no longer maps the owner; and
     // back.
@@ -651,25 +671,12 @@ async fn trigger_variant_delivers_ticket_changes() {
     // A user event, through the second webhook and verified with its own secret.
     sim.with_store(|s| s.add_phone_identity(a.customer, "+380443330001"))
         .unwrap();
-    let t0 = Instant::now();
-    loop {
-        let found = c
-            .lookup_caller(LookupCallerRequest {
-                number: "+380443330001".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .found;
-        if found {
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(1),
-            "user event through the users webhook not within 1 s"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    found_within_1s(
+        &mut c,
+        "+380443330001",
+        "user event through the users webhook",
+    )
+    .await;
     assert_eq!(
         service.metrics().webhook_count(WebhookResult::BadSignature),
         0
