@@ -562,12 +562,12 @@ async fn duplicated_and_reordered_deliveries_equal_a_clean_warm_up() {
                     .unwrap();
             }
             _ => {
-                // A role change has an event (a suspension has none in Zendesk).
-                let role = [Role::EndUser, Role::Agent][rng.random_range(0..2)];
+                // A rename has an event (a suspension has none in Zendesk).
+                let name = ["Taras Shevchenko", "Taras Bondar"][rng.random_range(0..2)];
                 s.update_user(
                     customer,
                     UserPatch {
-                        role: Some(role),
+                        name: Some(name.into()),
                         ..Default::default()
                     },
                 )
