@@ -342,12 +342,26 @@ fn spawn_saver() -> std_mpsc::Sender<SaveJob> {
     std::thread::Builder::new()
         .name("index-snapshot".into())
         .spawn(move || {
+            lower_priority();
             for (frozen, path, reply) in rx {
                 let _ = reply.send(snapshot::save_frozen(&frozen, &path));
             }
         })
         .expect("spawn the snapshot thread");
     tx
+}
+
+/// Gives the calling thread (the snapshot encoder) the lowest CPU priority: a save is a few hundred
+/// milliseconds of CPU a few times an hour and can wait, while the writer thread and the tokio
+/// workers answering RPCs cannot. On two shared cores an encoder at the same priority preempted the
+/// writer while it held the index lock for a few microseconds, and every lookup then waited a
+/// scheduler slice (milliseconds) for it. On Linux the nice value is per thread, so this touches no
+/// other thread; elsewhere, or if refused, the save simply runs at normal priority.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 19) {
+        tracing::debug!(error = %e, "the snapshot thread keeps its priority");
+    }
 }
 
 /// Applies one change, handing the lock to waiting readers every [`PIECE`] records.
