@@ -367,6 +367,7 @@ impl Follower {
             let page = self.client.export_users(&start, true, PER_PAGE).await?;
             let parser = self.parser.clone();
             let versions = self.webhooks.as_ref().map(|(_, v)| v.clone());
+            let index = self.index.clone();
             // Phone parsing is most of a user's cost: done here, ahead of and outside the lock.
             let prepared = tokio::task::spawn_blocking(move || {
                 let UsersCursorPage {
@@ -377,11 +378,13 @@ impl Follower {
                     ..
                 } = page;
                 let records = users.len() as u64;
-                // Rows older than what webhooks applied would step those users back.
+                // Rows older than what webhooks applied would step those users back; rows of
+                // the same second are read again through the webhook applier.
                 if let Some(v) = versions {
+                    let idx = crate::index::read_for_lookup(&index);
                     let older: Vec<i64> = users
                         .iter()
-                        .filter(|u| v.export_user_is_older(u))
+                        .filter(|u| !v.keep_export_user(&idx, u))
                         .map(|u| u.id)
                         .collect();
                     if !older.is_empty() {
@@ -441,12 +444,12 @@ impl Follower {
             })
         };
         // With webhooks: rows older than what webhooks applied are skipped (they would step the
-        // index back), and rows that change what the index holds are counted as missed by
+        // index back), rows of the same second with another state are read again, and rows that change what the index holds are counted as missed by
         // webhooks. Read under a short lookup lock; the writer applies the rest.
         let apply = |mut tickets: Vec<Ticket>| {
             if let Some((metrics, versions)) = &self.webhooks {
-                tickets.retain(|t| !versions.export_row_is_older(t));
                 let idx = crate::index::read_for_lookup(&self.index);
+                tickets.retain(|t| versions.keep_export_ticket(&idx, t));
                 if idx.is_loaded() {
                     let missed = tickets.iter().filter(|t| webhooks_missed(&idx, t)).count();
                     if missed > 0 {

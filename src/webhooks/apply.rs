@@ -9,14 +9,29 @@
 //! order are told apart by the digest: same second, different state is *ambiguous* and the ticket
 //! is read from Zendesk, whose answer is the current state and wins.
 //!
+//! The export follower asks the same memory about its rows ([`Versions::keep_export_ticket`],
+//! [`Versions::keep_export_user`]): a row older than what webhooks applied is skipped, and a row of
+//! the *same second* with a different state is ambiguous too — the page may have been read before
+//! or after the webhook's read — so it is skipped and the entity read again through the applier
+//! ([`Versions::refetch_through`]), whose answer is current. Applying such a row instead could put
+//! the older of two same-second states back for good: the export's cursor has moved past it and
+//! no further event comes (a customer made an agent and back within a second, say).
+//!
 //! All writes go through [`apply_change`], which hands them to the index's one writer
 //! ([`IndexWriter`]) and returns once they are visible.
 
-use std::{hash::BuildHasher as _, sync::Arc, time::Duration};
+use std::{
+    hash::BuildHasher as _,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
+
+use tokio::sync::mpsc;
 
 use crate::{
-    index::{Change, IndexWriter, SharedIndex, UserBatch, WriterStopped},
+    index::{Change, Index, IndexWriter, SharedIndex, UserBatch, WriterStopped},
     phone::PhoneParser,
+    webhooks::parse::Change as Event,
     zendesk::models::{Identity, Ticket, User, parse_time},
 };
 
@@ -78,6 +93,8 @@ pub(crate) enum Verdict {
 pub(crate) struct Versions {
     tickets: moka::sync::Cache<i64, (i64, u64)>,
     users: moka::sync::Cache<i64, (i64, u64)>,
+    /// The applier's queue, for entities an export row left ambiguous (see the module doc).
+    refetch: Arc<OnceLock<mpsc::Sender<Event>>>,
 }
 
 impl Default for Versions {
@@ -91,6 +108,7 @@ impl Default for Versions {
         Self {
             tickets: cache(),
             users: cache(),
+            refetch: Arc::default(),
         }
     }
 }
@@ -130,10 +148,17 @@ fn newer(a: Option<(i64, u64)>, b: Option<(i64, u64)>) -> Option<(i64, u64)> {
 impl Versions {
     /// Whether a ticket from an event's `detail` is newer than what is known of it.
     pub(crate) fn judge_ticket(&self, index: &SharedIndex, t: &Ticket) -> Verdict {
+        self.judge_ticket_in(&index.read(), t)
+    }
+
+    /// [`Versions::judge_ticket`] under a lock the caller holds. What the index holds counts too:
+    /// with replicas, a webhook applied by another replica reaches this one's index through the
+    /// change log, not this memory.
+    fn judge_ticket_in(&self, index: &Index, t: &Ticket) -> Verdict {
         let Some(at) = t.updated_at.as_deref().and_then(parse_time) else {
             return Verdict::Ambiguous;
         };
-        let held = index.read().open_ticket(t.id).map(|r| {
+        let held = index.open_ticket(t.id).map(|r| {
             let d = ticket_digest(
                 r.status,
                 r.requester_id,
@@ -154,15 +179,53 @@ impl Versions {
         newer(self.tickets.get(&t.id), held).is_none_or(|(k, _)| at >= k)
     }
 
-    /// For the export follower: whether an export row is strictly older than what webhooks already
-    /// applied. Export rows show a record's state when the page was read; a page read just before a
-    /// webhook change and applied just after it would otherwise step the record back until the
-    /// next poll.
-    pub(crate) fn export_row_is_older(&self, t: &Ticket) -> bool {
-        let Some(at) = t.updated_at.as_deref().and_then(parse_time) else {
-            return false;
+    /// Where ambiguous export rows are sent to be read again: the webhook applier's queue.
+    pub(crate) fn refetch_through(&self, tx: mpsc::Sender<Event>) {
+        let _ = self.refetch.set(tx);
+    }
+
+    /// For the export follower: whether to apply an export row of a ticket. Export rows show a
+    /// record's state when the page was read; a page read just before a webhook change and applied
+    /// just after it would otherwise step the record back until the next poll. A row older than
+    /// what webhooks applied is skipped; one of the same second with another state is skipped and
+    /// the ticket read again (see the module doc).
+    pub(crate) fn keep_export_ticket(&self, index: &Index, t: &Ticket) -> bool {
+        if t.updated_at.as_deref().and_then(parse_time).is_none() {
+            return true;
+        }
+        match self.judge_ticket_in(index, t) {
+            Verdict::Apply => true,
+            Verdict::Stale => false,
+            Verdict::Ambiguous => !self.refetch(Event::FetchTicket(t.id)),
+        }
+    }
+
+    /// As [`Versions::keep_export_ticket`], for a row of the users export: skipped when older than
+    /// what webhooks applied or the index holds; read again when of the same second as what
+    /// webhooks applied here. Users have no digest (their phones come in a separate list), so any
+    /// such row is ambiguous; a row of the same second as the index's record alone (the sync's own
+    /// write, read back by the export) is applied, as it would be without webhooks.
+    pub(crate) fn keep_export_user(&self, index: &Index, u: &User) -> bool {
+        let Some(at) = u.updated_at.as_deref().and_then(parse_time) else {
+            return true;
         };
-        self.tickets.get(&t.id).is_some_and(|(k, _)| at < k)
+        let held = index.customer(u.id).map(|c| c.updated_at);
+        if held.is_some_and(|h| at < h) {
+            return false;
+        }
+        match self.users.get(&u.id) {
+            Some((k, _)) if at < k => false,
+            Some((k, _)) if at == k => !self.refetch(Event::FetchUser(u.id)),
+            _ => true,
+        }
+    }
+
+    /// Queues a read of the entity; false (the row is applied after all) without an applier or
+    /// when its queue is full.
+    fn refetch(&self, event: Event) -> bool {
+        self.refetch
+            .get()
+            .is_some_and(|tx| tx.try_send(event).is_ok())
     }
 
     pub(crate) fn applied_ticket(&self, t: &Ticket) {
@@ -178,14 +241,6 @@ impl Versions {
         };
         let held = index.read().customer(u.id).map(|c| (c.updated_at, 0));
         newer(self.users.get(&u.id), held).is_none_or(|(k, _)| at >= k)
-    }
-
-    /// As [`Versions::export_row_is_older`], for a row of the users export.
-    pub(crate) fn export_user_is_older(&self, u: &User) -> bool {
-        let Some(at) = u.updated_at.as_deref().and_then(parse_time) else {
-            return false;
-        };
-        self.users.get(&u.id).is_some_and(|(k, _)| at < k)
     }
 
     pub(crate) fn applied_user(&self, u: &User) {
@@ -227,6 +282,73 @@ mod tests {
         v.applied_ticket(&solved);
         let open = t("open", "2024-05-01T10:00:01Z");
         assert_eq!(v.judge_ticket(&index, &open), Verdict::Stale);
+    }
+
+    /// Export rows against what webhooks applied: older skipped, newer applied, and the same second
+    /// with another state read again through the applier instead of applied (a customer made an
+    /// agent and back within one second once left a webhook-fed index unlike a clean warm-up).
+    #[test]
+    fn same_second_export_rows_are_read_again() {
+        let v = Versions::default();
+        let ix = Index::new();
+        let t = |status: &str, at: &str| Ticket {
+            id: 1,
+            status: Some(status.into()),
+            requester_id: Some(2),
+            updated_at: Some(at.into()),
+            ..Ticket::default()
+        };
+        v.applied_ticket(&t("open", "2024-05-01T10:00:05Z"));
+        // No applier to read it again: the ambiguous row is applied, as before.
+        assert!(v.keep_export_ticket(&ix, &t("pending", "2024-05-01T10:00:05Z")));
+        let (tx, mut rx) = mpsc::channel(4);
+        v.refetch_through(tx);
+        assert!(!v.keep_export_ticket(&ix, &t("pending", "2024-05-01T10:00:05Z")));
+        assert_eq!(rx.try_recv().unwrap(), Event::FetchTicket(1));
+        assert!(!v.keep_export_ticket(&ix, &t("open", "2024-05-01T10:00:05Z")));
+        assert!(!v.keep_export_ticket(&ix, &t("pending", "2024-05-01T10:00:04Z")));
+        assert!(v.keep_export_ticket(&ix, &t("pending", "2024-05-01T10:00:06Z")));
+        assert!(
+            rx.try_recv().is_err(),
+            "only the ambiguous row is read again"
+        );
+
+        let u = |role: &str, at: &str| User {
+            id: 3,
+            role: Some(role.into()),
+            updated_at: Some(at.into()),
+            ..User::default()
+        };
+        v.applied_user(&u("end-user", "2024-05-01T10:00:05Z"));
+        assert!(!v.keep_export_user(&ix, &u("agent", "2024-05-01T10:00:05Z")));
+        assert_eq!(rx.try_recv().unwrap(), Event::FetchUser(3));
+        assert!(!v.keep_export_user(&ix, &u("agent", "2024-05-01T10:00:04Z")));
+        assert!(v.keep_export_user(&ix, &u("agent", "2024-05-01T10:00:06Z")));
+        assert!(rx.try_recv().is_err());
+
+        // With replicas, a webhook applied by another replica is in this one's index (through the
+        // change log) but not in its memory: an older row is skipped all the same.
+        let mut ix = Index::new();
+        let other = Ticket {
+            id: 5,
+            ..t("open", "2024-05-01T10:00:05Z")
+        };
+        ix.apply_ticket(&other);
+        let v = Versions::default();
+        assert!(!v.keep_export_ticket(
+            &ix,
+            &Ticket {
+                id: 5,
+                ..t("pending", "2024-05-01T10:00:04Z")
+            }
+        ));
+        assert!(v.keep_export_ticket(
+            &ix,
+            &Ticket {
+                id: 5,
+                ..t("pending", "2024-05-01T10:00:06Z")
+            }
+        ));
     }
 
     /// A ticket solved in Zendesk and announced by a webhook becomes its requester's recent ticket

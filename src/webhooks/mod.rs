@@ -89,6 +89,7 @@ pub(crate) fn endpoint(
     versions: apply::SharedVersions,
 ) -> (Router, Applier) {
     let (tx, rx) = mpsc::channel(QUEUE);
+    versions.refetch_through(tx.clone());
     let state = Arc::new(Endpoint {
         secrets,
         seen: moka::sync::Cache::builder()
