@@ -1102,3 +1102,102 @@ async fn a_new_replica_starts_from_the_shared_snapshot_without_reading_the_expor
     drop(health);
     sim.shutdown().await;
 }
+
+/// Webhooks with replicas: Zendesk delivers to whichever replica its URL reaches. Here it reaches
+/// the replica that does *not* follow the exports (polled once an hour, so only a webhook can
+/// explain a change): a customer created in Zendesk reaches the caller-ID answers of both replicas
+/// within a second, through the change log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_delivered_to_one_replica_reaches_every_replica_within_a_second() {
+    use deskline::{webhooks::install, zendesk::Client};
+    use secrecy::ExposeSecret as _;
+    let Some(schema) = TestSchema::new().await else {
+        return;
+    };
+    let sim = start_sim(account(), |_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let zd = Client::new(
+        parse_config(&config_text(&sim, dir.path(), ""))
+            .client_options()
+            .unwrap(),
+    )
+    .unwrap();
+    // Installed first (a placeholder URL) for its signing secret, which goes into the config.
+    let first = install::install(&zd, "http://127.0.0.1:9/x", install::Mode::Events)
+        .await
+        .unwrap();
+    let secret = first.secrets[0].expose_secret().to_owned();
+    let port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    };
+    let (hooks_a, hooks_b) = (port(), port());
+    let toml = |addr: SocketAddr| {
+        format!("[webhooks]\nlisten = \"{addr}\"\nsigning_secret = \"{secret}\"\n")
+    };
+    let url = schema.url();
+    let (toml_a, toml_b) = (toml(hooks_a), toml(hooks_b));
+    let (a, b) = tokio::join!(
+        Replica::start_with(dir.path(), "a", &sim, &url, &[], &toml_a),
+        Replica::start_with(dir.path(), "b", &sim, &url, &[], &toml_b),
+    );
+    let (mut ga, mut gb) = (a.grpc().await, b.grpc().await);
+    // Both serve (the follower's warm-up reached both through the log).
+    eventually("both replicas serve", DEADLINE, || {
+        let (mut ga, mut gb) = (ga.clone(), gb.clone());
+        async move {
+            let ok =
+                |r: Result<tonic::Response<proto::RouteCallResponse>, tonic::Status>| r.is_ok();
+            let req = || proto::RouteCallRequest {
+                caller: "+380441119999".into(),
+                ..Default::default()
+            };
+            (ok(ga.route_call(req()).await) && ok(gb.route_call(req()).await)).then_some(())
+        }
+    })
+    .await;
+    let (holder, _) = lease_holder(&schema, &[&a, &b]).await;
+    let other = if holder == 0 { hooks_b } else { hooks_a };
+    install::install(
+        &zd,
+        &format!("http://{other}/zendesk/webhook"),
+        install::Mode::Events,
+    )
+    .await
+    .unwrap();
+    let exports_before = export_requests(&sim);
+    let n = "+380509990001";
+    assert!(caller_name(&mut ga, n).await.is_none());
+    sim.with_store(|s| s.create_user(customer("Hanna Koval", n)))
+        .unwrap();
+    let t0 = tokio::time::Instant::now();
+    for (g, name) in [(&mut ga, "a"), (&mut gb, "b")] {
+        loop {
+            if caller_name(g, n).await.as_deref() == Some("Hanna Koval") {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(1),
+                "the webhook's customer is not known on {name} within 1 s:\n{}",
+                if name == "a" {
+                    a.log_text()
+                } else {
+                    b.log_text()
+                }
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    eprintln!(
+        "webhook to one replica → caller ID on both: {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(
+        export_requests(&sim),
+        exports_before,
+        "no export read meanwhile"
+    );
+    sim.shutdown().await;
+}

@@ -2,6 +2,12 @@
 //! job row before the next (see the module doc of [`crate::sync`] for why each step is safe to
 //! repeat).
 //!
+//! Index changes: every change a step makes is handed to the index writer (with replicas, appended
+//! to the shared change log) *before* the step's result is recorded. A crash between the two
+//! leaves the step unrecorded, so its retry repeats it and publishes the change again; the one step
+//! whose retry does not repeat the write (a comment found already landed) reads the ticket back to
+//! publish it. So no replica depends on the exports for a sync write, even across a crash.
+//!
 //! Concurrency: up to `concurrency` jobs at once, never two of one number (the claim guarantees
 //! it), so the index answers the second job of a new number with what the first one created.
 //! Budget: every request goes through the shared [`zendesk::Client`], which owns the account's
@@ -319,13 +325,15 @@ impl Inner {
         if job.progress.user_id == 0 {
             match self.find_or_create_user(job).await? {
                 Some(u) => {
-                    job.progress.user_id = u.id;
-                    self.save(job).await?;
                     // The customer is known now (perhaps just created): the call is their last
-                    // one for sticky routing (see `CallReport::call_taken`).
+                    // one for sticky routing (see `CallReport::call_taken`). Published before the
+                    // step is recorded, as every index change of a step is: a crash in between
+                    // repeats the step, and with it the change (applying it twice is harmless).
                     if let Some(change) = job.report.call_taken() {
                         self.writer.apply(change).await?;
                     }
+                    job.progress.user_id = u.id;
+                    self.save(job).await?;
                     user = Some(u);
                 }
                 None => {
@@ -699,6 +707,16 @@ impl Inner {
                     .any(|b| b.lines().any(|l| l.trim() == marker))
             });
             if landed {
+                // The answer that would have carried the ticket's new state was lost (or the
+                // process died before publishing it): read it, so the index (every replica's,
+                // through the change log) learns it now rather than from the next export.
+                match self.client.show_ticket(ticket_id).await {
+                    Ok(t) => self.writer.apply(Change::ticket(&t)).await?,
+                    Err(ZendeskError::Permanent { status: 404, .. }) => {
+                        self.forget_ticket(ticket_id).await?
+                    }
+                    Err(e) => return Err(e.into()),
+                }
                 job.progress.comment_added = true;
                 job.progress.comment_uncertain = false;
                 self.save(job).await?;

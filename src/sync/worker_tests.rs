@@ -216,6 +216,43 @@ impl Harness {
         self.sim.shutdown().await;
     }
 
+    /// A restart on `dir` after a crash: the harness's worker stops and a new queue on `dir` and a
+    /// new worker (same simulator and index) take over; `interrupted` was left IN_PROGRESS and is
+    /// queued again.
+    async fn restart_on(&mut self, dir: &std::path::Path, interrupted: &str) {
+        self.shutdown.cancel();
+        (&mut self.worker).await.unwrap().unwrap();
+        let queue = Queue::open(dir).unwrap();
+        assert_eq!(
+            queue.status(interrupted).await.unwrap().unwrap().state,
+            SyncState::Queued,
+            "an interrupted job is queued again at start-up"
+        );
+        let client = Client::new(ClientOptions {
+            base_url: self.sim.url(),
+            credentials: Credentials::ApiToken {
+                email: self.sim.email().to_owned(),
+                token: self.sim.token().to_owned().into(),
+            },
+            requests_per_minute: 700,
+            export_requests_per_minute: 10,
+            timeout: Duration::from_secs(5),
+            max_retries: 3,
+        })
+        .unwrap();
+        let worker = Worker::new(
+            queue.clone(),
+            client,
+            self.writer.clone(),
+            settings_for(&self.sim.url()),
+        );
+        self.handle = worker.handle();
+        self.shutdown = CancellationToken::new();
+        self.worker = tokio::spawn(worker.run(self.shutdown.clone()));
+        self.queue = queue;
+        self.handle.notify();
+    }
+
     fn users_with_phone(&self, phone: u64) -> Vec<i64> {
         self.sim
             .with_store(|s| s.find_users_by_phone_digits(&phone.to_string()))
@@ -686,43 +723,90 @@ async fn crash_after_an_unrecorded_create_makes_no_duplicate() {
         },
         &settings_for("http://127.0.0.1:1").parser,
     );
-    // Restart on the same data_dir: a second queue and worker take over.
-    h.shutdown.cancel();
-    (&mut h.worker).await.unwrap().unwrap();
-    let queue = Queue::open(dir.path()).unwrap();
-    assert_eq!(
-        queue.status("crash-1").await.unwrap().unwrap().state,
-        SyncState::Queued,
-        "an interrupted job is queued again at start-up"
-    );
-    let client = Client::new(ClientOptions {
-        base_url: h.sim.url(),
-        credentials: Credentials::ApiToken {
-            email: h.sim.email().to_owned(),
-            token: h.sim.token().to_owned().into(),
-        },
-        requests_per_minute: 700,
-        export_requests_per_minute: 10,
-        timeout: Duration::from_secs(5),
-        max_retries: 3,
-    })
-    .unwrap();
-    let worker = Worker::new(
-        queue.clone(),
-        client,
-        h.writer.clone(),
-        settings_for(&h.sim.url()),
-    );
-    h.handle = worker.handle();
-    h.shutdown = CancellationToken::new();
-    h.worker = tokio::spawn(worker.run(h.shutdown.clone()));
-    h.queue = queue;
-    h.handle.notify();
+    h.restart_on(dir.path(), "crash-1").await;
     let st = h.settle(&["crash-1"], Duration::from_secs(30)).await;
     assert_done(&st[0]);
     assert_eq!(st[0].attempts, 2);
     assert_eq!(st[0].user_id, first, "the user of the first attempt");
     assert_eq!(h.users_with_phone(phone), vec![first]);
+    drop(dir);
+    h.stop().await;
+}
+
+/// A crash after the call comment reached Zendesk but before the worker recorded it (or published
+/// the ticket's new state): the retry finds the comment already there, adds none, and still
+/// publishes the ticket as Zendesk has it now, so the index (with replicas, every replica's through
+/// the change log) does not wait for the next export.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_comment_found_landed_after_a_crash_still_updates_the_index() {
+    let (mut store, olena, ivan) = base_store();
+    let customer = store
+        .create_user(NewUser {
+            name: "Petro Ivanenko".into(),
+            phone: Some("+380441234567".into()),
+            ..NewUser::default()
+        })
+        .unwrap();
+    let ticket = store
+        .create_ticket(NewTicket {
+            requester_id: customer,
+            assignee_id: Some(ivan),
+            status: Some(Status::Open),
+            ..NewTicket::default()
+        })
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let q = Queue::open(dir.path()).unwrap();
+        q.enqueue(&report("lost-1", 380441234567)).await.unwrap();
+        let job = q.claim().await.unwrap().unwrap();
+        let progress = crate::sync::queue::Progress {
+            user_id: customer,
+            ticket_id: ticket,
+            comment_uncertain: true,
+            ..crate::sync::queue::Progress::default()
+        };
+        q.save_progress(job.seq, &progress).await.unwrap();
+        // The process dies here: the comment was sent, its answer never handled.
+    }
+    let mut h = harness(store, olena, ivan, SimConfig::default(), 700, |_| {}).await;
+    h.sim.with_store(|s| {
+        s.add_comment(
+            ticket,
+            sim::NewComment {
+                body: format!("earlier attempt\n{}", comment::call_marker("lost-1")),
+                html: false,
+                public: Some(false),
+                author_id: None,
+            },
+        )
+        .unwrap();
+    });
+    // The index holds the ticket as it was an hour before the comment.
+    let mut old = h.sim.with_store(|s| s.ticket(ticket)).unwrap();
+    old.updated_at = Some("2020-01-01T00:00:00Z".into());
+    h.writer
+        .apply(crate::index::Change::ticket(&model(&old)))
+        .await
+        .unwrap();
+    h.restart_on(dir.path(), "lost-1").await;
+    let st = h.settle(&["lost-1"], Duration::from_secs(30)).await;
+    assert_done(&st[0]);
+    assert_eq!(
+        h.sim.with_store(|s| s.comments(ticket)).len(),
+        2,
+        "the first comment plus the call, once"
+    );
+    let now: crate::zendesk::models::Ticket =
+        model(&h.sim.with_store(|s| s.ticket(ticket)).unwrap());
+    let held = h.index.read().open_ticket(ticket).map(|t| t.updated_at);
+    assert_eq!(
+        held,
+        now.updated_at
+            .as_deref()
+            .and_then(crate::zendesk::models::parse_time),
+        "the index has the ticket as Zendesk has it after the comment"
+    );
     drop(dir);
     h.stop().await;
 }
