@@ -418,15 +418,21 @@ impl Service {
         let replicated = pg_pool.is_some();
         if let Some(pool) = pg_pool {
             let budget = client.budget();
-            client.budget().share(crate::cluster::SharedBudget::new(
-                pool,
-                crate::cluster::SharedBudgetConfig::new(
-                    client.base_url(),
-                    replica_id(addr),
-                    budget.limit(),
-                    budget.export_limit(),
-                ),
-            ));
+            let mut shared = crate::cluster::SharedBudgetConfig::new(
+                client.base_url(),
+                replica_id(addr),
+                budget.limit(),
+                budget.export_limit(),
+            );
+            // A request is answered or given up within the client's timeout; a reservation left
+            // unfinished longer is a dead replica's (see `cluster::budget`).
+            shared.flight_timeout = shared
+                .flight_timeout
+                .max(2 * Duration::from_secs(config.zendesk.timeout_seconds));
+            client.budget().share(
+                crate::cluster::SharedBudget::new(pool, shared),
+                config.zendesk.replicas,
+            );
         }
 
         let (reporter, health) = tonic_health::server::health_reporter();

@@ -169,6 +169,11 @@ pub struct ZendeskConfig {
     /// Per-request timeout.
     #[serde(default = "default_timeout")]
     pub timeout_seconds: u64,
+    /// `zendesk.replicas`: how many replicas share the account's budget (with PostgreSQL). While
+    /// PostgreSQL is unreachable each replica spends at most the limits divided by this, so that
+    /// many replicas together stay within the account's budget (default 3).
+    #[serde(default = "default_replicas")]
+    pub replicas: u32,
 }
 
 fn default_rpm() -> u32 {
@@ -179,6 +184,9 @@ fn default_export_rpm() -> u32 {
 }
 fn default_timeout() -> u64 {
     30
+}
+fn default_replicas() -> u32 {
+    3
 }
 
 /// `[storage]`: where state lives on disk or in PostgreSQL.
@@ -438,6 +446,7 @@ impl Config {
                 u64::from(self.zendesk.export_requests_per_minute),
             ),
             ("zendesk.timeout_seconds", self.zendesk.timeout_seconds),
+            ("zendesk.replicas", u64::from(self.zendesk.replicas)),
             ("index.poll_seconds", self.index.poll_seconds),
             (
                 "index.follower_lease_seconds",
@@ -1229,6 +1238,7 @@ mod tests {
         let c = load(MIN, &[]).unwrap();
         assert_eq!(c.server.listen.to_string(), "127.0.0.1:50051");
         assert_eq!(c.zendesk.requests_per_minute, 200);
+        assert_eq!(c.zendesk.replicas, 3);
         assert_eq!(c.index.poll_seconds, 60);
         assert_eq!(c.phone.default_region, "UA");
         assert_eq!(
@@ -1362,6 +1372,12 @@ mod tests {
                 MIN,
                 &[("DESKLINE_ZENDESK__REQUESTS_PER_MINUTE", "0")],
                 "zendesk.requests_per_minute",
+            ),
+            (&format!("{MIN}replicas = 0\n"), &[], "zendesk.replicas"),
+            (
+                MIN,
+                &[("DESKLINE_ZENDESK__REPLICAS", "-2")],
+                "zendesk.replicas",
             ),
             (
                 MIN,

@@ -154,6 +154,9 @@ fn cases(dir: &Path) -> Vec<Case> {
         case("zendesk.timeout_seconds", "5", "5", |c| {
             assert_eq!(c.zendesk.timeout_seconds, 5)
         }),
+        case("zendesk.replicas", "5", "5", |c| {
+            assert_eq!(c.zendesk.replicas, 5)
+        }),
         case(
             "storage.data_dir",
             "\"/var/lib/deskline\"",

@@ -35,6 +35,9 @@ pub(crate) struct App {
     started: Instant,
     /// The seeded fault stream when [`Faults::seed`] is set.
     fault_rng: Mutex<Option<rand::rngs::StdRng>>,
+    /// Forced 429s ([`crate::SimHandle::rate_limit_next`]): how many API requests are left to
+    /// answer so, and their `Retry-After`.
+    pub(crate) forced_429: Mutex<(u32, Duration)>,
 }
 
 impl App {
@@ -52,6 +55,7 @@ impl App {
             idempotency: Mutex::new(Default::default()),
             started: Instant::now(),
             fault_rng,
+            forced_429: Mutex::new((0, Duration::ZERO)),
         }
     }
 }
@@ -350,6 +354,25 @@ pub(crate) async fn dispatch(State(app): State<Arc<App>>, req: Request) -> Respo
     } else {
         LimitClass::Plain
     };
+    // A forced 429 (a test's stand-in for other integrations spending the account), in the place
+    // and shape of the account limit's, and like it not counted in the window.
+    let forced = {
+        let mut f = app.forced_429.lock();
+        (f.0 > 0).then(|| {
+            f.0 -= 1;
+            f.1
+        })
+    };
+    if let Some(retry_after) = forced {
+        let budget = app.limits.lock().peek(&cfg);
+        let r = rate_limited(Limited::Account(retry_after)).with_budget(
+            budget,
+            ticketing,
+            cfg.rate_limit_headers,
+        );
+        record(r.status, Some("rate_limit"));
+        return finish(r, None);
+    }
     let admitted = app.limits.lock().admit(&cfg, class);
     let budget = match admitted {
         Ok(b) => b,

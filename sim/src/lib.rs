@@ -24,8 +24,8 @@
 //! - `render`: the borrowed `Serialize` views that give each served object its full Zendesk shape.
 //!
 //! Order of checks for an API request (each step answers alone, and the later ones never run):
-//! latency, `down` (503), injected 5xx, auth (401), rate limits (429), the handler, then the
-//! post-handler faults (malformed body, dropped connection) which act after the handler's side
+//! latency, `down` (503), injected 5xx, auth (401), forced 429s, rate limits (429), the handler,
+//! then the post-handler faults (malformed body, dropped connection) which act after the handler's side
 //! effects, as a timeout after Zendesk accepted a write does. Requests refused before the handler
 //! (401, 429, injected 5xx, down) are not counted against the budget: Zendesk counts the requests it
 //! serves, and a client retrying after a 429 must not push the window further out.
@@ -157,7 +157,7 @@ pub struct RequestRecord {
     /// The status sent (for `drop`: the status of the response that was cut).
     pub status: u16,
     /// The injected fault that shaped the answer: `latency` is not listed; `down`, `error`,
-    /// `drop`, `malformed` are.
+    /// `drop`, `malformed` and `rate_limit` (a 429 forced by [`SimHandle::rate_limit_next`]) are.
     pub fault: Option<&'static str>,
 }
 
@@ -218,6 +218,12 @@ impl SimHandle {
     pub fn set_faults(&self, f: Faults) {
         self.app.reseed_faults(f.seed);
         self.app.cfg.write().faults = f;
+    }
+    /// Answers the next `count` API requests (whoever sends them) with the account limit's 429 and
+    /// `Retry-After: retry_after` (whole seconds, rounded up), as if other integrations had spent
+    /// the account; the window is left as it is. Recorded with fault `rate_limit`.
+    pub fn rate_limit_next(&self, count: u32, retry_after: Duration) {
+        *self.app.forced_429.lock() = (count, retry_after);
     }
     /// Changes the configuration at run time (limits, delays, faults). The email and token the
     /// handle reports stay the ones it started with.

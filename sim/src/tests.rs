@@ -558,6 +558,32 @@ async fn account_rate_limit_is_plain_text_and_recovers() {
     h.shutdown().await;
 }
 
+/// `rate_limit_next`: exactly the next requests get the account limit's 429 with the given
+/// Retry-After, recorded as such and not counted in the window; then requests are served again.
+#[tokio::test]
+async fn forced_429_answers_the_next_requests_only() {
+    let cfg = SimConfig {
+        requests_per_minute: 5,
+        ..SimConfig::default()
+    };
+    let h = sim(cfg, small()).await;
+    h.rate_limit_next(2, Duration::from_millis(3500));
+    for _ in 0..2 {
+        let r = get(&h, "/api/v2/users/me").await;
+        assert_eq!(r.status, 429);
+        assert_eq!(r.text, "Number of allowed API requests per minute exceeded");
+        assert_eq!(r.header("retry-after"), Some("4"));
+    }
+    for i in 0..5 {
+        let r = get(&h, "/api/v2/users/me").await;
+        assert_eq!(r.status, 200, "request {i} after the forced 429s");
+    }
+    let faults: Vec<_> = h.requests().iter().map(|r| (r.status, r.fault)).collect();
+    assert_eq!(&faults[..2], &[(429, Some("rate_limit")); 2]);
+    assert!(faults[2..].iter().all(|&f| f == (200, None)), "{faults:?}");
+    h.shutdown().await;
+}
+
 #[tokio::test]
 async fn export_rate_limit_is_json() {
     let cfg = SimConfig {

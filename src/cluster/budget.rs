@@ -1,38 +1,56 @@
 //! The account's Zendesk request budget, shared by every replica (DESIGN §8 "Budget").
 //!
 //! Same contract as the in-process [`crate::zendesk::budget::Budget`], made cluster-wide:
-//! - **Sliding window of reservations.** Every request is first reserved as a row
-//!   `(budget, kind, sent_at)` in `cluster_budget_sent`. A reservation of kind `k` is granted only if
-//!   fewer than `limit(k)` rows of `k` have `sent_at` within the last `window + margin`; otherwise the
-//!   answer is the exact wait until the oldest row that matters leaves the window. An `export`
-//!   reservation also counts as an `account` one (Zendesk counts exports in the account budget too),
-//!   so it writes one row of each kind.
+//! - **Sliding window of requests, each held from its reservation to its answer.** Every request
+//!   is first reserved as a row `(budget, kind, sent_at, grant_id)` in `cluster_budget_sent`, and
+//!   finished ([`SharedBudget::finish`]) once its answer is in (or it was given up), which sets
+//!   `done_at`. A row holds a slot while its request may still reach Zendesk, and one window plus
+//!   `margin` after that: from `sent_at` to `done_at + window + margin`, an unfinished row as if it
+//!   were finished now. A reservation of kind `k` is granted only if fewer than `limit(k)` rows of
+//!   `k` hold a slot; otherwise the answer is the wait until the row that matters frees it (for an
+//!   unfinished row, a lower bound: it cannot free its slot sooner). An `export` reservation also
+//!   counts as an `account` one (Zendesk counts exports in the account budget too), so it writes one
+//!   row of each kind.
+//! - **Why until the answer, not from the reservation.** Zendesk counts a request when it arrives,
+//!   which is after the reservation by however long the replica took to send it and the network to
+//!   carry it; a replica that stalls between the two (a loaded machine, a pause of the process) can
+//!   land an old request in the same Zendesk minute as the requests reserved a window after it. A
+//!   window counted from the reservation with a fixed margin let exactly that through (a 429 in
+//!   `tests/replicas.rs` on a machine at load 13). Counted up to the answer, which comes after the
+//!   arrival, the window covers every arrival whatever the stall: with reservations serialised
+//!   (below), no `window` of arrivals at Zendesk can hold more than the limit. The `margin` (500 ms
+//!   by default) remains only for how Zendesk rounds its own window. The cost is each request's
+//!   latency added to its time in the window, well under 1 % of a minute.
+//! - **A replica that dies with requests in flight** cannot finish them: an unfinished row is
+//!   treated as finished `flight_timeout` after its reservation (longer than any request lasts: the
+//!   service sets it to twice `zendesk.timeout_seconds`, at least a minute). A live replica whose
+//!   finish fails (PostgreSQL down) leaves the same: its rows hold their slots until then, which
+//!   only wastes budget.
 //! - **Serialised, on the database clock.** Each reservation is one transaction that first takes
 //!   `pg_advisory_xact_lock` per kind (`export` before `account`, always in that order, so no
 //!   deadlock), then reads `clock_timestamp()` (not `now()`, which is the transaction's start, before
 //!   the lock wait). Reservations of a kind are therefore totally ordered with increasing `sent_at`,
 //!   and each sees every earlier one committed: the count can never be exceeded, whatever the number
-//!   of replicas. The `margin` (500 ms by default, as in-process) covers the time between the
-//!   reservation and the request's arrival at Zendesk.
+//!   of replicas.
 //! - **Pause.** [`SharedBudget::pause_for`] (a 429's `Retry-After`) stores
 //!   `paused_until = greatest(old, clock_timestamp() + retry_after)` in `cluster_budget_state`;
 //!   every replica reads it in every reservation, so a 429 anywhere pauses all.
 //! - **Half-open after a pause.** A pause also sets `half_open`. While half-open, a reservation is
 //!   granted only as *the* probe: it must claim the state row (`probe_until` empty or expired, set to
-//!   `now + probe_timeout`, with a fresh `probe_id`) in an `UPDATE … WHERE` that the row lock makes
-//!   atomic across replicas. Everybody else waits. The probe's outcome is reported with
-//!   [`SharedBudget::report`]: an answer (any status but 429) closes the half-open state, no answer
-//!   frees the probe slot for another, a 429 leads to a new pause (which also voids the probe). A probe
-//!   whose replica died is replaced after `probe_timeout`.
-//! - **Pruning.** Rows older than the window are deleted by the reservations themselves, inside the
-//!   same locked transaction, so the table stays at about one window of rows.
+//!   `now + probe_timeout`, with the grant's id as `probe_id`) in an `UPDATE … WHERE` that the row
+//!   lock makes atomic across replicas. Everybody else waits. The probe's outcome comes with its
+//!   [`SharedBudget::finish`]: an answer (any status but 429) closes the half-open state, no answer
+//!   frees the probe slot for another, a 429 leads to a new pause (which also voids the probe). A
+//!   probe whose replica died is replaced after `probe_timeout`.
+//! - **Pruning.** Rows that no longer hold a slot are deleted by the reservations themselves, inside
+//!   the same locked transaction, so the table stays at about one window of rows.
 //! - **Local fairness.** Within a replica, callers of a kind queue FIFO on a tokio `Mutex`, like the
 //!   in-process budget; an export never holds the ordinary queue while it waits for the export limit.
 //!   Across replicas (and between an export and ordinary requests), whoever asks first after a slot
 //!   frees gets it: each waiter sleeps exactly until the slot the database named frees up.
 //!
 //! If PostgreSQL is unreachable, [`SharedBudget::acquire`] returns the error: the caller decides
-//! (the wiring can fall back to its local budget at `1/replicas` of the limit).
+//! (the wiring falls back to its local budget at `1/zendesk.replicas` of the limits).
 
 use std::{
     sync::atomic::{AtomicU64, Ordering},
@@ -43,9 +61,10 @@ use deadpool_postgres::Pool;
 
 use super::{ClusterError, advisory_xact_lock, from_secs, secs};
 
-pub(crate) const MIGRATIONS: &[(&str, &str)] = &[(
-    "cluster_0002_budget",
-    "CREATE TABLE IF NOT EXISTS cluster_budget_sent (
+pub(crate) const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "cluster_0002_budget",
+        "CREATE TABLE IF NOT EXISTS cluster_budget_sent (
         budget  text NOT NULL,
         kind    text NOT NULL,
         sent_at timestamptz NOT NULL,
@@ -61,7 +80,18 @@ pub(crate) const MIGRATIONS: &[(&str, &str)] = &[(
         probe_until  timestamptz,
         probe_holder text
     );",
-)];
+    ),
+    (
+        // Rows are held until their request's answer (see the module docs). Rows written before this
+        // step have no `done_at`: they count as unfinished, i.e. until `flight_timeout`.
+        "cluster_0005_budget_until_answered",
+        "ALTER TABLE cluster_budget_sent
+        ADD COLUMN IF NOT EXISTS grant_id bigint,
+        ADD COLUMN IF NOT EXISTS done_at timestamptz;
+    CREATE INDEX IF NOT EXISTS cluster_budget_sent_grant
+        ON cluster_budget_sent (budget, grant_id);",
+    ),
+];
 
 /// What a request counts against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -102,8 +132,11 @@ pub(crate) struct SharedBudgetConfig {
     pub export_limit: u32,
     /// The rate-limit window: 60 s at Zendesk, shorter in tests.
     pub window: Duration,
-    /// Extra time each reservation stays in the window (arrival jitter, see the module docs).
+    /// Extra time each request stays in the window after its answer (see the module docs).
     pub margin: Duration,
+    /// An unfinished reservation (its replica died, or could not finish it) is treated as finished
+    /// this long after it was made: longer than any request may take.
+    pub flight_timeout: Duration,
     /// How long a granted probe may stay unanswered before another replica may probe.
     pub probe_timeout: Duration,
     /// How often a caller waiting behind someone else's probe asks again.
@@ -111,7 +144,8 @@ pub(crate) struct SharedBudgetConfig {
 }
 
 impl SharedBudgetConfig {
-    /// Zendesk's defaults: a 60 s window, 500 ms margin, 30 s probe timeout.
+    /// Zendesk's defaults: a 60 s window, 500 ms margin, 30 s probe timeout, unfinished
+    /// reservations held for at most 60 s.
     pub(crate) fn new(
         name: impl Into<String>,
         replica: impl Into<String>,
@@ -125,6 +159,7 @@ impl SharedBudgetConfig {
             export_limit: export_limit.max(1).min(limit.max(1)),
             window: Duration::from_secs(60),
             margin: Duration::from_millis(500),
+            flight_timeout: Duration::from_secs(60),
             probe_timeout: Duration::from_secs(30),
             probe_poll: Duration::from_millis(100),
         }
@@ -140,13 +175,14 @@ pub(crate) enum Reservation {
     Wait(Duration),
 }
 
-/// A granted request. `probe` marks the single request let through after a pause: report its
-/// outcome with [`SharedBudget::report`].
+/// A granted request: finish it with [`SharedBudget::finish`] once its answer is in. `probe`
+/// marks the single request let through after a pause, whose answer decides for the others.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Grant {
     pub kind: BudgetKind,
     pub probe: bool,
-    probe_id: Option<i64>,
+    /// The reservation's rows (`grant_id`), and the probe's `probe_id` when it is one.
+    id: i64,
 }
 
 /// The budget's use across all replicas (for metrics and `deskline check`).
@@ -154,7 +190,8 @@ pub(crate) struct Grant {
 pub(crate) struct SharedBudgetUsage {
     pub limit: u32,
     pub export_limit: u32,
-    /// Reservations in the current window (all kinds, all replicas).
+    /// Requests holding a slot now (all kinds, all replicas; in flight or answered within the
+    /// window).
     pub used: u32,
     pub export_used: u32,
     /// How long requests are still paused by a 429 (zero if not).
@@ -230,6 +267,7 @@ impl SharedBudget {
     pub(crate) async fn reserve(&self, kind: BudgetKind) -> Result<Reservation, ClusterError> {
         let name = &self.cfg.name;
         let keep = secs(self.cfg.window + self.cfg.margin);
+        let flight = secs(self.cfg.flight_timeout);
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         for k in kind.takes() {
@@ -259,24 +297,28 @@ impl SharedBudget {
             }
         }
 
-        // The window of each kind taken: wait for the slot that frees last.
+        // The window of each kind taken: wait for the slot that frees last. A row frees its slot
+        // `keep` after its answer (`done_at`); an unfinished one no sooner than `keep` from now,
+        // and at the latest `keep` after its flight timeout.
         let mut wait = Duration::ZERO;
         for &k in kind.takes() {
             let offset = i64::from(self.limit(k)) - 1;
             let row = tx
                 .query_opt(
-                    "SELECT extract(epoch FROM sent_at + make_interval(secs => $3)
-                                               - clock_timestamp())::float8
-                     FROM cluster_budget_sent
-                     WHERE budget = $1 AND kind = $2
-                       AND sent_at > clock_timestamp() - make_interval(secs => $3)
-                     ORDER BY sent_at DESC OFFSET $4 LIMIT 1",
-                    &[name, &k.as_str(), &keep, &offset],
+                    "SELECT extract(epoch FROM frees_at - now)::float8 FROM (
+                         SELECT coalesce(done_at, least(t.now, sent_at + make_interval(secs => $4)))
+                                    + make_interval(secs => $3) AS frees_at,
+                                t.now
+                         FROM cluster_budget_sent, (SELECT clock_timestamp() AS now) t
+                         WHERE budget = $1 AND kind = $2) held
+                     WHERE frees_at > now
+                     ORDER BY frees_at DESC OFFSET $5 LIMIT 1",
+                    &[name, &k.as_str(), &keep, &flight, &offset],
                 )
                 .await?;
             if let Some(row) = row {
-                // At least `limit` rows are in the window: the limit-th newest must leave it. A
-                // zero here (it leaves right now) still means "ask again", never "go".
+                // At least `limit` rows hold a slot: the limit-th latest to free must free it. A
+                // zero here (it frees right now) still means "ask again", never "go".
                 wait = wait.max(from_secs(row.get(0)).max(Duration::from_millis(1)));
             }
         }
@@ -285,9 +327,9 @@ impl SharedBudget {
         }
 
         // Half-open: only the one replica that claims the probe goes.
-        let mut probe_id = None;
+        let id: i64 = rand::random();
+        let mut probe = false;
         if half_open {
-            let id: i64 = rand::random();
             let claimed = tx
                 .execute(
                     "UPDATE cluster_budget_state
@@ -302,30 +344,27 @@ impl SharedBudget {
             if claimed == 0 {
                 return Ok(Reservation::Wait(self.cfg.probe_poll));
             }
-            probe_id = Some(id);
+            probe = true;
         }
 
         for k in kind.takes() {
-            // Record, and prune what left the window: we hold this kind's lock, so pruning cannot
-            // race another reservation's count.
+            // Record, and prune what holds no slot any more: we hold this kind's lock, so pruning
+            // cannot race another reservation's count.
             tx.execute(
                 "WITH pruned AS (
                      DELETE FROM cluster_budget_sent
                      WHERE budget = $1 AND kind = $2
-                       AND sent_at <= clock_timestamp() - make_interval(secs => $4))
-                 INSERT INTO cluster_budget_sent (budget, kind, sent_at, replica)
-                 VALUES ($1, $2, clock_timestamp(), $3)",
-                &[name, &k.as_str(), &self.cfg.replica, &keep],
+                       AND coalesce(done_at, sent_at + make_interval(secs => $5))
+                           <= clock_timestamp() - make_interval(secs => $4))
+                 INSERT INTO cluster_budget_sent (budget, kind, sent_at, replica, grant_id)
+                 VALUES ($1, $2, clock_timestamp(), $3, $6)",
+                &[name, &k.as_str(), &self.cfg.replica, &keep, &flight, &id],
             )
             .await?;
         }
         tx.commit().await?;
         self.granted.fetch_add(1, Ordering::Relaxed);
-        Ok(Reservation::Go(Grant {
-            kind,
-            probe: probe_id.is_some(),
-            probe_id,
-        }))
+        Ok(Reservation::Go(Grant { kind, probe, id }))
     }
 
     /// Holds back every replica's requests for `retry_after` from now (a 429's `Retry-After`) and,
@@ -354,28 +393,31 @@ impl SharedBudget {
             .await
     }
 
-    /// Reports the HTTP status of a granted request (`0` for no response). Only a probe's outcome
-    /// matters: any answer but 429 ends the half-open state; no answer lets another probe go; a 429
-    /// is followed by the caller's [`SharedBudget::pause_for`].
-    pub(crate) async fn report(&self, grant: &Grant, status: u16) -> Result<(), ClusterError> {
-        let Some(id) = grant.probe_id else {
-            return Ok(());
-        };
-        let sql = match status {
-            429 => return Ok(()),
-            0 => {
-                "UPDATE cluster_budget_state SET probe_id = NULL, probe_until = NULL,
+    /// Finishes a granted request, once its answer is in (`status` is its HTTP status) or it was
+    /// given up without one (`0`): from now its rows hold their slots for one window plus the
+    /// margin (see the module docs). A probe's outcome also decides for the others: any answer but
+    /// 429 ends the half-open state; no answer lets another probe go; a 429 is followed by the
+    /// caller's [`SharedBudget::pause_for`]. Finishing twice changes nothing.
+    pub(crate) async fn finish(&self, grant: &Grant, status: u16) -> Result<(), ClusterError> {
+        const DONE: &str = "UPDATE cluster_budget_sent SET done_at = clock_timestamp()
+                            WHERE budget = $1 AND grant_id = $2 AND done_at IS NULL";
+        let sql = match (grant.probe, status) {
+            (false, _) | (true, 429) => DONE.to_owned(),
+            (true, 0) => format!(
+                "WITH done AS ({DONE})
+                 UPDATE cluster_budget_state SET probe_id = NULL, probe_until = NULL,
                         probe_holder = NULL
                  WHERE budget = $1 AND probe_id = $2"
-            }
-            _ => {
-                "UPDATE cluster_budget_state SET half_open = false, probe_id = NULL,
+            ),
+            (true, _) => format!(
+                "WITH done AS ({DONE})
+                 UPDATE cluster_budget_state SET half_open = false, probe_id = NULL,
                         probe_until = NULL, probe_holder = NULL
                  WHERE budget = $1 AND probe_id = $2"
-            }
+            ),
         };
         let client = self.pool.get().await?;
-        client.execute(sql, &[&self.cfg.name, &id]).await?;
+        client.execute(&sql, &[&self.cfg.name, &grant.id]).await?;
         Ok(())
     }
 
@@ -383,17 +425,21 @@ impl SharedBudget {
     pub(crate) async fn usage(&self) -> Result<SharedBudgetUsage, ClusterError> {
         let client = self.pool.get().await?;
         let keep = secs(self.cfg.window + self.cfg.margin);
+        let flight = secs(self.cfg.flight_timeout);
         let row = client
             .query_one(
-                "SELECT
-                   (SELECT count(*) FROM cluster_budget_sent WHERE budget = $1 AND kind = 'account'
-                      AND sent_at > clock_timestamp() - make_interval(secs => $2)),
-                   (SELECT count(*) FROM cluster_budget_sent WHERE budget = $1 AND kind = 'export'
-                      AND sent_at > clock_timestamp() - make_interval(secs => $2)),
+                "WITH held AS (
+                     SELECT kind FROM cluster_budget_sent
+                     WHERE budget = $1
+                       AND coalesce(done_at, sent_at + make_interval(secs => $3))
+                           > clock_timestamp() - make_interval(secs => $2))
+                 SELECT
+                   (SELECT count(*) FROM held WHERE kind = 'account'),
+                   (SELECT count(*) FROM held WHERE kind = 'export'),
                    (SELECT extract(epoch FROM paused_until - clock_timestamp())::float8
                       FROM cluster_budget_state WHERE budget = $1),
                    coalesce((SELECT half_open FROM cluster_budget_state WHERE budget = $1), false)",
-                &[&self.cfg.name, &keep],
+                &[&self.cfg.name, &keep, &flight],
             )
             .await?;
         Ok(SharedBudgetUsage {
@@ -482,6 +528,8 @@ mod tests {
                         };
                         assert!(!grant.probe);
                         times.push(Instant::now());
+                        // Answered at once, as by a Zendesk that answers in no time.
+                        budget.finish(&grant, 200).await.unwrap();
                         if granted.fetch_add(1, Ordering::SeqCst) + 1 >= target {
                             done.cancel();
                         }
@@ -596,7 +644,7 @@ mod tests {
         );
 
         // The probe got no response: exactly one more probe goes.
-        budgets[r].report(&probe, 0).await.unwrap();
+        budgets[r].finish(&probe, 0).await.unwrap();
         let (r2, probe2, _) = tokio::time::timeout(Duration::from_secs(5), rx.recv())
             .await
             .expect("no second probe")
@@ -606,7 +654,7 @@ mod tests {
         assert!(other.is_err(), "two probes at once: {other:?}");
 
         // The probe is answered: everybody goes.
-        budgets[r2].report(&probe2, 200).await.unwrap();
+        budgets[r2].finish(&probe2, 200).await.unwrap();
         for _ in 0..4 {
             let (_, grant, _) = tokio::time::timeout(Duration::from_secs(5), rx.recv())
                 .await
@@ -655,11 +703,57 @@ mod tests {
             t.elapsed()
         );
         // The late answer to the first probe changes nothing; the second one's closes half-open.
-        budget.report(&first, 200).await.unwrap();
+        budget.finish(&first, 200).await.unwrap();
         assert!(budget.usage().await.unwrap().half_open);
-        budget.report(&second, 200).await.unwrap();
+        budget.finish(&second, 200).await.unwrap();
         assert!(!budget.usage().await.unwrap().half_open);
         let third = budget.acquire(BudgetKind::Export).await.unwrap();
         assert!(!third.probe);
+    }
+
+    /// A request holds its slot until its answer and a window (plus margin) after it, however
+    /// long it was in flight; one never finished (its replica died) until its flight timeout.
+    #[tokio::test]
+    async fn a_request_holds_its_slot_until_answered_then_a_window() {
+        let Some(db) = migrated().await else {
+            return;
+        };
+        let window = Duration::from_millis(600);
+        let mut cfg = config(0, 1, 1, window);
+        cfg.flight_timeout = Duration::from_secs(2);
+        let keep = window + cfg.margin;
+        let budget = SharedBudget::new(db.pool_of(1), cfg.clone());
+        let Reservation::Go(first) = budget.reserve(BudgetKind::Account).await.unwrap() else {
+            panic!("an empty budget refused a request");
+        };
+        // In flight (a stalled replica, a slow network) for twice the window: still holding its
+        // slot. A negative check, so an observation window rather than a condition.
+        tokio::time::sleep(window * 2).await;
+        assert!(matches!(
+            budget.reserve(BudgetKind::Account).await.unwrap(),
+            Reservation::Wait(d) if d >= keep - Duration::from_millis(50)
+        ));
+        // Answered: the slot frees a window plus the margin after the answer, not before.
+        let answered = Instant::now();
+        budget.finish(&first, 200).await.unwrap();
+        budget.finish(&first, 200).await.unwrap(); // twice: no effect
+        let second = budget.acquire(BudgetKind::Account).await.unwrap();
+        let got = Instant::now();
+        assert!(
+            got - answered >= keep,
+            "granted {:?} after the answer",
+            got - answered
+        );
+        assert_eq!(budget.usage().await.unwrap().used, 1);
+        // Never finished: held until the flight timeout, then a window plus the margin.
+        let _ = second;
+        budget.acquire(BudgetKind::Account).await.unwrap();
+        let held = got.elapsed();
+        let expected = cfg.flight_timeout + keep;
+        assert!(
+            held >= expected - Duration::from_millis(100)
+                && held < expected + Duration::from_secs(2),
+            "an unfinished request held its slot {held:?}, expected about {expected:?}"
+        );
     }
 }

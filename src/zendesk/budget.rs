@@ -32,16 +32,19 @@
 //! # Shared across replicas
 //! With PostgreSQL configured, [`Budget::share`] puts a [`crate::cluster::SharedBudget`] behind the
 //! same API: every [`Budget::acquire`] of every replica reserves its request (account or export
-//! kind) in PostgreSQL, a 429's pause ([`Budget::pause_until`]) is written there so every replica
-//! honours it, and the half-open probe after it is the cluster's single probe (its answer is
-//! reported when the [`Permit`] is finished). Callers do not branch. Rate-limit headers keep
-//! feeding this replica's local view only (they are reported, not obeyed, across replicas).
+//! kind) in PostgreSQL, and the [`Permit`]'s finish (or drop) finishes that reservation there, so
+//! the request holds its slot in the shared window until its answer is in and a window after it
+//! (whatever stalled it on the way: see [`crate::cluster::budget`]). A 429's pause
+//! ([`Budget::pause_until`]) is written there so every replica honours it, and the half-open probe
+//! after it is the cluster's single probe (its answer goes with the finish). Callers do not branch.
+//! Rate-limit headers keep feeding this replica's local view only (they are reported, not obeyed,
+//! across replicas).
 //!
 //! **PostgreSQL down.** When a reservation fails or takes longer than [`crate::pg::OP_TIMEOUT`],
-//! the replica falls back, with a warning, to a local budget of the limits divided by
-//! [`FALLBACK_REPLICAS`] (so the expected number of replicas together still stay within the
-//! account's budget), and tries PostgreSQL again after [`SHARED_RETRY`]. A 429 met meanwhile pauses
-//! the local fallback and, best effort, the shared budget.
+//! the replica falls back, with a warning, to a local budget of the limits divided by the
+//! expected number of replicas (`zendesk.replicas`, so that many replicas together still stay
+//! within the account's budget), and tries PostgreSQL again after [`SHARED_RETRY`]. A 429 met
+//! meanwhile pauses the local fallback and, best effort, the shared budget.
 //!
 //! The budget also keeps the counters behind Deskline's metrics ([`BudgetStats`]): per (endpoint
 //! template, HTTP status) counts whose labels never carry an id or a phone number.
@@ -64,8 +67,6 @@ pub(crate) const SAFETY_MARGIN: Duration = Duration::from_millis(500);
 /// caller passing an unexpected path cannot grow the metrics without bound.
 const MAX_LABELS: usize = 256;
 
-/// While PostgreSQL is unreachable each replica spends at most the limit divided by this.
-pub(crate) const FALLBACK_REPLICAS: u32 = 3;
 /// After a failed shared reservation, the fallback budget is used this long before PostgreSQL is
 /// tried again (so a down database costs one timeout per interval, not one per request).
 pub(crate) const SHARED_RETRY: Duration = Duration::from_secs(10);
@@ -99,15 +100,17 @@ pub(crate) enum Outcome {
     Unknown,
 }
 
-/// The right to send one request, from [`Budget::acquire`]. When it is the half-open probe, its
-/// [`Outcome`] decides whether the requests waiting behind it go; dropping it unreported counts as
-/// [`Outcome::Unknown`] (a cancelled caller must not hold the others back forever).
+/// The right to send one request, from [`Budget::acquire`]. Finish it when the request's answer
+/// is in (or it was given up): a shared reservation holds its slot until then. When it is the
+/// half-open probe, its [`Outcome`] decides whether the requests waiting behind it go; dropping it
+/// unreported counts as [`Outcome::Unknown`] (a cancelled caller must not hold the others back
+/// forever).
 #[derive(Debug)]
 pub(crate) struct Permit<'a> {
     budget: &'a Budget,
     probe: bool,
-    /// The cluster's probe, granted by the shared budget: its answer is reported there.
-    shared_probe: Option<(std::sync::Arc<SharedBudget>, Grant)>,
+    /// The reservation in the shared budget: finished there with the answer.
+    shared: Option<(std::sync::Arc<SharedBudget>, Grant)>,
     /// The permit of the local fallback budget, while PostgreSQL is unreachable.
     fallback: Option<Box<Permit<'a>>>,
 }
@@ -117,7 +120,7 @@ impl Permit<'_> {
     /// Whether this request is the one that goes alone (after a pause, or with the account low).
     pub(crate) fn is_probe(&self) -> bool {
         self.probe
-            || self.shared_probe.is_some()
+            || self.shared.as_ref().is_some_and(|(_, g)| g.probe)
             || self.fallback.as_ref().is_some_and(|p| p.is_probe())
     }
 
@@ -133,20 +136,27 @@ impl Permit<'_> {
         if std::mem::take(&mut self.probe) {
             self.budget.resolve_probe(outcome);
         }
-        if let Some((shared, grant)) = self.shared_probe.take() {
+        if let Some((shared, grant)) = self.shared.take() {
             let status = match outcome {
                 Outcome::Admitted => 200,
                 Outcome::RateLimited => 429,
                 Outcome::Unknown => NO_RESPONSE,
             };
-            // Reported off the caller's path; an unreported probe expires after its timeout.
+            // Finished off the caller's path: until it lands the reservation holds its slot as if
+            // still in flight, which only errs on the safe side. One never finished (PostgreSQL
+            // gone meanwhile) holds it until its flight timeout; an unanswered probe is replaced
+            // after its own timeout.
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 rt.spawn(async move {
-                    let reported =
-                        tokio::time::timeout(crate::pg::OP_TIMEOUT, shared.report(&grant, status))
+                    let finished =
+                        tokio::time::timeout(crate::pg::OP_TIMEOUT, shared.finish(&grant, status))
                             .await;
-                    if !matches!(reported, Ok(Ok(()))) {
-                        tracing::warn!("could not report the shared budget's probe answer");
+                    if !matches!(finished, Ok(Ok(()))) {
+                        tracing::warn!(
+                            probe = grant.probe,
+                            "could not finish a request in the shared Zendesk budget (PostgreSQL); \
+                             its slot stays held until its flight timeout"
+                        );
                     }
                 });
             }
@@ -163,7 +173,7 @@ impl Drop for Permit<'_> {
 /// The PostgreSQL side of a shared [`Budget`] (see the module docs).
 struct Shared {
     budget: std::sync::Arc<SharedBudget>,
-    /// Used while PostgreSQL is unreachable: the limits ÷ [`FALLBACK_REPLICAS`].
+    /// Used while PostgreSQL is unreachable: the limits ÷ `zendesk.replicas`.
     fallback: Budget,
     /// Until when the fallback is used without asking PostgreSQL.
     down_until: Mutex<Option<Instant>>,
@@ -339,12 +349,14 @@ impl Budget {
     }
 
     /// Shares this budget with every replica through `budget` (see the module docs). Its limits
-    /// should be this budget's; the local limits stay as the fallback's basis. Only the first
-    /// call has an effect.
-    pub(crate) fn share(&self, budget: SharedBudget) {
+    /// should be this budget's; the local limits divided by `replicas` (`zendesk.replicas`, the
+    /// number of replicas expected) are the fallback while PostgreSQL is unreachable. Only the
+    /// first call has an effect.
+    pub(crate) fn share(&self, budget: SharedBudget, replicas: u32) {
+        let replicas = replicas.max(1);
         let fallback = Budget::new(
-            (self.limit / FALLBACK_REPLICAS).max(1),
-            (self.export_limit / FALLBACK_REPLICAS).max(1),
+            (self.limit / replicas).max(1),
+            (self.export_limit / replicas).max(1),
         );
         let _ = self.shared.set(Box::new(Shared {
             budget: std::sync::Arc::new(budget),
@@ -396,13 +408,13 @@ impl Budget {
                 Some(grant) => Permit {
                     budget: self,
                     probe: false,
-                    shared_probe: grant.probe.then(|| (shared.budget.clone(), grant)),
+                    shared: Some((shared.budget.clone(), grant)),
                     fallback: None,
                 },
                 None => Permit {
                     budget: self,
                     probe: false,
-                    shared_probe: None,
+                    shared: None,
                     fallback: Some(Box::new(Box::pin(shared.fallback.acquire(export)).await)),
                 },
             };
@@ -501,7 +513,7 @@ impl Budget {
                         return Permit {
                             budget: self,
                             probe,
-                            shared_probe: None,
+                            shared: None,
                             fallback: None,
                         };
                     }
@@ -632,25 +644,139 @@ mod tests {
 
     use super::*;
 
-    /// PostgreSQL unreachable: the shared budget falls back to a third of the limits at once
-    /// (refused connection), says it is not shared, and holds the 11th request of a 30 budget.
+    /// PostgreSQL unreachable: the shared budget falls back at once (refused connection) to the
+    /// limits divided by `zendesk.replicas`, says it is not shared, and holds the next request: a
+    /// 30 budget allows 10 with 3 replicas, 6 with 5.
     #[tokio::test]
     async fn shared_budget_unreachable_falls_back_to_a_share_of_the_limits() {
-        let url = secrecy::SecretString::from("postgres://postgres@127.0.0.1:1/none");
-        let pool = crate::pg::pool(&url, 1).unwrap();
-        let budget = Budget::new(30, 9);
-        budget.share(SharedBudget::new(
-            pool,
-            crate::cluster::SharedBudgetConfig::new("acct", "r", 30, 9),
-        ));
-        for _ in 0..10 {
-            budget.acquire(false).await.finish(Outcome::Admitted);
+        for (replicas, allowed) in [(3, 10), (5, 6)] {
+            let url = secrecy::SecretString::from("postgres://postgres@127.0.0.1:1/none");
+            let pool = crate::pg::pool(&url, 1).unwrap();
+            let budget = Budget::new(30, 9);
+            budget.share(
+                SharedBudget::new(
+                    pool,
+                    crate::cluster::SharedBudgetConfig::new("acct", "r", 30, 9),
+                ),
+                replicas,
+            );
+            for _ in 0..allowed {
+                budget.acquire(false).await.finish(Outcome::Admitted);
+            }
+            assert!(!budget.is_shared());
+            assert!(budget.shared_usage().await.is_none());
+            let held =
+                tokio::time::timeout(Duration::from_millis(300), budget.acquire(false)).await;
+            assert!(
+                held.is_err(),
+                "the fallback allows only 30 / {replicas} a window"
+            );
+            assert_eq!(budget.stats().total_sent, allowed);
         }
-        assert!(!budget.is_shared());
-        assert!(budget.shared_usage().await.is_none());
-        let held = tokio::time::timeout(Duration::from_millis(300), budget.acquire(false)).await;
-        assert!(held.is_err(), "the fallback allows only 30 / 3 a window");
-        assert_eq!(budget.stats().total_sent, 10);
+    }
+
+    /// The hazard behind a 429 seen once with three replicas on a loaded machine: a request
+    /// reserved in the shared budget, then stalled before it reached Zendesk for longer than the
+    /// margin, arrives in the same Zendesk window as the requests reserved a window after it.
+    /// Here one caller stalls 1.5 s between its permit and its send while another spends the
+    /// rest of the budget and then waits for a slot; the simulator counts arrivals in the same
+    /// (3 s) window. Counted from the reservation (window + 200 ms margin) the waiter went at
+    /// 3.2 s, into a simulator window still holding the stalled request and the three others: a
+    /// 429. Held until the answer, the stalled request keeps its slot until 1.5 s + window.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_stalled_between_permit_and_send_never_meets_a_429() {
+        let Some(db) = crate::cluster::testing::migrated().await else {
+            return;
+        };
+        const LIMIT: u32 = 4;
+        let window = Duration::from_secs(3);
+        let sim = deskline_sim::start(
+            tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            deskline_sim::SimConfig {
+                requests_per_minute: LIMIT,
+                export_requests_per_minute: LIMIT,
+                rate_window: window,
+                ..deskline_sim::SimConfig::default()
+            },
+            {
+                let mut store = deskline_sim::Store::new();
+                store
+                    .create_user(deskline_sim::NewUser {
+                        name: "Owner".into(),
+                        email: Some(deskline_sim::OWNER_EMAIL.into()),
+                        role: Some(deskline_sim::Role::Admin),
+                        ..deskline_sim::NewUser::default()
+                    })
+                    .unwrap();
+                store
+            },
+        )
+        .await;
+        let budget = Arc::new(Budget::new(LIMIT, LIMIT));
+        let mut cfg = crate::cluster::SharedBudgetConfig::new("acct", "r", LIMIT, LIMIT);
+        cfg.window = window;
+        cfg.margin = Duration::from_millis(200);
+        budget.share(SharedBudget::new(db.pool_of(2), cfg), 3);
+        let http = reqwest::Client::builder().no_proxy().build().unwrap();
+        // One request as the client sends one: permit, (stall,) send, finish with the answer.
+        let send = |stall: Duration| {
+            let (budget, http) = (budget.clone(), http.clone());
+            let (url, email, token) = (
+                format!("{}/api/v2/users/me.json", sim.url()),
+                format!("{}/token", sim.email()),
+                sim.token().to_owned(),
+            );
+            async move {
+                let permit = budget.acquire(false).await;
+                tokio::time::sleep(stall).await;
+                let status = http
+                    .get(url)
+                    .basic_auth(email, Some(token))
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16();
+                permit.finish(if status == 429 {
+                    Outcome::RateLimited
+                } else {
+                    Outcome::Admitted
+                });
+                status
+            }
+        };
+        let t0 = Instant::now();
+        let stalled = tokio::spawn(send(Duration::from_millis(1500)));
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let mut statuses = Vec::new();
+        for _ in 0..LIMIT {
+            statuses.push(send(Duration::ZERO).await);
+        }
+        statuses.push(stalled.await.unwrap());
+        let last_at = Instant::now() - t0;
+
+        let requests = sim.requests();
+        println!(
+            "arrivals (ms): {:?}; last answered after {last_at:?}",
+            requests
+                .iter()
+                .map(|r| (r.at_ms, r.status))
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(requests.len(), LIMIT as usize + 1);
+        assert!(
+            statuses.iter().all(|&s| s == 200),
+            "the simulator answered {statuses:?}"
+        );
+        // The scenario happened as intended: the stalled request arrived after the three others
+        // and before the last one.
+        assert_eq!(
+            requests.iter().position(|r| r.at_ms >= 1400),
+            Some(LIMIT as usize - 1),
+            "{:?}",
+            requests.iter().map(|r| r.at_ms).collect::<Vec<_>>()
+        );
+        sim.shutdown().await;
     }
 
     /// Checks that no window of `WINDOW` holds more than `limit` of `times`.

@@ -3,6 +3,8 @@
 //! deadline, never a bare sleep.
 #![allow(dead_code)]
 
+pub mod replicas;
+
 use std::{future::Future, time::Duration};
 
 use deskline::{app::Service, config::Config, proto::resolver_client::ResolverClient};
