@@ -390,13 +390,20 @@ impl Service {
                     .start()
                     .await
                     .context("cannot read the shared index snapshot from PostgreSQL")?;
-                if start.from_snapshot {
-                    info!(
+                match start.from {
+                    crate::replica::StartFrom::Snapshot(id) => info!(
+                        snapshot_id = id,
                         seq = start.seq,
                         "index from the shared snapshot, then the change log"
-                    );
-                } else {
-                    info!("no shared snapshot yet: index from the whole change log");
+                    ),
+                    crate::replica::StartFrom::Log => {
+                        info!("no shared snapshot: index from the whole change log")
+                    }
+                    crate::replica::StartFrom::Rebuild => info!(
+                        seq = start.seq,
+                        "index empty until a new shared snapshot (or this replica's warm-up as \
+                         the follower), then the change log"
+                    ),
                 }
                 (start.index, start.seq)
             }

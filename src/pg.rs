@@ -45,10 +45,12 @@ pub(crate) struct Migration {
 }
 
 /// The job store's steps. Append only: later work adds its steps at the end.
-pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
-    name: "0001_sync_queue",
-    sql: crate::sync::pg::SCHEMA_0001,
-}];
+pub(crate) const MIGRATIONS: &[Migration] = &[
+    Migration {
+        name: "0001_sync_queue",
+        sql: crate::sync::pg::SCHEMA_0001,
+    },
+];
 
 /// Every step [`migrate`] applies, in order: [`MIGRATIONS`], then the cluster's
 /// (`cluster_0001_lease` …), whose SQL is idempotent so databases that already have some of those
@@ -362,11 +364,23 @@ pub mod testing {
         }
     }
 
+    /// What a [`Proxy`] lets through.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Link {
+        Up,
+        /// Bytes are held (connections stay open, nothing passes) until restored: a network that
+        /// drops packets, or a server that hangs.
+        Hung,
+        /// New connections are refused and open ones closed.
+        Cut,
+    }
+
     /// A TCP proxy to PostgreSQL that a test can cut (refusing new connections and killing open
-    /// ones) and restore: "PostgreSQL unreachable" without stopping the shared server.
+    /// ones), hang (holding every byte, connections left open) and restore: "PostgreSQL
+    /// unreachable" without stopping the shared server.
     pub struct Proxy {
         pub addr: std::net::SocketAddr,
-        up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+        link: std::sync::Arc<tokio::sync::watch::Sender<Link>>,
         conns: std::sync::Arc<parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
         accept: tokio::task::JoinHandle<()>,
     }
@@ -383,20 +397,25 @@ pub mod testing {
             let target = format!("{host}:{port}");
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
-            let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+            let link = std::sync::Arc::new(tokio::sync::watch::Sender::new(Link::Up));
             let conns: std::sync::Arc<parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>> =
                 Default::default();
             let accept = tokio::spawn({
-                let (up, conns) = (up.clone(), conns.clone());
+                let (link, conns) = (link.clone(), conns.clone());
                 async move {
-                    while let Ok((mut inbound, _)) = listener.accept().await {
-                        if !up.load(std::sync::atomic::Ordering::SeqCst) {
+                    while let Ok((inbound, _)) = listener.accept().await {
+                        if *link.borrow() == Link::Cut {
                             continue; // dropped: the client sees the connection closed
                         }
-                        let target = target.clone();
+                        let (target, rx) = (target.clone(), link.subscribe());
                         conns.lock().push(tokio::spawn(async move {
-                            if let Ok(mut out) = tokio::net::TcpStream::connect(&target).await {
-                                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                            if let Ok(out) = tokio::net::TcpStream::connect(&target).await {
+                                let (from_client, to_client) = inbound.into_split();
+                                let (from_server, to_server) = out.into_split();
+                                tokio::join!(
+                                    pump(from_client, to_server, rx.clone()),
+                                    pump(from_server, to_client, rx)
+                                );
                             }
                         }));
                     }
@@ -404,23 +423,54 @@ pub mod testing {
             });
             Proxy {
                 addr,
-                up,
+                link,
                 conns,
                 accept,
             }
         }
 
-        /// PostgreSQL becomes unreachable through the proxy.
+        /// PostgreSQL becomes unreachable through the proxy: connections are refused or closed.
         pub fn cut(&self) {
-            self.up.store(false, std::sync::atomic::Ordering::SeqCst);
+            self.link.send_replace(Link::Cut);
             for c in self.conns.lock().drain(..) {
                 c.abort();
             }
         }
 
-        pub fn restore(&self) {
-            self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+        /// PostgreSQL hangs: connections open (new ones too) but no byte passes either way until
+        /// [`restore`](Self::restore), so every query waits for its caller's timeout.
+        pub fn hang(&self) {
+            self.link.send_replace(Link::Hung);
         }
+
+        /// Bytes pass again (the ones held by [`hang`](Self::hang) first).
+        pub fn restore(&self) {
+            self.link.send_replace(Link::Up);
+        }
+    }
+
+    /// Copies one direction of a proxied connection, holding each read while the link is hung.
+    async fn pump(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        mut link: tokio::sync::watch::Receiver<Link>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            match link.wait_for(|l| *l != Link::Hung).await {
+                Ok(l) if *l == Link::Up => {}
+                _ => break,
+            }
+            if to.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown().await;
     }
 
     impl Drop for Proxy {

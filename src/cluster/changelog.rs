@@ -27,7 +27,7 @@
 //! before waiting again. `LISTEN` always precedes the read, so a change committed in between is
 //! either read or notified. Changes are yielded strictly in seq order, each once.
 //!
-//! **Pruning.** [`ChangeLog::prune_through`] deletes changes up to a seq covered by the newest
+//! **Pruning.** [`ChangeLog::prune_through`] deletes changes up to a seq covered by the oldest kept
 //! shared snapshot and records that seq in `cluster_change_meta.pruned_through`. A reader that asks
 //! for changes after a pruned seq gets [`ClusterError::Pruned`] (checked in the same statement as
 //! the read, so it is consistent) and must reload the snapshot instead of silently skipping.
@@ -240,6 +240,22 @@ impl ChangeLog {
         read_after(&client, after, limit).await
     }
 
+    /// One trivial round trip through the pool: whether PostgreSQL answers at all.
+    pub(crate) async fn ping(&self) -> Result<(), ClusterError> {
+        let client = self.pool.get().await?;
+        client.query_one("SELECT 1", &[]).await?;
+        Ok(())
+    }
+
+    /// The highest seq pruned so far (0 while the log is whole from its start).
+    pub(crate) async fn pruned_through(&self) -> Result<i64, ClusterError> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_one("SELECT pruned_through FROM cluster_change_meta", &[])
+            .await?;
+        Ok(row.get(0))
+    }
+
     /// The newest committed seq (0 if the log is empty).
     pub(crate) async fn newest_seq(&self) -> Result<i64, ClusterError> {
         let client = self.pool.get().await?;
@@ -301,12 +317,14 @@ impl ChangeLog {
         Ok(deleted as u64)
     }
 
-    /// Prunes through the seq of the newest shared snapshot (see [`Self::prune_through`]).
+    /// Prunes through the seq of the oldest shared snapshot kept (see [`Self::prune_through`]):
+    /// a replica that finds the newest snapshot damaged starts from the one before and needs the
+    /// changes after it.
     pub(crate) async fn prune_to_snapshot(&self, min_age: Duration) -> Result<u64, ClusterError> {
         let seq = {
             let client = self.pool.get().await?;
             let row = client
-                .query_one("SELECT coalesce(max(seq), 0) FROM cluster_snapshots", &[])
+                .query_one("SELECT coalesce(min(seq), 0) FROM cluster_snapshots", &[])
                 .await?;
             row.get::<_, i64>(0)
         };
