@@ -50,6 +50,10 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "0001_sync_queue",
         sql: crate::sync::pg::SCHEMA_0001,
     },
+    Migration {
+        name: "0002_job_counts",
+        sql: crate::sync::pg::SCHEMA_0002,
+    },
 ];
 
 /// Every step [`migrate`] applies, in order: [`MIGRATIONS`], then the cluster's
@@ -335,6 +339,19 @@ pub mod testing {
             super::pool(&self.secret_url(), size).expect("pool")
         }
 
+        /// The PostgreSQL job store on this schema, migrated, with its spool in `data_dir`: what a
+        /// replica's metrics read (benches).
+        pub async fn job_store(&self, data_dir: &std::path::Path) -> crate::sync::JobStore {
+            let queue = crate::sync::PgQueue::new(
+                self.pool().await,
+                std::time::Duration::from_secs(30),
+                "bench",
+            );
+            crate::sync::JobStore::postgres(queue, data_dir)
+                .await
+                .expect("the spool")
+        }
+
         #[cfg(test)]
         /// Connection settings on this schema (what `ChangeLog::subscribe` takes).
         pub(crate) fn config(&self) -> tokio_postgres::Config {
@@ -362,6 +379,12 @@ pub mod testing {
             })
             .join();
         }
+    }
+
+    /// Folds the job counters' pending changes now, as housekeeping does every minute; returns
+    /// how many (0 for SQLite). For benches that measure a scrape in its usual state.
+    pub async fn fold_job_counts(store: &crate::sync::JobStore) -> u64 {
+        store.compact_counts().await.expect("fold the job counters")
     }
 
     /// What a [`Proxy`] lets through.
