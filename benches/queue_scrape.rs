@@ -184,10 +184,10 @@ fn bench_postgres(c: &mut Criterion) {
             "INSERT INTO jobs (call_id, phone, report, state, attempts, ticket_id, user_id,
                                created_at, updated_at)
              SELECT 'bench-' || i, 380500000000 + i, $1,
-                    CASE WHEN i >= $2 THEN 'queued' WHEN i % 20 = 0 THEN 'failed' ELSE 'done' END,
-                    1, 1000 + i, 2000 + i, 1764000000000 - ($2 - least(i, $2)) * 20000,
-                    1764000000000 - ($2 - least(i, $2)) * 20000
-             FROM generate_series(0::bigint, $2 + 19) AS i",
+                    CASE WHEN i >= $2::bigint THEN 'queued' WHEN i % 20 = 0 THEN 'failed' ELSE 'done' END,
+                    1, 1000 + i, 2000 + i, 1764000000000 - ($2::bigint - least(i, $2::bigint)) * 20000,
+                    1764000000000 - ($2::bigint - least(i, $2::bigint)) * 20000
+             FROM generate_series(0::bigint, $2::bigint + 19) AS i",
             &[&report, &(FINISHED as i64)],
         )
         .await
