@@ -89,7 +89,7 @@ pub(crate) struct ReplicaOptions {
 /// This replica's side of the shared index.
 pub(crate) struct Replica {
     pool: Pool,
-    connect: tokio_postgres::Config,
+    connect: crate::pg::Connect,
     id: String,
     log: ChangeLog,
     snapshots: SharedSnapshot,
@@ -152,7 +152,7 @@ impl Replica {
     /// own connection; `id`: this replica's unique name.
     pub(crate) fn new(
         pool: Pool,
-        connect: tokio_postgres::Config,
+        connect: crate::pg::Connect,
         id: String,
         gauges: ReplicaGauges,
         opts: ReplicaOptions,
@@ -770,12 +770,13 @@ mod tests {
 
         /// A replica that reaches PostgreSQL through `proxy` (its pool and its subscription).
         async fn start_via(db: &TestSchema, proxy: &Proxy, id: &str) -> Node {
-            let url = db.url_via(proxy.addr);
-            let pool = crate::pg::pool(&secrecy::SecretString::from(url.clone()), 4).unwrap();
-            Node::start_on(pool, url.parse().unwrap(), id).await
+            let url = secrecy::SecretString::from(db.url_via(proxy.addr));
+            let connect = crate::pg::Connect::new(&url, None).unwrap();
+            let pool = crate::pg::pool_with(&connect, 4).unwrap();
+            Node::start_on(pool, connect, id).await
         }
 
-        async fn start_on(pool: Pool, connect: tokio_postgres::Config, id: &str) -> Node {
+        async fn start_on(pool: Pool, connect: crate::pg::Connect, id: &str) -> Node {
             let dir = tempfile::tempdir().unwrap();
             let gauges = ReplicaGauges::default();
             let replica = Replica::new(

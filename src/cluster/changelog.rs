@@ -40,7 +40,7 @@ use tokio::{
     sync::{mpsc, watch},
     task::JoinHandle,
 };
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 
 use super::{ClusterError, Fence, advisory_xact_lock, from_secs, secs};
 
@@ -336,7 +336,7 @@ impl ChangeLog {
     /// the changes it needs were pruned; connection failures are retried, not yielded.
     pub(crate) fn subscribe(
         &self,
-        connect: tokio_postgres::Config,
+        connect: crate::pg::Connect,
         after: i64,
         cfg: SubscriberConfig,
     ) -> Subscription {
@@ -400,7 +400,7 @@ enum SessionEnd {
 }
 
 async fn follow(
-    connect: tokio_postgres::Config,
+    connect: crate::pg::Connect,
     mut last: i64,
     cfg: SubscriberConfig,
     out: mpsc::Sender<Result<Change, ClusterError>>,
@@ -428,7 +428,7 @@ async fn follow(
 }
 
 async fn session(
-    connect: &tokio_postgres::Config,
+    connect: &crate::pg::Connect,
     last: &mut i64,
     cfg: &SubscriberConfig,
     out: &mpsc::Sender<Result<Change, ClusterError>>,
@@ -436,12 +436,16 @@ async fn session(
     backoff: &mut Duration,
 ) -> SessionEnd {
     let timed_out = || ClusterError::Io(std::io::Error::from(std::io::ErrorKind::TimedOut));
-    let (client, mut conn) =
-        match tokio::time::timeout(cfg.query_timeout, connect.connect(NoTls)).await {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => return SessionEnd::Lost(e.into()),
-            Err(_) => return SessionEnd::Lost(timed_out()),
-        };
+    let (client, mut conn) = match tokio::time::timeout(
+        cfg.query_timeout,
+        connect.config.connect(connect.tls.clone()),
+    )
+    .await
+    {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return SessionEnd::Lost(e.into()),
+        Err(_) => return SessionEnd::Lost(timed_out()),
+    };
     // Drive the connection, forwarding notifications; the channel closes when the connection does.
     let (notify_tx, mut notify_rx) = mpsc::unbounded_channel::<i64>();
     let driver = tokio::spawn(async move {
@@ -689,7 +693,7 @@ mod tests {
         let log = ChangeLog::new(db.pool_of(2), "writer");
         let app = format!("deskline-sub-{:x}", rand::random::<u32>());
         let mut connect = db.config();
-        connect.application_name(&app);
+        connect.config.application_name(&app);
         let cfg = SubscriberConfig {
             reconnect_backoff: Duration::from_secs(1),
             ..notify_only()
