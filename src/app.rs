@@ -363,25 +363,17 @@ impl Service {
         let (queue, pg_pool) = open_store(&config, &data_dir, addr).await?;
         let replica_gauges = crate::metrics::ReplicaGauges::default();
         let replica = match &pg_pool {
-            Some(pool) => {
-                let url = config
-                    .postgres_url()?
-                    .context("storage.postgres_url: unset")?;
-                let connect: tokio_postgres::Config = secrecy::ExposeSecret::expose_secret(&url)
-                    .parse()
-                    .context("storage.postgres_url: not a PostgreSQL URL")?;
-                Some(crate::replica::Replica::new(
-                    pool.clone(),
-                    connect,
-                    replica_id(addr),
-                    replica_gauges.clone(),
-                    crate::replica::ReplicaOptions {
-                        lease_ttl: Duration::from_secs(config.index.follower_lease_seconds),
-                        snapshot_every: Duration::from_secs(config.index.shared_snapshot_seconds),
-                        snapshot_path: data_dir.join("shared-index.snapshot"),
-                    },
-                ))
-            }
+            Some((pool, connect)) => Some(crate::replica::Replica::new(
+                pool.clone(),
+                connect.clone(),
+                replica_id(addr),
+                replica_gauges.clone(),
+                crate::replica::ReplicaOptions {
+                    lease_ttl: Duration::from_secs(config.index.follower_lease_seconds),
+                    snapshot_every: Duration::from_secs(config.index.shared_snapshot_seconds),
+                    snapshot_path: data_dir.join("shared-index.snapshot"),
+                },
+            )),
             None => None,
         };
         let (index, replica_from) = match &replica {
@@ -390,13 +382,20 @@ impl Service {
                     .start()
                     .await
                     .context("cannot read the shared index snapshot from PostgreSQL")?;
-                if start.from_snapshot {
-                    info!(
+                match start.from {
+                    crate::replica::StartFrom::Snapshot(id) => info!(
+                        snapshot_id = id,
                         seq = start.seq,
                         "index from the shared snapshot, then the change log"
-                    );
-                } else {
-                    info!("no shared snapshot yet: index from the whole change log");
+                    ),
+                    crate::replica::StartFrom::Log => {
+                        info!("no shared snapshot: index from the whole change log")
+                    }
+                    crate::replica::StartFrom::Rebuild => info!(
+                        seq = start.seq,
+                        "index empty until a new shared snapshot (or this replica's warm-up as \
+                         the follower), then the change log"
+                    ),
                 }
                 (start.index, start.seq)
             }
@@ -416,7 +415,7 @@ impl Service {
         // bootstrapping at once met 429s under a shared 40-a-minute budget (tests/replicas.rs),
         // not yet understood; they warm up as before (issue 14, not done).
         let replicated = pg_pool.is_some();
-        if let Some(pool) = pg_pool {
+        if let Some((pool, _)) = pg_pool {
             let budget = client.budget();
             let mut shared = crate::cluster::SharedBudgetConfig::new(
                 client.base_url(),
@@ -875,13 +874,17 @@ async fn open_store(
     config: &Config,
     data_dir: &std::path::Path,
     addr: SocketAddr,
-) -> anyhow::Result<(crate::sync::JobStore, Option<deadpool_postgres::Pool>)> {
+) -> anyhow::Result<(
+    crate::sync::JobStore,
+    Option<(deadpool_postgres::Pool, crate::pg::Connect)>,
+)> {
     let Some(url) = config.postgres_url()? else {
         let queue = crate::sync::Queue::open(data_dir)
             .context("cannot open the call queue in storage.data_dir")?;
         return Ok((queue.into(), None));
     };
-    let pool = crate::pg::pool(&url, 16)?;
+    let connect = crate::pg::Connect::new(&url, config.storage.postgres_ca_file.as_deref())?;
+    let pool = crate::pg::pool_with(&connect, 16)?;
     let applied = crate::pg::migrate(&pool)
         .await
         .context("storage.postgres_url: cannot prepare the database schema")?;
@@ -900,7 +903,7 @@ async fn open_store(
     let store = crate::sync::JobStore::postgres(pg, data_dir)
         .await
         .context("cannot open the local spool in storage.data_dir")?;
-    Ok((store, Some(pool)))
+    Ok((store, Some((pool, connect))))
 }
 
 /// This replica's name in PostgreSQL (job leases, budget reservations): host, process, address.

@@ -372,7 +372,9 @@ pub(crate) async fn storage(config: &Config) -> Vec<Finding> {
         }
         Err(e) => return vec![finding(Severity::Problem, e.to_string())],
     };
-    let pool = match crate::pg::pool(&url, 1) {
+    let pool = match crate::pg::Connect::new(&url, config.storage.postgres_ca_file.as_deref())
+        .and_then(|connect| crate::pg::pool_with(&connect, 1))
+    {
         Ok(pool) => pool,
         Err(e) => return schema_findings(Err(e)),
     };

@@ -203,6 +203,9 @@ pub struct StorageConfig {
     pub postgres_url: Option<SecretString>,
     /// `storage.postgres_url_file`: a file holding the PostgreSQL URL (instead of `postgres_url`).
     pub postgres_url_file: Option<PathBuf>,
+    /// `storage.postgres_ca_file`: PEM certificates of the CAs trusted for PostgreSQL's server
+    /// certificate with `sslmode=verify-ca` or `verify-full` (unset: the system's CAs).
+    pub postgres_ca_file: Option<PathBuf>,
 }
 
 impl Default for StorageConfig {
@@ -212,6 +215,7 @@ impl Default for StorageConfig {
             retention_days: 30,
             postgres_url: None,
             postgres_url_file: None,
+            postgres_ca_file: None,
         }
     }
 }
@@ -435,6 +439,14 @@ impl Config {
         report(validate_zendesk_url(&self.zendesk.url));
         report(self.credentials().map(drop));
         report(self.postgres_url().map(drop));
+        if let Some(ca) = &self.storage.postgres_ca_file {
+            if let Err(e) = std::fs::metadata(ca) {
+                report(Err(key_err(
+                    "storage.postgres_ca_file",
+                    format!("cannot read {}: {e}", ca.display()),
+                )));
+            }
+        }
         report(self.webhook_signing_secrets().map(drop));
         let at_least_one = [
             (

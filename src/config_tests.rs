@@ -181,6 +181,15 @@ fn cases(dir: &Path) -> Vec<Case> {
                 assert_eq!(url.expose_secret(), "postgres://u:file@db/deskline");
             },
         ),
+        case(
+            "storage.postgres_ca_file",
+            &quoted(&pg_file),
+            &pg_file,
+            |c| {
+                let ca = c.storage.postgres_ca_file.as_deref().unwrap();
+                assert!(ca.ends_with("pg"), "{}", ca.display());
+            },
+        ),
         case("storage.retention_days", "90", "90", |c| {
             assert_eq!(c.storage.retention_days, 90)
         }),
@@ -425,6 +434,10 @@ fn several_bad_keys_are_reported_at_once() {
             "DESKLINE_STORAGE__RETENTION_DAYS".to_owned(),
             "-1".to_owned(),
         ),
+        (
+            "DESKLINE_STORAGE__POSTGRES_CA_FILE".to_owned(),
+            "/nonexistent/ca.pem".to_owned(),
+        ),
     ];
     let err = load(text, &env).unwrap_err();
     let mut keys = err.keys();
@@ -435,6 +448,7 @@ fn several_bad_keys_are_reported_at_once() {
             "index.poll_seconds",
             "server.listen_adress",
             "server.metrics_listen",
+            "storage.postgres_ca_file",
             "storage.retention_days",
             "sync.create[1]",
             "sync.fields[0].source",
@@ -445,7 +459,7 @@ fn several_bad_keys_are_reported_at_once() {
         "{err}"
     );
     let text = err.to_string();
-    assert!(text.starts_with("9 problems:\n"), "{text}");
+    assert!(text.starts_with("10 problems:\n"), "{text}");
     assert!(
         text.contains("\n  zendesk.requests_per_minute: invalid type: string \"fast\""),
         "{text}"

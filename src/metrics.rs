@@ -115,6 +115,16 @@ pub(crate) mod names {
     pub(crate) const CHANGELOG_BEHIND: &str = "deskline_changelog_behind";
     /// Gauge: age in seconds of the oldest change not yet applied here (0 when caught up).
     pub(crate) const CHANGELOG_LAG_SECONDS: &str = "deskline_changelog_lag_seconds";
+    /// Counter `deskline_changelog_local_only_total`: index changes (sync writes, webhooks,
+    /// reported calls) applied on this replica only because the change log could not be appended
+    /// to: the append that failed or timed out, and every one skipped while the breaker was open.
+    pub(crate) const CHANGELOG_LOCAL_ONLY: &str = "deskline_changelog_local_only";
+    /// Gauge: 1 while the change log's breaker is open (an append failed; index changes are
+    /// applied here only, without waiting, until a probe reaches PostgreSQL again), else 0.
+    pub(crate) const CHANGELOG_BREAKER_OPEN: &str = "deskline_changelog_breaker_open";
+    /// Counter `deskline_shared_snapshot_unusable_total`: shared index snapshots this replica
+    /// found damaged (size, chunk count or CRC-32 wrong) or could not decode, and skipped.
+    pub(crate) const SHARED_SNAPSHOT_UNUSABLE: &str = "deskline_shared_snapshot_unusable";
 }
 
 /// The gauges of a replica sharing its index through PostgreSQL (`crate::replica` sets them).
@@ -130,6 +140,12 @@ pub struct ReplicaGauges {
     pub behind: prometheus_client::metrics::gauge::Gauge,
     /// [`names::CHANGELOG_LAG_SECONDS`].
     pub lag_seconds: prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// [`names::CHANGELOG_LOCAL_ONLY`].
+    pub local_only: Counter,
+    /// [`names::CHANGELOG_BREAKER_OPEN`].
+    pub breaker_open: prometheus_client::metrics::gauge::Gauge,
+    /// [`names::SHARED_SNAPSHOT_UNUSABLE`].
+    pub snapshots_unusable: Counter,
 }
 
 /// What became of one webhook request (the `result` label).
@@ -391,6 +407,21 @@ impl Metrics {
             names::CHANGELOG_LAG_SECONDS,
             "Age of the oldest change not yet applied to this replica's index",
             g.lag_seconds.clone(),
+        );
+        r.register(
+            names::CHANGELOG_LOCAL_ONLY,
+            "Index changes applied on this replica only because the change log could not be appended to",
+            g.local_only.clone(),
+        );
+        r.register(
+            names::CHANGELOG_BREAKER_OPEN,
+            "1 while index changes skip the unreachable change log (applied here only) until PostgreSQL answers again",
+            g.breaker_open.clone(),
+        );
+        r.register(
+            names::SHARED_SNAPSHOT_UNUSABLE,
+            "Shared index snapshots found damaged or undecodable and skipped by this replica",
+            g.snapshots_unusable.clone(),
         );
         self
     }

@@ -4,8 +4,19 @@
 //! # Driver
 //! `tokio-postgres` with a `deadpool-postgres` pool: pure Rust, no compile-time query checking
 //! (so no database is needed to build), few dependencies. Statements are prepared once per pooled
-//! connection (`prepare_cached`). Connections are plain TCP: run PostgreSQL on a private network or
-//! loopback until TLS is added.
+//! connection (`prepare_cached`).
+//!
+//! # TLS
+//! `sslmode` in `storage.postgres_url` means what it means to libpq, through rustls
+//! (`tokio-postgres-rustls`, aws-lc like the rest of the process): `disable` is plain TCP;
+//! `prefer` (the default) encrypts when the server offers TLS and falls back to plain TCP when it
+//! does not; `require` fails without TLS. None of the three checks the server's certificate (libpq
+//! without a root certificate file): they stop eavesdropping, not an impostor. `verify-ca` also
+//! checks that the certificate chains to a trusted CA, `verify-full` that it names the host in the
+//! URL too; the CAs are `storage.postgres_ca_file` (PEM) or, unset, the system's. tokio-postgres
+//! does not parse the two verify modes, so [`Connect::new`] turns them into `require` and installs
+//! the matching verifier. Errors name the key and say why (the cause chain, such as "server does
+//! not support TLS" or the certificate error), never the URL.
 //!
 //! # Migrations
 //! [`migrations`] is an append-only list of named steps: the job store's ([`MIGRATIONS`]), then
@@ -23,11 +34,11 @@
 //! times out is [`PgError::Unavailable`], which callers treat as "PostgreSQL is down" (the spool in
 //! [`crate::sync`] takes over) rather than as a bug.
 
-use std::{collections::HashSet, time::Duration};
+use std::{collections::HashSet, path::Path, sync::Arc, time::Duration};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use secrecy::{ExposeSecret, SecretString};
-use tokio_postgres::NoTls;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// First key of the advisory lock held while migrating (`'DSKL'`, the namespace `cluster` uses
 /// too); the second is `hashtext(current_schema() || ':migrations')`, so two schemas (two accounts,
@@ -45,10 +56,16 @@ pub(crate) struct Migration {
 }
 
 /// The job store's steps. Append only: later work adds its steps at the end.
-pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
-    name: "0001_sync_queue",
-    sql: crate::sync::pg::SCHEMA_0001,
-}];
+pub(crate) const MIGRATIONS: &[Migration] = &[
+    Migration {
+        name: "0001_sync_queue",
+        sql: crate::sync::pg::SCHEMA_0001,
+    },
+    Migration {
+        name: "0002_job_counts",
+        sql: crate::sync::pg::SCHEMA_0002,
+    },
+];
 
 /// Every step [`migrate`] applies, in order: [`MIGRATIONS`], then the cluster's
 /// (`cluster_0001_lease` …), whose SQL is idempotent so databases that already have some of those
@@ -65,6 +82,10 @@ pub(crate) fn migrations() -> Vec<Migration> {
 pub(crate) enum PgError {
     #[error("storage.postgres_url: {0}")]
     Url(String),
+    #[error("storage.postgres_ca_file: {0}")]
+    CaFile(String),
+    #[error("storage.postgres_url: TLS settings: {0}")]
+    Tls(String),
     #[error("PostgreSQL is unavailable: {0}")]
     Unavailable(String),
     #[error("PostgreSQL error: {0}")]
@@ -99,13 +120,26 @@ fn classify(e: tokio_postgres::Error) -> PgError {
         Some(db) => {
             let code = db.code().code();
             if code.starts_with("08") || code.starts_with("57") || code.starts_with("53") {
-                PgError::Unavailable(e.to_string())
+                PgError::Unavailable(error_chain(&e))
             } else {
                 PgError::Db(e)
             }
         }
-        None => PgError::Unavailable(e.to_string()),
+        None => PgError::Unavailable(error_chain(&e)),
     }
+}
+
+/// `e` and its causes (tokio-postgres' own message is only the kind, such as "error performing
+/// TLS handshake"; the cause says "server does not support TLS"). No cause holds the URL.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
 }
 
 impl PgError {
@@ -127,23 +161,271 @@ pub(crate) async fn timed<T>(
     }
 }
 
-/// A pool for `url` (connections are made lazily, so this succeeds while PostgreSQL is down).
+/// How a replica reaches PostgreSQL: `storage.postgres_url`'s settings and the TLS connector that
+/// honours its `sslmode` (see "TLS" in the module doc). The pool and the change-log subscription's
+/// own connection are made from it. Cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Connect {
+    pub config: tokio_postgres::Config,
+    pub tls: MakeRustlsConnect,
+}
+
+impl std::fmt::Debug for Connect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // `tokio_postgres::Config`'s Debug hides the password; the hosts are enough here.
+        f.debug_struct("Connect")
+            .field("hosts", &self.config.get_hosts())
+            .field("ssl_mode", &self.config.get_ssl_mode())
+            .finish_non_exhaustive()
+    }
+}
+
+/// How much of the server's certificate is checked (libpq's `sslmode` meanings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verify {
+    /// `disable`, `prefer`, `require`: encrypted when TLS is used, certificate not checked.
+    Nothing,
+    /// `verify-ca`: the certificate chains to a trusted CA; any host name.
+    Chain,
+    /// `verify-full`: the chain, and the certificate names the host connected to.
+    ChainAndName,
+}
+
+impl Connect {
+    /// `url` (`storage.postgres_url`) with its `sslmode`; `ca_file` (`storage.postgres_ca_file`):
+    /// the CAs trusted by `verify-ca` and `verify-full` (the system's when unset). No connection
+    /// is made here. Errors name the key and never hold the URL.
+    pub(crate) fn new(url: &SecretString, ca_file: Option<&Path>) -> Result<Connect, PgError> {
+        let (url, verify) = take_verify_mode(url.expose_secret());
+        let mut cfg: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e: tokio_postgres::Error| PgError::Url(error_chain(&e)))?;
+        if cfg.get_connect_timeout().is_none() {
+            cfg.connect_timeout(Duration::from_secs(3));
+        }
+        if cfg.get_application_name().is_none() {
+            cfg.application_name("deskline");
+        }
+        // Notice a peer that vanished without a FIN (a cut network) within about a minute.
+        cfg.keepalives_idle(Duration::from_secs(30));
+        Ok(Connect {
+            config: cfg,
+            tls: tls_connector(verify, ca_file)?,
+        })
+    }
+}
+
+/// `url` with `sslmode=verify-full` / `verify-ca` (which tokio-postgres does not parse) turned into
+/// `sslmode=require` (TLS required), and how much to verify. Works on both URL and `key=value`
+/// forms: the option is recognised only at the start of a parameter.
+fn take_verify_mode(url: &str) -> (String, Verify) {
+    for (mode, verify) in [
+        ("verify-full", Verify::ChainAndName),
+        ("verify-ca", Verify::Chain),
+    ] {
+        let option = format!("sslmode={mode}");
+        let found = url.match_indices(&option).find(|(i, _)| {
+            let before = url[..*i].chars().next_back();
+            let after = url[*i + option.len()..].chars().next();
+            matches!(before, None | Some('?' | '&' | ' ' | '\t'))
+                && matches!(after, None | Some('&' | ' ' | '\t'))
+        });
+        if let Some((i, _)) = found {
+            let mut out = url.to_owned();
+            out.replace_range(i..i + option.len(), "sslmode=require");
+            return (out, verify);
+        }
+    }
+    (url.to_owned(), Verify::Nothing)
+}
+
+/// The rustls connector for `verify` (aws-lc, the provider the rest of the process uses).
+fn tls_connector(verify: Verify, ca_file: Option<&Path>) -> Result<MakeRustlsConnect, PgError> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| PgError::Tls(e.to_string()))?;
+    let config = match verify {
+        Verify::Nothing => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(tls::NoCertificateCheck(provider)))
+            .with_no_client_auth(),
+        Verify::Chain | Verify::ChainAndName => {
+            let roots = Arc::new(tls::roots(ca_file)?);
+            let webpki =
+                rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider)
+                    .build()
+                    .map_err(|e| PgError::Tls(e.to_string()))?;
+            if verify == Verify::ChainAndName {
+                builder.with_webpki_verifier(webpki).with_no_client_auth()
+            } else {
+                builder
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(tls::ChainOnly(webpki)))
+                    .with_no_client_auth()
+            }
+        }
+    };
+    Ok(MakeRustlsConnect::new(config))
+}
+
+/// The certificate checks `sslmode` asks for, as rustls verifiers.
+mod tls {
+    use std::{path::Path, sync::Arc};
+
+    use rustls::{
+        CertificateError, DigitallySignedStruct, Error, RootCertStore, SignatureScheme,
+        client::{
+            WebPkiServerVerifier,
+            danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+        },
+        crypto::CryptoProvider,
+        pki_types::{CertificateDer, ServerName, UnixTime, pem::PemObject},
+    };
+
+    use super::PgError;
+
+    /// The CAs in `ca_file` (PEM), else the system's.
+    pub(super) fn roots(ca_file: Option<&Path>) -> Result<RootCertStore, PgError> {
+        let mut roots = RootCertStore::empty();
+        match ca_file {
+            Some(path) => {
+                let bad =
+                    |e: &dyn std::fmt::Display| PgError::CaFile(format!("{}: {e}", path.display()));
+                let certs = CertificateDer::pem_file_iter(path)
+                    .map_err(|e| bad(&e))?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| bad(&e))?;
+                let (added, _) = roots.add_parsable_certificates(certs);
+                if added == 0 {
+                    return Err(bad(&"no usable PEM certificate in it"));
+                }
+            }
+            None => {
+                let found = rustls_native_certs::load_native_certs();
+                roots.add_parsable_certificates(found.certs);
+                if roots.is_empty() {
+                    return Err(PgError::CaFile(
+                        "unset, and no system CA certificate was found: sslmode=verify-ca or \
+                         verify-full needs one"
+                            .into(),
+                    ));
+                }
+            }
+        }
+        Ok(roots)
+    }
+
+    /// `disable`, `prefer`, `require` (libpq without a root certificate): the session is encrypted
+    /// but the server is not authenticated. The handshake's signatures are still checked.
+    #[derive(Debug)]
+    pub(super) struct NoCertificateCheck(pub Arc<CryptoProvider>);
+
+    impl ServerCertVerifier for NoCertificateCheck {
+        fn verify_server_cert(
+            &self,
+            _end_entity: &CertificateDer<'_>,
+            _intermediates: &[CertificateDer<'_>],
+            _server_name: &ServerName<'_>,
+            _ocsp: &[u8],
+            _now: UnixTime,
+        ) -> Result<ServerCertVerified, Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, Error> {
+            rustls::crypto::verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, Error> {
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+
+    /// `verify-ca`: the chain is checked, the host name is not (the certificate names another).
+    #[derive(Debug)]
+    pub(super) struct ChainOnly(pub Arc<WebPkiServerVerifier>);
+
+    impl ServerCertVerifier for ChainOnly {
+        fn verify_server_cert(
+            &self,
+            end_entity: &CertificateDer<'_>,
+            intermediates: &[CertificateDer<'_>],
+            server_name: &ServerName<'_>,
+            ocsp: &[u8],
+            now: UnixTime,
+        ) -> Result<ServerCertVerified, Error> {
+            // webpki checks the chain first and the name last: a name error means the chain held.
+            match self
+                .0
+                .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+            {
+                Err(Error::InvalidCertificate(
+                    CertificateError::NotValidForName
+                    | CertificateError::NotValidForNameContext { .. },
+                )) => Ok(ServerCertVerified::assertion()),
+                other => other,
+            }
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, Error> {
+            self.0.verify_tls12_signature(message, cert, dss)
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, Error> {
+            self.0.verify_tls13_signature(message, cert, dss)
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.0.supported_verify_schemes()
+        }
+    }
+}
+
+/// A pool for `url` with no CA file (see [`Connect::new`]).
 pub(crate) fn pool(url: &SecretString, max_size: usize) -> Result<Pool, PgError> {
-    let mut cfg: tokio_postgres::Config = url
-        .expose_secret()
-        .parse()
-        .map_err(|e: tokio_postgres::Error| PgError::Url(e.to_string()))?;
-    if cfg.get_connect_timeout().is_none() {
-        cfg.connect_timeout(Duration::from_secs(3));
-    }
-    if cfg.get_application_name().is_none() {
-        cfg.application_name("deskline");
-    }
-    // Notice a peer that vanished without a FIN (a cut network) within about a minute.
-    cfg.keepalives_idle(Duration::from_secs(30));
+    pool_with(&Connect::new(url, None)?, max_size)
+}
+
+/// A pool over `connect` (connections are made lazily, so this succeeds while PostgreSQL is down).
+pub(crate) fn pool_with(connect: &Connect, max_size: usize) -> Result<Pool, PgError> {
     let mgr = Manager::from_config(
-        cfg,
-        NoTls,
+        connect.config.clone(),
+        connect.tls.clone(),
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
@@ -333,10 +615,23 @@ pub mod testing {
             super::pool(&self.secret_url(), size).expect("pool")
         }
 
+        /// The PostgreSQL job store on this schema, migrated, with its spool in `data_dir`: what a
+        /// replica's metrics read (benches).
+        pub async fn job_store(&self, data_dir: &std::path::Path) -> crate::sync::JobStore {
+            let queue = crate::sync::PgQueue::new(
+                self.pool().await,
+                std::time::Duration::from_secs(30),
+                "bench",
+            );
+            crate::sync::JobStore::postgres(queue, data_dir)
+                .await
+                .expect("the spool")
+        }
+
         #[cfg(test)]
         /// Connection settings on this schema (what `ChangeLog::subscribe` takes).
-        pub(crate) fn config(&self) -> tokio_postgres::Config {
-            self.url().parse().expect("a postgres URL")
+        pub(crate) fn config(&self) -> super::Connect {
+            super::Connect::new(&self.secret_url(), None).expect("a postgres URL")
         }
     }
 
@@ -362,11 +657,29 @@ pub mod testing {
         }
     }
 
+    /// Folds the job counters' pending changes now, as housekeeping does every minute; returns
+    /// how many (0 for SQLite). For benches that measure a scrape in its usual state.
+    pub async fn fold_job_counts(store: &crate::sync::JobStore) -> u64 {
+        store.compact_counts().await.expect("fold the job counters")
+    }
+
+    /// What a [`Proxy`] lets through.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Link {
+        Up,
+        /// Bytes are held (connections stay open, nothing passes) until restored: a network that
+        /// drops packets, or a server that hangs.
+        Hung,
+        /// New connections are refused and open ones closed.
+        Cut,
+    }
+
     /// A TCP proxy to PostgreSQL that a test can cut (refusing new connections and killing open
-    /// ones) and restore: "PostgreSQL unreachable" without stopping the shared server.
+    /// ones), hang (holding every byte, connections left open) and restore: "PostgreSQL
+    /// unreachable" without stopping the shared server.
     pub struct Proxy {
         pub addr: std::net::SocketAddr,
-        up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+        link: std::sync::Arc<tokio::sync::watch::Sender<Link>>,
         conns: std::sync::Arc<parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
         accept: tokio::task::JoinHandle<()>,
     }
@@ -374,6 +687,16 @@ pub mod testing {
     impl Proxy {
         /// Proxies to the host and port of `DESKLINE_TEST_POSTGRES_URL`'s server.
         pub async fn start(schema: &TestSchema) -> Proxy {
+            Self::start_with(schema, false).await
+        }
+
+        /// [`start`](Self::start), but the proxy answers a client's TLS request with `N` itself
+        /// (never forwarding it): to the client, a server without TLS, whatever the real one has.
+        pub async fn start_without_tls(schema: &TestSchema) -> Proxy {
+            Self::start_with(schema, true).await
+        }
+
+        async fn start_with(schema: &TestSchema, refuse_tls: bool) -> Proxy {
             let cfg: tokio_postgres::Config = schema.base.parse().expect("a postgres URL");
             let host = match cfg.get_hosts().first() {
                 Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
@@ -383,20 +706,32 @@ pub mod testing {
             let target = format!("{host}:{port}");
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
-            let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+            let link = std::sync::Arc::new(tokio::sync::watch::Sender::new(Link::Up));
             let conns: std::sync::Arc<parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>> =
                 Default::default();
             let accept = tokio::spawn({
-                let (up, conns) = (up.clone(), conns.clone());
+                let (link, conns) = (link.clone(), conns.clone());
                 async move {
-                    while let Ok((mut inbound, _)) = listener.accept().await {
-                        if !up.load(std::sync::atomic::Ordering::SeqCst) {
+                    while let Ok((inbound, _)) = listener.accept().await {
+                        if *link.borrow() == Link::Cut {
                             continue; // dropped: the client sees the connection closed
                         }
-                        let target = target.clone();
+                        let (target, rx) = (target.clone(), link.subscribe());
                         conns.lock().push(tokio::spawn(async move {
-                            if let Ok(mut out) = tokio::net::TcpStream::connect(&target).await {
-                                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                            if let Ok(out) = tokio::net::TcpStream::connect(&target).await {
+                                let mut inbound = inbound;
+                                let mut out = out;
+                                if refuse_tls
+                                    && refuse_ssl_request(&mut inbound, &mut out).await.is_err()
+                                {
+                                    return;
+                                }
+                                let (from_client, to_client) = inbound.into_split();
+                                let (from_server, to_server) = out.into_split();
+                                tokio::join!(
+                                    pump(from_client, to_server, rx.clone()),
+                                    pump(from_server, to_client, rx)
+                                );
                             }
                         }));
                     }
@@ -404,23 +739,70 @@ pub mod testing {
             });
             Proxy {
                 addr,
-                up,
+                link,
                 conns,
                 accept,
             }
         }
 
-        /// PostgreSQL becomes unreachable through the proxy.
+        /// PostgreSQL becomes unreachable through the proxy: connections are refused or closed.
         pub fn cut(&self) {
-            self.up.store(false, std::sync::atomic::Ordering::SeqCst);
+            self.link.send_replace(Link::Cut);
             for c in self.conns.lock().drain(..) {
                 c.abort();
             }
         }
 
-        pub fn restore(&self) {
-            self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+        /// PostgreSQL hangs: connections open (new ones too) but no byte passes either way until
+        /// [`restore`](Self::restore), so every query waits for its caller's timeout.
+        pub fn hang(&self) {
+            self.link.send_replace(Link::Hung);
         }
+
+        /// Bytes pass again (the ones held by [`hang`](Self::hang) first).
+        pub fn restore(&self) {
+            self.link.send_replace(Link::Up);
+        }
+    }
+
+    /// Reads the client's first message: an SSLRequest (length 8, code 80877103) is answered `N`;
+    /// anything else is passed on to the server.
+    async fn refuse_ssl_request(
+        client: &mut tokio::net::TcpStream,
+        server: &mut tokio::net::TcpStream,
+    ) -> std::io::Result<()> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut first = [0u8; 8];
+        client.read_exact(&mut first).await?;
+        if first == [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f] {
+            client.write_all(b"N").await
+        } else {
+            server.write_all(&first).await
+        }
+    }
+
+    /// Copies one direction of a proxied connection, holding each read while the link is hung.
+    async fn pump(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        mut link: tokio::sync::watch::Receiver<Link>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            match link.wait_for(|l| *l != Link::Hung).await {
+                Ok(l) if *l == Link::Up => {}
+                _ => break,
+            }
+            if to.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown().await;
     }
 
     impl Drop for Proxy {
@@ -428,5 +810,186 @@ pub mod testing {
             self.cut();
             self.accept.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{testing::*, *};
+
+    #[test]
+    fn verify_modes_are_taken_only_as_whole_options() {
+        let take = |url: &str| take_verify_mode(url);
+        assert_eq!(
+            take("postgres://u:pw@db/x?sslmode=verify-full"),
+            (
+                "postgres://u:pw@db/x?sslmode=require".into(),
+                Verify::ChainAndName
+            )
+        );
+        assert_eq!(
+            take("postgres://u@db/x?application_name=a&sslmode=verify-ca&connect_timeout=3"),
+            (
+                "postgres://u@db/x?application_name=a&sslmode=require&connect_timeout=3".into(),
+                Verify::Chain
+            )
+        );
+        assert_eq!(
+            take("host=db user=u sslmode=verify-full dbname=x"),
+            (
+                "host=db user=u sslmode=require dbname=x".into(),
+                Verify::ChainAndName
+            )
+        );
+        for url in [
+            "postgres://u@db/x?sslmode=require",
+            "postgres://u@db/x",
+            // Inside a password, not an option.
+            "postgres://u:xsslmode=verify-full@db/x",
+            "postgres://u@db/x?sslmode=verify-fuller",
+        ] {
+            assert_eq!(take(url), (url.to_owned(), Verify::Nothing), "{url}");
+        }
+    }
+
+    const PASSWORD: &str = "pw-Secret-4242";
+
+    /// `url` with a password (ignored by the test server's trust authentication) and `sslmode`.
+    fn with(url: &str, mode: &str) -> SecretString {
+        let at = url.find('@').expect("a user in the URL");
+        let (user, rest) = url.split_at(at);
+        SecretString::from(format!("{user}:{PASSWORD}{rest}&sslmode={mode}"))
+    }
+
+    /// Whether this session's connection is encrypted, as the server says.
+    async fn encrypted(url: &SecretString, ca_file: Option<&Path>) -> Result<bool, PgError> {
+        let pool = pool_with(&Connect::new(url, ca_file)?, 1)?;
+        let c = pool.get().await?;
+        let row = c
+            .query_one(
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .await?;
+        Ok(row.get(0))
+    }
+
+    /// A server without TLS (a proxy that answers the TLS request `N`): `require` (and the
+    /// verify modes) fail with an error that names `storage.postgres_url` and says why, never
+    /// the password, both from `deskline check` and when a replica starts; `disable` and
+    /// `prefer` connect in plain text.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sslmode_against_a_server_without_tls() {
+        let Some(db) = TestSchema::new().await else {
+            return;
+        };
+        drop(db.pool().await);
+        let proxy = Proxy::start_without_tls(&db).await;
+        let url = db.url_via(proxy.addr);
+        for mode in ["disable", "prefer"] {
+            assert!(!encrypted(&with(&url, mode), None).await.unwrap(), "{mode}");
+        }
+        for mode in ["require", "verify-ca", "verify-full"] {
+            let url = with(&url, mode);
+            let config = crate::config::Config::from_toml_and_env(
+                &format!(
+                    "[zendesk]\nurl = \"https://acme.zendesk.com\"\nemail = \"ops@acme.com\"\n\
+                     token = \"t0ken-value\"\n[storage]\npostgres_url = \"{}\"\n",
+                    url.expose_secret()
+                ),
+                Path::new("t.toml"),
+                std::iter::empty(),
+            )
+            .unwrap();
+            let found: Vec<String> = crate::check::storage(&config)
+                .await
+                .iter()
+                .map(|f| f.to_string())
+                .collect();
+            let text = found.join("\n");
+            assert!(
+                text.starts_with("problem: storage.postgres_url:")
+                    && text.contains("server does not support TLS"),
+                "{mode}: {text}"
+            );
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let mut config = config;
+            config.storage.data_dir = dir.path().to_owned();
+            let err = match crate::app::Service::start(config, listener).await {
+                Ok(_) => panic!("{mode}: started without TLS"),
+                Err(e) => format!("{e:#}"),
+            };
+            assert!(
+                err.contains("storage.postgres_url") && err.contains("server does not support TLS"),
+                "{mode}: {err}"
+            );
+            assert!(
+                !text.contains(PASSWORD) && !err.contains(PASSWORD),
+                "{text}\n{err}"
+            );
+        }
+    }
+
+    /// The test server with TLS on (skipped, saying so, when it is off): `require` and `prefer`
+    /// encrypt, `disable` does not; `verify-full` refuses a certificate no trusted CA signed, and
+    /// one that names another host; with the server's own certificate as the CA file,
+    /// `verify-ca` accepts it whatever the host name, `verify-full` when connecting by its name.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sslmode_against_the_test_server() {
+        let Some(db) = TestSchema::new().await else {
+            return;
+        };
+        let pool = db.pool().await;
+        let c = pool.get().await.unwrap();
+        let ssl: String = c.query_one("SHOW ssl", &[]).await.unwrap().get(0);
+        let cert: String = c.query_one("SHOW ssl_cert_file", &[]).await.unwrap().get(0);
+        drop(c);
+        if ssl != "on" || std::fs::metadata(&cert).is_err() {
+            eprintln!(
+                "skipped: the test server has no TLS (ssl = {ssl}) or its certificate is not readable here"
+            );
+            return;
+        }
+        let url = db.url();
+        assert!(encrypted(&with(&url, "require"), None).await.unwrap());
+        assert!(encrypted(&with(&url, "prefer"), None).await.unwrap());
+        assert!(!encrypted(&with(&url, "disable"), None).await.unwrap());
+        let unknown = encrypted(&with(&url, "verify-full"), None)
+            .await
+            .unwrap_err();
+        assert!(unknown.to_string().contains("certificate"), "{unknown}");
+        let cert = Path::new(&cert);
+        // The certificate names `localhost` (Debian's snakeoil) or something else, never the
+        // address the URL uses.
+        let by_address = encrypted(&with(&url, "verify-full"), Some(cert))
+            .await
+            .unwrap_err();
+        assert!(
+            by_address.to_string().contains("certificate"),
+            "{by_address}"
+        );
+        assert!(
+            encrypted(&with(&url, "verify-ca"), Some(cert))
+                .await
+                .unwrap()
+        );
+        let by_name = url.replacen("@127.0.0.1:", "@localhost:", 1);
+        if by_name != url {
+            assert!(
+                encrypted(&with(&by_name, "verify-full"), Some(cert))
+                    .await
+                    .unwrap()
+            );
+        }
+        let missing = Connect::new(
+            &with(&url, "verify-full"),
+            Some(Path::new("/nonexistent/ca.pem")),
+        );
+        let missing = missing.unwrap_err().to_string();
+        assert!(
+            missing.starts_with("storage.postgres_ca_file:"),
+            "{missing}"
+        );
     }
 }

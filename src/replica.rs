@@ -11,8 +11,14 @@
 //!   a local write applied before an older change of the log would be overwritten by it.
 //!   Read-your-writes holds on the writing replica (it waits for its subscriber, normally a few
 //!   milliseconds, at most [`APPLY_WAIT`]) and on the others one `LISTEN/NOTIFY` round later.
-//! - **PostgreSQL down.** An append that fails applies the change here only (answers stay right on
-//!   this replica); the others get it from the exports once the follower reads it.
+//! - **PostgreSQL down.** An append that fails (or takes over [`APPEND_TIMEOUT`]) applies the
+//!   change here only (answers stay right on this replica); the others get it from the exports
+//!   once the follower reads it. It also opens a breaker: until a background probe (every
+//!   [`PROBE_EVERY`]) gets an answer from PostgreSQL again, the next changes skip the log at once
+//!   instead of each waiting for its own timeout, so a hanging PostgreSQL costs one sync step or
+//!   webhook one timeout, not every one of them. `ReportCall` never waits on any of this: its
+//!   last-call record is published in a task of its own. The follower's fenced pages are not
+//!   behind the breaker: they must reach the log, so the follower waits and retries.
 //! - **One follower.** [`Replica::run_follower`] keeps the `follower` lease; while it holds it, it
 //!   first catches up with the log (so the export cursors in its index are the last holder's:
 //!   cursors travel in the log with their pages) and then runs a [`Follower`] whose writes carry the
@@ -27,8 +33,12 @@
 //!   the snapshot.
 
 use std::{
+    collections::HashSet,
     path::PathBuf,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, SystemTime},
 };
 
@@ -41,7 +51,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::{
-    cluster::{ChangeLog, ClusterError, Fence, Lease, SharedSnapshot, SubscriberConfig},
+    cluster::{
+        ChangeLog, ClusterError, Fence, Lease, SharedSnapshot, SubscriberConfig,
+        snapshot::SnapshotMeta,
+    },
     follow::Follower,
     index::{Index, IndexWriter, Publish, Published, snapshot, writer},
     metrics::ReplicaGauges,
@@ -52,12 +65,16 @@ use crate::{
 pub(crate) const APPLY_WAIT: Duration = Duration::from_secs(2);
 /// An append that takes longer counts as PostgreSQL being unreachable.
 const APPEND_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often the breaker's probe asks PostgreSQL whether it is back (see [`Replica::probe`]).
+const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// The lease's name in `cluster_lease`.
 pub(crate) const FOLLOWER_LEASE: &str = "follower";
 /// How old pruned changes must be: a replica a little behind follows on without a reload.
 const PRUNE_MIN_AGE: Duration = Duration::from_secs(60);
 /// How often the change-log lag is measured for the metrics.
 const LAG_EVERY: Duration = Duration::from_secs(2);
+/// How often a replica without a usable snapshot ([`StartFrom::Rebuild`]) looks for a new one.
+const REBUILD_POLL: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone)]
 pub(crate) struct ReplicaOptions {
@@ -72,7 +89,7 @@ pub(crate) struct ReplicaOptions {
 /// This replica's side of the shared index.
 pub(crate) struct Replica {
     pool: Pool,
-    connect: tokio_postgres::Config,
+    connect: crate::pg::Connect,
     id: String,
     log: ChangeLog,
     snapshots: SharedSnapshot,
@@ -83,6 +100,13 @@ pub(crate) struct Replica {
     /// Save requests to the subscriber (the one place that knows which seq the index is at).
     save_tx: mpsc::Sender<SaveRequest>,
     save_rx: parking_lot::Mutex<Option<mpsc::Receiver<SaveRequest>>>,
+    /// The change log's breaker for the unfenced writers: open (true) from a failed append until
+    /// [`Replica::probe`] reaches PostgreSQL again; while open, changes skip the log at once.
+    breaker: AtomicBool,
+    /// Shared snapshots this process found unusable: never read again (no loop over a bad one).
+    unusable: parking_lot::Mutex<HashSet<i64>>,
+    /// Set while the index waits for a new shared snapshot ([`StartFrom::Rebuild`]).
+    rebuilding: AtomicBool,
 }
 
 impl std::fmt::Debug for Replica {
@@ -103,10 +127,24 @@ struct SaveRequest {
 /// Where a replica's index starts.
 pub(crate) struct Start {
     pub index: Index,
-    /// The seq the index includes (the snapshot's, or 0).
+    /// The seq the index includes: the subscriber follows the log after it.
     pub seq: i64,
-    /// Whether it came from a shared snapshot.
-    pub from_snapshot: bool,
+    pub from: StartFrom,
+}
+
+/// What [`Replica::start`] found to start from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StartFrom {
+    /// The shared snapshot with this id (the newest usable one).
+    Snapshot(i64),
+    /// No usable snapshot, and the log was never pruned: the whole log from seq 0 (on a first
+    /// start, the first follower's warm-up pages).
+    Log,
+    /// No usable snapshot, and the log no longer reaches back: an empty index at the log's head.
+    /// The subscriber polls for a new snapshot (the follower stores one at its next period, or at
+    /// once when the damaged one was deleted) and loads it; if this replica takes the follower
+    /// lease first, its follower finds no export cursor and warms up from Zendesk through the log.
+    Rebuild,
 }
 
 impl Replica {
@@ -114,7 +152,7 @@ impl Replica {
     /// own connection; `id`: this replica's unique name.
     pub(crate) fn new(
         pool: Pool,
-        connect: tokio_postgres::Config,
+        connect: crate::pg::Connect,
         id: String,
         gauges: ReplicaGauges,
         opts: ReplicaOptions,
@@ -131,33 +169,142 @@ impl Replica {
             opts,
             save_tx,
             save_rx: parking_lot::Mutex::new(Some(save_rx)),
+            breaker: AtomicBool::new(false),
+            unusable: Default::default(),
+            rebuilding: AtomicBool::new(false),
         })
     }
 
-    /// The latest shared snapshot, or an empty index to be filled from the log's beginning.
+    /// Where this replica's index starts (see [`StartFrom`]): the newest usable shared snapshot
+    /// (a damaged or undecodable one is skipped with a warning naming it, counted in
+    /// `deskline_shared_snapshot_unusable_total`, and never tried again by this process), else the
+    /// whole log if it was never pruned, else an empty index at the log's head ([`StartFrom::Rebuild`]).
     pub(crate) async fn start(&self) -> anyhow::Result<Start> {
         let started = std::time::Instant::now();
-        let Some((meta, bytes)) = self.snapshots.load_latest_bytes().await? else {
-            info!("no shared index snapshot yet: following the change log from its start");
+        let listed = self.snapshots.list().await?;
+        for meta in &listed {
+            if self.unusable.lock().contains(&meta.id) {
+                continue;
+            }
+            let Some(index) = self.load_snapshot(meta).await? else {
+                continue;
+            };
+            info!(
+                snapshot_id = meta.id,
+                seq = meta.seq,
+                bytes = meta.size,
+                customers = index.counts().customers,
+                took_ms = started.elapsed().as_millis() as u64,
+                "index loaded from the shared snapshot"
+            );
+            return Ok(Start {
+                index,
+                seq: meta.seq,
+                from: StartFrom::Snapshot(meta.id),
+            });
+        }
+        let pruned_through = self.log.pruned_through().await?;
+        if pruned_through == 0 {
+            if listed.is_empty() {
+                info!("no shared index snapshot yet: following the change log from its start");
+            } else {
+                warn!("no usable shared index snapshot: replaying the whole change log instead");
+            }
             return Ok(Start {
                 index: Index::new(),
                 seq: 0,
-                from_snapshot: false,
+                from: StartFrom::Log,
             });
-        };
-        let index = decode(meta.id, bytes).await?;
-        info!(
-            seq = meta.seq,
-            bytes = meta.size,
-            customers = index.counts().customers,
-            took_ms = started.elapsed().as_millis() as u64,
-            "index loaded from the shared snapshot"
+        }
+        // A log pruned to its last change is empty: its head is then the pruned seq.
+        let head = self.log.newest_seq().await?.max(pruned_through);
+        warn!(
+            pruned_through,
+            head,
+            "no usable shared index snapshot, and the change log no longer reaches back to its \
+             start: the index starts empty (NOT_SERVING) and follows the log from its head until \
+             the follower stores a new snapshot, or this replica takes the follower lease and warms \
+             up from Zendesk"
         );
+        self.rebuilding.store(true, Ordering::Release);
         Ok(Start {
-            index,
-            seq: meta.seq,
-            from_snapshot: true,
+            index: Index::new(),
+            seq: head,
+            from: StartFrom::Rebuild,
         })
+    }
+
+    /// Reads, checks and decodes one shared snapshot; `None` when it is gone (replaced since it
+    /// was listed) or unusable. An unusable one is logged, counted and remembered so that it is
+    /// never read again; a damaged one (size, chunks or CRC-32 wrong) is also deleted, which makes
+    /// the follower store a fresh one. Only PostgreSQL failing is an error.
+    async fn load_snapshot(&self, meta: &SnapshotMeta) -> anyhow::Result<Option<Index>> {
+        let bytes = match self.snapshots.load_bytes(meta.id).await {
+            Ok(Some((_, bytes))) => bytes,
+            Ok(None) => return Ok(None),
+            Err(ClusterError::CorruptSnapshot { id, reason }) => {
+                warn!(
+                    snapshot_id = id,
+                    seq = meta.seq,
+                    origin = %meta.origin,
+                    reason,
+                    "the shared index snapshot is damaged: skipped and deleted"
+                );
+                self.gauges.snapshots_unusable.inc();
+                self.unusable.lock().insert(id);
+                if let Err(e) = self.snapshots.discard(id).await {
+                    warn!(snapshot_id = id, error = %e, "the damaged shared snapshot was not deleted");
+                }
+                return Ok(None);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        match decode(meta.id, bytes).await {
+            Ok(index) => Ok(Some(index)),
+            Err(e) => {
+                // Not deleted: a newer release's format is no damage to the replicas that read it.
+                warn!(
+                    snapshot_id = meta.id,
+                    seq = meta.seq,
+                    origin = %meta.origin,
+                    error = format!("{e:#}"),
+                    "the shared index snapshot cannot be decoded (damaged before it was stored, or \
+                     written by a newer release): skipped"
+                );
+                self.gauges.snapshots_unusable.inc();
+                self.unusable.lock().insert(meta.id);
+                Ok(None)
+            }
+        }
+    }
+
+    /// While [`StartFrom::Rebuild`]: a newer shared snapshot than those found unusable, loaded,
+    /// or `None`. Errors only log: the next poll tries again.
+    async fn rebuild_from_new_snapshot(&self) -> Option<(SnapshotMeta, Index)> {
+        let listed = match self.snapshots.list().await {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(error = %e, "listing the shared snapshots failed; trying again");
+                return None;
+            }
+        };
+        for meta in listed {
+            if self.unusable.lock().contains(&meta.id) {
+                continue;
+            }
+            match self.load_snapshot(&meta).await {
+                Ok(Some(index)) => return Some((meta, index)),
+                Ok(None) => {}
+                Err(e) => {
+                    warn!(
+                        error = format!("{e:#}"),
+                        "reading a shared snapshot failed; trying again"
+                    );
+                    return None;
+                }
+            }
+        }
+        None
     }
 
     /// A publisher for the sync worker and the webhooks (no fence: any replica may write).
@@ -189,6 +336,11 @@ impl Replica {
         let mut after = from;
         self.set_applied(after);
         let mut lag_tick = tokio::time::interval(LAG_EVERY);
+        let mut rebuild_tick = tokio::time::interval(REBUILD_POLL);
+        rebuild_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Set when a reload found no usable snapshot and the index was kept as it was: loaded,
+        // but missing the pruned changes, so only a new snapshot ends the rebuild.
+        let mut keep_until_snapshot = false;
         'subscribe: loop {
             let mut sub =
                 self.log
@@ -202,6 +354,22 @@ impl Replica {
                         match writer.save_queued(req.path).await {
                             Ok(done) => { let _ = req.reply.send((after, done)); }
                             Err(e) => return Err(e.into()),
+                        }
+                    }
+                    _ = rebuild_tick.tick(), if self.rebuilding.load(Ordering::Acquire) => {
+                        if !keep_until_snapshot && *writer.loaded().borrow() {
+                            // The log brought a whole warm-up (this replica's as the follower).
+                            self.rebuilding.store(false, Ordering::Release);
+                            info!("the index was rebuilt from the change log");
+                        } else if let Some((meta, index)) = self.rebuild_from_new_snapshot().await {
+                            writer.replace(index).await?;
+                            self.rebuilding.store(false, Ordering::Release);
+                            keep_until_snapshot = false;
+                            info!(snapshot_id = meta.id, seq = meta.seq,
+                                "index loaded from a new shared snapshot");
+                            after = meta.seq;
+                            self.set_applied(after);
+                            continue 'subscribe;
                         }
                     }
                     _ = lag_tick.tick() => {
@@ -236,10 +404,18 @@ impl Replica {
                             warn!(after = a, pruned_through,
                                 "the change log was pruned past this replica: reloading the shared snapshot");
                             let start = self.start().await?;
-                            if start.seq < pruned_through {
+                            if start.from == StartFrom::Rebuild {
+                                keep_until_snapshot = true;
+                                // An index missing some changes beats an empty one: keep it
+                                // until a new snapshot replaces it (the rebuild poll).
+                                warn!(head = start.seq, "no usable shared snapshot to reload: \
+                                    this replica keeps its index, without the pruned changes, \
+                                    until a new snapshot is stored");
+                            } else if start.seq < pruned_through {
                                 anyhow::bail!("the shared snapshot (seq {}) is older than the pruned log (seq {pruned_through})", start.seq);
+                            } else {
+                                writer.replace(start.index).await?;
                             }
-                            writer.replace(start.index).await?;
                             after = start.seq;
                             self.set_applied(after);
                             continue 'subscribe;
@@ -253,6 +429,39 @@ impl Replica {
                 }
             }
         }
+    }
+
+    /// Opens the breaker after a failed append (once: a second failure while it is open only
+    /// counts) and starts the probe that closes it.
+    fn open_breaker(self: &Arc<Self>, why: &str) {
+        if self.breaker.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.gauges.breaker_open.set(1);
+        warn!(
+            error = why,
+            "an index change could not be appended to the shared log: it is applied on this \
+             replica only, and so are the next ones, without waiting, until PostgreSQL answers again"
+        );
+        tokio::spawn(self.clone().probe());
+    }
+
+    /// Asks PostgreSQL a trivial question every [`PROBE_EVERY`] until it answers within
+    /// [`APPEND_TIMEOUT`], then closes the breaker. Only one probe runs at a time.
+    async fn probe(self: Arc<Self>) {
+        let down = std::time::Instant::now();
+        loop {
+            tokio::time::sleep(PROBE_EVERY).await;
+            if let Ok(Ok(())) = tokio::time::timeout(APPEND_TIMEOUT, self.log.ping()).await {
+                break;
+            }
+        }
+        self.breaker.store(false, Ordering::Release);
+        self.gauges.breaker_open.set(0);
+        info!(
+            down_ms = down.elapsed().as_millis() as u64,
+            "PostgreSQL answers again: index changes go through the shared log again"
+        );
     }
 
     fn set_applied(&self, seq: i64) {
@@ -358,6 +567,7 @@ impl Replica {
             Err(_) => -1,
         };
         let mut next_snapshot = Instant::now();
+        let mut next_check = Instant::now() + self.opts.snapshot_every;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let outcome = loop {
@@ -377,6 +587,18 @@ impl Replica {
                 _ = tick.tick() => {
                     let applied = *self.applied.borrow();
                     let loaded = *writer.loaded().borrow();
+                    if loaded && Instant::now() >= next_check {
+                        // A replica that found the snapshot damaged deleted it: store a fresh
+                        // one now rather than at the next change.
+                        next_check = Instant::now() + self.opts.snapshot_every;
+                        if let Ok(newest) = self.snapshots.latest().await {
+                            let newest = newest.map_or(-1, |m| m.seq);
+                            if newest < last_stored {
+                                warn!(newest, last_stored, "the shared snapshot this replica stored is gone: storing a fresh one");
+                                last_stored = newest;
+                            }
+                        }
+                    }
                     if loaded && Instant::now() >= next_snapshot && applied > last_stored {
                         match self.store_snapshot(fence).await {
                             Ok(seq) => last_stored = seq,
@@ -450,19 +672,21 @@ impl LogPublisher {
     async fn append(&self, payload: Vec<u8>) -> Result<i64, Published> {
         let log = &self.replica.log;
         let Some((fence_rx, epoch)) = &self.fence else {
-            return match tokio::time::timeout(APPEND_TIMEOUT, log.append(&payload, None)).await {
-                Ok(Ok(seq)) => Ok(seq),
-                Ok(Err(e)) => {
-                    warn!(error = %e, "index change not appended to the shared log: applied on this replica only");
-                    Err(Published::Unavailable)
-                }
-                Err(_) => {
-                    warn!(
-                        "index change not appended to the shared log in time: applied on this replica only"
-                    );
-                    Err(Published::Unavailable)
-                }
+            let replica = &self.replica;
+            if replica.breaker.load(Ordering::Acquire) {
+                // The log failed a moment ago and the probe has not seen PostgreSQL since: do
+                // not wait another timeout for each change.
+                replica.gauges.local_only.inc();
+                return Err(Published::Unavailable);
+            }
+            let why = match tokio::time::timeout(APPEND_TIMEOUT, log.append(&payload, None)).await {
+                Ok(Ok(seq)) => return Ok(seq),
+                Ok(Err(e)) => format!("{e:#}"),
+                Err(_) => format!("no answer within {} s", APPEND_TIMEOUT.as_secs()),
             };
+            replica.gauges.local_only.inc();
+            replica.open_breaker(&why);
+            return Err(Published::Unavailable);
         };
         // The follower's page must reach the log (or be refused): the next page is read from
         // the cursor this one moves, so waiting is right while PostgreSQL is away.
@@ -513,7 +737,7 @@ mod tests {
     use crate::{
         cluster::testing::{migrated, wait_for},
         index::Change,
-        pg::testing::TestSchema,
+        pg::testing::{Proxy, TestSchema},
         phone::PhoneParser,
         zendesk::models::User,
     };
@@ -541,11 +765,23 @@ mod tests {
 
     impl Node {
         async fn start(db: &TestSchema, id: &str) -> Node {
+            Node::start_on(db.pool_of(4), db.config(), id).await
+        }
+
+        /// A replica that reaches PostgreSQL through `proxy` (its pool and its subscription).
+        async fn start_via(db: &TestSchema, proxy: &Proxy, id: &str) -> Node {
+            let url = secrecy::SecretString::from(db.url_via(proxy.addr));
+            let connect = crate::pg::Connect::new(&url, None).unwrap();
+            let pool = crate::pg::pool_with(&connect, 4).unwrap();
+            Node::start_on(pool, connect, id).await
+        }
+
+        async fn start_on(pool: Pool, connect: crate::pg::Connect, id: &str) -> Node {
             let dir = tempfile::tempdir().unwrap();
             let gauges = ReplicaGauges::default();
             let replica = Replica::new(
-                db.pool_of(4),
-                db.config(),
+                pool,
+                connect,
                 id.into(),
                 gauges.clone(),
                 ReplicaOptions {
@@ -626,6 +862,78 @@ mod tests {
         assert_eq!(*a.replica.applied().borrow(), head);
     }
 
+    /// PostgreSQL hanging (a proxy that holds every byte, connections left open): the first index
+    /// write waits one append timeout, the next ones are applied on this replica at once (the
+    /// breaker is open, and counted), answers on this replica are right all along; once PostgreSQL
+    /// answers again the probe closes the breaker and writes reach the log and the other replica.
+    /// Without the breaker the ten writes take ten timeouts (20 s).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hanging_postgres_costs_one_append_timeout_not_one_per_write() {
+        let Some(db) = migrated().await else {
+            return;
+        };
+        let p = PhoneParser::new("UA").unwrap();
+        let proxy = Proxy::start(&db).await;
+        let a = Node::start_via(&db, &proxy, "a").await;
+        let b = Node::start(&db, "b").await;
+        a.publishing
+            .apply(Change::user(&customer(1, "before", "+380501234501"), &p))
+            .await
+            .unwrap();
+        wait_for("B gets A's write", Duration::from_secs(5), || async {
+            b.name_of(1).as_deref() == Some("before")
+        })
+        .await;
+
+        proxy.hang();
+        let started = Instant::now();
+        let writes = 10;
+        for i in 2..2 + writes {
+            let name = format!("during {i}");
+            a.publishing
+                .apply(Change::user(
+                    &customer(i, &name, &format!("+3805012345{i:02}")),
+                    &p,
+                ))
+                .await
+                .unwrap();
+            assert_eq!(a.name_of(i), Some(name), "A answers with its own write");
+        }
+        let took = started.elapsed();
+        assert!(
+            took < APPEND_TIMEOUT * 2 + Duration::from_secs(1),
+            "{writes} writes with PostgreSQL hanging took {took:?}"
+        );
+        assert_eq!(a.gauges.local_only.get(), writes as u64);
+        assert_eq!(a.gauges.breaker_open.get(), 1);
+
+        proxy.restore();
+        wait_for(
+            "the probe closes the breaker",
+            Duration::from_secs(15),
+            || async { a.gauges.breaker_open.get() == 0 },
+        )
+        .await;
+        a.publishing
+            .apply(Change::user(&customer(30, "after", "+380501234530"), &p))
+            .await
+            .unwrap();
+        assert_eq!(a.name_of(30).as_deref(), Some("after"));
+        wait_for(
+            "B gets the write made after PostgreSQL came back",
+            Duration::from_secs(5),
+            || async { b.name_of(30).as_deref() == Some("after") },
+        )
+        .await;
+        assert_eq!(
+            a.gauges.local_only.get(),
+            writes as u64,
+            "appended, not local"
+        );
+        // A write skipped during the outage stayed on A (the exports bring it to B).
+        assert!(b.name_of(5).is_none());
+    }
+
     /// The holder stores the shared snapshot with the seq it includes; after the log is pruned
     /// behind it, a replica starting from the log's beginning finds its position pruned, reloads
     /// the snapshot, and follows on with the changes after it.
@@ -686,10 +994,187 @@ mod tests {
         assert_eq!(*b.applied().borrow(), 4);
         // A new replica starts from the snapshot directly.
         let start = b.start().await.unwrap();
-        assert!(start.from_snapshot);
+        assert!(matches!(start.from, StartFrom::Snapshot(_)));
         assert_eq!((start.seq, start.index.counts().customers), (3, 3));
         stop.cancel();
         task.await.unwrap().unwrap();
+    }
+
+    /// Runs `sql` on the test's schema.
+    async fn exec(db: &TestSchema, sql: &str) {
+        db.pool_of(1)
+            .get()
+            .await
+            .unwrap()
+            .batch_execute(sql)
+            .await
+            .unwrap();
+    }
+
+    async fn snapshot_ids(db: &TestSchema) -> Vec<i64> {
+        db.pool_of(1)
+            .get()
+            .await
+            .unwrap()
+            .query(
+                "SELECT id FROM cluster_snapshots ORDER BY seq DESC, id DESC",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+
+    /// Customers 1..=n written through `node`'s publishing writer (one change each).
+    async fn write_customers(node: &Node, ids: std::ops::RangeInclusive<i64>, p: &PhoneParser) {
+        for i in ids {
+            let phone = format!("+3805012300{i:02}");
+            node.publishing
+                .apply(Change::user(&customer(i, &format!("c{i}"), &phone), p))
+                .await
+                .unwrap();
+        }
+    }
+
+    /// Two snapshots kept, the newest damaged in PostgreSQL (one byte changed: CRC mismatch): a
+    /// new replica skips it (deleting it, counted), starts from the one before and replays the log
+    /// after it, which pruning kept for that; the damaged one is never read again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_damaged_newest_snapshot_falls_back_to_the_one_before() {
+        let Some(db) = migrated().await else {
+            return;
+        };
+        let p = PhoneParser::new("UA").unwrap();
+        let a = Node::start(&db, "a").await;
+        let lease = Lease::new(db.pool_of(1), FOLLOWER_LEASE, "a", Duration::from_secs(30));
+        let fence = lease.try_take().await.unwrap().unwrap();
+        write_customers(&a, 1..=3, &p).await;
+        assert_eq!(a.replica.store_snapshot(&fence).await.unwrap(), 3);
+        write_customers(&a, 4..=5, &p).await;
+        assert_eq!(a.replica.store_snapshot(&fence).await.unwrap(), 5);
+        a.replica
+            .log
+            .prune_to_snapshot(Duration::ZERO)
+            .await
+            .unwrap();
+        assert_eq!(
+            a.replica.log.pruned_through().await.unwrap(),
+            3,
+            "kept back to the older"
+        );
+        write_customers(&a, 6..=6, &p).await;
+        let ids = snapshot_ids(&db).await;
+        assert_eq!(ids.len(), 2, "two snapshots kept");
+        exec(
+            &db,
+            &format!(
+                "UPDATE cluster_snapshot_chunks SET data = set_byte(data, 7, (get_byte(data, 7) + 1) % 256)
+                 WHERE snapshot_id = {} AND idx = 0",
+                ids[0]
+            ),
+        )
+        .await;
+
+        let b = Node::start(&db, "b").await;
+        let start = b.replica.start().await.unwrap(); // a second start: the same outcome
+        assert_eq!(start.from, StartFrom::Snapshot(ids[1]));
+        assert_eq!(start.seq, 3);
+        wait_for(
+            "B replays the changes after the older snapshot",
+            Duration::from_secs(5),
+            || async { (1..=6).all(|i| b.name_of(i).as_deref() == Some(&format!("c{i}"))) },
+        )
+        .await;
+        assert_eq!(
+            b.gauges.snapshots_unusable.get(),
+            1,
+            "read once, skipped once"
+        );
+        assert_eq!(
+            snapshot_ids(&db).await,
+            vec![ids[1]],
+            "the damaged one was deleted"
+        );
+    }
+
+    /// The only snapshot undecodable (its bytes replaced, header and CRC-32 made to match, so the
+    /// check passes and decoding fails) and the log pruned behind it: a new replica starts empty
+    /// at the log's head (nothing to replay from), skips that snapshot once, and loads the next one
+    /// the follower stores, then follows on; the bad one is never read again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_usable_snapshot_and_a_pruned_log_waits_for_the_next_snapshot() {
+        let Some(db) = migrated().await else {
+            return;
+        };
+        let p = PhoneParser::new("UA").unwrap();
+        let a = Node::start(&db, "a").await;
+        let lease = Lease::new(db.pool_of(1), FOLLOWER_LEASE, "a", Duration::from_secs(30));
+        let fence = lease.try_take().await.unwrap().unwrap();
+        // A loaded index (as after the follower's warm-up), then customers.
+        a.publishing.apply(Change::Loaded).await.unwrap();
+        write_customers(&a, 1..=3, &p).await;
+        assert_eq!(a.replica.store_snapshot(&fence).await.unwrap(), 4);
+        a.replica
+            .log
+            .prune_to_snapshot(Duration::ZERO)
+            .await
+            .unwrap();
+        let bad = snapshot_ids(&db).await[0];
+        let garbage = b"not an index snapshot at all".to_vec();
+        let crc = crc32fast::hash(&garbage);
+        let hex: String = garbage.iter().map(|b| format!("{b:02x}")).collect();
+        exec(
+            &db,
+            &format!(
+                "DELETE FROM cluster_snapshot_chunks WHERE snapshot_id = {bad};
+                 INSERT INTO cluster_snapshot_chunks (snapshot_id, idx, data)
+                     VALUES ({bad}, 0, '\\x{hex}');
+                 UPDATE cluster_snapshots SET chunks = 1, size = {}, crc32 = {crc} WHERE id = {bad};",
+                garbage.len()
+            ),
+        )
+        .await;
+
+        let b = Node::start(&db, "b").await;
+        assert!(b.name_of(1).is_none(), "B starts empty");
+        assert!(
+            !b.writer.index().read().is_loaded(),
+            "and not loaded (NOT_SERVING)"
+        );
+        assert_eq!(b.gauges.snapshots_unusable.get(), 1);
+        write_customers(&a, 4..=4, &p).await;
+        wait_for(
+            "B applies changes after the head",
+            Duration::from_secs(5),
+            || async { b.name_of(4).is_some() },
+        )
+        .await;
+        // The follower's next snapshot (its index has every customer).
+        assert_eq!(a.replica.store_snapshot(&fence).await.unwrap(), 5);
+        wait_for(
+            "B loads the new snapshot",
+            Duration::from_secs(10),
+            || async {
+                (1..=4).all(|i| b.name_of(i).is_some()) && b.writer.index().read().is_loaded()
+            },
+        )
+        .await;
+        write_customers(&a, 5..=5, &p).await;
+        wait_for("and follows on", Duration::from_secs(5), || async {
+            b.name_of(5).is_some()
+        })
+        .await;
+        assert_eq!(
+            b.gauges.snapshots_unusable.get(),
+            1,
+            "the bad one was not read again"
+        );
+        assert!(
+            snapshot_ids(&db).await.contains(&bad),
+            "undecodable is not deleted"
+        );
     }
 
     /// A follower whose lease moved on cannot append: its page is refused and applied nowhere.

@@ -961,7 +961,7 @@ async fn a_webhook_delivered_to_one_replica_reaches_every_replica_within_a_secon
             .unwrap()
     };
     let (hooks_a, hooks_b) = (port(), port());
-    let toml = |addr: SocketAddr| {
+    let toml = |addr: std::net::SocketAddr| {
         format!("[webhooks]\nlisten = \"{addr}\"\nsigning_secret = \"{secret}\"\n")
     };
     let url = schema.url();
@@ -1026,5 +1026,119 @@ async fn a_webhook_delivered_to_one_replica_reaches_every_replica_within_a_secon
         exports_before,
         "no export read meanwhile"
     );
+    sim.shutdown().await;
+}
+
+/// A shared snapshot damaged in PostgreSQL (one byte changed, so its CRC-32 fails) and a change
+/// log pruned behind it, with no replica running: the replica started next names the snapshot in
+/// a warning, counts it, deletes it, and, having nothing to start from, takes the follower lease
+/// and warms up from Zendesk, then serves the right answers and stores a fresh snapshot, which the
+/// replica after it starts from. Before this, such a replica failed to start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_shared_snapshot_does_not_stop_a_starting_replica() {
+    let Some(schema) = TestSchema::new().await else {
+        return;
+    };
+    let mut store = account();
+    for i in 0..300 {
+        store
+            .create_user(customer(&format!("Customer {i}"), &number(i)))
+            .unwrap();
+    }
+    let sim = start_sim(store, |_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = schema.url();
+    // The snapshot stored once, right after the warm-up, then left alone; plain logs, so a
+    // field reads `snapshot_id=N`.
+    let snapshot_once = &[
+        ("DESKLINE_INDEX__FOLLOWER_LEASE_SECONDS", "2"),
+        ("DESKLINE_INDEX__SHARED_SNAPSHOT_SECONDS", "3600"),
+        ("NO_COLOR", "1"),
+    ];
+    let a = Replica::start_env(dir.path(), "a", &sim, &url, snapshot_once).await;
+    let pool = schema.pool_of(1);
+    let damaged: i64 = eventually("a shared snapshot stored", DEADLINE, || async {
+        let c = pool.get().await.ok()?;
+        c.query_opt("SELECT id FROM cluster_snapshots", &[])
+            .await
+            .ok()?
+            .map(|r| r.get(0))
+    })
+    .await;
+    a.kill();
+    // One byte of the stored blob changed, and the log pruned through its last change (as the
+    // follower does behind its snapshots).
+    pool.get()
+        .await
+        .unwrap()
+        .batch_execute(&format!(
+            "UPDATE cluster_snapshot_chunks SET data = set_byte(data, 100, (get_byte(data, 100) + 1) % 256)
+                 WHERE snapshot_id = {damaged} AND idx = 0;
+             UPDATE cluster_change_meta SET pruned_through = (SELECT max(seq) FROM cluster_changes);
+             DELETE FROM cluster_changes;"
+        ))
+        .await
+        .unwrap();
+    let before = export_requests(&sim);
+
+    let b = Replica::start_env(dir.path(), "b", &sim, &url, snapshot_once).await;
+    let mut gb = b.grpc().await;
+    let name = eventually("B answers from its warm-up", DEADLINE, || {
+        let mut gb = gb.clone();
+        async move { caller_name(&mut gb, &number(299)).await }
+    })
+    .await;
+    assert_eq!(name, "Customer 299");
+    assert_eq!(
+        caller_name(&mut gb, &number(0)).await.as_deref(),
+        Some("Customer 0")
+    );
+    let warning = format!("snapshot_id={damaged} ");
+    assert_eq!(
+        b.log_count("the shared index snapshot is damaged"),
+        1,
+        "{}",
+        b.log_text()
+    );
+    assert_eq!(b.log_count(&warning), 1, "{}", b.log_text());
+    assert_eq!(
+        b.metric("deskline_shared_snapshot_unusable_total").await,
+        Some(1.0)
+    );
+    assert!(export_requests(&sim) > before, "B warmed up from Zendesk");
+    // B stores a fresh snapshot; C starts from it, without reading the exports.
+    let fresh: i64 = eventually("B stores a fresh snapshot", DEADLINE, || async {
+        let c = pool.get().await.ok()?;
+        c.query_opt(
+            "SELECT id FROM cluster_snapshots WHERE id <> $1",
+            &[&damaged],
+        )
+        .await
+        .ok()?
+        .map(|r| r.get(0))
+    })
+    .await;
+    let after_b = export_requests(&sim);
+    let c = Replica::start_env(dir.path(), "c", &sim, &url, snapshot_once).await;
+    let gc = c.grpc().await;
+    let name = eventually("C answers", DEADLINE, || {
+        let mut gc = gc.clone();
+        async move { caller_name(&mut gc, &number(299)).await }
+    })
+    .await;
+    assert_eq!(name, "Customer 299");
+    assert_eq!(
+        c.log_count(&format!("snapshot_id={fresh} seq=")),
+        2,
+        "loaded from B's snapshot (the replica's line and the service's): {}",
+        c.log_text()
+    );
+    assert_eq!(c.log_count("warm-up: reading"), 0, "{}", c.log_text());
+    assert_eq!(
+        c.metric("deskline_shared_snapshot_unusable_total").await,
+        Some(0.0)
+    );
+    // B still holds the lease and polls hourly: the only export reads after it are none.
+    assert_eq!(export_requests(&sim), after_b);
     sim.shutdown().await;
 }

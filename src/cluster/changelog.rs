@@ -27,7 +27,7 @@
 //! before waiting again. `LISTEN` always precedes the read, so a change committed in between is
 //! either read or notified. Changes are yielded strictly in seq order, each once.
 //!
-//! **Pruning.** [`ChangeLog::prune_through`] deletes changes up to a seq covered by the newest
+//! **Pruning.** [`ChangeLog::prune_through`] deletes changes up to a seq covered by the oldest kept
 //! shared snapshot and records that seq in `cluster_change_meta.pruned_through`. A reader that asks
 //! for changes after a pruned seq gets [`ClusterError::Pruned`] (checked in the same statement as
 //! the read, so it is consistent) and must reload the snapshot instead of silently skipping.
@@ -40,7 +40,7 @@ use tokio::{
     sync::{mpsc, watch},
     task::JoinHandle,
 };
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 
 use super::{ClusterError, Fence, advisory_xact_lock, from_secs, secs};
 
@@ -240,6 +240,22 @@ impl ChangeLog {
         read_after(&client, after, limit).await
     }
 
+    /// One trivial round trip through the pool: whether PostgreSQL answers at all.
+    pub(crate) async fn ping(&self) -> Result<(), ClusterError> {
+        let client = self.pool.get().await?;
+        client.query_one("SELECT 1", &[]).await?;
+        Ok(())
+    }
+
+    /// The highest seq pruned so far (0 while the log is whole from its start).
+    pub(crate) async fn pruned_through(&self) -> Result<i64, ClusterError> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_one("SELECT pruned_through FROM cluster_change_meta", &[])
+            .await?;
+        Ok(row.get(0))
+    }
+
     /// The newest committed seq (0 if the log is empty).
     pub(crate) async fn newest_seq(&self) -> Result<i64, ClusterError> {
         let client = self.pool.get().await?;
@@ -301,12 +317,14 @@ impl ChangeLog {
         Ok(deleted as u64)
     }
 
-    /// Prunes through the seq of the newest shared snapshot (see [`Self::prune_through`]).
+    /// Prunes through the seq of the oldest shared snapshot kept (see [`Self::prune_through`]):
+    /// a replica that finds the newest snapshot damaged starts from the one before and needs the
+    /// changes after it.
     pub(crate) async fn prune_to_snapshot(&self, min_age: Duration) -> Result<u64, ClusterError> {
         let seq = {
             let client = self.pool.get().await?;
             let row = client
-                .query_one("SELECT coalesce(max(seq), 0) FROM cluster_snapshots", &[])
+                .query_one("SELECT coalesce(min(seq), 0) FROM cluster_snapshots", &[])
                 .await?;
             row.get::<_, i64>(0)
         };
@@ -318,7 +336,7 @@ impl ChangeLog {
     /// the changes it needs were pruned; connection failures are retried, not yielded.
     pub(crate) fn subscribe(
         &self,
-        connect: tokio_postgres::Config,
+        connect: crate::pg::Connect,
         after: i64,
         cfg: SubscriberConfig,
     ) -> Subscription {
@@ -382,7 +400,7 @@ enum SessionEnd {
 }
 
 async fn follow(
-    connect: tokio_postgres::Config,
+    connect: crate::pg::Connect,
     mut last: i64,
     cfg: SubscriberConfig,
     out: mpsc::Sender<Result<Change, ClusterError>>,
@@ -410,7 +428,7 @@ async fn follow(
 }
 
 async fn session(
-    connect: &tokio_postgres::Config,
+    connect: &crate::pg::Connect,
     last: &mut i64,
     cfg: &SubscriberConfig,
     out: &mpsc::Sender<Result<Change, ClusterError>>,
@@ -418,12 +436,16 @@ async fn session(
     backoff: &mut Duration,
 ) -> SessionEnd {
     let timed_out = || ClusterError::Io(std::io::Error::from(std::io::ErrorKind::TimedOut));
-    let (client, mut conn) =
-        match tokio::time::timeout(cfg.query_timeout, connect.connect(NoTls)).await {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => return SessionEnd::Lost(e.into()),
-            Err(_) => return SessionEnd::Lost(timed_out()),
-        };
+    let (client, mut conn) = match tokio::time::timeout(
+        cfg.query_timeout,
+        connect.config.connect(connect.tls.clone()),
+    )
+    .await
+    {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return SessionEnd::Lost(e.into()),
+        Err(_) => return SessionEnd::Lost(timed_out()),
+    };
     // Drive the connection, forwarding notifications; the channel closes when the connection does.
     let (notify_tx, mut notify_rx) = mpsc::unbounded_channel::<i64>();
     let driver = tokio::spawn(async move {
@@ -671,7 +693,7 @@ mod tests {
         let log = ChangeLog::new(db.pool_of(2), "writer");
         let app = format!("deskline-sub-{:x}", rand::random::<u32>());
         let mut connect = db.config();
-        connect.application_name(&app);
+        connect.config.application_name(&app);
         let cfg = SubscriberConfig {
             reconnect_backoff: Duration::from_secs(1),
             ..notify_only()

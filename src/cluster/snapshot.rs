@@ -13,6 +13,9 @@
 //!   the old snapshot whole until commit, then the new one whole; a failed or interrupted store leaves
 //!   nothing. Stores are serialised by an advisory lock, and one whose seq is below the latest
 //!   stored one is refused (`Ok(None)`), so the shared snapshot never goes back in time.
+//! - **Two kept.** A store keeps the previous snapshot ([`KEEP`]) and deletes older ones, so a
+//!   replica that finds the newest damaged can start from the one before (the change log is kept
+//!   back to it). A snapshot found damaged is deleted ([`SharedSnapshot::discard`]).
 //! - **Consistent reads.** A load runs in a `REPEATABLE READ` transaction: if a new snapshot replaces
 //!   the one being read, MVCC keeps the old chunks visible to that reader until it finishes.
 //! - **Checked.** The header keeps the size, the chunk count and a CRC-32 of the whole blob; a load
@@ -51,6 +54,11 @@ pub(crate) const MIGRATIONS: &[(&str, &str)] = &[(
 
 /// The default chunk: large enough for few round trips, small enough for one message in memory.
 pub(crate) const CHUNK_SIZE: usize = 8 << 20;
+
+/// Snapshots kept: the newest and the one before it, so a replica that finds the newest damaged
+/// starts from the previous one plus the log after it (which is pruned only behind the oldest kept
+/// snapshot, see [`super::ChangeLog::prune_to_snapshot`]).
+pub(crate) const KEEP: i64 = 2;
 
 /// A stored snapshot's header.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -167,8 +175,13 @@ impl SharedSnapshot {
                 &[&id, &(size as i64), &chunks, &i64::from(crc.finalize())],
             )
             .await?;
-        tx.execute("DELETE FROM cluster_snapshots WHERE id <> $1", &[&id])
-            .await?;
+        // The previous one stays (a fallback if this one turns out damaged); older ones go.
+        tx.execute(
+            "DELETE FROM cluster_snapshots WHERE id NOT IN (
+                 SELECT id FROM cluster_snapshots ORDER BY seq DESC, id DESC LIMIT $1)",
+            &[&KEEP],
+        )
+        .await?;
         // The fence is checked last: its share lock on the lease row would otherwise hold up our
         // own renewals for the whole (seconds-long) upload. It only has to hold at commit.
         if let Some(fence) = fence {
@@ -180,22 +193,44 @@ impl SharedSnapshot {
 
     /// The latest snapshot's header, if any.
     pub(crate) async fn latest(&self) -> Result<Option<SnapshotMeta>, ClusterError> {
+        Ok(self.list().await?.into_iter().next())
+    }
+
+    /// The stored snapshots' headers, newest first (at most [`KEEP`]).
+    pub(crate) async fn list(&self) -> Result<Vec<SnapshotMeta>, ClusterError> {
         let client = self.pool.get().await?;
-        let row = client
-            .query_opt(
-                &format!(
-                    "SELECT {META_COLUMNS} FROM cluster_snapshots ORDER BY seq DESC, id DESC LIMIT 1"
-                ),
+        let rows = client
+            .query(
+                &format!("SELECT {META_COLUMNS} FROM cluster_snapshots ORDER BY seq DESC, id DESC"),
                 &[],
             )
             .await?;
-        Ok(row.as_ref().map(meta))
+        Ok(rows.iter().map(meta).collect())
     }
 
     /// Writes the latest snapshot into `sink`, chunk by chunk, and returns its header (`None`, with
     /// nothing written, if there is none). Verifies size, chunk count and CRC-32.
+    #[cfg(test)]
     pub(crate) async fn load_latest(
         &self,
+        sink: impl AsyncWrite + Unpin,
+    ) -> Result<Option<SnapshotMeta>, ClusterError> {
+        self.load_where(None, sink).await
+    }
+
+    /// [`Self::load_latest`] for the snapshot `id`: `None`, with nothing written, if it is gone
+    /// (replaced since it was listed).
+    pub(crate) async fn load(
+        &self,
+        id: i64,
+        sink: impl AsyncWrite + Unpin,
+    ) -> Result<Option<SnapshotMeta>, ClusterError> {
+        self.load_where(Some(id), sink).await
+    }
+
+    async fn load_where(
+        &self,
+        id: Option<i64>,
         mut sink: impl AsyncWrite + Unpin,
     ) -> Result<Option<SnapshotMeta>, ClusterError> {
         let mut client = self.pool.get().await?;
@@ -208,9 +243,10 @@ impl SharedSnapshot {
         let Some(row) = tx
             .query_opt(
                 &format!(
-                    "SELECT {META_COLUMNS} FROM cluster_snapshots ORDER BY seq DESC, id DESC LIMIT 1"
+                    "SELECT {META_COLUMNS} FROM cluster_snapshots WHERE $1::bigint IS NULL OR id = $1
+                     ORDER BY seq DESC, id DESC LIMIT 1"
                 ),
-                &[],
+                &[&id],
             )
             .await?
         else {
@@ -250,11 +286,32 @@ impl SharedSnapshot {
     }
 
     /// [`Self::load_latest`] into memory.
+    #[cfg(test)]
     pub(crate) async fn load_latest_bytes(
         &self,
     ) -> Result<Option<(SnapshotMeta, Vec<u8>)>, ClusterError> {
         let mut buf = Vec::new();
         Ok(self.load_latest(&mut buf).await?.map(|m| (m, buf)))
+    }
+
+    /// [`Self::load`] into memory.
+    pub(crate) async fn load_bytes(
+        &self,
+        id: i64,
+    ) -> Result<Option<(SnapshotMeta, Vec<u8>)>, ClusterError> {
+        let mut buf = Vec::new();
+        Ok(self.load(id, &mut buf).await?.map(|m| (m, buf)))
+    }
+
+    /// Deletes snapshot `id`, found damaged ([`ClusterError::CorruptSnapshot`]): useless to every
+    /// replica, and once it is gone the follower stores a fresh one (see `crate::replica`).
+    /// Returns whether it was still there.
+    pub(crate) async fn discard(&self, id: i64) -> Result<bool, ClusterError> {
+        let client = self.pool.get().await?;
+        let n = client
+            .execute("DELETE FROM cluster_snapshots WHERE id = $1", &[&id])
+            .await?;
+        Ok(n > 0)
     }
 }
 
@@ -386,8 +443,13 @@ mod tests {
         );
         let (meta, bytes) = store.load_latest_bytes().await.unwrap().unwrap();
         assert_eq!((meta, bytes == new), (new_meta.clone(), true));
-        assert_eq!(count(&db, "cluster_snapshots").await, 1);
-        assert_eq!(count(&db, "cluster_snapshot_chunks").await, 13);
+        // The previous one is kept as a fallback ([`KEEP`]).
+        assert_eq!(count(&db, "cluster_snapshots").await, 2);
+        assert_eq!(count(&db, "cluster_snapshot_chunks").await, 10 + 13);
+        assert_eq!(
+            store.list().await.unwrap(),
+            vec![new_meta.clone(), old_meta.clone()]
+        );
 
         // The reader that started before still gets the old snapshot, whole and verified.
         let mut rest = Vec::new();
@@ -403,10 +465,14 @@ mod tests {
             Err(ClusterError::Io(_))
         ));
         assert_eq!(store.latest().await.unwrap().unwrap(), new_meta);
-        assert_eq!(count(&db, "cluster_snapshot_chunks").await, 13);
+        assert_eq!(count(&db, "cluster_snapshot_chunks").await, 10 + 13);
         // An older snapshot never replaces a newer one.
         assert!(store.store(15, &old[..], None).await.unwrap().is_none());
         assert_eq!(store.latest().await.unwrap().unwrap(), new_meta);
+        // A third one: the oldest goes, the previous stays.
+        let third = store.store(40, &old[..], None).await.unwrap().unwrap();
+        assert_eq!(store.list().await.unwrap(), vec![third, new_meta]);
+        assert_eq!(count(&db, "cluster_snapshot_chunks").await, 13 + 10);
     }
 
     /// A reader that fails at once.

@@ -68,7 +68,12 @@ pub(crate) use worker::{Worker, WorkerHandle};
 /// How often finished jobs past `storage.retention_days` are deleted (and once at start).
 pub(crate) const HOUSEKEEPING_EVERY: std::time::Duration = std::time::Duration::from_secs(60 * 60);
 
-/// Deletes finished jobs older than `retention` now and every [`HOUSEKEEPING_EVERY`] until `stop`.
+/// How often the PostgreSQL job counters' pending changes are folded (a no-op with SQLite), so
+/// they stay few even when nothing scrapes the metrics.
+const FOLD_COUNTS_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Deletes finished jobs older than `retention` now and every [`HOUSEKEEPING_EVERY`], and folds
+/// the PostgreSQL job counters every [`FOLD_COUNTS_EVERY`], until `stop`.
 /// A failed purge is logged and tried again next time: old rows cost disk, not correctness, and a
 /// queue that really broke stops the worker, which stops the process.
 pub(crate) async fn housekeeping(
@@ -78,9 +83,17 @@ pub(crate) async fn housekeeping(
 ) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(HOUSEKEEPING_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut fold = tokio::time::interval(FOLD_COUNTS_EVERY);
+    fold.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            _ = fold.tick() => {
+                if let Err(e) = queue.compact_counts().await {
+                    tracing::warn!(error = %e, "job counters not folded; trying again later");
+                }
+                continue;
+            }
             () = stop.cancelled() => return Ok(()),
         }
         let before = queue::now_ms().saturating_sub(retention.as_millis() as i64);

@@ -15,6 +15,18 @@
 //! `seq` order, so `seq` is the number's order even across replicas; a concurrent report with the
 //! same `call_id` waits for the first and finds it (`duplicate`).
 //!
+//! # Counts per state
+//! A metrics scrape must not count the history (`GROUP BY state` over every job kept). Triggers on
+//! `jobs` (schema step `0002_job_counts`) append each change of a job's state to
+//! `job_count_changes` (`+1` for the new state, `-1` for the old; one row per state for a purge's
+//! whole `DELETE`) in the transaction that makes it. Appending, never updating a shared counter
+//! row: concurrent transactions of several replicas neither wait for each other nor deadlock on
+//! the counters. [`PgQueue::counts`] reads `job_counts` plus the pending changes in one statement,
+//! and [`PgQueue::compact_counts`] (housekeeping every minute, or a read that finds over
+//! [`COMPACT_AT`] pending) folds the changes into `job_counts` in one transaction. The migration
+//! fills `job_counts` from the rows under a table lock, so an existing deployment's figures start
+//! right.
+//!
 //! # Claim and lease
 //! A claim looks for the oldest unfinished job of each number (`queued`, `retry_wait`, or
 //! `in_progress` under an expired lease) whose number has no live lease, and then, per candidate,
@@ -104,6 +116,51 @@ CREATE TABLE numbers (
     own_ticket_id       BIGINT
 );
 ";
+
+/// Schema step `0002_job_counts`: jobs per state kept as they change, so a metrics scrape reads a
+/// few rows instead of counting the history (see "Counts per state" in the module doc). The lock
+/// keeps every replica's writes out while the counters are created and filled from the rows.
+pub(crate) const SCHEMA_0002: &str = "
+LOCK TABLE jobs IN SHARE ROW EXCLUSIVE MODE;
+CREATE TABLE job_counts (
+    state TEXT   PRIMARY KEY,
+    n     BIGINT NOT NULL
+);
+CREATE TABLE job_count_changes (
+    id    BIGSERIAL PRIMARY KEY,
+    state TEXT   NOT NULL,
+    n     BIGINT NOT NULL
+);
+CREATE FUNCTION jobs_count_row() RETURNS trigger LANGUAGE plpgsql
+    SET search_path FROM CURRENT AS $$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO job_count_changes (state, n) VALUES (NEW.state, 1);
+    ELSE
+        INSERT INTO job_count_changes (state, n) VALUES (OLD.state, -1), (NEW.state, 1);
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE FUNCTION jobs_count_deleted() RETURNS trigger LANGUAGE plpgsql
+    SET search_path FROM CURRENT AS $$
+BEGIN
+    INSERT INTO job_count_changes (state, n)
+        SELECT state, -count(*) FROM deleted GROUP BY state;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER jobs_count_insert AFTER INSERT ON jobs
+    FOR EACH ROW EXECUTE FUNCTION jobs_count_row();
+CREATE TRIGGER jobs_count_update AFTER UPDATE OF state ON jobs
+    FOR EACH ROW WHEN (OLD.state IS DISTINCT FROM NEW.state) EXECUTE FUNCTION jobs_count_row();
+CREATE TRIGGER jobs_count_delete AFTER DELETE ON jobs REFERENCING OLD TABLE AS deleted
+    FOR EACH STATEMENT EXECUTE FUNCTION jobs_count_deleted();
+INSERT INTO job_counts (state, n)
+    SELECT s, (SELECT count(*) FROM jobs WHERE state = s)
+    FROM unnest(ARRAY['queued', 'in_progress', 'retry_wait', 'done', 'failed']) AS s;
+";
+
+/// Pending counter changes above which a read of the counts folds them in (in the background).
+const COMPACT_AT: i64 = 1_000;
 
 const JOB_COLUMNS: &str = "seq, call_id, report, attempts, user_id, organization_id, ticket_id,
     created_user, created_organization, created_ticket, comment_added, comment_uncertain,
@@ -281,23 +338,77 @@ impl PgQueue {
         .await
     }
 
-    /// Jobs per state, every state present.
+    /// Jobs per state, every state present: the folded counters plus the changes not folded
+    /// yet, in one statement (one snapshot, so a concurrent [`Self::compact_counts`] is seen
+    /// whole or not at all). Folds them in the background when many are pending.
     pub(crate) async fn counts(&self) -> Result<BTreeMap<SyncState, u64>> {
-        timed_q(async {
+        let (out, pending) = timed_q(async {
             let c = self.pool.get().await?;
+            let stmt = c
+                .prepare_cached(
+                    "SELECT state, sum(n)::bigint, sum(pending)::bigint FROM (
+                         SELECT state, n, 0 AS pending FROM job_counts
+                         UNION ALL
+                         SELECT state, n, 1 FROM job_count_changes) c
+                     GROUP BY state",
+                )
+                .await?;
             let mut out: BTreeMap<SyncState, u64> =
                 SyncState::ALL.into_iter().map(|s| (s, 0)).collect();
-            for r in c
-                .query("SELECT state, COUNT(*) FROM jobs GROUP BY state", &[])
-                .await?
-            {
+            let mut pending = 0i64;
+            for r in c.query(&stmt, &[]).await? {
                 let state: String = r.get(0);
                 let n: i64 = r.get(1);
+                pending += r.get::<_, i64>(2);
                 if let Some(s) = SyncState::parse(&state) {
                     out.insert(s, n.max(0) as u64);
                 }
             }
-            Ok(out)
+            Ok((out, pending))
+        })
+        .await?;
+        if pending > COMPACT_AT {
+            let this = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = this.compact_counts().await {
+                    tracing::warn!(error = %e, "job counters not folded; trying again later");
+                }
+            });
+        }
+        Ok(out)
+    }
+
+    /// Folds the pending counter changes (`job_count_changes`, appended by the triggers) into
+    /// `job_counts`; returns how many. One transaction, so readers see the counts unchanged; one
+    /// replica at a time (a try-lock: a second caller returns 0 at once).
+    pub(crate) async fn compact_counts(&self) -> Result<u64> {
+        timed_q(async {
+            let mut c = self.pool.get().await?;
+            let tx = c.transaction().await?;
+            let locked: bool = tx
+                .query_one(
+                    "SELECT pg_try_advisory_xact_lock($1, hashtext(current_schema() || ':job_counts'))",
+                    &[&crate::pg::LOCK_NAMESPACE],
+                )
+                .await?
+                .get(0);
+            if !locked {
+                return Ok(0);
+            }
+            let folded: i64 = tx
+                .query_one(
+                    "WITH moved AS (DELETE FROM job_count_changes RETURNING state, n),
+                          sums AS (SELECT state, sum(n)::bigint AS n, count(*) AS rows
+                                   FROM moved GROUP BY state),
+                          folded AS (INSERT INTO job_counts (state, n) SELECT state, n FROM sums
+                                     ON CONFLICT (state) DO UPDATE SET n = job_counts.n + EXCLUDED.n)
+                     SELECT coalesce(sum(rows), 0)::bigint FROM sums",
+                    &[],
+                )
+                .await?
+                .get(0);
+            tx.commit().await?;
+            Ok(folded.max(0) as u64)
         })
         .await
     }

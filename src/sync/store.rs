@@ -204,6 +204,15 @@ impl JobStore {
         }
     }
 
+    /// Folds the PostgreSQL job counters' pending changes (see `sync::pg`, "Counts per state");
+    /// returns how many. SQLite's triggers update its counters in place: nothing to fold.
+    pub(crate) async fn compact_counts(&self) -> Result<u64> {
+        match self {
+            JobStore::Sqlite(_) => Ok(0),
+            JobStore::Postgres(s) => Ok(s.pg.compact_counts().await?),
+        }
+    }
+
     /// Deletes finished jobs last changed before `before_ms` (`storage.retention_days`).
     pub(crate) async fn purge_finished(&self, before_ms: i64) -> Result<u64> {
         match self {

@@ -6,7 +6,7 @@
 //! the (single) process reopens the file, PostgreSQL when its lease runs out, on any replica.
 
 use std::{
-    collections::HashSet,
+    collections::{BTreeMap, HashSet},
     sync::atomic::{AtomicUsize, Ordering},
     time::Duration,
 };
@@ -74,6 +74,39 @@ impl Backend {
         }
     }
 
+    /// Jobs per state as `GROUP BY` over the rows says (the truth the kept counters must equal).
+    async fn truth(&self) -> BTreeMap<SyncState, u64> {
+        let rows: Vec<(String, i64)> = match &self.pg {
+            None => {
+                let conn =
+                    rusqlite::Connection::open(self.dir.path().join("queue.sqlite3")).unwrap();
+                let mut stmt = conn
+                    .prepare("SELECT state, COUNT(*) FROM jobs GROUP BY state")
+                    .unwrap();
+                stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .unwrap()
+                    .map(Result::unwrap)
+                    .collect()
+            }
+            Some((_, pool)) => pool
+                .get()
+                .await
+                .unwrap()
+                .query("SELECT state, COUNT(*) FROM jobs GROUP BY state", &[])
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect(),
+        };
+        let mut out: BTreeMap<SyncState, u64> =
+            SyncState::ALL.into_iter().map(|s| (s, 0)).collect();
+        for (state, n) in rows {
+            out.insert(SyncState::parse(&state).unwrap(), n as u64);
+        }
+        out
+    }
+
     /// Another replica running beside `first` (SQLite: the same handle, one process).
     async fn replica(&self, first: &JobStore) -> JobStore {
         match &self.pg {
@@ -130,6 +163,7 @@ suite!(
     own_users_survive_reopen,
     concurrent_enqueue_of_one_id_stores_one_job,
     concurrent_claims_take_each_job_once_and_each_number_once,
+    kept_counts_equal_the_rows_after_every_change,
 );
 
 async fn duplicate_call_id_changes_nothing(b: Backend) {
@@ -379,6 +413,68 @@ async fn concurrent_claims_take_each_job_once_and_each_number_once(b: Backend) {
     }
 }
 
+/// The per-state counts a scrape reads are kept as jobs change (SQLite: triggers on a counter
+/// table; PostgreSQL: triggers appending changes, folded later) and equal a `GROUP BY` over the
+/// rows after every kind of change, before and after folding, across replicas.
+async fn kept_counts_equal_the_rows_after_every_change(b: Backend) {
+    let q = b.open().await;
+    let r2 = b.replica(&q).await;
+    let check = |what: &'static str| {
+        let (q, b) = (&q, &b);
+        async move {
+            let kept = q.counts().await.unwrap();
+            assert_eq!(kept, b.truth().await, "after {what}");
+            q.compact_counts().await.unwrap();
+            assert_eq!(q.counts().await.unwrap(), kept, "after {what}, folded");
+        }
+    };
+    check("nothing").await;
+    for i in 0..6u64 {
+        q.enqueue(&report(&format!("j{i}"), 380441230000 + i))
+            .await
+            .unwrap();
+    }
+    assert!(r2.enqueue(&report("j0", 380441230000)).await.unwrap());
+    check("enqueue and a duplicate").await;
+    let a = q.claim().await.unwrap().unwrap();
+    let bj = r2.claim().await.unwrap().unwrap();
+    let c = q.claim().await.unwrap().unwrap();
+    let d = r2.claim().await.unwrap().unwrap();
+    let e = q.claim().await.unwrap().unwrap();
+    check("claims").await;
+    q.finish(&a).await.unwrap();
+    r2.fail(&bj, "HTTP 422".into()).await.unwrap();
+    q.retry_at(&c, now_ms() - 1, "HTTP 503".into())
+        .await
+        .unwrap();
+    r2.release(&d).await.unwrap();
+    q.save_progress(
+        &e,
+        &Progress {
+            user_id: 3,
+            ..Progress::default()
+        },
+    )
+    .await
+    .unwrap();
+    check("finish, fail, retry, release, progress").await;
+    q.finish(&e).await.unwrap();
+    let again = eventually(Duration::from_secs(5), "a job claimable", || async {
+        q.claim().await.unwrap()
+    })
+    .await;
+    q.finish(&again).await.unwrap();
+    check("more done").await;
+    let truth = b.truth().await;
+    let finished = truth[&SyncState::Done] + truth[&SyncState::Failed];
+    assert_eq!(finished, 4, "{truth:?}");
+    assert_eq!(q.purge_finished(now_ms() + 1_000).await.unwrap(), finished);
+    check("purge").await;
+    let counts = q.counts().await.unwrap();
+    assert_eq!(counts.values().sum::<u64>(), 6 - finished);
+    assert_eq!(counts[&SyncState::Done] + counts[&SyncState::Failed], 0);
+}
+
 // ---- PostgreSQL only: leases and the spool ----
 
 /// A holder whose lease ran out and was taken over can no longer write: its progress, finish
@@ -540,6 +636,45 @@ async fn postgres_check_reports_reachability_and_schema_version() {
     assert_eq!(crate::pg::migrate(&_pool).await.unwrap(), 0);
     let down = text(config("postgres://postgres@127.0.0.1:1/test")).await;
     assert!(down.starts_with("problem: storage.postgres_url:"), "{down}");
+}
+
+/// A deployment from before the kept counters (schema step 0001 only, jobs in every state):
+/// migrating fills the counters from the rows, and they follow the changes after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_counters_start_from_an_existing_deployments_rows() {
+    let Some(schema) = TestSchema::new().await else {
+        return;
+    };
+    let pool = crate::pg::pool(&schema.secret_url(), 2).unwrap();
+    let c = pool.get().await.unwrap();
+    c.batch_execute(&format!(
+        "CREATE TABLE deskline_migrations (name TEXT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now());
+         INSERT INTO deskline_migrations (name) VALUES ('0001_sync_queue');
+         {}
+         INSERT INTO jobs (call_id, phone, report, state, created_at, updated_at)
+             SELECT 'old-' || i, 380441230000 + i, '{{}}',
+                    (ARRAY['queued', 'in_progress', 'retry_wait', 'done', 'done', 'failed'])[1 + i % 6],
+                    0, 0
+             FROM generate_series(0, 599) AS i;",
+        super::pg::SCHEMA_0001
+    ))
+    .await
+    .unwrap();
+    drop(c);
+    crate::pg::migrate(&pool).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let q = JobStore::postgres(PgQueue::new(pool.clone(), LEASE, "upgraded"), dir.path())
+        .await
+        .unwrap();
+    let counts = q.counts().await.unwrap();
+    assert_eq!(
+        counts.values().copied().collect::<Vec<_>>(),
+        // BTreeMap order of SyncState: queued, in_progress, retry_wait, done, failed.
+        vec![100, 100, 100, 200, 100],
+        "{counts:?}"
+    );
+    q.enqueue(&report("new", 380501112233)).await.unwrap();
+    assert_eq!(q.counts().await.unwrap()[&SyncState::Queued], 101);
 }
 
 /// Replicas starting together: every one migrates at once, each step is applied exactly once and
