@@ -617,11 +617,11 @@ async fn postgres_check_reports_reachability_and_schema_version() {
             .join("\n")
     };
     let before = text(config(&schema.url())).await;
-    assert!(before.contains("schema version 0 of 6"), "{before}");
+    assert!(before.contains("schema version 0 of 7"), "{before}");
     let _pool = schema.pool().await;
     let after = text(config(&schema.url())).await;
     assert!(
-        after.starts_with("note: PostgreSQL reachable; schema version 6 (current)"),
+        after.starts_with("note: PostgreSQL reachable; schema version 7 (current)"),
         "{after}"
     );
     assert!(
