@@ -411,10 +411,6 @@ impl Service {
         };
         let client =
             Client::new(config.client_options()?).context("cannot build the Zendesk client")?;
-        // With several replicas (PostgreSQL) the bootstrap is off for now: three replicas
-        // bootstrapping at once met 429s under a shared 40-a-minute budget (tests/replicas.rs),
-        // not yet understood; they warm up as before (issue 14, not done).
-        let replicated = pg_pool.is_some();
         if let Some((pool, _)) = pg_pool {
             let budget = client.budget();
             let mut shared = crate::cluster::SharedBudgetConfig::new(
@@ -439,17 +435,17 @@ impl Service {
             Duration::from_secs(config.index.poll_seconds),
             snapshot_path.clone(),
         );
-        follower_options.bootstrap = config.index.bootstrap && !replicated;
+        follower_options.bootstrap = config.index.bootstrap;
         let (follower, follower_loaded) = Follower::new(
             client.clone(),
             writer.clone(),
             parser.clone(),
             follower_options.clone(),
         );
-        // With replicas the index is loaded when the log says so (the follower's `Loaded`),
-        // whichever replica follows; they do not bootstrap, so SERVING is the same moment.
+        // With replicas the index is loaded, or WARMING, when the log says so (the follower's
+        // `Loaded` or a bootstrap's `Warming`), whichever replica follows.
         let (loaded, serving) = match &replica {
-            Some(_) => (writer.loaded(), writer.loaded()),
+            Some(_) => (writer.loaded(), writer.serving()),
             None => (follower_loaded, follower.serving()),
         };
         set_health(&reporter, *serving.borrow()).await;

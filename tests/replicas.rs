@@ -478,13 +478,14 @@ const FOLLOW_FAST: &[(&str, &str)] = &[
 async fn follower_lease(schema: &TestSchema) -> Option<(String, i64)> {
     let pool = schema.pool_of(1);
     let c = pool.get().await.unwrap();
+    // An error while the replicas are still creating the schema reads as "nobody yet".
     c.query_opt(
         "SELECT holder, epoch FROM cluster_lease
          WHERE name = 'follower' AND expires_at > clock_timestamp()",
         &[],
     )
     .await
-    .unwrap()
+    .ok()?
     .map(|r| (r.get(0), r.get(1)))
 }
 
@@ -1140,5 +1141,249 @@ async fn a_damaged_shared_snapshot_does_not_stop_a_starting_replica() {
     );
     // B still holds the lease and polls hourly: the only export reads after it are none.
     assert_eq!(export_requests(&sim), after_b);
+    sim.shutdown().await;
+}
+
+// ---- Serve while warming with replicas (DESIGN §10 with §8) ----
+
+fn search_requests(sim: &SimHandle) -> usize {
+    sim.requests()
+        .iter()
+        .filter(|r| r.path.contains("/search/export"))
+        .count()
+}
+
+/// Waits until `r` answers READY (its index complete).
+async fn wait_ready(r: &Replica, number: &str, deadline: Duration) {
+    let grpc = r.grpc().await;
+    eventually("the replica READY", deadline, || {
+        let mut grpc = grpc.clone();
+        async move {
+            let a = grpc
+                .route_call(proto::RouteCallRequest {
+                    caller: number.into(),
+                    ..Default::default()
+                })
+                .await
+                .ok()?
+                .into_inner();
+            (a.index_state == proto::IndexState::Ready as i32).then_some(())
+        }
+    })
+    .await;
+}
+
+/// What every replica answered while WARMING, checked: all WARMING, and as a full warm-up says
+/// (see `answers::check_warming`).
+async fn answers_while_warming(r: &Replica, all: &[String]) -> answers::Answers {
+    let w = answers::answers(r.addr, all).await;
+    assert!(w.len() > 1000, "{} numbers answered", w.len());
+    assert!(
+        w.values()
+            .all(|(r, l)| r.state == proto::IndexState::Warming as i32
+                && l.state == proto::IndexState::Warming as i32),
+        "every answer during the bootstrap says WARMING"
+    );
+    w
+}
+
+async fn shared_snapshots(schema: &TestSchema) -> i64 {
+    let pool = schema.pool_of(1);
+    let c = pool.get().await.unwrap();
+    c.query_one("SELECT count(*) FROM cluster_snapshots", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+const LONG: Duration = Duration::from_secs(90);
+
+/// DESIGN §10 with replicas: three replicas' first start on an empty database, under the
+/// simulator's real limits with time scaled down (`answers::scaled_real_limits`). Only the
+/// follower-lease holder bootstraps (the search export is read once, not three times); every
+/// replica turns SERVING, its answers marked WARMING, from the bootstrap's changes in the log, and
+/// answers as a full warm-up of the account would (`answers::check_warming`); no shared snapshot
+/// is stored before READY; once the exports run, every replica is READY and answers every number
+/// as the full warm-up does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_start_of_replicas_bootstraps_once_and_every_replica_answers_while_warming() {
+    let Some(schema) = TestSchema::new().await else {
+        return;
+    };
+    let sim = start_sim(
+        deskline_sim::generate(&answers::account()),
+        answers::scaled_real_limits,
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = schema.url();
+    let directory = answers::directory(&sim);
+    let env = answers::SCALED_BOOTSTRAP_ENV;
+    let (a, b, c) = tokio::join!(
+        Replica::start_with(dir.path(), "a", &sim, &url, env, &directory),
+        Replica::start_with(dir.path(), "b", &sim, &url, env, &directory),
+        Replica::start_with(dir.path(), "c", &sim, &url, env, &directory),
+    );
+    let replicas = [&a, &b, &c];
+    for r in replicas {
+        r.wait_serving().await;
+    }
+    let all = answers::numbers(&sim);
+    let mut warming = Vec::new();
+    for r in replicas {
+        warming.push(answers_while_warming(r, &all).await);
+    }
+    assert_eq!(
+        shared_snapshots(&schema).await,
+        0,
+        "a snapshot before READY"
+    );
+    let bootstrapped: usize = replicas
+        .iter()
+        .map(|r| r.log_count("bootstrap: routing data loaded"))
+        .sum();
+    assert_eq!(bootstrapped, 1, "exactly one replica bootstraps");
+    // One bootstrap's search requests: a page or two for each of its four queries.
+    let searches = search_requests(&sim);
+    assert!(
+        (4..=8).contains(&searches),
+        "{searches} search export requests for one bootstrap of 2000 users"
+    );
+
+    sim.set_config(|c| c.export_requests_per_minute = 10);
+    for r in replicas {
+        wait_ready(r, &all[0], LONG).await;
+    }
+    let odir = tempfile::tempdir().unwrap();
+    let oracle_service = start_service(&answers::config(&sim, odir.path(), false)).await;
+    tokio::time::timeout(LONG, oracle_service.wait_loaded())
+        .await
+        .expect("the full warm-up in time");
+    let oracle = answers::answers(oracle_service.addr(), &all).await;
+    for (r, w) in replicas.iter().zip(&warming) {
+        let (open, unknown) = answers::check_warming(w, &oracle, |_| false);
+        assert!(open > 20, "only {open} open-ticket numbers checked");
+        eprintln!(
+            "{}: while warming {open} open-ticket callers routed as the oracle, {unknown} unknown",
+            r.addr
+        );
+        answers::wait_agrees(r.addr, &all, &oracle, LONG).await;
+    }
+    assert_eq!(search_requests(&sim), searches, "no bootstrap after READY");
+    oracle_service.shutdown().await.unwrap();
+    sim.shutdown().await;
+}
+
+/// The follower-lease holder SIGKILLed in the middle of the bootstrap (once the simulator has
+/// answered its first search export request; every request takes 250 ms, so the first phase
+/// takes seconds): another replica takes the lease over and continues the bootstrap (it says so),
+/// both survivors turn SERVING and answer while warming as a full warm-up would, and after READY
+/// they answer every number as the full warm-up does, a customer created during the bootstrap
+/// included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_the_follower_mid_bootstrap_hands_the_bootstrap_to_the_next_holder() {
+    let Some(schema) = TestSchema::new().await else {
+        return;
+    };
+    let sim = start_sim(deskline_sim::generate(&answers::account()), |c| {
+        answers::scaled_real_limits(c);
+        c.faults.latency_ms = 250;
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = schema.url();
+    let directory = answers::directory(&sim);
+    let env = answers::SCALED_BOOTSTRAP_ENV;
+    let (a, b, c) = tokio::join!(
+        Replica::start_with(dir.path(), "a", &sim, &url, env, &directory),
+        Replica::start_with(dir.path(), "b", &sim, &url, env, &directory),
+        Replica::start_with(dir.path(), "c", &sim, &url, env, &directory),
+    );
+    let mut replicas = vec![Some(a), Some(b), Some(c)];
+    let (holder, epoch) = {
+        let live: Vec<&Replica> = replicas.iter().flatten().collect();
+        lease_holder(&schema, &live).await
+    };
+    eventually("the first search export request answered", LONG, || async {
+        (search_requests(&sim) > 0).then_some(())
+    })
+    .await;
+    let killed = replicas[holder].take().unwrap();
+    let was_serving = killed.log_count("bootstrap: routing data loaded") > 0;
+    killed.kill();
+    eprintln!("killed the holder mid-bootstrap (routing data in: {was_serving})");
+    let survivors: Vec<Replica> = replicas.into_iter().flatten().collect();
+
+    // A customer with an open ticket created during the bootstrap.
+    let during = "+380 67 000 12 01";
+    let (during_user, during_agent) = sim.with_store(|s| {
+        let (agent, _) = answers::an_agent_and_an_open_ticket(s);
+        let u = answers::end_user(s, "During Takeover", during);
+        s.create_ticket(deskline_sim::NewTicket {
+            requester_id: u,
+            assignee_id: Some(agent),
+            status: Some(deskline_sim::Status::Open),
+            ..deskline_sim::NewTicket::default()
+        })
+        .unwrap();
+        (u, agent)
+    });
+    let during_digits: String = during.chars().filter(char::is_ascii_digit).collect();
+
+    for r in &survivors {
+        r.wait_serving().await;
+    }
+    let (_, new_epoch) = {
+        let live: Vec<&Replica> = survivors.iter().collect();
+        lease_holder(&schema, &live).await
+    };
+    assert!(new_epoch > epoch, "the lease changed hands");
+    let continued: usize = survivors
+        .iter()
+        .map(|r| r.log_count("continuing the one another replica began"))
+        .sum();
+    assert_eq!(continued, 1, "the next holder continues the bootstrap");
+    let all = answers::numbers(&sim);
+    let mut warming = Vec::new();
+    for r in &survivors {
+        warming.push(answers_while_warming(r, &all).await);
+    }
+    assert_eq!(
+        shared_snapshots(&schema).await,
+        0,
+        "a snapshot before READY"
+    );
+
+    sim.set_config(|c| c.export_requests_per_minute = 10);
+    for r in &survivors {
+        wait_ready(r, &all[0], LONG).await;
+    }
+    let odir = tempfile::tempdir().unwrap();
+    let oracle_service = start_service(&answers::config(&sim, odir.path(), false)).await;
+    tokio::time::timeout(LONG, oracle_service.wait_loaded())
+        .await
+        .expect("the full warm-up in time");
+    let oracle = answers::answers(oracle_service.addr(), &all).await;
+    let (route, _) = oracle
+        .iter()
+        .find(|(n, _)| n.chars().filter(char::is_ascii_digit).collect::<String>() == during_digits)
+        .map(|(_, a)| a.clone())
+        .expect("the oracle answers the number created during the bootstrap");
+    assert_eq!(
+        (route.decision, route.customer, route.agent),
+        (
+            proto::Decision::RouteToAgent as i32,
+            during_user,
+            during_agent
+        )
+    );
+    for (r, w) in survivors.iter().zip(&warming) {
+        let (open, _) = answers::check_warming(w, &oracle, |n| {
+            n.chars().filter(char::is_ascii_digit).collect::<String>() == during_digits
+        });
+        assert!(open > 20, "only {open} open-ticket numbers checked");
+        answers::wait_agrees(r.addr, &all, &oracle, LONG).await;
+    }
+    oracle_service.shutdown().await.unwrap();
     sim.shutdown().await;
 }

@@ -35,11 +35,25 @@
 //! what the final index would say except by that lag, which the catch-up then removes.
 //!
 //! # Interruption
-//! Nothing of a bootstrap is saved: no snapshot is written until the index is READY, and a
+//! In a single process nothing of a bootstrap is saved: no snapshot is written until the index is READY, and a
 //! snapshot of an unfinished bootstrap (one saved at shutdown) is dropped at start-up
 //! (`app::load_snapshot`), so a restart bootstraps again from an empty index. A search-export
 //! cursor that expired (one hour) restarts that query from its first page; re-applying records is
 //! harmless (every apply is last-writer-wins).
+//!
+//! # Replicas
+//! With PostgreSQL only the replica holding the follower lease bootstraps, and every step goes
+//! through the shared change log like any other change: every replica applies the same pages in
+//! the same order, turns WARMING (health SERVING) at the same [`Change::Warming`], and READY at
+//! the same [`Change::Loaded`]. The bootstrap's own progress travels there too
+//! ([`BootstrapStep`]): its start, each search export request's time, and the end of phase 2.
+//! A replica that takes the lease over mid-bootstrap therefore *continues* it: it keeps the first
+//! attempt's incremental start (a second attempt's later `T0` could miss a change made between
+//! the two: the first attempt's stale rows would then never be replayed), skips phase 1 when the
+//! index is already WARMING, counts its predecessor's search requests (and one more that may
+//! have been in flight) against that endpoint's per-minute limit, and goes straight to the
+//! catch-up when phase 2 was done. No shared snapshot is stored before READY, so a replica that
+//! starts meanwhile replays the log from its start and is WARMING with the others.
 //!
 //! # Budget
 //! Every request spends the shared request budget (`zendesk.requests_per_minute`). The search
@@ -56,7 +70,7 @@ use tracing::{info, warn};
 
 use super::{CycleError, Follower, cancellable};
 use crate::{
-    index::{Change, UserBatch},
+    index::{BootstrapStep, Change, UserBatch},
     zendesk::{
         ZendeskError,
         models::{Ticket, User},
@@ -98,6 +112,24 @@ impl Pacer {
         }
     }
 
+    /// Counts a predecessor's requests (Unix milliseconds, as recorded in the index) in the
+    /// window, plus one at `now_ms` for a request it may have had in flight when it stopped (its
+    /// page never reached the log, so its time was never recorded).
+    pub(crate) fn seed(&mut self, sent_ms: &VecDeque<i64>, now_ms: i64) {
+        let now = Instant::now();
+        let window_ms = self.window.as_millis() as i64;
+        for &t in sent_ms {
+            let age = now_ms.saturating_sub(t);
+            if (0..window_ms).contains(&age) {
+                if let Some(at) = now.checked_sub(Duration::from_millis(age as u64)) {
+                    self.sent.push_back(at);
+                }
+            }
+        }
+        self.sent.make_contiguous().sort_unstable();
+        self.sent.push_back(now);
+    }
+
     pub(crate) async fn acquire(&mut self) {
         loop {
             let now = Instant::now();
@@ -126,17 +158,104 @@ impl Follower {
         shutdown: &tokio_util::sync::CancellationToken,
     ) -> Result<Bootstrap, CycleError> {
         let started = std::time::Instant::now();
-        let t0 = super::now_ms() / 1000;
+        let now_ms = super::now_ms();
+        // With replicas, a follower that took the lease over mid-bootstrap continues its
+        // predecessor's (see "Replicas" in the module doc).
+        let (resumed, warm) = {
+            let idx = self.index.read();
+            (idx.bootstrap().cloned(), idx.is_warming())
+        };
+        let mut incremental_start = now_ms / 1000 - self.opts.search_lag_margin.as_secs() as i64;
+        if let Some(b) = &resumed {
+            incremental_start = incremental_start.min(b.incremental_start);
+        }
+        self.writer
+            .apply(Change::Bootstrap(BootstrapStep::Started {
+                incremental_start,
+            }))
+            .await?;
         let mut out = Bootstrap {
-            incremental_start: t0 - self.opts.search_lag_margin.as_secs() as i64,
+            incremental_start,
             ..Bootstrap::default()
         };
         let mut pacer = Pacer::new(self.opts.search_export_per_minute);
-        info!("bootstrap: loading the agents, the open tickets and their requesters");
+        if let Some(b) = &resumed {
+            pacer.seed(&b.searches, now_ms);
+            info!(
+                routing_data_in = warm,
+                "bootstrap: continuing the one another replica began (it no longer follows)"
+            );
+        }
+        if warm {
+            // The routing data is in: answering already; only phase 2 is left.
+            self.serving.send_replace(true);
+        } else {
+            self.load_routing_data(&mut out, &mut pacer, shutdown)
+                .await?;
+            let counts = self.index.read().counts();
+            info!(
+                seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
+                open_tickets = counts.open_tickets,
+                customers = counts.customers,
+                agents = counts.agents,
+                "bootstrap: routing data loaded; answering (index WARMING)"
+            );
+        }
+        info!("bootstrap: loading every end-user's primary phone");
+        // Every end-user's primary phone; their other identities through the identity fetcher.
+        out.end_users = self
+            .search_all::<User>(
+                "user",
+                "type:user role:end-user",
+                &mut pacer,
+                shutdown,
+                |mut users| {
+                    {
+                        let idx = self.index.read();
+                        users.retain(|u| !idx.knows_user(u.id));
+                    }
+                    let wanted: Vec<i64> = users
+                        .iter()
+                        .filter(|u| u.is_end_user() && u.is_active())
+                        .map(|u| u.id)
+                        .collect();
+                    let mut changes = vec![Change::Users(UserBatch::prepare(
+                        &users,
+                        None,
+                        &self.parser,
+                    ))];
+                    if !wanted.is_empty() {
+                        changes.push(Change::IdentitiesPending(wanted));
+                    }
+                    changes
+                },
+            )
+            .await?;
+        self.identities_added.notify_one();
+        info!(
+            seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
+            end_users = out.end_users,
+            identities_pending = self.index.read().pending_identities_len(),
+            "bootstrap: every end-user's primary phone loaded; catching up with the incremental exports"
+        );
+        self.writer
+            .apply(Change::Bootstrap(BootstrapStep::SearchesDone))
+            .await?;
+        Ok(out)
+    }
 
+    /// Phase 1: the agents, the open tickets and their requesters with every phone identity;
+    /// then [`Change::Warming`] (answering).
+    async fn load_routing_data(
+        &self,
+        out: &mut Bootstrap,
+        pacer: &mut Pacer,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> Result<(), CycleError> {
+        info!("bootstrap: loading the agents, the open tickets and their requesters");
         // Agents and admins.
         for q in ["type:user role:agent", "type:user role:admin"] {
-            self.search_all::<User>("user", q, &mut pacer, shutdown, |users| {
+            self.search_all::<User>("user", q, pacer, shutdown, |users| {
                 vec![Change::Users(UserBatch::prepare(
                     &users,
                     None,
@@ -153,7 +272,7 @@ impl Follower {
             .search_all::<Ticket>(
                 "ticket",
                 "type:ticket status<solved",
-                &mut pacer,
+                pacer,
                 shutdown,
                 |tickets| {
                     for t in &tickets {
@@ -206,52 +325,7 @@ impl Follower {
         }
         self.writer.apply(Change::Warming).await?;
         self.serving.send_replace(true);
-        let counts = self.index.read().counts();
-        info!(
-            seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
-            open_tickets = counts.open_tickets,
-            customers = counts.customers,
-            agents = counts.agents,
-            "bootstrap: routing data loaded; answering (index WARMING)"
-        );
-
-        // Every end-user's primary phone; their other identities through the identity fetcher.
-        out.end_users = self
-            .search_all::<User>(
-                "user",
-                "type:user role:end-user",
-                &mut pacer,
-                shutdown,
-                |mut users| {
-                    {
-                        let idx = self.index.read();
-                        users.retain(|u| !idx.knows_user(u.id));
-                    }
-                    let wanted: Vec<i64> = users
-                        .iter()
-                        .filter(|u| u.is_end_user() && u.is_active())
-                        .map(|u| u.id)
-                        .collect();
-                    let mut changes = vec![Change::Users(UserBatch::prepare(
-                        &users,
-                        None,
-                        &self.parser,
-                    ))];
-                    if !wanted.is_empty() {
-                        changes.push(Change::IdentitiesPending(wanted));
-                    }
-                    changes
-                },
-            )
-            .await?;
-        self.identities_added.notify_one();
-        info!(
-            seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
-            end_users = out.end_users,
-            identities_pending = self.index.read().pending_identities_len(),
-            "bootstrap: every end-user's primary phone loaded; catching up with the incremental exports"
-        );
-        Ok(out)
+        Ok(())
     }
 
     /// Reads one search export query to its end, applying each page's changes; returns the
@@ -268,6 +342,7 @@ impl Follower {
         let mut total = 0u64;
         loop {
             cancellable(shutdown, pacer.acquire()).await?;
+            let sent = Change::Bootstrap(BootstrapStep::Searched(super::now_ms()));
             let page = cancellable(
                 shutdown,
                 self.client.search_export::<T>(
@@ -280,21 +355,29 @@ impl Follower {
             .await?;
             let page = match page {
                 Ok(p) => p,
-                Err(ZendeskError::Permanent { status: 400, .. }) if after.is_some() => {
-                    warn!(
-                        filter_type,
-                        "a search export cursor was refused (expired?): reading the query again from its start"
-                    );
-                    after = None;
-                    continue;
+                Err(e) => {
+                    // Refused or failed, it still counts against the limit.
+                    self.writer.apply(sent).await?;
+                    match e {
+                        ZendeskError::Permanent { status: 400, .. } if after.is_some() => {
+                            warn!(
+                                filter_type,
+                                "a search export cursor was refused (expired?): reading the query again from its start"
+                            );
+                            after = None;
+                            continue;
+                        }
+                        e => return Err(e.into()),
+                    }
                 }
-                Err(e) => return Err(e.into()),
             };
             let n = page.results.len() as u64;
             total += n;
             self.records
                 .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-            self.writer.apply_all(apply(page.results)).await?;
+            let mut changes = apply(page.results);
+            changes.push(sent);
+            self.writer.apply_all(changes).await?;
             match (page.meta.has_more, page.meta.after_cursor) {
                 (true, Some(c)) => after = Some(c),
                 _ => return Ok(total),
@@ -317,5 +400,22 @@ mod tests {
         assert_eq!(Instant::now(), start);
         p.acquire().await;
         assert!(Instant::now() - start >= Duration::from_secs(61));
+    }
+
+    /// A follower that takes a bootstrap over counts its predecessor's recorded requests still in
+    /// the window, and one more for a request it may have had in flight.
+    #[tokio::test(start_paused = true)]
+    async fn a_seeded_pacer_counts_the_predecessors_requests() {
+        let now_ms = 1_000_000_000;
+        let mut p = Pacer::new(4);
+        let sent: VecDeque<i64> = [now_ms - 90_000, now_ms - 30_000, now_ms - 20_000].into();
+        p.seed(&sent, now_ms);
+        let start = Instant::now();
+        // Two recorded within the window (the one 90 s old is not) + one in flight = 3 of 4.
+        p.acquire().await;
+        assert_eq!(Instant::now(), start);
+        // The next waits for the oldest counted one (30 s ago) to leave the 61 s window.
+        p.acquire().await;
+        assert_eq!(Instant::now() - start, Duration::from_secs(31));
     }
 }

@@ -185,13 +185,19 @@ impl Follower {
         self.serving.subscribe()
     }
 
-    /// Whether this start bootstraps: enabled, and the index is empty of any export position.
+    /// Whether this start bootstraps: enabled, and the index is empty of any export position, or
+    /// holds a bootstrap another replica began and did not get through its searches.
     fn should_bootstrap(&self) -> bool {
         let idx = self.index.read();
         self.opts.bootstrap
             && !idx.is_loaded()
-            && *idx.cursors() == crate::index::Cursors::default()
-            && idx.pending_identities_len() == 0
+            && match idx.bootstrap() {
+                Some(b) => !b.searched,
+                None => {
+                    *idx.cursors() == crate::index::Cursors::default()
+                        && idx.pending_identities_len() == 0
+                }
+            }
     }
 
     /// With webhooks on: count the export's ticket rows that found the index behind
@@ -216,6 +222,7 @@ impl Follower {
         // [`BOOTSTRAP_ATTEMPTS`] failures (say, `show_many` or the search export refused), today's
         // full warm-up instead, so a broken bootstrap never keeps the service from warming up.
         let mut bootstrapped = this.should_bootstrap();
+        let mut abandoned = false;
         while bootstrapped {
             match this.bootstrap(&shutdown).await {
                 Ok(b) => {
@@ -235,7 +242,19 @@ impl Follower {
                     failures += 1;
                     if failures >= BOOTSTRAP_ATTEMPTS {
                         warn!(error = %e, failures, "the bootstrap failed again: falling back to the full warm-up from the exports");
+                        // Its start must not apply to the full warm-up (nor to a follower that
+                        // takes over from this one).
+                        if this
+                            .writer
+                            .apply(Change::Bootstrap(crate::index::BootstrapStep::Abandoned))
+                            .await
+                            .is_err()
+                        {
+                            fetcher.abort();
+                            anyhow::bail!(WriterStopped);
+                        }
                         bootstrapped = false;
+                        abandoned = true;
                         break;
                     }
                     let wait = backoff(failures, this.opts.poll);
@@ -253,6 +272,19 @@ impl Follower {
             // a failed bootstrap had got as far as answering.
             let idx = this.index.read();
             this.serving.send_replace(idx.is_serving());
+            // A follower that took over after its predecessor's bootstrap searches: only the
+            // catch-up is left, from the bootstrap's start.
+            if let Some(b) = idx
+                .bootstrap()
+                .filter(|b| b.searched && !abandoned && !idx.is_loaded())
+            {
+                this.incremental_start
+                    .store(b.incremental_start, Ordering::Relaxed);
+                bootstrapped = true;
+                info!(
+                    "continuing a bootstrap another replica began: catching up with the incremental exports"
+                );
+            }
         }
         loop {
             let warming = !this.index.read().is_loaded();

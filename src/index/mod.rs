@@ -83,7 +83,9 @@ use crate::{
     zendesk::models::{Identity, Organization, Ticket, User, parse_time},
 };
 use store::{Keyed, Store, fx};
-pub use writer::{Change, CursorMove, IndexWriter, Publish, Published, WriterStopped};
+pub use writer::{
+    BootstrapStep, Change, CursorMove, IndexWriter, Publish, Published, WriterStopped,
+};
 
 /// The index as shared by the server (readers) and the follower / sync worker (writers).
 /// Readers hold the lock for a lookup only, never across an `.await`; the answering path takes it
@@ -472,7 +474,29 @@ pub struct Index {
     /// all their phones, the agents): answers are given, marked WARMING, until `loaded`. Not
     /// saved in snapshots: an interrupted bootstrap starts again (see `follow::bootstrap`).
     warming: bool,
+    /// A bootstrap under way (with replicas it travels through the change log, so the replica
+    /// that takes the follower lease over continues it: see `follow::bootstrap`). Not saved in
+    /// snapshots, like `warming`.
+    bootstrap: Option<BootstrapState>,
 }
+
+/// Where a bootstrap stands, as the follower recorded it through [`writer::BootstrapStep`]s.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct BootstrapState {
+    /// Unix seconds where the incremental exports start (the first attempt's, kept by every
+    /// later attempt and every later follower: see `follow::bootstrap`).
+    pub incremental_start: i64,
+    /// Phases 1 and 2 are done: only the incremental exports' catch-up is left.
+    pub searched: bool,
+    /// Unix milliseconds of the latest search export requests (the last [`SEARCHES_KEPT`]), so a
+    /// follower that takes over keeps that endpoint's per-minute limit with its predecessor's
+    /// requests counted.
+    pub searches: std::collections::VecDeque<i64>,
+}
+
+/// Search export requests remembered in [`BootstrapState::searches`] (Zendesk's limit is 100 a
+/// minute; more than that can never matter).
+pub(crate) const SEARCHES_KEPT: usize = 1000;
 
 impl std::fmt::Debug for Index {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -1015,6 +1039,7 @@ impl Index {
     pub fn set_loaded(&mut self) {
         self.loaded = true;
         self.warming = false;
+        self.bootstrap = None;
     }
 
     /// True while a bootstrap's routing data is in but the rest is still coming.
@@ -1026,6 +1051,43 @@ impl Index {
     /// `loaded` ends it.
     pub fn set_warming(&mut self) {
         self.warming = true;
+    }
+
+    /// The bootstrap under way, if any (see [`BootstrapState`]).
+    pub(crate) fn bootstrap(&self) -> Option<&BootstrapState> {
+        self.bootstrap.as_ref()
+    }
+
+    /// Records a step of the bootstrap (see [`writer::BootstrapStep`]).
+    pub(crate) fn apply_bootstrap(&mut self, step: writer::BootstrapStep) {
+        use writer::BootstrapStep as S;
+        match step {
+            // A later attempt keeps the first attempt's start: what the first one read may be
+            // older than the second's margin (see `follow::bootstrap`).
+            S::Started { incremental_start } => match &mut self.bootstrap {
+                Some(b) => b.incremental_start = b.incremental_start.min(incremental_start),
+                None => {
+                    self.bootstrap = Some(BootstrapState {
+                        incremental_start,
+                        ..BootstrapState::default()
+                    })
+                }
+            },
+            S::Searched(at_ms) => {
+                if let Some(b) = &mut self.bootstrap {
+                    b.searches.push_back(at_ms);
+                    while b.searches.len() > SEARCHES_KEPT {
+                        b.searches.pop_front();
+                    }
+                }
+            }
+            S::SearchesDone => {
+                if let Some(b) = &mut self.bootstrap {
+                    b.searched = true;
+                }
+            }
+            S::Abandoned => self.bootstrap = None,
+        }
     }
 
     /// Whether answers may be given: complete, or warming after a bootstrap.

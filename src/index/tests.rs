@@ -457,3 +457,41 @@ fn identities_only_replace_every_listed_users_phones() {
     assert_eq!(ix.customer_ids_by_phone(e164("+380441234567")), vec![1]);
     assert_eq!(ix.customer(1).map(|c| c.name), Some("Іван Франко"));
 }
+
+/// A bootstrap's steps (they travel through the change log with replicas): a later attempt keeps
+/// the earliest incremental start, search times are kept up to a bound, the end of the searches
+/// is remembered, and READY or an abandoned bootstrap clears it all.
+#[test]
+fn bootstrap_steps_keep_the_first_start() {
+    use writer::BootstrapStep as S;
+    let mut ix = Index::new();
+    assert!(ix.bootstrap().is_none());
+    ix.apply_bootstrap(S::Searched(1));
+    assert!(
+        ix.bootstrap().is_none(),
+        "no search recorded outside a bootstrap"
+    );
+    ix.apply_bootstrap(S::Started {
+        incremental_start: 1_000,
+    });
+    ix.apply_bootstrap(S::Started {
+        incremental_start: 1_600,
+    });
+    assert_eq!(ix.bootstrap().unwrap().incremental_start, 1_000);
+    for t in 0..(SEARCHES_KEPT as i64 + 5) {
+        ix.apply_bootstrap(S::Searched(t));
+    }
+    let b = ix.bootstrap().unwrap();
+    assert_eq!(b.searches.len(), SEARCHES_KEPT);
+    assert_eq!(b.searches.back(), Some(&(SEARCHES_KEPT as i64 + 4)));
+    assert!(!b.searched);
+    ix.apply_bootstrap(S::SearchesDone);
+    assert!(ix.bootstrap().unwrap().searched);
+    ix.set_loaded();
+    assert!(ix.bootstrap().is_none());
+    ix.apply_bootstrap(S::Started {
+        incremental_start: 5,
+    });
+    ix.apply_bootstrap(S::Abandoned);
+    assert!(ix.bootstrap().is_none());
+}

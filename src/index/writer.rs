@@ -65,6 +65,26 @@ pub enum Change {
         /// Unix seconds.
         started_at: i64,
     },
+    /// A step of a first start's bootstrap (DESIGN §10), recorded so that, with replicas, the
+    /// next follower continues it rather than starting one that could miss changes.
+    Bootstrap(BootstrapStep),
+}
+
+/// See [`Change::Bootstrap`] and `follow::bootstrap`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum BootstrapStep {
+    /// A bootstrap began; the incremental exports will start at `incremental_start` (Unix
+    /// seconds). A later attempt keeps the earliest.
+    Started {
+        /// Unix seconds.
+        incremental_start: i64,
+    },
+    /// A search export request was sent at these Unix milliseconds.
+    Searched(i64),
+    /// Phases 1 and 2 are done (every end-user's primary phone is in).
+    SearchesDone,
+    /// The bootstrap gave up (the full warm-up runs instead): its start no longer applies.
+    Abandoned,
 }
 
 /// Where an export stands after a page.
@@ -172,6 +192,9 @@ pub struct IndexWriter {
     /// True once the index is complete (loaded from a snapshot or warmed up), as the writer saw it
     /// after its last change: waiters are woken instead of polling the index.
     loaded: watch::Receiver<bool>,
+    /// True once answers may be given (loaded, or WARMING after a bootstrap's first phase), as
+    /// the writer saw it after its last change.
+    serving: watch::Receiver<bool>,
     /// With replicas: changes go through the shared log instead of straight to the thread.
     publisher: Option<Arc<dyn Publish>>,
 }
@@ -188,15 +211,17 @@ impl IndexWriter {
         let index: SharedIndex = Arc::new(parking_lot::RwLock::new(index));
         let (tx, rx) = mpsc::channel(QUEUE);
         let (loaded_tx, loaded) = watch::channel(index.read().is_loaded());
+        let (serving_tx, serving) = watch::channel(index.read().is_serving());
         let shared = index.clone();
         std::thread::Builder::new()
             .name("index-writer".into())
-            .spawn(move || run(shared, rx, loaded_tx))
+            .spawn(move || run(shared, rx, loaded_tx, serving_tx))
             .expect("spawn the index writer thread");
         Self {
             tx,
             index,
             loaded,
+            serving,
             publisher: None,
         }
     }
@@ -244,6 +269,12 @@ impl IndexWriter {
     /// Turns true when the index is complete; `wait_for(|l| *l)` instead of polling `is_loaded`.
     pub(crate) fn loaded(&self) -> watch::Receiver<bool> {
         self.loaded.clone()
+    }
+
+    /// Turns true when answers may be given: the index is complete, or WARMING after a
+    /// bootstrap's first phase (with replicas, whichever replica bootstrapped).
+    pub(crate) fn serving(&self) -> watch::Receiver<bool> {
+        self.serving.clone()
     }
 
     /// The index, for reading (lookups take [`super::read_for_lookup`]).
@@ -300,7 +331,16 @@ type SaveJob = (
     oneshot::Sender<Result<(), snapshot::SnapshotError>>,
 );
 
-fn run(index: SharedIndex, mut rx: mpsc::Receiver<Msg>, loaded: watch::Sender<bool>) {
+fn run(
+    index: SharedIndex,
+    mut rx: mpsc::Receiver<Msg>,
+    loaded: watch::Sender<bool>,
+    serving: watch::Sender<bool>,
+) {
+    let publish = |is_loaded: bool, is_serving: bool| {
+        loaded.send_if_modified(|l| std::mem::replace(l, is_loaded) != is_loaded);
+        serving.send_if_modified(|s| std::mem::replace(s, is_serving) != is_serving);
+    };
     let mut saver: Option<std_mpsc::Sender<SaveJob>> = None;
     while let Some(msg) = rx.blocking_recv() {
         match msg {
@@ -309,16 +349,16 @@ fn run(index: SharedIndex, mut rx: mpsc::Receiver<Msg>, loaded: watch::Sender<bo
                 for change in changes {
                     apply(&mut guard, change);
                 }
-                let is_loaded = guard.is_loaded();
+                let (is_loaded, is_serving) = (guard.is_loaded(), guard.is_serving());
                 drop(guard);
-                loaded.send_if_modified(|l| std::mem::replace(l, is_loaded) != is_loaded);
+                publish(is_loaded, is_serving);
                 // The sender may have given up waiting (cancelled job): the change stands anyway.
                 let _ = ack.send(());
             }
             Msg::Replace(new, ack) => {
-                let is_loaded = new.is_loaded();
+                let (is_loaded, is_serving) = (new.is_loaded(), new.is_serving());
                 *index.write() = *new;
-                loaded.send_if_modified(|l| std::mem::replace(l, is_loaded) != is_loaded);
+                publish(is_loaded, is_serving);
                 let _ = ack.send(());
             }
             Msg::Save(path, reply) => {
@@ -401,6 +441,7 @@ fn apply(guard: &mut parking_lot::RwLockWriteGuard<'_, Index>, change: Change) {
         Change::Fresh(export, at_ms) => guard.mark_fresh(export, at_ms),
         Change::Loaded => guard.set_loaded(),
         Change::Warming => guard.set_warming(),
+        Change::Bootstrap(step) => guard.apply_bootstrap(step),
         Change::IdentitiesPending(ids) => guard.add_pending_identities(ids),
         Change::IdentitiesFetched(ids) => guard.remove_pending_identities(&ids),
         Change::CallTaken {
@@ -460,10 +501,19 @@ mod tests {
             Change::Cursor(CursorMove::Users("c9".into())),
             Change::Fresh(Export::Users, 42),
             Change::Loaded,
+            Change::Bootstrap(BootstrapStep::Started {
+                incremental_start: 7,
+            }),
         ];
         let bytes = encode_changes(&mut changes);
         let back = decode_changes(&bytes).unwrap();
-        assert_eq!(back.len(), 6);
+        assert_eq!(back.len(), 7);
+        assert!(matches!(
+            back[6],
+            Change::Bootstrap(BootstrapStep::Started {
+                incremental_start: 7
+            })
+        ));
         let w = IndexWriter::spawn(Index::new());
         w.apply_replicated(back).await.unwrap();
         let ix = w.index().read();

@@ -3,6 +3,7 @@
 //! deadline, never a bare sleep.
 #![allow(dead_code)]
 
+pub mod answers;
 pub mod replicas;
 
 use std::{future::Future, time::Duration};

@@ -72,8 +72,10 @@ impl Replica {
         let dir = dir.join(name);
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join("deskline.toml");
+        // These tests are about the sync, the log and the shared snapshot: a full warm-up first
+        // (the bootstrap with replicas has its own tests, which set `DESKLINE_INDEX__BOOTSTRAP`).
         let extra = format!(
-            "postgres_url = \"{postgres_url}\"\n[server]\nlisten = \"{addr}\"\nmetrics_listen = \"{metrics}\"\n[index]\npoll_seconds = 3600\n\
+            "postgres_url = \"{postgres_url}\"\n[server]\nlisten = \"{addr}\"\nmetrics_listen = \"{metrics}\"\n[index]\npoll_seconds = 3600\nbootstrap = false\n\
              [sync]\nlease_seconds = 2\nsenior_manager = \"Olena Petrenko\"\n{toml}"
         );
         std::fs::write(&config, config_text(sim, &dir.join("data"), &extra)).unwrap();
