@@ -340,6 +340,7 @@ impl Follower {
     ) -> Result<u64, CycleError> {
         let mut after: Option<String> = None;
         let mut total = 0u64;
+        let mut restarts = 0;
         loop {
             cancellable(shutdown, pacer.acquire()).await?;
             let sent = Change::Bootstrap(BootstrapStep::Searched(super::now_ms()));
@@ -359,9 +360,14 @@ impl Follower {
                     // Refused or failed, it still counts against the limit.
                     self.writer.apply(sent).await?;
                     match e {
-                        ZendeskError::Permanent { status: 400, .. } if after.is_some() => {
+                        // ZENDESK.md §8 says the cursor expires after an hour, not how the
+                        // refusal looks: any client error on a cursor page restarts the query
+                        // (auth and rate-limit errors are other variants), a few times at most.
+                        ZendeskError::Permanent { .. } if after.is_some() && restarts < 3 => {
+                            restarts += 1;
                             warn!(
                                 filter_type,
+                                restarts,
                                 "a search export cursor was refused (expired?): reading the query again from its start"
                             );
                             after = None;
@@ -400,6 +406,105 @@ mod tests {
         assert_eq!(Instant::now(), start);
         p.acquire().await;
         assert!(Instant::now() - start >= Duration::from_secs(61));
+    }
+
+    async fn read_end_users(
+        f: &Follower,
+        parser: &crate::phone::PhoneParser,
+        token: &tokio_util::sync::CancellationToken,
+    ) -> Result<u64, CycleError> {
+        let mut pacer = Pacer::new(1000);
+        f.search_all::<User>("user", "type:user role:end-user", &mut pacer, token, |u| {
+            vec![Change::Users(UserBatch::prepare(&u, None, parser))]
+        })
+        .await
+    }
+
+    /// A search export cursor refused once mid-query (it expired) restarts that query and reads
+    /// it to its end; a cursor refused every time fails the query after a few restarts instead of
+    /// looping. Against the simulator, whose expired cursor is a 400.
+    #[tokio::test]
+    async fn a_refused_search_cursor_restarts_the_query_a_few_times_at_most() {
+        use deskline_sim as sim;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let cfg = sim::SimConfig {
+            one_minute_rule: Duration::ZERO,
+            search_delay: Duration::ZERO,
+            // Every cursor expired at once, until the test lets them live.
+            search_cursor_ttl: Duration::ZERO,
+            faults: sim::Faults {
+                latency_ms: 30,
+                ..sim::Faults::default()
+            },
+            ..sim::SimConfig::default()
+        };
+        let account = sim::GenConfig {
+            users: 500,
+            tickets: 10,
+            agents: 2,
+            organizations: 2,
+            seed: 3,
+        };
+        let sim = sim::start(listener, cfg, sim::generate(&account)).await;
+        let client = crate::zendesk::Client::new(crate::zendesk::ClientOptions {
+            base_url: sim.url(),
+            credentials: crate::zendesk::Credentials::ApiToken {
+                email: sim.email().to_owned(),
+                token: sim.token().to_owned().into(),
+            },
+            requests_per_minute: 700,
+            export_requests_per_minute: 10,
+            timeout: Duration::from_secs(5),
+            max_retries: 0,
+        })
+        .unwrap();
+        let writer = crate::index::IndexWriter::spawn(crate::index::Index::new());
+        let mut opts =
+            super::super::FollowerOptions::new(Duration::from_secs(60), "unused.snapshot".into());
+        opts.search_page_size = 100;
+        let parser = crate::phone::PhoneParser::new("UA").unwrap();
+        let (follower, _) = Follower::new(client, writer.clone(), parser.clone(), opts);
+        let token = tokio_util::sync::CancellationToken::new();
+        let refused = |sim: &sim::SimHandle| {
+            sim.requests()
+                .iter()
+                .filter(|r| r.path.contains("/search/export") && r.status == 400)
+                .count()
+        };
+        // Always refused: three restarts, then the error.
+        assert!(read_end_users(&follower, &parser, &token).await.is_err());
+        assert_eq!(refused(&sim), 4);
+        // Refused once: as soon as the first refusal is seen, cursors live again.
+        sim.clear_requests();
+        let revive = async {
+            while refused(&sim) == 0 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            sim.set_config(|c| c.search_cursor_ttl = Duration::from_secs(3600));
+        };
+        let (read, ()) = tokio::join!(read_end_users(&follower, &parser, &token), revive);
+        read.expect("the query read to its end");
+        assert_eq!(refused(&sim), 1);
+        let end_users: Vec<i64> = sim.with_store(|s| {
+            s.user_ids()
+                .filter(|id| {
+                    s.user(*id).is_some_and(|u| {
+                        u.role.as_deref() == Some("end-user") && u.active != Some(false)
+                    })
+                })
+                .collect()
+        });
+        assert!(end_users.len() > 400);
+        let missing: Vec<i64> = {
+            let idx = writer.index().read();
+            end_users
+                .iter()
+                .copied()
+                .filter(|id| !idx.knows_user(*id))
+                .collect()
+        };
+        assert!(missing.is_empty(), "{} end-users missing", missing.len());
+        sim.shutdown().await;
     }
 
     /// A follower that takes a bootstrap over counts its predecessor's recorded requests still in
