@@ -38,20 +38,8 @@ fn main() {
 
 /// Time from `spawned` until `r`'s health says SERVING.
 async fn serving_after(r: &Replica, spawned: Instant) -> Duration {
-    let health = tonic_health::pb::health_client::HealthClient::new(channel(r.addr).await);
-    eventually("the replica SERVING", LONG, || {
-        let mut health = health.clone();
-        async move {
-            let st = health
-                .check(tonic_health::pb::HealthCheckRequest::default())
-                .await
-                .ok()?
-                .into_inner();
-            (st.status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
-                .then(|| spawned.elapsed())
-        }
-    })
-    .await
+    r.wait_serving_within(LONG).await;
+    spawned.elapsed()
 }
 
 fn export_requests(sim: &deskline_sim::SimHandle) -> usize {

@@ -886,20 +886,7 @@ async fn a_new_replica_starts_from_the_shared_snapshot_without_reading_the_expor
     let started = tokio::time::Instant::now();
     let b = Replica::start_env(dir.path(), "b", &sim, &url, snapshot_once).await;
     let mut gb = b.grpc().await;
-    let health = tonic_health::pb::health_client::HealthClient::new(channel(b.addr).await);
-    eventually("B SERVING", DEADLINE, || {
-        let mut health = health.clone();
-        async move {
-            let st = health
-                .check(tonic_health::pb::HealthCheckRequest::default())
-                .await
-                .ok()?
-                .into_inner();
-            (st.status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
-                .then_some(())
-        }
-    })
-    .await;
+    b.wait_serving().await;
     assert_eq!(
         caller_name(&mut gb, &number(299)).await.as_deref(),
         Some("Customer 299")
@@ -927,7 +914,6 @@ async fn a_new_replica_starts_from_the_shared_snapshot_without_reading_the_expor
         "B SERVING from the shared snapshot in {:?}",
         started.elapsed()
     );
-    drop(health);
     sim.shutdown().await;
 }
 
@@ -1198,6 +1184,23 @@ async fn shared_snapshots(schema: &TestSchema) -> i64 {
 
 const LONG: Duration = Duration::from_secs(90);
 
+/// Three replicas on `url` with the bootstrap on and Deskline's default budget scaled like
+/// `answers::scaled_real_limits` (`answers::SCALED_BOOTSTRAP_ENV`), the account's agents in the
+/// directory.
+async fn three_bootstrapping_replicas(
+    dir: &std::path::Path,
+    sim: &SimHandle,
+    url: &str,
+) -> (Replica, Replica, Replica) {
+    let directory = answers::directory(sim);
+    let env = answers::SCALED_BOOTSTRAP_ENV;
+    tokio::join!(
+        Replica::start_with(dir, "a", sim, url, env, &directory),
+        Replica::start_with(dir, "b", sim, url, env, &directory),
+        Replica::start_with(dir, "c", sim, url, env, &directory),
+    )
+}
+
 /// DESIGN §10 with replicas: three replicas' first start on an empty database, under the
 /// simulator's real limits with time scaled down (`answers::scaled_real_limits`). Only the
 /// follower-lease holder bootstraps (the search export is read once, not three times); every
@@ -1217,13 +1220,7 @@ async fn a_first_start_of_replicas_bootstraps_once_and_every_replica_answers_whi
     .await;
     let dir = tempfile::tempdir().unwrap();
     let url = schema.url();
-    let directory = answers::directory(&sim);
-    let env = answers::SCALED_BOOTSTRAP_ENV;
-    let (a, b, c) = tokio::join!(
-        Replica::start_with(dir.path(), "a", &sim, &url, env, &directory),
-        Replica::start_with(dir.path(), "b", &sim, &url, env, &directory),
-        Replica::start_with(dir.path(), "c", &sim, &url, env, &directory),
-    );
+    let (a, b, c) = three_bootstrapping_replicas(dir.path(), &sim, &url).await;
     let replicas = [&a, &b, &c];
     for r in replicas {
         r.wait_serving().await;
@@ -1292,13 +1289,7 @@ async fn sigkill_of_the_follower_mid_bootstrap_hands_the_bootstrap_to_the_next_h
     .await;
     let dir = tempfile::tempdir().unwrap();
     let url = schema.url();
-    let directory = answers::directory(&sim);
-    let env = answers::SCALED_BOOTSTRAP_ENV;
-    let (a, b, c) = tokio::join!(
-        Replica::start_with(dir.path(), "a", &sim, &url, env, &directory),
-        Replica::start_with(dir.path(), "b", &sim, &url, env, &directory),
-        Replica::start_with(dir.path(), "c", &sim, &url, env, &directory),
-    );
+    let (a, b, c) = three_bootstrapping_replicas(dir.path(), &sim, &url).await;
     let mut replicas = vec![Some(a), Some(b), Some(c)];
     let (holder, epoch) = {
         let live: Vec<&Replica> = replicas.iter().flatten().collect();

@@ -115,11 +115,16 @@ impl Replica {
         }
     }
 
-    /// Waits until health says SERVING (its index is loaded).
+    /// Waits until health says SERVING (its index is loaded, or WARMING after a bootstrap).
     pub async fn wait_serving(&self) {
+        self.wait_serving_within(DEADLINE).await;
+    }
+
+    /// [`Replica::wait_serving`] with its own deadline.
+    pub async fn wait_serving_within(&self, deadline: Duration) {
         let health =
             tonic_health::pb::health_client::HealthClient::new(super::channel(self.addr).await);
-        super::eventually("the replica SERVING", DEADLINE, || {
+        super::eventually("the replica SERVING", deadline, || {
             let mut health = health.clone();
             async move {
                 let st = health
