@@ -1065,9 +1065,11 @@ mod tests {
             .apply(Change::user(&customer(1, "new", "+380501234501"), &p))
             .await
             .unwrap();
-        wait_for("A applies B's newer change", Duration::from_secs(5), || async {
-            a.name_of(1).as_deref() == Some("new")
-        })
+        wait_for(
+            "A applies B's newer change",
+            Duration::from_secs(5),
+            || async { a.name_of(1).as_deref() == Some("new") },
+        )
         .await;
         // The timed-out append commits after all: same origin, same payload.
         let late = ChangeLog::new(db.pool_of(1), "a");
@@ -1078,9 +1080,11 @@ mod tests {
             .await
             .unwrap();
         let head = a.replica.log.newest_seq().await.unwrap();
-        wait_for("both replicas at the head", Duration::from_secs(5), || async {
-            a.gauges.applied_seq.get() == head && b.gauges.applied_seq.get() == head
-        })
+        wait_for(
+            "both replicas at the head",
+            Duration::from_secs(5),
+            || async { a.gauges.applied_seq.get() == head && b.gauges.applied_seq.get() == head },
+        )
         .await;
         assert_eq!(a.name_of(2).as_deref(), Some("own"), "A's next own change");
         assert_eq!(
@@ -1089,7 +1093,11 @@ mod tests {
             "the late change was not applied again on A"
         );
         assert_eq!(a.gauges.late_own_skipped.get(), 1);
-        assert_eq!(b.name_of(1).as_deref(), Some("old"), "B applies it in log order");
+        assert_eq!(
+            b.name_of(1).as_deref(),
+            Some("old"),
+            "B applies it in log order"
+        );
         assert_eq!(b.name_of(2).as_deref(), Some("own"));
 
         // Skipped once, then forgotten: the same payload appended again is applied.

@@ -103,7 +103,9 @@ impl Deskline {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("cannot start deskline serve");
-        let addr = wait_listening(&mut child, &data_dir, || tail(&log)).await.grpc;
+        let addr = wait_listening(&mut child, &data_dir, || tail(&log))
+            .await
+            .grpc;
         let mut d = Self { child, addr, log };
         let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap();
         let started = tokio::time::Instant::now();

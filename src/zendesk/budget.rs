@@ -938,7 +938,11 @@ mod tests {
         let t0 = Instant::now();
         let stalled = tokio::spawn(send(Duration::from_millis(1500)));
         tokio::time::sleep(Duration::from_millis(1000)).await;
-        assert_eq!(budget.used_last_minute(), 1, "the stalled request holds its slot");
+        assert_eq!(
+            budget.used_last_minute(),
+            1,
+            "the stalled request holds its slot"
+        );
         let mut statuses = Vec::new();
         for _ in 0..LIMIT {
             statuses.push(send(Duration::ZERO).await);

@@ -18,9 +18,7 @@ use deskline::proto::{
 use deskline_sim::{NewUser, Role, SimHandle, Store};
 use tonic::transport::Channel;
 
-use super::{
-    DEADLINE, client, config_text, forget_listening, store_with_owner, wait_listening,
-};
+use super::{DEADLINE, client, config_text, forget_listening, store_with_owner, wait_listening};
 
 /// One `deskline serve` child; SIGKILLed and reaped when dropped.
 pub struct Replica {
