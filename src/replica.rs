@@ -660,6 +660,9 @@ impl Replica {
                 }
                 r = &mut run => {
                     break match r {
+                        // Stopping: the follower saw the (child) token first, and `select!` may
+                        // poll this branch before the one above.
+                        Ok(Ok(())) if stop.is_cancelled() => Ok(()),
                         Ok(Ok(())) => Err(anyhow::anyhow!("the follower stopped while holding the lease")),
                         Ok(Err(e)) => Err(e),
                         Err(e) => Err(anyhow::anyhow!("the follower task failed: {e}")),
