@@ -295,6 +295,7 @@ async fn serve_command(config_path: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let announce_path = config.storage.data_dir.join(LISTENING_FILE);
     let service = match Service::start(config, listener).await {
         Ok(s) => s,
         Err(e) => {
@@ -302,13 +303,41 @@ async fn serve_command(config_path: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match service.run_until_signal().await {
+    if let Err(e) = announce(&announce_path, &service) {
+        warn!(path = %announce_path.display(), error = %e, "the bound addresses were not written");
+    }
+    let code = match service.run_until_signal().await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("deskline stopped: {e:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    // Only a process that is gone without stopping (SIGKILL) leaves it; its `pid` tells.
+    let _ = std::fs::remove_file(&announce_path);
+    code
+}
+
+/// The file in `storage.data_dir` where `deskline serve` announces its bound addresses.
+pub const LISTENING_FILE: &str = "listening.json";
+
+/// Writes the bound addresses (`server.listen`, `server.metrics_listen`, `webhooks.listen`, port
+/// 0 resolved) and this process's id to `path` as JSON, atomically (a temporary file renamed
+/// over it), once every listener is bound: whoever started the process (a test harness, a
+/// supervisor) reads where to connect without picking a free port itself, which another process
+/// could take before Deskline binds it. `{"pid":…,"grpc":"127.0.0.1:…","metrics":…|null,
+/// "webhooks":…|null}`.
+fn announce(path: &std::path::Path, service: &Service) -> std::io::Result<()> {
+    let text = serde_json::json!({
+        "pid": std::process::id(),
+        "grpc": service.addr().to_string(),
+        "metrics": service.metrics_addr().map(|a| a.to_string()),
+        "webhooks": service.webhooks_addr().map(|a| a.to_string()),
+    })
+    .to_string();
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
 }
 
 /// A running Deskline for one Zendesk account.

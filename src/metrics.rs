@@ -122,6 +122,10 @@ pub(crate) mod names {
     /// Gauge: 1 while the change log's breaker is open (an append failed; index changes are
     /// applied here only, without waiting, until a probe reaches PostgreSQL again), else 0.
     pub(crate) const CHANGELOG_BREAKER_OPEN: &str = "deskline_changelog_breaker_open";
+    /// Counter `deskline_changelog_late_own_skipped_total`: changes of this replica that reached
+    /// the log after their append had failed or timed out (so they were applied here already),
+    /// not applied a second time.
+    pub(crate) const CHANGELOG_LATE_OWN_SKIPPED: &str = "deskline_changelog_late_own_skipped";
     /// Counter `deskline_shared_snapshot_unusable_total`: shared index snapshots this replica
     /// found damaged (size, chunk count or CRC-32 wrong) or could not decode, and skipped.
     pub(crate) const SHARED_SNAPSHOT_UNUSABLE: &str = "deskline_shared_snapshot_unusable";
@@ -146,6 +150,8 @@ pub struct ReplicaGauges {
     pub breaker_open: prometheus_client::metrics::gauge::Gauge,
     /// [`names::SHARED_SNAPSHOT_UNUSABLE`].
     pub snapshots_unusable: Counter,
+    /// [`names::CHANGELOG_LATE_OWN_SKIPPED`].
+    pub late_own_skipped: Counter,
 }
 
 /// What became of one webhook request (the `result` label).
@@ -422,6 +428,11 @@ impl Metrics {
             names::SHARED_SNAPSHOT_UNUSABLE,
             "Shared index snapshots found damaged or undecodable and skipped by this replica",
             g.snapshots_unusable.clone(),
+        );
+        r.register(
+            names::CHANGELOG_LATE_OWN_SKIPPED,
+            "Changes of this replica that reached the change log after their append had failed or timed out (already applied here), not applied again",
+            g.late_own_skipped.clone(),
         );
         self
     }

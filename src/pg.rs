@@ -30,7 +30,8 @@
 //! as long as every step this binary knows is applied: new steps only add.
 //!
 //! # Failures
-//! Every operation runs under [`OP_TIMEOUT`]; a connection that cannot be made or an operation that
+//! Every operation runs under [`OP_TIMEOUT`] (the migration under its own [`MIGRATE_TIMEOUT`]: it
+//! may wait for other replicas' migrations); a connection that cannot be made or an operation that
 //! times out is [`PgError::Unavailable`], which callers treat as "PostgreSQL is down" (the spool in
 //! [`crate::sync`] takes over) rather than as a bug.
 
@@ -47,6 +48,14 @@ pub(crate) const LOCK_NAMESPACE: i32 = 0x4453_4b4c;
 
 /// The longest any single store operation may take before PostgreSQL counts as unavailable.
 pub(crate) const OP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long [`migrate`] may take, waiting for the migration lock included. Not [`OP_TIMEOUT`]:
+/// replicas starting together queue on that lock, so the last one waits for every other one's
+/// whole migration (a first start creates every table), and on a loaded machine that took more
+/// than 5 s; the replica then exited instead of finding the schema ready a moment later. A
+/// replica cannot serve before its schema is ready, so waiting longer costs nothing; a minute
+/// still ends a start that would hang on a lock never released (a stuck session holding it).
+pub(crate) const MIGRATE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One named schema step.
 #[derive(Debug, Clone, Copy)]
@@ -152,11 +161,20 @@ impl PgError {
 pub(crate) async fn timed<T>(
     f: impl std::future::Future<Output = Result<T, PgError>>,
 ) -> Result<T, PgError> {
-    match tokio::time::timeout(OP_TIMEOUT, f).await {
+    timed_for(OP_TIMEOUT, "no answer", f).await
+}
+
+/// Runs `f` under `limit`; past it, [`PgError::Unavailable`] saying `what` "within N s".
+async fn timed_for<T>(
+    limit: Duration,
+    what: &str,
+    f: impl std::future::Future<Output = Result<T, PgError>>,
+) -> Result<T, PgError> {
+    match tokio::time::timeout(limit, f).await {
         Ok(r) => r,
         Err(_) => Err(PgError::Unavailable(format!(
-            "no answer within {} s",
-            OP_TIMEOUT.as_secs()
+            "{what} within {} s",
+            limit.as_secs()
         ))),
     }
 }
@@ -441,8 +459,16 @@ pub(crate) fn pool_with(connect: &Connect, max_size: usize) -> Result<Pool, PgEr
 }
 
 /// Applies the missing [`migrations`] (see the module doc); returns how many were applied now.
+/// The whole of it, the wait for another replica's migration included, runs under
+/// [`MIGRATE_TIMEOUT`].
 pub(crate) async fn migrate(pool: &Pool) -> Result<usize, PgError> {
-    timed(async {
+    migrate_within(pool, MIGRATE_TIMEOUT).await
+}
+
+/// [`migrate`] under `limit` (tests shorten it).
+async fn migrate_within(pool: &Pool, limit: Duration) -> Result<usize, PgError> {
+    let what = "the schema migration (waiting for another replica's included) did not finish";
+    timed_for(limit, what, async {
         let mut client = pool.get().await?;
         let tx = client.transaction().await?;
         tx.execute(
@@ -850,6 +876,88 @@ mod tests {
         ] {
             assert_eq!(take(url), (url.to_owned(), Verify::Nothing), "{url}");
         }
+    }
+
+    /// Two replicas starting together on a loaded machine: the second waits for the first's
+    /// migration lock longer than [`OP_TIMEOUT`]. It must wait on (and then find the schema to
+    /// migrate), not give up: here another session holds the lock `OP_TIMEOUT` + 1 s. A migration
+    /// held past its own limit fails with a message that says what it waited for.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn migration_waits_for_a_lock_held_longer_than_an_operation_timeout() {
+        let Some(db) = TestSchema::new().await else {
+            return;
+        };
+        let holder = db.pool_of(1);
+        let holder = holder.get().await.unwrap();
+        holder
+            .execute(
+                "SELECT pg_advisory_lock($1, hashtext(current_schema() || ':migrations'))",
+                &[&LOCK_NAMESPACE],
+            )
+            .await
+            .unwrap();
+        // Sessions waiting for the lock this session holds.
+        let waiting = || async {
+            let row = holder
+                .query_one(
+                    "SELECT count(*) FROM pg_locks w JOIN pg_locks h
+                         ON h.locktype = 'advisory' AND h.granted AND h.pid = pg_backend_pid()
+                        AND w.classid = h.classid AND w.objid = h.objid AND w.objsubid = h.objsubid
+                      WHERE w.locktype = 'advisory' AND NOT w.granted",
+                    &[],
+                )
+                .await
+                .unwrap();
+            row.get::<_, i64>(0)
+        };
+
+        let started = tokio::time::Instant::now();
+        let pool = db.pool_of(2);
+        let migrating = tokio::spawn(async move { migrate(&pool).await });
+        let until = started + Duration::from_secs(10);
+        while waiting().await == 0 {
+            assert!(
+                tokio::time::Instant::now() < until,
+                "the migration never waited for the lock"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The scenario itself: the other replica's migration outlasts one operation timeout.
+        tokio::time::sleep_until(started + OP_TIMEOUT + Duration::from_secs(1)).await;
+        assert!(!migrating.is_finished(), "still waiting for the lock");
+        holder
+            .execute(
+                "SELECT pg_advisory_unlock($1, hashtext(current_schema() || ':migrations'))",
+                &[&LOCK_NAMESPACE],
+            )
+            .await
+            .unwrap();
+        let applied = tokio::time::timeout(Duration::from_secs(30), migrating)
+            .await
+            .expect("the migration ends once the lock is free")
+            .unwrap()
+            .unwrap();
+        assert_eq!(applied, migrations().len());
+        let v = schema_version(&db.pool_of(1)).await.unwrap();
+        assert!(v.missing.is_empty(), "{v:?}");
+
+        // Held past the migration's own limit: a failure that says what it waited for.
+        holder
+            .execute(
+                "SELECT pg_advisory_lock($1, hashtext(current_schema() || ':migrations'))",
+                &[&LOCK_NAMESPACE],
+            )
+            .await
+            .unwrap();
+        let err = migrate_within(&db.pool_of(1), Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        assert!(err.is_unavailable(), "{err:?}");
+        let err = err.to_string();
+        assert!(
+            err.contains("the schema migration") && err.contains("within 1 s"),
+            "{err}"
+        );
     }
 
     const PASSWORD: &str = "pw-Secret-4242";

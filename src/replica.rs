@@ -19,6 +19,17 @@
 //!   webhook one timeout, not every one of them. `ReportCall` never waits on any of this: its
 //!   last-call record is published in a task of its own. The follower's fenced pages are not
 //!   behind the breaker: they must reach the log, so the follower waits and retries.
+//! - **An append that commits after all.** A timed-out (or failed) append may still commit: the
+//!   INSERT was sent, and PostgreSQL may answer it after we stopped waiting. Applied again when
+//!   the subscriber reaches it, that change could land after a newer change of the same entity
+//!   and win (the index keeps the last write it applied). So the replica remembers the SHA-256
+//!   of every payload it applied locally that way ([`Unconfirmed`], bounded, for
+//!   [`UNCONFIRMED_TTL`]), and its subscriber skips a change of its own origin with a remembered
+//!   digest once (counted in `deskline_changelog_late_own_skipped_total`). The other replicas
+//!   apply it in log order as usual: on them it may come after a newer change another replica
+//!   appended meanwhile, and the exports repair that. A payload re-sent identical by this replica
+//!   while the first is remembered is skipped instead of the late one when it comes first; both
+//!   carry the same state, which this replica already applied.
 //! - **One follower.** [`Replica::run_follower`] keeps the `follower` lease; while it holds it, it
 //!   first catches up with the log (so the export cursors in its index are the last holder's:
 //!   cursors travel in the log with their pages) and then runs a [`Follower`] whose writes carry the
@@ -33,7 +44,7 @@
 //!   the snapshot.
 
 use std::{
-    collections::HashSet,
+    collections::{HashSet, VecDeque},
     path::PathBuf,
     sync::{
         Arc,
@@ -75,6 +86,13 @@ const PRUNE_MIN_AGE: Duration = Duration::from_secs(60);
 const LAG_EVERY: Duration = Duration::from_secs(2);
 /// How often a replica without a usable snapshot ([`StartFrom::Rebuild`]) looks for a new one.
 const REBUILD_POLL: Duration = Duration::from_secs(2);
+/// How long the digest of a payload whose append timed out or failed is remembered: longer than
+/// such an append can still commit (its connection dies within about a minute of a cut network:
+/// the keepalive in [`crate::pg::Connect::new`]), short enough not to catch an unrelated repeat.
+const UNCONFIRMED_TTL: Duration = Duration::from_secs(600);
+/// At most this many are remembered (the oldest are forgotten first). Appends time out only until
+/// the breaker opens, so a few per outage.
+const UNCONFIRMED_MAX: usize = 1024;
 
 #[derive(Debug, Clone)]
 pub(crate) struct ReplicaOptions {
@@ -107,6 +125,57 @@ pub(crate) struct Replica {
     unusable: parking_lot::Mutex<HashSet<i64>>,
     /// Set while the index waits for a new shared snapshot ([`StartFrom::Rebuild`]).
     rebuilding: AtomicBool,
+    /// Payloads applied here only because their append failed or timed out, which may still
+    /// commit (see the module doc).
+    unconfirmed: parking_lot::Mutex<Unconfirmed>,
+}
+
+/// The SHA-256 digests of payloads whose append failed or timed out on this replica, each for
+/// [`UNCONFIRMED_TTL`], at most [`UNCONFIRMED_MAX`]. A digest remembered twice (the same payload
+/// failed twice) is skipped twice.
+#[derive(Debug, Default)]
+struct Unconfirmed {
+    /// Oldest first, with when each is forgotten.
+    entries: VecDeque<(Instant, [u8; 32])>,
+}
+
+impl Unconfirmed {
+    fn digest(payload: &[u8]) -> [u8; 32] {
+        use sha2::Digest as _;
+        sha2::Sha256::digest(payload).into()
+    }
+
+    fn expire(&mut self, now: Instant) {
+        while self.entries.front().is_some_and(|(until, _)| *until <= now) {
+            self.entries.pop_front();
+        }
+    }
+
+    fn remember(&mut self, payload: &[u8]) {
+        let now = Instant::now();
+        self.expire(now);
+        if self.entries.len() >= UNCONFIRMED_MAX {
+            self.entries.pop_front();
+        }
+        self.entries
+            .push_back((now + UNCONFIRMED_TTL, Self::digest(payload)));
+    }
+
+    /// Whether `payload` was remembered; forgets it (one occurrence).
+    fn take(&mut self, payload: &[u8]) -> bool {
+        self.expire(Instant::now());
+        if self.entries.is_empty() {
+            return false;
+        }
+        let digest = Self::digest(payload);
+        match self.entries.iter().position(|(_, d)| *d == digest) {
+            Some(i) => {
+                self.entries.remove(i);
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 impl std::fmt::Debug for Replica {
@@ -172,6 +241,7 @@ impl Replica {
             breaker: AtomicBool::new(false),
             unusable: Default::default(),
             rebuilding: AtomicBool::new(false),
+            unconfirmed: Default::default(),
         })
     }
 
@@ -385,11 +455,22 @@ impl Replica {
                     item = sub.next() => match item {
                         None => anyhow::bail!("the change-log subscription stopped"),
                         Some(Ok(change)) => {
-                            match writer::decode_changes(&change.payload) {
-                                Ok(changes) => writer.apply_replicated(changes).await?,
-                                // A newer build's change: skip it rather than stop following.
-                                Err(e) => error!(seq = change.seq, origin = %change.origin,
-                                    error = %e, "an undecodable index change was skipped"),
+                            if change.origin == self.id
+                                && self.unconfirmed.lock().take(&change.payload)
+                            {
+                                // Applied here when its append timed out; applying it again
+                                // now could undo a newer change (see the module doc).
+                                self.gauges.late_own_skipped.inc();
+                                warn!(seq = change.seq, "a change whose append had timed out \
+                                    committed after all: already applied on this replica, not \
+                                    applied again here");
+                            } else {
+                                match writer::decode_changes(&change.payload) {
+                                    Ok(changes) => writer.apply_replicated(changes).await?,
+                                    // A newer build's change: skip it rather than stop following.
+                                    Err(e) => error!(seq = change.seq, origin = %change.origin,
+                                        error = %e, "an undecodable index change was skipped"),
+                                }
                             }
                             after = change.seq;
                             self.set_applied(after);
@@ -579,6 +660,9 @@ impl Replica {
                 }
                 r = &mut run => {
                     break match r {
+                        // Stopping: the follower saw the (child) token first, and `select!` may
+                        // poll this branch before the one above.
+                        Ok(Ok(())) if stop.is_cancelled() => Ok(()),
                         Ok(Ok(())) => Err(anyhow::anyhow!("the follower stopped while holding the lease")),
                         Ok(Err(e)) => Err(e),
                         Err(e) => Err(anyhow::anyhow!("the follower task failed: {e}")),
@@ -684,6 +768,10 @@ impl LogPublisher {
                 Ok(Err(e)) => format!("{e:#}"),
                 Err(_) => format!("no answer within {} s", APPEND_TIMEOUT.as_secs()),
             };
+            // Remembered before the caller applies it here: the append may still commit (any
+            // failure, not only a timeout: a connection lost after the COMMIT was sent looks the
+            // same as one lost before).
+            replica.unconfirmed.lock().remember(&payload);
             replica.gauges.local_only.inc();
             replica.open_breaker(&why);
             return Err(Published::Unavailable);
@@ -932,6 +1020,96 @@ mod tests {
         );
         // A write skipped during the outage stayed on A (the exports bring it to B).
         assert!(b.name_of(5).is_none());
+    }
+
+    /// An append that timed out (the change-log lock held by another session past
+    /// [`APPEND_TIMEOUT`]) and so was applied on A only, then committed after all (appended again
+    /// here with A's origin and payload, as a COMMIT answered late would), after B's newer change
+    /// of the same customer: A skips it (it has it already; applied now it would undo B's newer
+    /// change on A), B applies it in log order (the documented residual, repaired by the exports).
+    /// A's later own changes, and the same payload committed once more, are applied as usual.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_append_that_timed_out_and_committed_late_is_not_applied_twice() {
+        let Some(db) = migrated().await else {
+            return;
+        };
+        let p = PhoneParser::new("UA").unwrap();
+        let (a, b) = (Node::start(&db, "a").await, Node::start(&db, "b").await);
+        let old = || Change::user(&customer(1, "old", "+380501234501"), &p);
+
+        let holder_pool = db.pool_of(1);
+        let holder = holder_pool.get().await.unwrap();
+        let lock = "hashtext(current_schema() || ':changelog')";
+        holder
+            .execute(
+                &format!("SELECT pg_advisory_lock($1, {lock})"),
+                &[&crate::pg::LOCK_NAMESPACE],
+            )
+            .await
+            .unwrap();
+        a.publishing.apply(old()).await.unwrap();
+        assert_eq!(a.name_of(1).as_deref(), Some("old"), "applied on A only");
+        assert_eq!(a.gauges.local_only.get(), 1);
+        holder
+            .execute(
+                &format!("SELECT pg_advisory_unlock($1, {lock})"),
+                &[&crate::pg::LOCK_NAMESPACE],
+            )
+            .await
+            .unwrap();
+        wait_for(
+            "the probe closes the breaker",
+            Duration::from_secs(15),
+            || async { a.gauges.breaker_open.get() == 0 },
+        )
+        .await;
+
+        b.publishing
+            .apply(Change::user(&customer(1, "new", "+380501234501"), &p))
+            .await
+            .unwrap();
+        wait_for(
+            "A applies B's newer change",
+            Duration::from_secs(5),
+            || async { a.name_of(1).as_deref() == Some("new") },
+        )
+        .await;
+        // The timed-out append commits after all: same origin, same payload.
+        let late = ChangeLog::new(db.pool_of(1), "a");
+        let payload = writer::encode_changes(&mut [old()]);
+        late.append(&payload, None).await.unwrap();
+        a.publishing
+            .apply(Change::user(&customer(2, "own", "+380501234502"), &p))
+            .await
+            .unwrap();
+        let head = a.replica.log.newest_seq().await.unwrap();
+        wait_for(
+            "both replicas at the head",
+            Duration::from_secs(5),
+            || async { a.gauges.applied_seq.get() == head && b.gauges.applied_seq.get() == head },
+        )
+        .await;
+        assert_eq!(a.name_of(2).as_deref(), Some("own"), "A's next own change");
+        assert_eq!(
+            a.name_of(1).as_deref(),
+            Some("new"),
+            "the late change was not applied again on A"
+        );
+        assert_eq!(a.gauges.late_own_skipped.get(), 1);
+        assert_eq!(
+            b.name_of(1).as_deref(),
+            Some("old"),
+            "B applies it in log order"
+        );
+        assert_eq!(b.name_of(2).as_deref(), Some("own"));
+
+        // Skipped once, then forgotten: the same payload appended again is applied.
+        late.append(&payload, None).await.unwrap();
+        wait_for("A applies the repeat", Duration::from_secs(5), || async {
+            a.name_of(1).as_deref() == Some("old")
+        })
+        .await;
+        assert_eq!(a.gauges.late_own_skipped.get(), 1);
     }
 
     /// The holder stores the shared snapshot with the seq it includes; after the log is pruned

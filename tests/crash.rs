@@ -83,20 +83,17 @@ impl Deskline {
         extra: &str,
         bootstrap: bool,
     ) -> Self {
-        // A free port: bound and released at once. The child binds it a moment later.
-        let addr = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
+        // Port 0: the child binds a free port and announces it (see `wait_listening`).
         let data_dir = dir.join("data");
         let config = dir.join("deskline.toml");
         let poll = if bootstrap { 1 } else { 3600 };
         let extra = format!(
-            "[server]\nlisten = \"{addr}\"\n[index]\npoll_seconds = {poll}\nbootstrap = {bootstrap}\n{extra}"
+            "[server]\nlisten = \"127.0.0.1:0\"\n[index]\npoll_seconds = {poll}\nbootstrap = {bootstrap}\n{extra}"
         );
         std::fs::write(&config, config_text(sim, &data_dir, &extra)).unwrap();
+        forget_listening(&data_dir);
         let log = dir.join(format!("round-{round}.log"));
-        let child = Command::new(env!("CARGO_BIN_EXE_deskline"))
+        let mut child = Command::new(env!("CARGO_BIN_EXE_deskline"))
             .arg("serve")
             .arg("--config")
             .arg(&config)
@@ -106,6 +103,9 @@ impl Deskline {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("cannot start deskline serve");
+        let addr = wait_listening(&mut child, &data_dir, || tail(&log))
+            .await
+            .grpc;
         let mut d = Self { child, addr, log };
         let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap();
         let started = tokio::time::Instant::now();
@@ -147,13 +147,18 @@ impl Deskline {
     }
 
     fn log_text(&self) -> String {
-        let mut s = String::new();
-        if let Ok(mut f) = std::fs::File::open(&self.log) {
-            let _ = f.read_to_string(&mut s);
-        }
-        let tail: Vec<&str> = s.lines().rev().take(40).collect();
-        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        tail(&self.log)
     }
+}
+
+/// The last 40 lines of the log at `path`.
+fn tail(path: &Path) -> String {
+    let mut s = String::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        let _ = f.read_to_string(&mut s);
+    }
+    let tail: Vec<&str> = s.lines().rev().take(40).collect();
+    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
 }
 
 fn account() -> (Store, Vec<(String, i64)>) {

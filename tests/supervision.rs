@@ -35,6 +35,8 @@ use tonic_health::pb::{
 struct Deskline {
     child: Child,
     addr: SocketAddr,
+    /// What it announced in `listening.json`.
+    listening: Listening,
     log: PathBuf,
     data_dir: PathBuf,
 }
@@ -49,18 +51,16 @@ impl Drop for Deskline {
 impl Deskline {
     /// Starts `deskline serve` and waits until health says SERVING (the index is loaded).
     async fn start(dir: &Path, sim: &SimHandle, extra: &str) -> Self {
-        let addr = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
+        // Port 0: the child binds a free port and announces it (see `wait_listening`).
         let data_dir = dir.join("data");
         let config = dir.join("deskline.toml");
         let extra = format!(
-            "[server]\nlisten = \"{addr}\"\n{extra}\n[index]\npoll_seconds = 3600\n[sync]\nsenior_manager = \"Olena Petrenko\"\n"
+            "[server]\nlisten = \"127.0.0.1:0\"\n{extra}\n[index]\npoll_seconds = 3600\n[sync]\nsenior_manager = \"Olena Petrenko\"\n"
         );
         std::fs::write(&config, config_text(sim, &data_dir, &extra)).unwrap();
+        forget_listening(&data_dir);
         let log = dir.join("deskline.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_deskline"))
+        let mut child = Command::new(env!("CARGO_BIN_EXE_deskline"))
             .arg("serve")
             .arg("--config")
             .arg(&config)
@@ -70,9 +70,13 @@ impl Deskline {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("cannot start deskline serve");
+        let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+        let listening = wait_listening(&mut child, &data_dir, read_log).await;
+        let addr = listening.grpc;
         let mut d = Self {
             child,
             addr,
+            listening,
             log,
             data_dir,
         };
@@ -206,6 +210,59 @@ async fn a_failing_background_task_stops_the_process_non_zero_without_panic() {
     assert!(
         d.data_dir.join("index.snapshot").exists(),
         "the snapshot is saved on the way out:\n{log}"
+    );
+}
+
+/// Port 0 for every listener: `deskline serve` binds free ports itself and announces them in
+/// `{data_dir}/listening.json` with its pid (what the harnesses here read instead of picking a
+/// port and releasing it for the child, which another process could take in between); each
+/// announced address answers as what it is, and a clean stop removes the file.
+#[tokio::test]
+async fn port_zero_listeners_are_announced_and_answer() {
+    let (store, _) = one_ticket_account("+380441234567");
+    let sim = start_sim(store, |_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Deskline::start(
+        dir.path(),
+        &sim,
+        "metrics_listen = \"127.0.0.1:0\"\n[webhooks]\nlisten = \"127.0.0.1:0\"\n\
+         signing_secret = \"whsec-test-secret-0123456789\"",
+    )
+    .await;
+    let Listening {
+        grpc,
+        metrics,
+        webhooks,
+    } = d.listening;
+    let (metrics, webhooks) = (
+        metrics.expect("metrics announced"),
+        webhooks.expect("webhooks announced"),
+    );
+    for a in [grpc, metrics, webhooks] {
+        assert!(a.ip().is_loopback() && a.port() != 0, "{a}");
+    }
+    // Started means health said SERVING on `grpc`; the others answer as what they are.
+    let scrape = reqwest::get(format!("http://{metrics}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(scrape.contains("deskline_index_loaded"), "{scrape}");
+    let unsigned = reqwest::Client::new()
+        .post(format!("http://{webhooks}/zendesk/webhook"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unsigned.status(), 401, "the webhook endpoint refuses it");
+
+    d.terminate();
+    let status = d.exit_within(DEADLINE).await;
+    assert!(status.success(), "{status}:\n{}", d.log_text());
+    assert!(
+        !d.data_dir.join(deskline::app::LISTENING_FILE).exists(),
+        "removed at a clean stop"
     );
 }
 

@@ -3,12 +3,17 @@
 //!
 //! Invariants:
 //! - In any window of [`WINDOW`] no more than `requests_per_minute` requests are sent, and separately
-//!   no more than `export_requests_per_minute` incremental-export requests. It is a sliding log of send
-//!   times, not a token bucket: a bucket that starts full lets 2× the limit through across a minute
-//!   boundary, and Zendesk counts per minute, so that would earn 429s.
-//! - Each log entry stays for [`WINDOW`] plus [`SAFETY_MARGIN`]: a request arrives at Zendesk a little
-//!   after we record it, and arrivals can bunch up (a slow connection followed by a fast one), so a
-//!   window measured at the server could otherwise hold one request too many. Costs < 1% of the budget.
+//!   no more than `export_requests_per_minute` incremental-export requests. It is a sliding log, not
+//!   a token bucket: a bucket that starts full lets 2× the limit through across a minute boundary,
+//!   and Zendesk counts per minute, so that would earn 429s.
+//! - A request holds its slot from its [`Permit`] until the permit is finished (its answer is in, or
+//!   it was given up or dropped) and [`WINDOW`] plus [`SAFETY_MARGIN`] after that; an unfinished one
+//!   counts as in the window however long it takes. Zendesk counts arrivals, and a request may
+//!   arrive any time between its permit and its answer: counted from the permit, a process stalled
+//!   longer than the margin between permit and send (a loaded machine, a slow connection) could land
+//!   it in the same Zendesk window as the requests permitted a window later. The margin covers
+//!   arrivals bunching up after the answer's clock reading. Costs < 1% of the budget plus each
+//!   request's own duration. The shared budget counts the same way ([`crate::cluster::budget`]).
 //! - A 429's `Retry-After` pauses every request of the account until then ([`Budget::pause_until`]):
 //!   Zendesk's limit is account-wide, so one caller's 429 means everyone's next request would fail too.
 //! - After a pause the budget is *half-open*: one request (the probe) goes first and the others wait
@@ -101,7 +106,8 @@ pub(crate) enum Outcome {
 }
 
 /// The right to send one request, from [`Budget::acquire`]. Finish it when the request's answer
-/// is in (or it was given up): a shared reservation holds its slot until then. When it is the
+/// is in (or it was given up): its slot is held until then (locally or in the shared
+/// reservation), and a window after. When it is the
 /// half-open probe, its [`Outcome`] decides whether the requests waiting behind it go; dropping it
 /// unreported counts as [`Outcome::Unknown`] (a cancelled caller must not hold the others back
 /// forever).
@@ -113,6 +119,8 @@ pub(crate) struct Permit<'a> {
     shared: Option<(std::sync::Arc<SharedBudget>, Grant)>,
     /// The permit of the local fallback budget, while PostgreSQL is unreachable.
     fallback: Option<Box<Permit<'a>>>,
+    /// In this (local) budget's window as in flight, `Some(export)`, until finished.
+    in_flight: Option<bool>,
 }
 
 impl Permit<'_> {
@@ -132,6 +140,9 @@ impl Permit<'_> {
     fn resolve(&mut self, outcome: Outcome) {
         if let Some(mut p) = self.fallback.take() {
             p.resolve(outcome);
+        }
+        if let Some(export) = self.in_flight.take() {
+            self.budget.finish_in_flight(export);
         }
         if std::mem::take(&mut self.probe) {
             self.budget.resolve_probe(outcome);
@@ -263,16 +274,25 @@ pub(crate) struct Budget {
     turn: tokio::sync::Mutex<()>,
     /// Queue for the export limit (export requests wait here first).
     export_turn: tokio::sync::Mutex<()>,
-    /// Bumped whenever a probe is answered; the waiter at the head of the queue watches it.
-    probe_answered: tokio::sync::watch::Sender<u64>,
+    /// Bumped whenever a probe is answered or a request finishes; the waiters at the head of the
+    /// queues watch it.
+    changed: tokio::sync::watch::Sender<u64>,
+    /// [`WINDOW`], except in tests that shorten it.
+    window: Duration,
     /// Set by [`Budget::share`]: requests are reserved in PostgreSQL across replicas.
     shared: std::sync::OnceLock<Box<Shared>>,
 }
 
 #[derive(Default)]
 struct State {
+    /// When each finished request of the window finished, oldest first (finishing stamps "now",
+    /// so appending keeps the order). With a shared budget: when each was permitted, for the stats.
     sent: VecDeque<Instant>,
     export_sent: VecDeque<Instant>,
+    /// Requests permitted and not finished yet (all kinds; exports also in `export_in_flight`):
+    /// each holds a slot until it finishes.
+    in_flight: usize,
+    export_in_flight: usize,
     paused_until: Option<Instant>,
     probe: Probe,
     /// The account's limit as Zendesk last reported it (`X-Rate-Limit`).
@@ -284,8 +304,8 @@ struct State {
 }
 
 impl State {
-    fn prune(&mut self, now: Instant) {
-        let keep = WINDOW + SAFETY_MARGIN;
+    /// Forgets the finished requests that left the window (`keep` after they finished).
+    fn prune(&mut self, now: Instant, keep: Duration) {
         for log in [&mut self.sent, &mut self.export_sent] {
             while log.front().is_some_and(|&t| t + keep <= now) {
                 log.pop_front();
@@ -293,20 +313,36 @@ impl State {
         }
     }
 
-    /// When a slot in `log` frees up (`None`: one is free now). Call after `prune`.
-    fn free_at(log: &VecDeque<Instant>, limit: u32) -> Option<Instant> {
-        if log.len() < limit as usize {
-            return None;
+    /// When a slot frees up, with `done` the finish times in the window and `in_flight` the
+    /// unfinished requests. Call after `prune`.
+    fn free_at(done: &VecDeque<Instant>, in_flight: usize, limit: u32, keep: Duration) -> Slot {
+        let limit = limit as usize;
+        if done.len() + in_flight < limit {
+            return Slot::Free;
         }
-        // The entry whose expiry brings the count below the limit.
-        let idx = log.len() - limit as usize;
-        log.get(idx).map(|&t| t + WINDOW + SAFETY_MARGIN)
+        if in_flight >= limit {
+            // Only a finish starts a slot's way out of the window.
+            return Slot::AfterAFinish;
+        }
+        // The finished entry whose expiry brings the count below the limit. A finish meanwhile
+        // appends a later entry and moves no index, so this time stays right.
+        let idx = done.len() + in_flight - limit;
+        Slot::At(done[idx] + keep)
     }
+}
+
+/// When [`State::free_at`] finds a slot.
+enum Slot {
+    Free,
+    At(Instant),
+    /// Every slot is held by an unfinished request.
+    AfterAFinish,
 }
 
 enum Wait {
     Until(Instant),
-    ForProbe,
+    /// For a probe's answer or an unfinished request's finish ([`Budget::changed`]).
+    ForChange,
 }
 
 /// A snapshot of the budget's counters, for metrics and `deskline check`.
@@ -314,7 +350,8 @@ enum Wait {
 pub(crate) struct BudgetStats {
     pub limit: u32,
     pub export_limit: u32,
-    /// Requests sent in the last minute (all kinds, exports included).
+    /// Requests holding a slot of the window (all kinds, exports included): in flight, or
+    /// finished within the last minute and margin.
     pub used_last_minute: u32,
     pub export_used_last_minute: u32,
     /// Requests sent since start (every attempt, retries included).
@@ -343,9 +380,37 @@ impl Budget {
             state: Mutex::new(State::default()),
             turn: tokio::sync::Mutex::new(()),
             export_turn: tokio::sync::Mutex::new(()),
-            probe_answered: tokio::sync::watch::channel(0).0,
+            changed: tokio::sync::watch::channel(0).0,
+            window: WINDOW,
             shared: std::sync::OnceLock::new(),
         }
+    }
+
+    #[cfg(test)]
+    /// This budget with Zendesk's window shortened to `window` (the margin stays).
+    pub(crate) fn with_window(mut self, window: Duration) -> Self {
+        self.window = window;
+        self
+    }
+
+    /// How long a finished request stays in the window.
+    fn keep(&self) -> Duration {
+        self.window + SAFETY_MARGIN
+    }
+
+    /// A local permit's request is finished: it leaves the window `keep` from now.
+    fn finish_in_flight(&self, export: bool) {
+        {
+            let now = Instant::now();
+            let mut st = self.state.lock();
+            st.in_flight = st.in_flight.saturating_sub(1);
+            st.sent.push_back(now);
+            if export {
+                st.export_in_flight = st.export_in_flight.saturating_sub(1);
+                st.export_sent.push_back(now);
+            }
+        }
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Shares this budget with every replica through `budget` (see the module docs). Its limits
@@ -394,8 +459,9 @@ impl Budget {
         self.export_limit
     }
 
-    /// Waits until one more request may be sent, then records it as sent now. `export` marks an
-    /// incremental-export request, which also takes the export limit.
+    /// Waits until one more request may be sent, then counts it as in flight until the permit is
+    /// finished or dropped. `export` marks an incremental-export request, which also takes the
+    /// export limit.
     pub(crate) async fn acquire(&self, export: bool) -> Permit<'_> {
         if let Some(shared) = self.shared.get() {
             // A 429 met here is written to PostgreSQL by a spawned task: honour it locally at
@@ -410,12 +476,14 @@ impl Budget {
                     probe: false,
                     shared: Some((shared.budget.clone(), grant)),
                     fallback: None,
+                    in_flight: None,
                 },
                 None => Permit {
                     budget: self,
                     probe: false,
                     shared: None,
                     fallback: Some(Box::new(Box::pin(shared.fallback.acquire(export)).await)),
+                    in_flight: None,
                 },
             };
             let mut st = self.state.lock();
@@ -432,14 +500,25 @@ impl Budget {
             // by its own limit does not hold up everybody else. While we hold `export_turn` nobody
             // else records an export, so the slot found here is still free below.
             loop {
+                // Subscribed before looking, so a finish in between still wakes us.
+                let mut changed = self.changed.subscribe();
                 let wait = {
                     let mut st = self.state.lock();
-                    st.prune(Instant::now());
-                    State::free_at(&st.export_sent, self.export_limit)
+                    st.prune(Instant::now(), self.keep());
+                    State::free_at(
+                        &st.export_sent,
+                        st.export_in_flight,
+                        self.export_limit,
+                        self.keep(),
+                    )
                 };
                 match wait {
-                    None => break,
-                    Some(at) => tokio::time::sleep_until(at).await,
+                    Slot::Free => break,
+                    Slot::At(at) => tokio::time::sleep_until(at).await,
+                    // The sender lives as long as `self`, so this only returns on a change.
+                    Slot::AfterAFinish => {
+                        let _ = changed.changed().await;
+                    }
                 }
             }
             Some(guard)
@@ -449,12 +528,14 @@ impl Budget {
 
         let _turn = self.turn.lock().await;
         loop {
-            // Subscribed before looking, so a probe answered in between still wakes us.
-            let mut answered = self.probe_answered.subscribe();
+            // Subscribed before looking, so a probe answered (or a request finished) in between
+            // still wakes us.
+            let mut changed = self.changed.subscribe();
             let wait = {
                 let now = Instant::now();
+                let keep = self.keep();
                 let mut st = self.state.lock();
-                st.prune(now);
+                st.prune(now, keep);
                 if st
                     .server
                     .is_some_and(|v| v.reset_at.is_some_and(|r| r <= now))
@@ -462,6 +543,7 @@ impl Budget {
                     st.server = None;
                 }
                 let mut ready = st.paused_until.filter(|&p| p > now);
+                let mut after_a_finish = false;
                 let server_free = match st.server {
                     Some(ServerView {
                         remaining: 0,
@@ -481,30 +563,41 @@ impl Budget {
                     }
                     _ => None,
                 };
-                for at in [
-                    State::free_at(&st.sent, self.limit),
-                    export
-                        .then(|| State::free_at(&st.export_sent, self.export_limit))
-                        .flatten(),
-                    server_free,
-                ]
-                .into_iter()
-                .flatten()
-                {
+                let slots = [
+                    Some(State::free_at(&st.sent, st.in_flight, self.limit, keep)),
+                    export.then(|| {
+                        State::free_at(
+                            &st.export_sent,
+                            st.export_in_flight,
+                            self.export_limit,
+                            keep,
+                        )
+                    }),
+                ];
+                for slot in slots.into_iter().flatten() {
+                    match slot {
+                        Slot::Free => {}
+                        Slot::At(at) => ready = Some(ready.map_or(at, |r| r.max(at))),
+                        Slot::AfterAFinish => after_a_finish = true,
+                    }
+                }
+                if let Some(at) = server_free {
                     ready = Some(ready.map_or(at, |r| r.max(at)));
                 }
                 match ready {
+                    // A timed wait first: a finish meanwhile changes no time found here, and
+                    // the loop looks again when it ends.
                     Some(at) => Wait::Until(at),
-                    None if st.probe == Probe::InFlight => Wait::ForProbe,
+                    None if after_a_finish || st.probe == Probe::InFlight => Wait::ForChange,
                     None => {
                         let low = st.server.is_some_and(|v| v.remaining <= LOW_REMAINING);
                         let probe = st.probe == Probe::Due || low;
                         if probe {
                             st.probe = Probe::InFlight;
                         }
-                        st.sent.push_back(now);
+                        st.in_flight += 1;
                         if export {
-                            st.export_sent.push_back(now);
+                            st.export_in_flight += 1;
                         }
                         if let Some(v) = &mut st.server {
                             v.remaining = v.remaining.saturating_sub(1);
@@ -515,6 +608,7 @@ impl Budget {
                             probe,
                             shared: None,
                             fallback: None,
+                            in_flight: Some(export),
                         };
                     }
                 }
@@ -522,9 +616,9 @@ impl Budget {
             match wait {
                 // A pause set while we sleep only moves the time later; the loop re-checks.
                 Wait::Until(at) => tokio::time::sleep_until(at).await,
-                // The sender lives as long as `self`, so this only returns on an answer.
-                Wait::ForProbe => {
-                    let _ = answered.changed().await;
+                // The sender lives as long as `self`, so this only returns on a change.
+                Wait::ForChange => {
+                    let _ = changed.changed().await;
                 }
             }
         }
@@ -541,7 +635,7 @@ impl Budget {
                 _ => Probe::Due,
             };
         }
-        self.probe_answered.send_modify(|n| *n = n.wrapping_add(1));
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Takes in what Zendesk's rate-limit headers say about the account (see the module docs).
@@ -585,11 +679,11 @@ impl Budget {
     }
 
     #[cfg(test)]
-    /// Requests sent in the last minute (all kinds).
+    /// Requests in the window (all kinds), unfinished ones included.
     pub(crate) fn used_last_minute(&self) -> u32 {
         let mut st = self.state.lock();
-        st.prune(Instant::now());
-        st.sent.len() as u32
+        st.prune(Instant::now(), self.keep());
+        (st.sent.len() + st.in_flight) as u32
     }
 
     /// Counts one response (or [`NO_RESPONSE`]) for an endpoint template such as
@@ -612,12 +706,12 @@ impl Budget {
     pub(crate) fn stats(&self) -> BudgetStats {
         let now = Instant::now();
         let mut st = self.state.lock();
-        st.prune(now);
+        st.prune(now, self.keep());
         BudgetStats {
             limit: self.limit,
             export_limit: self.export_limit,
-            used_last_minute: st.sent.len() as u32,
-            export_used_last_minute: st.export_sent.len() as u32,
+            used_last_minute: (st.sent.len() + st.in_flight) as u32,
+            export_used_last_minute: (st.export_sent.len() + st.export_in_flight) as u32,
             total_sent: st.total_sent,
             total_rate_limited: st.total_rate_limited,
             paused_for: st
@@ -748,6 +842,107 @@ mod tests {
         let t0 = Instant::now();
         let stalled = tokio::spawn(send(Duration::from_millis(1500)));
         tokio::time::sleep(Duration::from_millis(600)).await;
+        let mut statuses = Vec::new();
+        for _ in 0..LIMIT {
+            statuses.push(send(Duration::ZERO).await);
+        }
+        statuses.push(stalled.await.unwrap());
+        let last_at = Instant::now() - t0;
+
+        let requests = sim.requests();
+        println!(
+            "arrivals (ms): {:?}; last answered after {last_at:?}",
+            requests
+                .iter()
+                .map(|r| (r.at_ms, r.status))
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(requests.len(), LIMIT as usize + 1);
+        assert!(
+            statuses.iter().all(|&s| s == 200),
+            "the simulator answered {statuses:?}"
+        );
+        // The scenario happened as intended: the stalled request arrived after the three others
+        // and before the last one.
+        assert_eq!(
+            requests.iter().position(|r| r.at_ms >= 1400),
+            Some(LIMIT as usize - 1),
+            "{:?}",
+            requests.iter().map(|r| r.at_ms).collect::<Vec<_>>()
+        );
+        sim.shutdown().await;
+    }
+
+    /// The same hazard on a single replica (SQLite, the local budget with its real 500 ms
+    /// margin): one caller stalls 1.5 s between its permit and its send while another, from
+    /// 1 s on, spends the rest of the budget and then waits for a slot; the simulator counts
+    /// arrivals in the same (3 s) window. Counted from the permit, the waiter went at 3.5 s, into
+    /// a simulator window still holding the stalled request and the three others: a 429. Held
+    /// until the answer, the stalled request keeps its slot until 1.5 s + window + margin, and
+    /// the waiter goes when the three others leave the window (4.5 s).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_local_request_stalled_between_permit_and_send_never_meets_a_429() {
+        const LIMIT: u32 = 4;
+        let window = Duration::from_secs(3);
+        let sim = deskline_sim::start(
+            tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            deskline_sim::SimConfig {
+                requests_per_minute: LIMIT,
+                export_requests_per_minute: LIMIT,
+                rate_window: window,
+                ..deskline_sim::SimConfig::default()
+            },
+            {
+                let mut store = deskline_sim::Store::new();
+                store
+                    .create_user(deskline_sim::NewUser {
+                        name: "Owner".into(),
+                        email: Some(deskline_sim::OWNER_EMAIL.into()),
+                        role: Some(deskline_sim::Role::Admin),
+                        ..deskline_sim::NewUser::default()
+                    })
+                    .unwrap();
+                store
+            },
+        )
+        .await;
+        let budget = Arc::new(Budget::new(LIMIT, LIMIT).with_window(window));
+        let http = reqwest::Client::builder().no_proxy().build().unwrap();
+        // One request as the client sends one: permit, (stall,) send, finish with the answer.
+        let send = |stall: Duration| {
+            let (budget, http) = (budget.clone(), http.clone());
+            let (url, email, token) = (
+                format!("{}/api/v2/users/me.json", sim.url()),
+                format!("{}/token", sim.email()),
+                sim.token().to_owned(),
+            );
+            async move {
+                let permit = budget.acquire(false).await;
+                tokio::time::sleep(stall).await;
+                let status = http
+                    .get(url)
+                    .basic_auth(email, Some(token))
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16();
+                permit.finish(if status == 429 {
+                    Outcome::RateLimited
+                } else {
+                    Outcome::Admitted
+                });
+                status
+            }
+        };
+        let t0 = Instant::now();
+        let stalled = tokio::spawn(send(Duration::from_millis(1500)));
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        assert_eq!(
+            budget.used_last_minute(),
+            1,
+            "the stalled request holds its slot"
+        );
         let mut statuses = Vec::new();
         for _ in 0..LIMIT {
             statuses.push(send(Duration::ZERO).await);

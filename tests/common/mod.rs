@@ -90,6 +90,59 @@ where
     }
 }
 
+/// Where a `deskline serve` child listens, as it announced in `{data_dir}/listening.json`.
+#[derive(Debug, Clone, Copy)]
+pub struct Listening {
+    pub grpc: std::net::SocketAddr,
+    pub metrics: Option<std::net::SocketAddr>,
+    pub webhooks: Option<std::net::SocketAddr>,
+}
+
+/// Removes a previous process's `listening.json` in `data_dir` (before starting another there).
+pub fn forget_listening(data_dir: &std::path::Path) {
+    let _ = std::fs::remove_file(data_dir.join(deskline::app::LISTENING_FILE));
+}
+
+/// Waits until `child` announces its bound addresses in `{data_dir}/listening.json` (written
+/// once every listener is bound, with its pid, so an earlier process's file is never taken for
+/// it). Panics with `log()` when the child exits first or after [`DEADLINE`]. The config may
+/// give port 0 everywhere: no port is picked (and released) by the test, so none can be taken
+/// by another process in between.
+pub async fn wait_listening(
+    child: &mut std::process::Child,
+    data_dir: &std::path::Path,
+    log: impl Fn() -> String,
+) -> Listening {
+    let path = data_dir.join(deskline::app::LISTENING_FILE);
+    let addr = |v: &serde_json::Value, key: &str| -> Option<std::net::SocketAddr> {
+        v.get(key)?.as_str()?.parse().ok()
+    };
+    let started = tokio::time::Instant::now();
+    loop {
+        let announced = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .filter(|v| v.get("pid").and_then(|p| p.as_u64()) == Some(u64::from(child.id())));
+        if let Some(v) = announced {
+            return Listening {
+                grpc: addr(&v, "grpc").expect("listening.json names the gRPC address"),
+                metrics: addr(&v, "metrics"),
+                webhooks: addr(&v, "webhooks"),
+            };
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("deskline exited with {status}:\n{}", log());
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "deskline did not announce its addresses in {}:\n{}",
+            path.display(),
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 pub async fn wait_loaded(service: &Service) {
     tokio::time::timeout(DEADLINE, service.wait_loaded())
         .await

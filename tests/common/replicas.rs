@@ -18,7 +18,7 @@ use deskline::proto::{
 use deskline_sim::{NewUser, Role, SimHandle, Store};
 use tonic::transport::Channel;
 
-use super::{DEADLINE, client, config_text, store_with_owner};
+use super::{DEADLINE, client, config_text, forget_listening, store_with_owner, wait_listening};
 
 /// One `deskline serve` child; SIGKILLed and reaped when dropped.
 pub struct Replica {
@@ -61,26 +61,21 @@ impl Replica {
         env: &[(&str, &str)],
         toml: &str,
     ) -> Replica {
-        let addr = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
-        let metrics = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
+        // Port 0: the child binds free ports itself and announces them (see `wait_listening`).
         let dir = dir.join(name);
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join("deskline.toml");
         // These tests are about the sync, the log and the shared snapshot: a full warm-up first
         // (the bootstrap with replicas has its own tests, which set `DESKLINE_INDEX__BOOTSTRAP`).
         let extra = format!(
-            "postgres_url = \"{postgres_url}\"\n[server]\nlisten = \"{addr}\"\nmetrics_listen = \"{metrics}\"\n[index]\npoll_seconds = 3600\nbootstrap = false\n\
+            "postgres_url = \"{postgres_url}\"\n[server]\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n[index]\npoll_seconds = 3600\nbootstrap = false\n\
              [sync]\nlease_seconds = 2\nsenior_manager = \"Olena Petrenko\"\n{toml}"
         );
-        std::fs::write(&config, config_text(sim, &dir.join("data"), &extra)).unwrap();
+        let data_dir = dir.join("data");
+        std::fs::write(&config, config_text(sim, &data_dir, &extra)).unwrap();
+        forget_listening(&data_dir);
         let log = dir.join("deskline.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_deskline"))
+        let mut child = Command::new(env!("CARGO_BIN_EXE_deskline"))
             .arg("serve")
             .arg("--config")
             .arg(&config)
@@ -91,10 +86,12 @@ impl Replica {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("cannot start deskline serve");
+        let listening = wait_listening(&mut child, &data_dir, || tail(&log)).await;
+        let addr = listening.grpc;
         let mut r = Replica {
             child,
             addr,
-            metrics,
+            metrics: listening.metrics.expect("server.metrics_listen is set"),
             log,
         };
         let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap();
@@ -171,13 +168,18 @@ impl Replica {
     }
 
     pub fn log_text(&self) -> String {
-        let mut s = String::new();
-        if let Ok(mut f) = std::fs::File::open(&self.log) {
-            let _ = f.read_to_string(&mut s);
-        }
-        let tail: Vec<&str> = s.lines().rev().take(30).collect();
-        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        tail(&self.log)
     }
+}
+
+/// The last 30 lines of the log at `path`.
+fn tail(path: &Path) -> String {
+    let mut s = String::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        let _ = f.read_to_string(&mut s);
+    }
+    let tail: Vec<&str> = s.lines().rev().take(30).collect();
+    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
 }
 
 pub fn account() -> Store {
