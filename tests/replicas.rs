@@ -30,6 +30,13 @@ use deskline_sim::{Faults, NewUser, SimHandle};
 use rand::Rng;
 use tonic::transport::Channel;
 
+/// Tests that load the 2 cores for a minute or more run one at a time: the budget test counts
+/// requests against a tight window, and on an overloaded host a replica whose budget reservation
+/// times out falls back to its local share (README, Known limits), which the bootstrap tests'
+/// three processes and oracle warm-ups beside it made likely.
+static HEAVY: std::sync::LazyLock<tokio::sync::Mutex<()>> =
+    std::sync::LazyLock::new(|| tokio::sync::Mutex::new(()));
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_sync_200_reports_of_50_new_numbers_once() {
     let Some(schema) = TestSchema::new().await else {
@@ -259,6 +266,7 @@ async fn postgres_unreachable_mid_load_spools_and_forwards_without_loss_or_dupli
 /// the shared budget uses too), meet no 429, and use at least 90 % of it while the backlog lasts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_share_one_account_budget() {
+    let _heavy = HEAVY.lock().await;
     const LIMIT: usize = 40;
     const WINDOW_MS: u64 = 60_000;
     let Some(schema) = TestSchema::new().await else {
@@ -303,7 +311,20 @@ async fn three_replicas_share_one_account_budget() {
 
     let requests = sim.requests();
     let limited = requests.iter().filter(|r| r.status == 429).count();
-    assert_eq!(limited, 0, "the simulator answered 429 {limited} times");
+    let fell_back: Vec<usize> = [&a, &b, &c]
+        .iter()
+        .map(|r| r.log_count("shared Zendesk budget unreachable"))
+        .collect();
+    assert_eq!(
+        limited,
+        0,
+        "the simulator answered 429 {limited} times (replicas on their local share: {fell_back:?}): {:?}",
+        requests
+            .iter()
+            .filter(|r| r.status == 429)
+            .map(|r| (r.at_ms, &r.path))
+            .collect::<Vec<_>>()
+    );
     let times: Vec<u64> = requests.iter().map(|r| r.at_ms).collect();
     let busiest = times
         .iter()
@@ -1210,6 +1231,7 @@ async fn three_bootstrapping_replicas(
 /// as the full warm-up does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_first_start_of_replicas_bootstraps_once_and_every_replica_answers_while_warming() {
+    let _heavy = HEAVY.lock().await;
     let Some(schema) = TestSchema::new().await else {
         return;
     };
@@ -1279,6 +1301,7 @@ async fn a_first_start_of_replicas_bootstraps_once_and_every_replica_answers_whi
 /// included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_of_the_follower_mid_bootstrap_hands_the_bootstrap_to_the_next_holder() {
+    let _heavy = HEAVY.lock().await;
     let Some(schema) = TestSchema::new().await else {
         return;
     };

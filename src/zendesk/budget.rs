@@ -193,6 +193,22 @@ struct Shared {
     export_turn: tokio::sync::Mutex<()>,
 }
 
+/// How long a shared reservation that gets no answer (PostgreSQL slow, or this host overloaded: the
+/// operation timed out, or no pooled connection came free) is asked again before the fallback.
+/// PostgreSQL still coordinates the other replicas then, so this replica's local share would come
+/// on top of their shared use and could meet a 429. A refused connection falls back at once.
+pub(crate) const SLOW_PATIENCE: Duration = Duration::from_secs(30);
+
+/// A reservation error that means "slow", not "down" (see [`SLOW_PATIENCE`]).
+fn is_slow(e: &crate::cluster::ClusterError) -> bool {
+    matches!(
+        e,
+        crate::cluster::ClusterError::Pool(deadpool_postgres::PoolError::Timeout(
+            deadpool_postgres::TimeoutType::Wait
+        ))
+    )
+}
+
 impl Shared {
     /// A grant from PostgreSQL, or `None` when it is unreachable (then marked down for a while).
     async fn reserve(&self, export: bool) -> Option<Grant> {
@@ -209,7 +225,9 @@ impl Shared {
         } else {
             self.turn.lock().await
         };
+        let asked = Instant::now();
         loop {
+            let patient = asked.elapsed() < SLOW_PATIENCE;
             let failed = match tokio::time::timeout(
                 crate::pg::OP_TIMEOUT,
                 self.budget.reserve(kind),
@@ -226,8 +244,15 @@ impl Shared {
                     tokio::time::sleep(d).await;
                     continue;
                 }
+                Ok(Err(e)) if patient && is_slow(&e) => continue,
                 Ok(Err(e)) => format!("{e}"),
-                Err(_) => "no answer in time".to_owned(),
+                Err(_) if patient => {
+                    tracing::debug!(
+                        "the shared budget's reservation got no answer yet; asking again"
+                    );
+                    continue;
+                }
+                Err(_) => format!("no answer within {} s", SLOW_PATIENCE.as_secs()),
             };
             let until = Instant::now() + SHARED_RETRY;
             let was_up = self.down_until.lock().replace(until).is_none();
@@ -767,6 +792,45 @@ mod tests {
             );
             assert_eq!(budget.stats().total_sent, allowed);
         }
+    }
+
+    /// PostgreSQL slow, not down (here: the budget's lock held by another session for longer than
+    /// an operation timeout): the reservation is asked again and granted once it answers, with no
+    /// fallback to the local share, which would come on top of the other replicas' shared use.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_shared_budget_is_waited_for_not_replaced_by_the_local_share() {
+        let Some(db) = crate::cluster::testing::migrated().await else {
+            return;
+        };
+        let budget = Budget::new(30, 9);
+        budget.share(
+            SharedBudget::new(
+                db.pool_of(2),
+                crate::cluster::SharedBudgetConfig::new("acct", "r", 30, 9),
+            ),
+            3,
+        );
+        let holder_pool = db.pool_of(1);
+        let (locked_tx, locked) = tokio::sync::oneshot::channel();
+        let holder = tokio::spawn(async move {
+            let mut c = holder_pool.get().await.unwrap();
+            let tx = c.transaction().await.unwrap();
+            crate::cluster::advisory_xact_lock(&tx, "budget:acct:account")
+                .await
+                .unwrap();
+            locked_tx.send(()).unwrap();
+            tokio::time::sleep(crate::pg::OP_TIMEOUT + Duration::from_secs(2)).await;
+            tx.commit().await.unwrap();
+        });
+        locked.await.unwrap();
+        let started = Instant::now();
+        budget.acquire(false).await.finish(Outcome::Admitted);
+        assert!(
+            started.elapsed() > crate::pg::OP_TIMEOUT,
+            "the lock was held"
+        );
+        assert!(budget.is_shared(), "fell back to the local share");
+        holder.await.unwrap();
     }
 
     /// The hazard behind a 429 seen once with three replicas on a loaded machine: a request
