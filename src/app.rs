@@ -637,7 +637,7 @@ impl Service {
                 queue,
                 worker: worker_handle,
                 writer: writer.clone(),
-                shared_writer: replica.is_some().then(|| shared_writer.clone()),
+                shared_calls: replica.is_some().then(|| shared_writer.batched()),
             }),
             metrics: metrics.clone(),
         });

@@ -149,9 +149,10 @@ pub struct SyncApi {
     /// An accepted report's call becomes its customers' last call (rule 7) through this, at once
     /// on this replica.
     pub writer: crate::index::IndexWriter,
-    /// With replicas: the writer through the shared change log, so the other replicas learn the
-    /// call too (in the background: `ReportCall` does not wait on the log).
-    pub shared_writer: Option<crate::index::IndexWriter>,
+    /// With replicas: the shared change log, so the other replicas learn the call too, batched
+    /// in the background ([`crate::index::IndexWriter::batched`]: `ReportCall` does not wait on
+    /// the log, and a burst of reports costs one append).
+    pub shared_calls: Option<tokio::sync::mpsc::Sender<crate::index::Change>>,
 }
 
 #[derive(Clone)]
@@ -318,13 +319,14 @@ impl ResolverService {
             // Rule 7's last call counts from the moment the report is accepted, not when Zendesk
             // has it (a sync can wait minutes on the budget). A first report only: the first wins.
             if let Some(change) = report.call_taken() {
-                if let (Some(shared), Some(again)) = (&sync.shared_writer, report.call_taken()) {
-                    let shared = shared.clone();
-                    tokio::spawn(async move {
-                        // Failing here only leaves the other replicas to learn the call when
-                        // its sync writes it (the worker records it through the log too).
-                        let _ = shared.apply(again).await;
-                    });
+                if let (Some(shared), Some(again)) = (&sync.shared_calls, report.call_taken()) {
+                    // Batched with the other reports' into one change-log append. Refused (a
+                    // burst beyond the queue) or failing, it only leaves the other replicas to
+                    // learn the call when its sync writes it (the worker records it through the
+                    // log too).
+                    if shared.try_send(again).is_err() {
+                        tracing::debug!(call_id = %report.call_id, "last-call record not shared: the queue is full");
+                    }
                 }
                 if sync.writer.apply(change).await.is_err() {
                     // The report is stored and will sync; only the routing memory missed it.

@@ -25,6 +25,10 @@ use crate::{
 const PIECE: usize = 128;
 /// Messages the channel holds before senders wait (backpressure on a warm-up, never a lock).
 const QUEUE: usize = 64;
+/// Changes applied as one message by [`IndexWriter::batched`].
+const BATCH: usize = 512;
+/// Changes waiting in [`IndexWriter::batched`]'s channel before it refuses more.
+pub(crate) const BATCHED_QUEUE: usize = 8192;
 
 /// One change to the index. Every source of changes (the exports, the sync worker's writes, and
 /// next webhooks and other replicas' change logs) speaks this, so they all go through one writer.
@@ -311,6 +315,26 @@ impl IndexWriter {
         done.await.map_err(|_| WriterStopped)
     }
 
+    /// A sender whose changes are applied through this handle in batches, in the order sent: a
+    /// background task takes every change waiting (up to [`BATCH`]) and applies them as one
+    /// message, so with a publisher a burst costs one append to the shared log, not one each.
+    /// For changes nobody waits on (`ReportCall`'s last-call record); a full channel
+    /// ([`BATCHED_QUEUE`]) refuses the change (`try_send`), the caller's fallback decides. The task
+    /// ends when every sender is dropped.
+    pub(crate) fn batched(&self) -> mpsc::Sender<Change> {
+        let (tx, mut rx) = mpsc::channel::<Change>(BATCHED_QUEUE);
+        let writer = self.clone();
+        tokio::spawn(async move {
+            let mut batch = Vec::new();
+            while rx.recv_many(&mut batch, BATCH).await > 0 {
+                if writer.apply_all(std::mem::take(&mut batch)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        tx
+    }
+
     /// Saves a snapshot to `path` (atomically, see [`snapshot::save`]): the writer takes a frozen
     /// view between two changes (an `Arc` clone per chunk of records, see [`super::store`]) and a
     /// separate thread encodes and writes it while the writer goes on. Saves run one at a time.
@@ -562,5 +586,43 @@ mod tests {
         assert!(w.index().read().customer(1).is_none());
         let back = snapshot::load(&path).unwrap().unwrap();
         assert_eq!(back.counts().customers, 1001, "saved before the delete");
+    }
+
+    /// A publisher that takes 50 ms per append and applies nothing itself (as if the log were
+    /// unreachable, so the writer applies each batch here), counting its appends.
+    struct SlowLog(std::sync::atomic::AtomicUsize);
+
+    impl Publish for SlowLog {
+        fn publish(
+            &self,
+            _payload: Vec<u8>,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Published> + Send + '_>> {
+            Box::pin(async move {
+                self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                Published::Unavailable
+            })
+        }
+    }
+
+    /// A burst sent to a batched writer costs a few appends, not one a change, and every change
+    /// is applied.
+    #[tokio::test]
+    async fn a_batched_burst_is_published_in_a_few_appends() {
+        let log = Arc::new(SlowLog(Default::default()));
+        let w = IndexWriter::spawn(Index::new());
+        let batched = w.with_publisher(log.clone()).batched();
+        for id in 1..=200 {
+            batched
+                .try_send(Change::IdentitiesPending(vec![id]))
+                .unwrap();
+        }
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while w.index().read().pending_identities_len() < 200 {
+            assert!(tokio::time::Instant::now() < deadline, "not all applied");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let appends = log.0.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(appends <= 3, "{appends} appends for 200 changes");
     }
 }
