@@ -794,6 +794,65 @@ mod tests {
         }
     }
 
+    /// A simulator counting arrivals against `limit` requests per `window`, with its owner.
+    async fn limited_sim(limit: u32, window: Duration) -> deskline_sim::SimHandle {
+        deskline_sim::start(
+            tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            deskline_sim::SimConfig {
+                requests_per_minute: limit,
+                export_requests_per_minute: limit,
+                rate_window: window,
+                ..deskline_sim::SimConfig::default()
+            },
+            {
+                let mut store = deskline_sim::Store::new();
+                store
+                    .create_user(deskline_sim::NewUser {
+                        name: "Owner".into(),
+                        email: Some(deskline_sim::OWNER_EMAIL.into()),
+                        role: Some(deskline_sim::Role::Admin),
+                        ..deskline_sim::NewUser::default()
+                    })
+                    .unwrap();
+                store
+            },
+        )
+        .await
+    }
+
+    /// One request as the client sends one: permit, `stall`, send, finish with the answer; returns
+    /// the status.
+    fn send_stalled(
+        budget: Arc<Budget>,
+        http: reqwest::Client,
+        sim: &deskline_sim::SimHandle,
+        stall: Duration,
+    ) -> impl std::future::Future<Output = u16> + Send + 'static {
+        let (url, email, token) = (
+            format!("{}/api/v2/users/me.json", sim.url()),
+            format!("{}/token", sim.email()),
+            sim.token().to_owned(),
+        );
+        async move {
+            let permit = budget.acquire(false).await;
+            tokio::time::sleep(stall).await;
+            let status = http
+                .get(url)
+                .basic_auth(email, Some(token))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16();
+            permit.finish(if status == 429 {
+                Outcome::RateLimited
+            } else {
+                Outcome::Admitted
+            });
+            status
+        }
+    }
+
     /// PostgreSQL slow, not down (here: the budget's lock held by another session for longer than
     /// an operation timeout): the reservation is asked again and granted once it answers, with no
     /// fallback to the local share, which would come on top of the other replicas' shared use.
@@ -848,61 +907,14 @@ mod tests {
         };
         const LIMIT: u32 = 4;
         let window = Duration::from_secs(3);
-        let sim = deskline_sim::start(
-            tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-            deskline_sim::SimConfig {
-                requests_per_minute: LIMIT,
-                export_requests_per_minute: LIMIT,
-                rate_window: window,
-                ..deskline_sim::SimConfig::default()
-            },
-            {
-                let mut store = deskline_sim::Store::new();
-                store
-                    .create_user(deskline_sim::NewUser {
-                        name: "Owner".into(),
-                        email: Some(deskline_sim::OWNER_EMAIL.into()),
-                        role: Some(deskline_sim::Role::Admin),
-                        ..deskline_sim::NewUser::default()
-                    })
-                    .unwrap();
-                store
-            },
-        )
-        .await;
+        let sim = limited_sim(LIMIT, window).await;
         let budget = Arc::new(Budget::new(LIMIT, LIMIT));
         let mut cfg = crate::cluster::SharedBudgetConfig::new("acct", "r", LIMIT, LIMIT);
         cfg.window = window;
         cfg.margin = Duration::from_millis(200);
         budget.share(SharedBudget::new(db.pool_of(2), cfg), 3);
         let http = reqwest::Client::builder().no_proxy().build().unwrap();
-        // One request as the client sends one: permit, (stall,) send, finish with the answer.
-        let send = |stall: Duration| {
-            let (budget, http) = (budget.clone(), http.clone());
-            let (url, email, token) = (
-                format!("{}/api/v2/users/me.json", sim.url()),
-                format!("{}/token", sim.email()),
-                sim.token().to_owned(),
-            );
-            async move {
-                let permit = budget.acquire(false).await;
-                tokio::time::sleep(stall).await;
-                let status = http
-                    .get(url)
-                    .basic_auth(email, Some(token))
-                    .send()
-                    .await
-                    .unwrap()
-                    .status()
-                    .as_u16();
-                permit.finish(if status == 429 {
-                    Outcome::RateLimited
-                } else {
-                    Outcome::Admitted
-                });
-                status
-            }
-        };
+        let send = |stall: Duration| send_stalled(budget.clone(), http.clone(), &sim, stall);
         let t0 = Instant::now();
         let stalled = tokio::spawn(send(Duration::from_millis(1500)));
         tokio::time::sleep(Duration::from_millis(600)).await;
@@ -948,57 +960,10 @@ mod tests {
     async fn a_local_request_stalled_between_permit_and_send_never_meets_a_429() {
         const LIMIT: u32 = 4;
         let window = Duration::from_secs(3);
-        let sim = deskline_sim::start(
-            tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-            deskline_sim::SimConfig {
-                requests_per_minute: LIMIT,
-                export_requests_per_minute: LIMIT,
-                rate_window: window,
-                ..deskline_sim::SimConfig::default()
-            },
-            {
-                let mut store = deskline_sim::Store::new();
-                store
-                    .create_user(deskline_sim::NewUser {
-                        name: "Owner".into(),
-                        email: Some(deskline_sim::OWNER_EMAIL.into()),
-                        role: Some(deskline_sim::Role::Admin),
-                        ..deskline_sim::NewUser::default()
-                    })
-                    .unwrap();
-                store
-            },
-        )
-        .await;
+        let sim = limited_sim(LIMIT, window).await;
         let budget = Arc::new(Budget::new(LIMIT, LIMIT).with_window(window));
         let http = reqwest::Client::builder().no_proxy().build().unwrap();
-        // One request as the client sends one: permit, (stall,) send, finish with the answer.
-        let send = |stall: Duration| {
-            let (budget, http) = (budget.clone(), http.clone());
-            let (url, email, token) = (
-                format!("{}/api/v2/users/me.json", sim.url()),
-                format!("{}/token", sim.email()),
-                sim.token().to_owned(),
-            );
-            async move {
-                let permit = budget.acquire(false).await;
-                tokio::time::sleep(stall).await;
-                let status = http
-                    .get(url)
-                    .basic_auth(email, Some(token))
-                    .send()
-                    .await
-                    .unwrap()
-                    .status()
-                    .as_u16();
-                permit.finish(if status == 429 {
-                    Outcome::RateLimited
-                } else {
-                    Outcome::Admitted
-                });
-                status
-            }
-        };
+        let send = |stall: Duration| send_stalled(budget.clone(), http.clone(), &sim, stall);
         let t0 = Instant::now();
         let stalled = tokio::spawn(send(Duration::from_millis(1500)));
         tokio::time::sleep(Duration::from_millis(1000)).await;
