@@ -14,6 +14,16 @@
 //!
 //! Run: `cargo bench --bench bootstrap` (N defaults to 50000; `DESKLINE_BENCH_N=…`). A run at
 //! 50k takes about ten minutes: today's warm-up (10 export requests a minute).
+//!
+//! **Faster clock.** `DESKLINE_BENCH_TIME_SCALE=K` divides every time limit by K on both sides:
+//! the simulator's rate window, one-minute rule, search indexing delay and cursor lifetime, and
+//! Deskline's rate window (`zendesk.rate_window_ms`) and poll interval (60 must divide by K). The
+//! request limits stay per window, so every burst has the real shape, and times are printed
+//! multiplied by K (real-limit equivalents). What does not scale is CPU: parsing and applying a
+//! page takes the same time in a window K times shorter, so scaled runs come out somewhat slower
+//! than real ones (at 50k, K = 10 vs K = 1: the same requests by kind, READY about a quarter
+//! later). Scaling the limits × K over a real minute instead would let K times larger bursts
+//! through and give wrong times.
 
 use std::{
     io::Write,
@@ -38,22 +48,60 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn write_config(dir: &Path, sim: &SimHandle, port: u16, bootstrap: bool) -> std::path::PathBuf {
+fn write_config(
+    dir: &Path,
+    sim: &SimHandle,
+    port: u16,
+    bootstrap: bool,
+    scale: u32,
+) -> std::path::PathBuf {
     let path = dir.join("deskline.toml");
     let mut f = std::fs::File::create(&path).unwrap();
-    // Deskline's defaults otherwise: requests_per_minute 200, the export limit, poll every 60 s.
+    // Deskline's defaults otherwise: requests_per_minute 200, the export limit, poll every 60 s
+    // (both windows divided by the time scale).
     write!(
         f,
         "[server]\nlisten = \"127.0.0.1:{port}\"\n\
-         [zendesk]\nurl = \"{}\"\nemail = \"{}\"\ntoken = \"{}\"\n\
-         [storage]\ndata_dir = \"{}\"\n[index]\nbootstrap = {bootstrap}\n",
+         [zendesk]\nurl = \"{}\"\nemail = \"{}\"\ntoken = \"{}\"\nrate_window_ms = {}\n\
+         [storage]\ndata_dir = \"{}\"\n[index]\nbootstrap = {bootstrap}\npoll_seconds = {}\n",
         sim.url(),
         sim.email(),
         sim.token(),
-        dir.join("data").display()
+        60_000 / scale,
+        dir.join("data").display(),
+        60 / scale,
     )
     .unwrap();
     path
+}
+
+/// The simulator's default (real) limits with every time limit divided by `scale`.
+fn scaled(scale: u32) -> SimConfig {
+    let d = SimConfig::default();
+    SimConfig {
+        rate_window: d.rate_window / scale,
+        one_minute_rule: d.one_minute_rule / scale,
+        search_delay: d.search_delay / scale,
+        search_cursor_ttl: d.search_cursor_ttl / scale,
+        ..d
+    }
+}
+
+/// CPU seconds (user + system) a child process has used so far, from `/proc/{pid}/stat`.
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return f64::NAN;
+    };
+    // Fields after the command name (which may hold spaces) start at ") ".
+    let rest = &stat[stat.rfind(')').map_or(0, |i| i + 2)..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        f.get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    // utime and stime are fields 14 and 15 of stat, 11 and 12 after the state field; 100 Hz.
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 fn spawn_serve(config: &Path) -> Child {
@@ -62,12 +110,34 @@ fn spawn_serve(config: &Path) -> Child {
         .arg(config)
         .env(
             "RUST_LOG",
-            std::env::var("DESKLINE_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+            std::env::var("DESKLINE_BENCH_LOG")
+                .unwrap_or_else(|_| "warn,deskline::follow::bootstrap=info".into()),
         )
+        .env("NO_COLOR", "1")
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("start deskline serve")
+}
+
+/// Forwards a child's log to ours and notes when the bootstrap logged that every end-user's
+/// primary phone is in the index (applied, not only served by the simulator).
+fn watch_log(child: &mut Child, started: Instant) -> std::sync::mpsc::Receiver<Duration> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("every end-user's primary phone loaded") {
+                let _ = tx.send(started.elapsed());
+            }
+            eprintln!("{line}");
+        }
+    });
+    rx
 }
 
 fn stop(mut child: Child) {
@@ -121,8 +191,13 @@ struct Spent {
 
 impl Spent {
     fn of(sim: &SimHandle) -> Self {
+        Self::until(sim, u64::MAX)
+    }
+
+    /// The requests the simulator received up to `at_ms` of its clock.
+    fn until(sim: &SimHandle, at_ms: u64) -> Self {
         let mut s = Spent::default();
-        for r in sim.requests() {
+        for r in sim.requests().into_iter().filter(|r| r.at_ms <= at_ms) {
             if r.status == 429 {
                 s.refused_429 += 1;
             }
@@ -164,6 +239,14 @@ async fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(50_000);
+    let scale: u32 = std::env::var("DESKLINE_BENCH_TIME_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    assert!(
+        scale >= 1 && 60 % scale == 0,
+        "DESKLINE_BENCH_TIME_SCALE must divide 60"
+    );
     let store = sim::generate_with_open(
         &GenConfig {
             users: n,
@@ -189,26 +272,29 @@ async fn main() {
     // by its simulator's limits, not by CPU) and neither spends the other's rate limits.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let store2 = store.clone();
-    let sim = sim::start(listener, SimConfig::default(), store).await;
+    // Before the simulator's clock starts: an instant's `at_ms` on it is at most this far on.
+    let sim_clock = Instant::now();
+    let sim = sim::start(listener, scaled(scale), store).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let sim2 = sim::start(listener, SimConfig::default(), store2).await;
-    eprintln!("account: {n} users, {n} tickets, {open} open");
-    let deadline = Duration::from_secs(3600);
+    let sim2 = sim::start(listener, scaled(scale), store2).await;
+    eprintln!("account: {n} users, {n} tickets, {open} open; time scale {scale}");
+    let deadline = Duration::from_secs(4 * 3600);
 
     // 2. Today's full warm-up, on the second simulator, at the same time.
     let today = async {
         let dir2 = tempfile::tempdir().unwrap();
         let port2 = free_port();
         let started = Instant::now();
-        let child = spawn_serve(&write_config(dir2.path(), &sim2, port2, false));
+        let child = spawn_serve(&write_config(dir2.path(), &sim2, port2, false, scale));
         while !serving(port2).await {
             assert!(started.elapsed() < deadline, "today's warm-up not SERVING");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let t = started.elapsed();
         let spent = Spent::of(&sim2);
+        let cpu = cpu_seconds(child.id());
         stop(child);
-        (t, spent)
+        (t, spent, cpu)
     };
 
     // 1. The bootstrap.
@@ -216,31 +302,31 @@ async fn main() {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let started = Instant::now();
-        let child = spawn_serve(&write_config(dir.path(), &sim, port, true));
+        let mut child = spawn_serve(&write_config(dir.path(), &sim, port, true, scale));
+        let phones_logged = watch_log(&mut child, started);
         while !serving(port).await {
             assert!(started.elapsed() < deadline, "not SERVING");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let t_serving = started.elapsed();
         let spent_serving = Spent::of(&sim);
-        // Every primary phone: the end-user search export has read its last page.
-        let end_user_pages = n.div_ceil(1000);
+        // Every primary phone: the bootstrap logs it once the last end-user page is applied.
         let mut t_phones = None;
         let mut spent_phones = Spent::default();
         while !ready(port).await {
             assert!(started.elapsed() < deadline, "not READY");
             if t_phones.is_none() {
-                let s = Spent::of(&sim);
-                // agents (2 queries) + open tickets + every end-user page
-                if s.search_export >= 2 + open.div_ceil(1000) + end_user_pages {
-                    t_phones = Some(started.elapsed());
-                    spent_phones = s;
+                if let Ok(t) = phones_logged.try_recv() {
+                    t_phones = Some(t);
+                    let at = (started + t).duration_since(sim_clock).as_millis() as u64;
+                    spent_phones = Spent::until(&sim, at);
                 }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let t_ready = started.elapsed();
         let spent_ready = Spent::of(&sim);
+        let cpu = cpu_seconds(child.id());
         stop(child);
         (
             t_serving,
@@ -249,19 +335,43 @@ async fn main() {
             spent_phones,
             t_ready,
             spent_ready,
+            cpu,
         )
     };
     let (
-        (t_serving, spent_serving, t_phones, spent_phones, t_ready, spent_ready),
-        (t_full, spent_full),
+        (t_serving, spent_serving, t_phones, spent_phones, t_ready, spent_ready, cpu),
+        (t_full, spent_full, cpu_full),
     ) = tokio::join!(bootstrap, today);
 
     let t_phones = t_phones.unwrap_or(t_ready);
-    println!("first start, {n} users / {n} tickets (5 % open), real limits, default budget:");
-    println!("  bootstrap: SERVING (WARMING) after {t_serving:.1?}: {spent_serving}");
-    println!("  bootstrap: every primary phone after {t_phones:.1?}: {spent_phones}");
-    println!("  bootstrap: READY after {t_ready:.1?}: {spent_ready}");
-    println!("  today:     SERVING (READY) after {t_full:.1?}: {spent_full}");
+    // Real-limit equivalents: every time limit was divided by `scale`.
+    let real = |t: Duration| {
+        let s = (t * scale).as_secs_f64();
+        if s < 120.0 {
+            format!("{s:.1} s")
+        } else {
+            format!("{:.1} min", s / 60.0)
+        }
+    };
+    println!(
+        "first start, {n} users / {n} tickets (5 % open), real limits, default budget, time scale {scale} (times below x{scale}):"
+    );
+    println!(
+        "  bootstrap: SERVING (WARMING) after {}: {spent_serving}",
+        real(t_serving)
+    );
+    println!(
+        "  bootstrap: every primary phone after {}: {spent_phones}",
+        real(t_phones)
+    );
+    println!(
+        "  bootstrap: READY after {}: {spent_ready}; {cpu:.1} s CPU",
+        real(t_ready)
+    );
+    println!(
+        "  today:     SERVING (READY) after {}: {spent_full}; {cpu_full:.1} s CPU",
+        real(t_full)
+    );
     println!(
         "  ratios vs today: routing-ready {:.3}, primary phones {:.3}, READY {:.3}",
         t_serving.as_secs_f64() / t_full.as_secs_f64(),

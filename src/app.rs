@@ -450,6 +450,7 @@ impl Service {
             );
             // A request is answered or given up within the client's timeout; a reservation left
             // unfinished longer is a dead replica's (see `cluster::budget`).
+            (shared.window, shared.margin) = budget.window();
             shared.flight_timeout = shared
                 .flight_timeout
                 .max(2 * Duration::from_secs(config.zendesk.timeout_seconds));
@@ -465,6 +466,8 @@ impl Service {
             snapshot_path.clone(),
         );
         follower_options.bootstrap = config.index.bootstrap;
+        follower_options.search_export_per_minute =
+            config.zendesk.search_export_requests_per_minute;
         let (follower, follower_loaded) = Follower::new(
             client.clone(),
             writer.clone(),

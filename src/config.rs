@@ -174,6 +174,16 @@ pub struct ZendeskConfig {
     /// many replicas together stay within the account's budget (default 3).
     #[serde(default = "default_replicas")]
     pub replicas: u32,
+    /// `zendesk.search_export_requests_per_minute`: the search export's own limit, used by the
+    /// first start's bootstrap (DESIGN §10): 100 at Zendesk (default); lower it to leave room for
+    /// another integration that uses the search export of the same account.
+    #[serde(default = "default_search_export_rpm")]
+    pub search_export_requests_per_minute: u32,
+    /// `zendesk.rate_window_ms`: the window every per-minute limit above counts in: Zendesk's is
+    /// a minute (default 60000). Only for a simulator whose clock runs faster (the bootstrap
+    /// benchmark divides every time limit by the same factor); 1000 to 60000.
+    #[serde(default = "default_rate_window_ms")]
+    pub rate_window_ms: u64,
 }
 
 fn default_rpm() -> u32 {
@@ -187,6 +197,12 @@ fn default_timeout() -> u64 {
 }
 fn default_replicas() -> u32 {
     3
+}
+fn default_search_export_rpm() -> u32 {
+    100
+}
+fn default_rate_window_ms() -> u64 {
+    60_000
 }
 
 /// `[storage]`: where state lives on disk or in PostgreSQL.
@@ -459,6 +475,10 @@ impl Config {
             ),
             ("zendesk.timeout_seconds", self.zendesk.timeout_seconds),
             ("zendesk.replicas", u64::from(self.zendesk.replicas)),
+            (
+                "zendesk.search_export_requests_per_minute",
+                u64::from(self.zendesk.search_export_requests_per_minute),
+            ),
             ("index.poll_seconds", self.index.poll_seconds),
             (
                 "index.follower_lease_seconds",
@@ -482,6 +502,15 @@ impl Config {
             if value == 0 {
                 report(Err(key_err(key, "must be at least 1")));
             }
+        }
+        if !(1_000..=60_000).contains(&self.zendesk.rate_window_ms) {
+            report(Err(key_err(
+                "zendesk.rate_window_ms",
+                format!(
+                    "must be 1000 to 60000 (Zendesk counts per minute: 60000), not {}",
+                    self.zendesk.rate_window_ms
+                ),
+            )));
         }
         report(
             PhoneParser::new(&self.phone.default_region)
@@ -647,6 +676,7 @@ impl Config {
             export_requests_per_minute: self.zendesk.export_requests_per_minute,
             timeout: std::time::Duration::from_secs(self.zendesk.timeout_seconds),
             max_retries: 3,
+            rate_window: std::time::Duration::from_millis(self.zendesk.rate_window_ms),
         })
     }
 

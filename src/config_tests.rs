@@ -158,6 +158,19 @@ fn cases(dir: &Path) -> Vec<Case> {
             assert_eq!(c.zendesk.replicas, 5)
         }),
         case(
+            "zendesk.search_export_requests_per_minute",
+            "50",
+            "50",
+            |c| assert_eq!(c.zendesk.search_export_requests_per_minute, 50),
+        ),
+        case("zendesk.rate_window_ms", "6000", "6000", |c| {
+            assert_eq!(c.zendesk.rate_window_ms, 6000);
+            assert_eq!(
+                c.client_options().unwrap().rate_window,
+                std::time::Duration::from_secs(6)
+            );
+        }),
+        case(
             "storage.data_dir",
             "\"/var/lib/deskline\"",
             "/var/lib/deskline",
@@ -473,6 +486,36 @@ fn several_bad_keys_are_reported_at_once() {
         "{text}"
     );
     assert!(!text.contains("s3cr3t"), "{text}");
+}
+
+/// A rate-limit window Zendesk does not have is refused with the key named; the defaults are
+/// Zendesk's.
+#[test]
+fn the_rate_window_is_a_minute_unless_shortened_within_bounds() {
+    let c = load(MIN, &[]).unwrap();
+    assert_eq!(c.zendesk.rate_window_ms, 60_000);
+    assert_eq!(c.zendesk.search_export_requests_per_minute, 100);
+    for bad in ["999", "60001", "0"] {
+        let err = load(
+            MIN,
+            &[(
+                "DESKLINE_ZENDESK__RATE_WINDOW_MS".to_owned(),
+                bad.to_owned(),
+            )],
+        )
+        .unwrap_err();
+        assert_eq!(err.keys(), ["zendesk.rate_window_ms"], "{bad}: {err}");
+        assert!(err.to_string().contains("must be 1000 to 60000"), "{err}");
+    }
+    let err = load(
+        MIN,
+        &[(
+            "DESKLINE_ZENDESK__SEARCH_EXPORT_REQUESTS_PER_MINUTE".to_owned(),
+            "0".to_owned(),
+        )],
+    )
+    .unwrap_err();
+    assert_eq!(err.keys(), ["zendesk.search_export_requests_per_minute"]);
 }
 
 #[test]

@@ -594,6 +594,7 @@ async fn no_burst_into_a_fresh_429_while_another_client_spends_the_budget() {
         export_requests_per_minute: 100,
         timeout: Duration::from_secs(5),
         max_retries: 20,
+        rate_window: std::time::Duration::from_secs(60),
     })
     .unwrap();
     client.set_backoff_base(Duration::from_millis(5));

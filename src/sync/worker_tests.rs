@@ -139,6 +139,7 @@ async fn harness(
         export_requests_per_minute: 10,
         timeout: Duration::from_secs(5),
         max_retries: 3,
+        rate_window: std::time::Duration::from_secs(60),
     })
     .unwrap();
     client.set_backoff_base(Duration::from_millis(10));
@@ -238,6 +239,7 @@ impl Harness {
             export_requests_per_minute: 10,
             timeout: Duration::from_secs(5),
             max_retries: 3,
+            rate_window: std::time::Duration::from_secs(60),
         })
         .unwrap();
         let worker = Worker::new(
@@ -844,6 +846,7 @@ async fn upgrade_resends_an_old_style_ticket_body_as_stored() {
         export_requests_per_minute: 10,
         timeout: Duration::from_secs(5),
         max_retries: 3,
+        rate_window: std::time::Duration::from_secs(60),
     })
     .unwrap();
     // The old version's first attempt: it reached Zendesk, its answer was lost in the crash.

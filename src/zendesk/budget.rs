@@ -68,6 +68,18 @@ use crate::cluster::{BudgetKind, Grant, Reservation, SharedBudget, SharedBudgetU
 pub(crate) const WINDOW: Duration = Duration::from_secs(60);
 /// Extra time each send stays in the log; see the module docs.
 pub(crate) const SAFETY_MARGIN: Duration = Duration::from_millis(500);
+/// The least margin of a shortened window (`zendesk.rate_window_ms`): the margin covers how far a
+/// request's arrival and its answer's clock reading drift apart, which does not shrink with the
+/// window (50 ms met a 429 against the simulator on a loaded machine).
+const MIN_MARGIN: Duration = Duration::from_millis(250);
+
+/// The margin for a rate-limit window: [`SAFETY_MARGIN`] at Zendesk's 60 s, scaled down with a
+/// shortened window but never below [`MIN_MARGIN`].
+pub(crate) fn margin_for(window: Duration) -> Duration {
+    SAFETY_MARGIN
+        .mul_f64(window.as_secs_f64() / WINDOW.as_secs_f64())
+        .clamp(MIN_MARGIN, SAFETY_MARGIN)
+}
 /// At most this many distinct (endpoint, status) labels are kept; later ones fold into `other`, so a
 /// caller passing an unexpected path cannot grow the metrics without bound.
 const MAX_LABELS: usize = 256;
@@ -302,8 +314,10 @@ pub(crate) struct Budget {
     /// Bumped whenever a probe is answered or a request finishes; the waiters at the head of the
     /// queues watch it.
     changed: tokio::sync::watch::Sender<u64>,
-    /// [`WINDOW`], except in tests that shorten it.
+    /// [`WINDOW`], unless shortened (`zendesk.rate_window_ms`, for a simulator on a faster clock).
     window: Duration,
+    /// [`SAFETY_MARGIN`], or [`margin_for`] a shortened window.
+    margin: Duration,
     /// Set by [`Budget::share`]: requests are reserved in PostgreSQL across replicas.
     shared: std::sync::OnceLock<Box<Shared>>,
 }
@@ -407,20 +421,27 @@ impl Budget {
             export_turn: tokio::sync::Mutex::new(()),
             changed: tokio::sync::watch::channel(0).0,
             window: WINDOW,
+            margin: SAFETY_MARGIN,
             shared: std::sync::OnceLock::new(),
         }
     }
 
-    #[cfg(test)]
-    /// This budget with Zendesk's window shortened to `window` (the margin stays).
+    /// This budget with Zendesk's window shortened to `window` (tests; benches against a
+    /// simulator whose clock runs faster), its margin scaled with it ([`margin_for`]).
     pub(crate) fn with_window(mut self, window: Duration) -> Self {
         self.window = window;
+        self.margin = margin_for(window);
         self
+    }
+
+    /// The rate-limit window and the margin each request is held beyond it.
+    pub(crate) fn window(&self) -> (Duration, Duration) {
+        (self.window, self.margin)
     }
 
     /// How long a finished request stays in the window.
     fn keep(&self) -> Duration {
-        self.window + SAFETY_MARGIN
+        self.window + self.margin
     }
 
     /// A local permit's request is finished: it leaves the window `keep` from now.

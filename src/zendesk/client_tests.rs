@@ -182,6 +182,7 @@ fn options(url: &str) -> ClientOptions {
         export_requests_per_minute: 100,
         timeout: Duration::from_secs(5),
         max_retries: 3,
+        rate_window: std::time::Duration::from_secs(60),
     }
 }
 
