@@ -28,17 +28,17 @@
 //! - A save encodes a [`Frozen`] view: the index as it stood between two changes of the writer,
 //!   taken in an `Arc` clone per chunk of records (see `store`), so the index keeps changing while
 //!   the file is written and the file is still one consistent point in time.
+//! - A save costs the CPU of encoding and writing the bytes and little else: the body is encoded
+//!   into a buffer (customers and tickets by hand, the rest through serde, both exactly postcard)
+//!   that is checksummed and written a megabyte at a time (see `write_content`).
 
 use std::{
     fs::{self, File},
-    io::{self, BufWriter, Write},
+    io::{self, Write},
     path::Path,
 };
 
-use serde::{
-    Deserialize, Serialize,
-    ser::{SerializeSeq, SerializeTuple},
-};
+use serde::{Deserialize, Serialize, ser::SerializeSeq};
 
 use rustc_hash::FxHashMap;
 
@@ -124,20 +124,159 @@ pub(crate) fn save_frozen(index: &Frozen, path: &Path) -> Result<(), SnapshotErr
 }
 
 fn write_file(index: &Frozen, tmp: &Path) -> io::Result<()> {
-    let file = File::create(tmp)?;
-    let mut w = CrcWriter {
-        inner: BufWriter::with_capacity(1 << 20, file),
+    let mut file = File::create(tmp)?;
+    let (len, crc) = write_content(index, &mut file, SPILL_AT)?;
+    file.write_all(&len.to_le_bytes())?;
+    file.write_all(&crc.to_le_bytes())?;
+    file.sync_all()
+}
+
+/// Bytes the encoder gathers before it checksums and writes them, in one piece each.
+const SPILL_AT: usize = 1 << 20;
+
+/// Writes magic, version and body to `out` in pieces of about `spill_at` bytes and returns their
+/// length and crc32 (what the trailer holds).
+///
+/// Why not `postcard::to_io` into a checksumming `BufWriter`, as before: postcard hands its writer
+/// every field (a varint, a string, a flag) in a `write_all` of its own, so the checksum and the
+/// buffered writer ran about seven times per record, on a few bytes each, and at 5M customers that
+/// bookkeeping was most of a save's CPU (see [`Spill`]).
+fn write_content(index: &Frozen, out: &mut impl Write, spill_at: usize) -> io::Result<(u64, u32)> {
+    let mut spill = Spill {
+        buf: Vec::with_capacity(spill_at + 4096),
+        spill_at,
+        out,
         crc: crc32fast::Hasher::new(),
         len: 0,
+        error: None,
     };
-    w.write_all(MAGIC)?;
-    w.write_all(&VERSION.to_le_bytes())?;
-    let mut w = postcard::to_io(&Body(index), w).map_err(io::Error::other)?;
-    let (len, crc) = (w.len, w.crc.clone().finalize());
-    w.inner.write_all(&len.to_le_bytes())?;
-    w.inner.write_all(&crc.to_le_bytes())?;
-    let file = w.inner.into_inner().map_err(|e| e.into_error())?;
-    file.sync_all()
+    spill.buf.extend_from_slice(MAGIC);
+    spill.buf.extend_from_slice(&VERSION.to_le_bytes());
+    let encoded = encode_body(index, &mut spill);
+    if let Some(e) = spill.error.take() {
+        return Err(e);
+    }
+    encoded.map_err(io::Error::other)?;
+    spill.spill()?;
+    Ok((spill.len, spill.crc.finalize()))
+}
+
+/// The body, as postcard encodes [`Body`]: a struct is its fields one after the other, a
+/// sequence its length then its items. The customers and the tickets (nearly all of the bytes) are
+/// encoded here by hand, a record at a time, straight into the buffer; the rest goes through serde.
+/// `content_written_in_pieces_is_the_postcard_body` holds the two to the same bytes.
+fn encode_body<W: Write>(ix: &Frozen, out: &mut Spill<'_, W>) -> postcard::Result<()> {
+    out.varint(ix.customers.len() as u64);
+    for c in ix.customers.iter() {
+        // CustomerRow
+        out.zigzag(c.id);
+        out.str(&c.name);
+        out.varint(c.phone);
+        out.zigzag(c.org);
+        out.zigzag(i64::from(c.updated_at));
+        out.buf.push(u8::from(c.suspended));
+        out.spill_if_full()?;
+    }
+    out.serde(&Rows(&ix.identities, identity_row))?;
+    out.serde(&agent_rows(ix))?;
+    out.varint(ix.tickets.len() as u64);
+    for t in ix.tickets.iter() {
+        // TicketRow
+        out.zigzag(t.id);
+        out.zigzag(t.requester);
+        out.zigzag(t.assignee);
+        out.zigzag(i64::from(t.updated_at));
+        out.str(&t.subject);
+        // A unit variant is its index, a one-byte varint here (the enum's declared order).
+        out.buf.push(t.status as u8);
+        out.spill_if_full()?;
+    }
+    out.serde(&Rows(&ix.orgs, org_row))?;
+    out.serde(&ix.cursors)?;
+    out.serde(&ix.fresh)?;
+    out.serde(&ix.loaded)?;
+    out.serde(&ix.pending)?;
+    out.serde(&Rows(&ix.recent, recent_row))
+}
+
+/// A postcard output that appends to a buffer (a `Vec` push per field, nothing else) and, once the
+/// buffer holds `spill_at` bytes, checksums it in one call (crc32fast's SIMD path wants long
+/// slices) and writes it to `out` in one call.
+struct Spill<'a, W> {
+    buf: Vec<u8>,
+    spill_at: usize,
+    out: &'a mut W,
+    crc: crc32fast::Hasher,
+    len: u64,
+    /// The write that failed (postcard's own error can only say "buffer full").
+    error: Option<io::Error>,
+}
+
+impl<W: Write> Spill<'_, W> {
+    fn spill(&mut self) -> io::Result<()> {
+        self.crc.update(&self.buf);
+        self.len += self.buf.len() as u64;
+        self.out.write_all(&self.buf)?;
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// postcard's varint (LEB128) of an unsigned integer or a length.
+    #[inline]
+    fn varint(&mut self, mut v: u64) {
+        while v >= 0x80 {
+            self.buf.push(v as u8 | 0x80);
+            v >>= 7;
+        }
+        self.buf.push(v as u8);
+    }
+
+    /// postcard's signed integer: zigzag, then varint.
+    #[inline]
+    fn zigzag(&mut self, v: i64) {
+        self.varint(((v << 1) ^ (v >> 63)) as u64);
+    }
+
+    #[inline]
+    fn str(&mut self, s: &str) {
+        self.varint(s.len() as u64);
+        self.buf.extend_from_slice(s.as_bytes());
+    }
+
+    fn serde<T: Serialize + ?Sized>(&mut self, value: &T) -> postcard::Result<()> {
+        postcard::serialize_with_flavor(value, self)
+    }
+
+    #[inline]
+    fn spill_if_full(&mut self) -> postcard::Result<()> {
+        if self.buf.len() < self.spill_at {
+            return Ok(());
+        }
+        self.spill().map_err(|e| {
+            self.error = Some(e);
+            postcard::Error::SerializeBufferFull
+        })
+    }
+}
+
+impl<W: Write> postcard::ser_flavors::Flavor for &mut Spill<'_, W> {
+    type Output = ();
+
+    #[inline]
+    fn try_push(&mut self, byte: u8) -> postcard::Result<()> {
+        self.buf.push(byte);
+        self.spill_if_full()
+    }
+
+    #[inline]
+    fn try_extend(&mut self, bytes: &[u8]) -> postcard::Result<()> {
+        self.buf.extend_from_slice(bytes);
+        self.spill_if_full()
+    }
+
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
+    }
 }
 
 #[cfg(unix)]
@@ -216,24 +355,6 @@ pub fn decode(bytes: &[u8], name: &str) -> Result<Index, SnapshotError> {
     Ok(ix)
 }
 
-struct CrcWriter<W> {
-    inner: W,
-    crc: crc32fast::Hasher,
-    len: u64,
-}
-
-impl<W: Write> Write for CrcWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.crc.update(&buf[..n]);
-        self.len += n as u64;
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
 // ---- body: written straight from the index (no intermediate copy), read into borrowed rows ----
 
 #[derive(Serialize, Deserialize)]
@@ -304,7 +425,9 @@ impl From<RecentRow> for RecentRec {
 }
 
 /// Field order must match [`BodyIn`] (then the pending list, then the recent rows): postcard encodes a struct as the
-/// tuple of its fields.
+/// tuple of its fields. Saves write it with [`encode_body`]; this serde form, the encoder of
+/// versions 1 to 3 as they were first written, stays as the tests' reference.
+#[cfg(test)]
 struct Body<'a>(&'a Frozen);
 
 #[derive(Deserialize)]
@@ -323,23 +446,15 @@ struct BodyIn<'a> {
     loaded: bool,
 }
 
+#[cfg(test)]
 impl Serialize for Body<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeTuple;
         let ix = self.0;
         let mut t = s.serialize_tuple(10)?;
         t.serialize_element(&Rows(&ix.customers, customer_row))?;
         t.serialize_element(&Rows(&ix.identities, identity_row))?;
-        t.serialize_element(&Seq(ix.agents.len(), || {
-            ix.agents
-                .iter()
-                .map(|(&id, a): (&i64, &AgentRec)| AgentRow {
-                    id,
-                    name: &a.name,
-                    email: &a.email,
-                    active: a.active,
-                    suspended: a.suspended,
-                })
-        }))?;
+        t.serialize_element(&agent_rows(ix))?;
         t.serialize_element(&Rows(&ix.tickets, ticket_row))?;
         t.serialize_element(&Rows(&ix.orgs, org_row))?;
         t.serialize_element(&ix.cursors)?;
@@ -351,6 +466,28 @@ impl Serialize for Body<'_> {
     }
 }
 
+fn agent_rows<'a>(ix: &'a Frozen) -> Seq<impl Fn() -> AgentRows<'a>> {
+    Seq(ix.agents.len(), || {
+        ix.agents.iter().map(agent_row as fn(_) -> _)
+    })
+}
+
+type AgentRows<'a> = std::iter::Map<
+    std::collections::hash_map::Iter<'a, i64, AgentRec>,
+    fn((&'a i64, &'a AgentRec)) -> AgentRow<'a>,
+>;
+
+fn agent_row<'a>((&id, a): (&'a i64, &'a AgentRec)) -> AgentRow<'a> {
+    AgentRow {
+        id,
+        name: &a.name,
+        email: &a.email,
+        active: a.active,
+        suspended: a.suspended,
+    }
+}
+
+#[cfg(test)]
 fn customer_row(c: &CustomerRec) -> CustomerRow<'_> {
     CustomerRow {
         id: c.id,
@@ -370,6 +507,7 @@ fn org_row(o: &OrgRec) -> (i64, &str) {
     (o.id, &o.name)
 }
 
+#[cfg(test)]
 fn ticket_row(t: &TicketRec) -> TicketRow<'_> {
     TicketRow {
         id: t.id,
@@ -644,6 +782,90 @@ mod tests {
             "the tickets export is read again"
         );
         assert_eq!(back.cursors().users, old.cursors().users);
+    }
+
+    /// The body written in pieces (here of a few bytes, so every field boundary is crossed by
+    /// some spill) is byte for byte postcard's encoding of the whole body after magic and
+    /// version, as `postcard::to_io` wrote it before: existing snapshots and the new ones are one
+    /// format. The returned length and crc32 are those of all the bytes.
+    #[test]
+    fn content_written_in_pieces_is_the_postcard_body() {
+        let p = PhoneParser::new("UA").unwrap();
+        let mut ix = sample();
+        ix.add_pending_identities(vec![5, 6]);
+        ix.apply_call(p.parse("+380441234567").unwrap(), 2, 1_717_000_000);
+        for i in 0..3000 {
+            ix.apply_user(
+                &User {
+                    id: 1000 + i,
+                    name: Some(format!("Customer {i} {}", "x".repeat(i as usize % 300))),
+                    phone: Some(format!("+38050{:07}", i)),
+                    role: Some("end-user".into()),
+                    ..Default::default()
+                },
+                &p,
+            );
+        }
+        for (i, status) in ["new", "open", "pending", "hold"].into_iter().enumerate() {
+            ix.apply_ticket(&Ticket {
+                id: 500 + i as i64,
+                subject: Some(format!("Ticket {status} ☎")),
+                status: Some(status.into()),
+                requester_id: Some(1000 + i as i64),
+                assignee_id: Some(2),
+                updated_at: Some("2024-05-02T10:00:00Z".into()),
+                ..Default::default()
+            });
+        }
+        ix.apply_user(
+            &User {
+                id: i64::MAX - 1,
+                name: Some("Suspended".into()),
+                phone: Some("+380671234567".into()),
+                role: Some("end-user".into()),
+                suspended: Some(true),
+                organization_id: Some(9),
+                updated_at: Some("2024-05-01T10:00:00Z".into()),
+                ..Default::default()
+            },
+            &p,
+        );
+        let frozen = Frozen::of(&ix);
+        let mut expected = MAGIC.to_vec();
+        expected.extend_from_slice(&VERSION.to_le_bytes());
+        expected.extend(postcard::to_stdvec(&Body(&frozen)).unwrap());
+        for spill_at in [1, 7, 4096, SPILL_AT] {
+            let mut out = Vec::new();
+            let (len, crc) = write_content(&frozen, &mut out, spill_at).unwrap();
+            assert!(out == expected, "spill_at {spill_at}: bytes differ");
+            assert_eq!(len, expected.len() as u64, "spill_at {spill_at}");
+            assert_eq!(crc, crc32fast::hash(&expected), "spill_at {spill_at}");
+        }
+    }
+
+    /// A write that fails mid-body (a full disk) is reported as itself, not as postcard's
+    /// "buffer full", and nothing after it is written.
+    #[test]
+    fn a_failed_write_is_reported_as_itself() {
+        struct FullAfter(usize, usize);
+        impl Write for FullAfter {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                if self.1 + buf.len() > self.0 {
+                    return Err(io::Error::new(io::ErrorKind::StorageFull, "disk full"));
+                }
+                self.1 += buf.len();
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let frozen = Frozen::of(&sample());
+        let mut out = FullAfter(40, 0);
+        let err = write_content(&frozen, &mut out, 16).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::StorageFull, "{err}");
+        assert_eq!(err.to_string(), "disk full");
+        assert!(out.1 <= 40);
     }
 
     #[test]
