@@ -1289,8 +1289,9 @@ async fn a_first_start_of_replicas_bootstraps_once_and_every_replica_answers_whi
         wait_ready(r, &all[0], LONG).await;
     }
     let (_odir, oracle_service, oracle) = oracle(&sim, &all).await;
+    let holders = answers::holders(&sim);
     for (r, w) in replicas.iter().zip(&warming) {
-        let (open, unknown) = answers::check_warming(w, &oracle, |_| false);
+        let (open, unknown) = answers::check_warming(w, &oracle, &holders, |_| false);
         assert!(open > 20, "only {open} open-ticket numbers checked");
         eprintln!(
             "{}: while warming {open} open-ticket callers routed as the oracle, {unknown} unknown",
@@ -1396,8 +1397,9 @@ async fn sigkill_of_the_follower_mid_bootstrap_hands_the_bootstrap_to_the_next_h
             during_agent
         )
     );
+    let holders = answers::holders(&sim);
     for (r, w) in survivors.iter().zip(&warming) {
-        let (open, _) = answers::check_warming(w, &oracle, |n| {
+        let (open, _) = answers::check_warming(w, &oracle, &holders, |n| {
             n.chars().filter(char::is_ascii_digit).collect::<String>() == during_digits
         });
         assert!(open > 20, "only {open} open-ticket numbers checked");

@@ -175,7 +175,8 @@ async fn answers_while_warming_agree_with_a_full_warm_up() {
 
     // During warming: every number with an open ticket routed as the full warm-up says; a number
     // no customer had was "index warming"; nothing contradicted the final index.
-    let (open_checked, warming_unknown) = check_warming(&warming, &oracle, is_touched);
+    let (open_checked, warming_unknown) =
+        check_warming(&warming, &oracle, &holders(&sim), is_touched);
     assert!(
         open_checked > 20,
         "only {open_checked} open-ticket numbers checked"

@@ -2,7 +2,10 @@
 //! the checks of the serve-while-warming tests (DESIGN §10), in one process (`tests/warming.rs`)
 //! and with replicas (`tests/replicas.rs`).
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    time::Duration,
+};
 
 use deskline::proto::{self, Decision, LookupCallerRequest, RouteCallRequest};
 use deskline_sim::{self as sim, GenConfig, NewUser, SimHandle};
@@ -59,6 +62,33 @@ pub fn numbers(sim: &SimHandle) -> Vec<String> {
             }
         }
         out.into_iter().collect()
+    })
+}
+
+/// The end-users holding each number in the account as it is now (their `phone` or a phone
+/// identity), keyed by the E.164 digits the service makes of it (the tests' region, UA).
+pub fn holders(sim: &SimHandle) -> HashMap<u64, BTreeSet<i64>> {
+    let parser = deskline::phone::PhoneParser::new("UA").unwrap();
+    sim.with_store(|s| {
+        let ids: Vec<i64> = s.user_ids().collect();
+        let mut out: HashMap<u64, BTreeSet<i64>> = HashMap::new();
+        for id in ids {
+            let Some(u) = s.user(id) else { continue };
+            if u.role.as_deref().is_some_and(|r| r != "end-user") {
+                continue;
+            }
+            let identities = s
+                .identities(id)
+                .into_iter()
+                .filter(|i| i.kind.as_deref() == Some("phone_number"))
+                .filter_map(|i| i.value);
+            for raw in u.phone.clone().into_iter().chain(identities) {
+                if let Some(e) = parser.parse_stored(&raw) {
+                    out.entry(e.digits()).or_default().insert(id);
+                }
+            }
+        }
+        out
     })
 }
 
@@ -253,11 +283,24 @@ pub async fn wait_agrees(
 /// ticket routed exactly as the full warm-up says, an unknown one "index warming", a known one
 /// without an open ticket the same customer and decision. Numbers for which `skip` is true
 /// (changed during the test) are left out. Returns (open-ticket numbers checked, unknown ones).
+///
+/// A number several customers share may be answered while warming with one of them that is not
+/// the final answer's (the final one, say the most recently updated, may be one whose phone
+/// identity is still waiting to be fetched): that is incomplete, not contradictory, as long as the
+/// customer named holds the number in the final account too (`holders`, from [`holders`]).
 pub fn check_warming(
     warming: &Answers,
     oracle: &Answers,
+    holders: &HashMap<u64, BTreeSet<i64>>,
     skip: impl Fn(&str) -> bool,
 ) -> (usize, usize) {
+    let parser = deskline::phone::PhoneParser::new("UA").unwrap();
+    let holds = |n: &str, customer: i64| {
+        parser
+            .parse_stored(n)
+            .and_then(|e| holders.get(&e.digits()))
+            .is_some_and(|ids| ids.contains(&customer))
+    };
     let mut open_checked = 0;
     let mut warming_unknown = 0;
     for (n, (r, l)) in warming {
@@ -285,16 +328,22 @@ pub fn check_warming(
             assert_eq!(r.reason, "index warming", "{n}");
             assert!(!l.found || l.customer == ol.customer, "{n}");
         } else {
-            // Known while warming: the same customer and the same (default) decision.
-            assert_eq!(
-                (r.decision, r.customer, &r.reason),
-                (o.decision, o.customer, &o.reason),
-                "{n}"
+            // Known while warming: the same (default) decision, for the same customer or for
+            // another holder of a shared number (see above).
+            assert_eq!((r.decision, &r.reason), (o.decision, &o.reason), "{n}");
+            assert!(
+                r.customer == o.customer || holds(n, r.customer),
+                "{n}: routed for customer {} while warming, {} after; {} does not hold the number",
+                r.customer,
+                o.customer,
+                r.customer
             );
-            assert_eq!(
-                (l.found, l.customer, l.ticket),
-                (ol.found, ol.customer, ol.ticket),
-                "{n}"
+            assert_eq!((l.found, l.ticket), (ol.found, ol.ticket), "{n}");
+            assert!(
+                l.customer == ol.customer || holds(n, l.customer),
+                "{n}: caller ID named customer {} while warming, {} after",
+                l.customer,
+                ol.customer
             );
         }
     }
