@@ -20,6 +20,11 @@
 //!
 //! Run: `cargo bench --bench latency_under_writes` (`DESKLINE_BENCH_SIZES=1000000,5000000`,
 //! `DESKLINE_BENCH_SECS=30`). Target: `busy` p99.9 and max within 1.2 × of `quiet`.
+//!
+//! `DESKLINE_BENCH_ROUNDS=R` (default 1, at most 9) cuts each phase into R slices run in turn
+//! (quiet, twin, busy, quiet, …) and pools each phase's calls: on a shared machine the background
+//! (another tenant, a page-cache flush) changes over minutes, and three phases run one after the
+//! other each get a different share of it; interleaved, they get the same.
 
 mod common;
 
@@ -104,25 +109,32 @@ fn run(n: usize, phase: Duration) {
         "{:<9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>6} {:>6}",
         "phase", "calls", "p50", "p99", "p99.9", "max", "saves", "jobs"
     );
-    let quiet = phase_run(&server_rt, &target, addr, n, phase, None, dir.path());
-    let twin = phase_run(
-        &server_rt,
-        &target,
-        addr,
-        n,
-        phase,
-        Some(Mode::Twin),
-        dir.path(),
-    );
-    let busy = phase_run(
-        &server_rt,
-        &target,
-        addr,
-        n,
-        phase,
-        Some(Mode::Busy),
-        dir.path(),
-    );
+    let rounds: u64 = std::env::var("DESKLINE_BENCH_ROUNDS")
+        .map(|s| s.parse().expect("DESKLINE_BENCH_ROUNDS: 1 to 9"))
+        .unwrap_or(1);
+    assert!((1..=9).contains(&rounds), "DESKLINE_BENCH_ROUNDS: 1 to 9");
+    let slice = phase / rounds as u32;
+    let mut samples: [Vec<Sample>; 3] = Default::default();
+    for round in 0..rounds {
+        for (i, mode) in [None, Some(Mode::Twin), Some(Mode::Busy)]
+            .into_iter()
+            .enumerate()
+        {
+            // New numbers in every slice: a job's ids start a million further on each round.
+            let sample = phase_run(
+                &server_rt,
+                &target,
+                addr,
+                n,
+                slice,
+                mode,
+                dir.path(),
+                round * 1_000_000,
+            );
+            samples[i].push(sample);
+        }
+    }
+    let [quiet, twin, busy] = samples.map(Stats::of);
     for (name, s) in [("quiet", &quiet), ("cpu twin", &twin), ("busy", &busy)] {
         println!(
             "{name:<9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>6} {:>6}",
@@ -163,6 +175,15 @@ enum Mode {
     Busy,
 }
 
+/// What one slice of a phase measured.
+struct Sample {
+    lat: Vec<Duration>,
+    saves: usize,
+    save_total: Duration,
+    jobs: u64,
+    job_max: Duration,
+}
+
 #[derive(Default)]
 struct Stats {
     calls: usize,
@@ -176,6 +197,36 @@ struct Stats {
     job_max: Duration,
 }
 
+impl Stats {
+    /// The slices of one phase, pooled.
+    fn of(samples: Vec<Sample>) -> Stats {
+        let mut lat = Vec::new();
+        let (mut saves, mut save_total, mut jobs, mut job_max) =
+            (0, Duration::ZERO, 0, Duration::ZERO);
+        for s in samples {
+            lat.extend(s.lat);
+            saves += s.saves;
+            save_total += s.save_total;
+            jobs += s.jobs;
+            job_max = job_max.max(s.job_max);
+        }
+        lat.sort_unstable();
+        let q = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
+        Stats {
+            calls: lat.len(),
+            p50: q(0.5),
+            p99: q(0.99),
+            p999: q(0.999),
+            max: *lat.last().expect("calls"),
+            saves,
+            save_mean: save_total / saves.max(1) as u32,
+            jobs,
+            job_max,
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn phase_run(
     rt: &tokio::runtime::Runtime,
     target: &writes::Target,
@@ -184,20 +235,21 @@ fn phase_run(
     phase: Duration,
     mode: Option<Mode>,
     dir: &std::path::Path,
-) -> Stats {
+    first_id: u64,
+) -> Sample {
     let stop = Arc::new(AtomicBool::new(false));
     // Load first, so it runs for the whole measured phase.
     let mut load = Vec::new();
     if let Some(mode) = mode {
         for j in 0..JOBS {
             let (t, stop) = (target.clone(), stop.clone());
-            load.push(rt.spawn(async move { writer_job(t, j, mode, stop).await }));
+            load.push(rt.spawn(async move { writer_job(t, j, first_id, mode, stop).await }));
         }
         let (t, stop, path) = (target.clone(), stop.clone(), dir.join("index.snapshot"));
         load.push(rt.spawn(async move { saver(t, mode, stop, path).await }));
     }
     let client = std::thread::spawn(move || client(addr, n, phase));
-    let mut lat = client.join().expect("client thread");
+    let lat = client.join().expect("client thread");
     stop.store(true, Ordering::Relaxed);
     let (mut saves, mut save_total, mut jobs, mut job_max) = (0, Duration::ZERO, 0, Duration::ZERO);
     for h in load {
@@ -210,16 +262,10 @@ fn phase_run(
             }
         }
     }
-    lat.sort_unstable();
-    let q = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
-    Stats {
-        calls: lat.len(),
-        p50: q(0.5),
-        p99: q(0.99),
-        p999: q(0.999),
-        max: *lat.last().expect("calls"),
+    Sample {
+        lat,
         saves,
-        save_mean: save_total / saves.max(1) as u32,
+        save_total,
         jobs,
         job_max,
     }
@@ -231,13 +277,19 @@ enum Load {
 }
 
 /// One of the sync worker's concurrent jobs: a new number every `JOBS / JOBS_PER_SEC` seconds.
-async fn writer_job(target: writes::Target, j: u64, mode: Mode, stop: Arc<AtomicBool>) -> Load {
+async fn writer_job(
+    target: writes::Target,
+    j: u64,
+    first_id: u64,
+    mode: Mode,
+    stop: Arc<AtomicBool>,
+) -> Load {
     let every = Duration::from_micros(1_000_000 * JOBS / JOBS_PER_SEC);
     let mut tick = tokio::time::interval(every);
     let (mut k, mut worst) = (0u64, Duration::ZERO);
     while !stop.load(Ordering::Relaxed) {
         tick.tick().await;
-        let i = 50_000_000 + j * 10_000_000 + k;
+        let i = 50_000_000 + j * 10_000_000 + first_id + k;
         let id = 900_000_000_000 + i as i64;
         let mut user = User {
             id,
