@@ -462,6 +462,27 @@ mod tests {
     const ZENDESK_WINDOW: (Duration, Duration) =
         (Duration::from_secs(60), Duration::from_millis(500));
 
+    /// A client of the simulator spending `per_window` requests in each `window`, no retries.
+    fn sim_client(
+        sim: &deskline_sim::SimHandle,
+        per_window: u32,
+        window: Duration,
+    ) -> crate::zendesk::Client {
+        crate::zendesk::Client::new(crate::zendesk::ClientOptions {
+            base_url: sim.url(),
+            credentials: crate::zendesk::Credentials::ApiToken {
+                email: sim.email().to_owned(),
+                token: sim.token().to_owned().into(),
+            },
+            requests_per_minute: per_window,
+            export_requests_per_minute: 10,
+            timeout: Duration::from_secs(5),
+            max_retries: 0,
+            rate_window: window,
+        })
+        .unwrap()
+    }
+
     #[tokio::test(start_paused = true)]
     async fn pacer_keeps_the_limit_per_window() {
         let mut p = Pacer::new(3, ZENDESK_WINDOW);
@@ -512,19 +533,7 @@ mod tests {
             seed: 3,
         };
         let sim = sim::start(listener, cfg, sim::generate(&account)).await;
-        let client = crate::zendesk::Client::new(crate::zendesk::ClientOptions {
-            base_url: sim.url(),
-            credentials: crate::zendesk::Credentials::ApiToken {
-                email: sim.email().to_owned(),
-                token: sim.token().to_owned().into(),
-            },
-            requests_per_minute: 700,
-            export_requests_per_minute: 10,
-            timeout: Duration::from_secs(5),
-            max_retries: 0,
-            rate_window: std::time::Duration::from_secs(60),
-        })
-        .unwrap();
+        let client = sim_client(&sim, 700, Duration::from_secs(60));
         let writer = crate::index::IndexWriter::spawn(crate::index::Index::new());
         let mut opts =
             super::super::FollowerOptions::new(Duration::from_secs(60), "unused.snapshot".into());
@@ -599,19 +608,7 @@ mod tests {
             seed: 5,
         };
         let sim = sim::start(listener, cfg, sim::generate(&account)).await;
-        let client = crate::zendesk::Client::new(crate::zendesk::ClientOptions {
-            base_url: sim.url(),
-            credentials: crate::zendesk::Credentials::ApiToken {
-                email: sim.email().to_owned(),
-                token: sim.token().to_owned().into(),
-            },
-            requests_per_minute: 40,
-            export_requests_per_minute: 10,
-            timeout: Duration::from_secs(5),
-            max_retries: 0,
-            rate_window: window,
-        })
-        .unwrap();
+        let client = sim_client(&sim, 40, window);
         let writer = crate::index::IndexWriter::spawn(crate::index::Index::new());
         let mut opts =
             super::super::FollowerOptions::new(Duration::from_secs(60), "unused.snapshot".into());
