@@ -585,8 +585,9 @@ mod tests {
 
     /// While phase 2 reads the end-users' pages, the identity fetcher keeps to its share of the
     /// budget (what the pages leave, less a tenth), and still fetches, so it never takes the
-    /// slots the pages' limit allows them. A 2 s window on both sides; 40 requests a window, 30 of them search export pages,
-    /// so the fetcher's share is 6 (left to itself it took every slot the pages left: 10+).
+    /// slots the pages' limit allows them. A 2 s window on both sides; 40 requests a window, 30
+    /// of them search export pages, so the fetcher's share is 6 (left to itself it took every
+    /// slot the pages left: 20 in one window).
     #[tokio::test]
     async fn the_identity_fetcher_keeps_to_its_share_while_the_end_users_are_read() {
         use deskline_sim as sim;
