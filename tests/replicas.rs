@@ -1205,21 +1205,6 @@ async fn shared_snapshots(schema: &TestSchema) -> i64 {
 
 const LONG: Duration = Duration::from_secs(90);
 
-/// The oracle of the warming tests: an in-process Deskline doing today's full warm-up of the
-/// account as it is now (with its data directory, kept while it runs), and its answers for `all`.
-async fn oracle(
-    sim: &SimHandle,
-    all: &[String],
-) -> (tempfile::TempDir, deskline::app::Service, answers::Answers) {
-    let dir = tempfile::tempdir().unwrap();
-    let service = start_service(&answers::config(sim, dir.path(), false)).await;
-    tokio::time::timeout(LONG, service.wait_loaded())
-        .await
-        .expect("the full warm-up in time");
-    let answers = answers::answers(service.addr(), all).await;
-    (dir, service, answers)
-}
-
 /// Three replicas on `url` with the bootstrap on and Deskline's default budget scaled like
 /// `answers::scaled_real_limits` (`answers::SCALED_BOOTSTRAP_ENV`), the account's agents in the
 /// directory.
@@ -1288,7 +1273,7 @@ async fn a_first_start_of_replicas_bootstraps_once_and_every_replica_answers_whi
     for r in replicas {
         wait_ready(r, &all[0], LONG).await;
     }
-    let (_odir, oracle_service, oracle) = oracle(&sim, &all).await;
+    let (_odir, oracle_service, oracle) = answers::oracle(&sim, &all, LONG).await;
     let holders = answers::holders(&sim);
     for (r, w) in replicas.iter().zip(&warming) {
         let (open, unknown) = answers::check_warming(w, &oracle, &holders, |_| false);
@@ -1383,7 +1368,7 @@ async fn sigkill_of_the_follower_mid_bootstrap_hands_the_bootstrap_to_the_next_h
     for r in &survivors {
         wait_ready(r, &all[0], LONG).await;
     }
-    let (_odir, oracle_service, oracle) = oracle(&sim, &all).await;
+    let (_odir, oracle_service, oracle) = answers::oracle(&sim, &all, LONG).await;
     let (route, _) = oracle
         .iter()
         .find(|(n, _)| n.chars().filter(char::is_ascii_digit).collect::<String>() == during_digits)

@@ -151,14 +151,9 @@ async fn answers_while_warming_agree_with_a_full_warm_up() {
     eprintln!("READY after {:?}", t0.elapsed());
 
     // The oracle: today's full warm-up of the final account.
-    let odir = tempfile::tempdir().unwrap();
-    let oracle_service = start_service(&answers::config(&sim, odir.path(), false)).await;
-    tokio::time::timeout(LONG, oracle_service.wait_loaded())
-        .await
-        .expect("the full warm-up in time");
-    eprintln!("oracle loaded after {:?}", t0.elapsed());
     let all = numbers(&sim);
-    let oracle = answers(oracle_service.addr(), &all).await;
+    let (_odir, oracle_service, oracle) = oracle(&sim, &all, LONG).await;
+    eprintln!("oracle loaded after {:?}", t0.elapsed());
 
     // After READY: everything as the full warm-up says, the changes made around the bootstrap
     // included (a poll may be needed for the last second's changes).

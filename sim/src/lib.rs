@@ -235,6 +235,20 @@ impl SimHandle {
     pub fn with_store<R>(&self, f: impl FnOnce(&mut Store) -> R) -> R {
         f(&mut self.app.store.write())
     }
+    /// Whether the incremental exports now include every change made so far: the newest change
+    /// is older than the one-minute rule (ZENDESK.md §2), so a reader that starts now and reads
+    /// to the end of the stream sees the account as it is.
+    pub fn exports_include_every_change(&self) -> bool {
+        let newest = {
+            let s = self.app.store.read();
+            [&s.user_log, &s.ticket_log, &s.org_log]
+                .iter()
+                .filter_map(|log| log.entries.last().map(|e| e.0))
+                .max()
+                .unwrap_or(0)
+        };
+        newest < store::now_ms() - self.app.cfg.read().one_minute_rule.as_millis() as i64
+    }
     /// What the webhook dispatcher did so far.
     pub fn webhook_stats(&self) -> webhooks::DeliveryStats {
         self.app.hooks.lock().stats.clone()

@@ -10,7 +10,7 @@ use std::{
 use deskline::proto::{self, Decision, LookupCallerRequest, RouteCallRequest};
 use deskline_sim::{self as sim, GenConfig, NewUser, SimHandle};
 
-use super::{channel, client};
+use super::{channel, client, eventually, start_service};
 
 /// The simulator's real limits with time scaled down (see `tests/warming.rs`), the incremental
 /// exports held (limit 0) until the test lets them run.
@@ -122,6 +122,29 @@ pub fn config(sim: &SimHandle, dir: &std::path::Path, bootstrap: bool) -> String
         dir.display(),
         directory(sim),
     )
+}
+
+/// The oracle of the warming tests: an in-process Deskline doing today's full warm-up of the
+/// account as it is now (with its data directory, kept while it runs), and its answers for `all`.
+/// It starts once the incremental exports include every change made so far (the one-minute
+/// rule): a warm-up that started earlier would be READY without the last second's changes, and
+/// its answers, taken once, would hold the test under it to a stale account.
+pub async fn oracle(
+    sim: &SimHandle,
+    all: &[String],
+    deadline: Duration,
+) -> (tempfile::TempDir, deskline::app::Service, Answers) {
+    eventually("the exports include every change", deadline, || async {
+        sim.exports_include_every_change().then_some(())
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let service = start_service(&config(sim, dir.path(), false)).await;
+    tokio::time::timeout(deadline, service.wait_loaded())
+        .await
+        .expect("the full warm-up in time");
+    let answers = answers(service.addr(), all).await;
+    (dir, service, answers)
 }
 
 /// What must agree between two answers: the decision and everything it names.
@@ -267,11 +290,11 @@ pub async fn wait_agrees(
             if diff.is_empty() {
                 return;
             }
-            last_diff = format!(
-                "{} differ, e.g. {:?}",
-                diff.len(),
-                &diff[..diff.len().min(5)]
-            );
+            let shown: Vec<String> = diff[..diff.len().min(5)]
+                .iter()
+                .map(|n| format!("{n}: {:?}, oracle {:?}", now.get(*n), oracle.get(*n)))
+                .collect();
+            last_diff = format!("{} differ, e.g. {shown:#?}", diff.len());
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     })
