@@ -62,6 +62,9 @@ export_requests_per_minute = 1000000
 data_dir = "$2"
 [index]
 poll_seconds = 3600
+# Today's full warm-up: SERVING means loaded, so the load meets the finished index, not a
+# bootstrap still reading pages (DESIGN §10).
+bootstrap = false
 EOF
   "$LOADGEN" directory --users "$1" --tickets "$1"
 }

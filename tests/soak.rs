@@ -70,12 +70,14 @@ async fn soak() {
         .local_addr()
         .unwrap();
     let config = dir.path().join("deskline.toml");
+    // Today's full warm-up (`index.bootstrap = false`): the RSS samples start from a loaded index,
+    // not from a bootstrap still filling it.
     std::fs::write(
         &config,
         config_text(
             &sim,
             &dir.path().join("data"),
-            &format!("[server]\nlisten = \"{addr}\"\n[index]\npoll_seconds = 5\n[sync]\nsenior_manager = \"Agent 1\"\n"),
+            &format!("[server]\nlisten = \"{addr}\"\n[index]\npoll_seconds = 5\nbootstrap = false\n[sync]\nsenior_manager = \"Agent 1\"\n"),
         ),
     )
     .unwrap();
