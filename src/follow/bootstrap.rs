@@ -479,16 +479,10 @@ mod tests {
         window: Duration,
     ) -> crate::zendesk::Client {
         crate::zendesk::Client::new(crate::zendesk::ClientOptions {
-            base_url: sim.url(),
-            credentials: crate::zendesk::Credentials::ApiToken {
-                email: sim.email().to_owned(),
-                token: sim.token().to_owned().into(),
-            },
             requests_per_minute: per_window,
-            export_requests_per_minute: 10,
-            timeout: Duration::from_secs(5),
             max_retries: 0,
             rate_window: window,
+            ..crate::zendesk::ClientOptions::for_sim(sim)
         })
         .unwrap()
     }

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{test_support::report, *};
 use crate::{
-    config::{Config, Credentials, FieldEntity, FieldMapping},
+    config::{Config, FieldEntity, FieldMapping},
     index::{Index, IndexWriter, SharedIndex},
     phone::E164,
     routing,
@@ -130,16 +130,8 @@ async fn harness(
     let mut settings = settings_for(&sim.url());
     tweak(&mut settings);
     let client = Client::new(ClientOptions {
-        base_url: sim.url(),
-        credentials: Credentials::ApiToken {
-            email: sim.email().to_owned(),
-            token: sim.token().to_owned().into(),
-        },
         requests_per_minute: client_rpm,
-        export_requests_per_minute: 10,
-        timeout: Duration::from_secs(5),
-        max_retries: 3,
-        rate_window: std::time::Duration::from_secs(60),
+        ..ClientOptions::for_sim(&sim)
     })
     .unwrap();
     client.set_backoff_base(Duration::from_millis(10));
@@ -229,19 +221,7 @@ impl Harness {
             SyncState::Queued,
             "an interrupted job is queued again at start-up"
         );
-        let client = Client::new(ClientOptions {
-            base_url: self.sim.url(),
-            credentials: Credentials::ApiToken {
-                email: self.sim.email().to_owned(),
-                token: self.sim.token().to_owned().into(),
-            },
-            requests_per_minute: 700,
-            export_requests_per_minute: 10,
-            timeout: Duration::from_secs(5),
-            max_retries: 3,
-            rate_window: std::time::Duration::from_secs(60),
-        })
-        .unwrap();
+        let client = Client::new(ClientOptions::for_sim(&self.sim)).unwrap();
         let worker = Worker::new(
             queue.clone(),
             client,
@@ -836,19 +816,7 @@ async fn upgrade_resends_an_old_style_ticket_body_as_stored() {
     let old = format!(
         r#"{{"assignee_id":{ivan},"comment":{{"body":"Incoming call, answered","public":false}},"priority":"normal","requester_id":{customer},"subject":"Incoming call from +380 67 111 2233","type":"question"}}"#
     );
-    let client = Client::new(ClientOptions {
-        base_url: h.sim.url(),
-        credentials: Credentials::ApiToken {
-            email: h.sim.email().to_owned(),
-            token: h.sim.token().to_owned().into(),
-        },
-        requests_per_minute: 700,
-        export_requests_per_minute: 10,
-        timeout: Duration::from_secs(5),
-        max_retries: 3,
-        rate_window: std::time::Duration::from_secs(60),
-    })
-    .unwrap();
+    let client = Client::new(ClientOptions::for_sim(&h.sim)).unwrap();
     // The old version's first attempt: it reached Zendesk, its answer was lost in the crash.
     let key = comment::idempotency_key("upgrade-1");
     let first = client

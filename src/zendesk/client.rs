@@ -86,6 +86,26 @@ pub struct ClientOptions {
     pub rate_window: Duration,
 }
 
+#[cfg(test)]
+impl ClientOptions {
+    /// Options for a client of the simulator `sim` as the unit tests use it: its credentials, an
+    /// Enterprise budget (700 a minute, 10 exports), a 5 s timeout, 3 retries, Zendesk's minute.
+    pub(crate) fn for_sim(sim: &deskline_sim::SimHandle) -> Self {
+        Self {
+            base_url: sim.url(),
+            credentials: Credentials::ApiToken {
+                email: sim.email().to_owned(),
+                token: sim.token().to_owned().into(),
+            },
+            requests_per_minute: 700,
+            export_requests_per_minute: 10,
+            timeout: Duration::from_secs(5),
+            max_retries: 3,
+            rate_window: Duration::from_secs(60),
+        }
+    }
+}
+
 /// How the client authenticates to Zendesk (ZENDESK.md §1). `Debug` never prints a token.
 #[derive(Clone)]
 pub enum Credentials {
